@@ -1,0 +1,625 @@
+"""
+model.py — the language side of nanoECG, in one file, read top to bottom:
+
+  1. Tokenizer      sentencepiece + *added* special tokens (<ecg>, </ecg>, the ECG
+                    placeholder, chat-turn markers) that get ids after the base vocabulary
+                    and are never split; `train_tokenizer` makes a new one from text.
+  2. LLM            a Llama-family decoder written from scratch: RMSNorm, rotate-half RoPE
+                    (with rope_scaling: linear, llama3), grouped-query attention through
+                    F.scaled_dot_product_attention, SwiGLU, optional tied embeddings, and a
+                    static KV cache for decoding.
+  3. Checkpoints    `LLM.from_pretrained(dir)` reads a Hugging Face folder (config.json +
+                    model.safetensors or a sharded index), memory-mapped, built on the meta
+                    device so a 7B model never exists twice in memory; `save_pretrained`
+                    writes the same format back. LLaVA-style folders (LLM keys under a prefix,
+                    vision/ECG tower keys beside them) load too.
+  4. LoRA           a low-rank adapter around nn.Linear, with merge/unmerge.
+
+Module and parameter names follow Hugging Face's Llama (embed_tokens, layers.N.self_attn.q_proj,
+...), so loading a checkpoint is a matter of stripping a prefix, not renaming keys, and no Q/K
+permutation is needed because RoPE here uses the same rotate-half layout as transformers.
+
+The ECG-chat model that splices ECG tokens into this LLM lives at the end of the file.
+"""
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Tokenizer
+
+# Added tokens, appended after the base vocabulary in this order.
+ECG_START = "<ecg>"          # opens one ECG's block of placeholders
+ECG_END = "</ecg>"           # closes it
+ECG_TOKEN = "<ecg_token>"    # placeholder: its embedding is overwritten by one projected ECG token
+USER = "<|user|>"            # chat-turn markers
+ASSISTANT = "<|assistant|>"
+END_TURN = "<|end|>"
+SPECIAL_TOKENS = [ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN]
+
+
+class Tokenizer:
+    """sentencepiece model + added special tokens.
+
+    Ordinary text is encoded exactly as sentencepiece (and so Llama-2 / TinyLlama / Vicuna's
+    tokenizer) encodes it, dummy-prefix space included. Text holding special-token strings is
+    cut around them; each piece between them is encoded on its own (the "legacy" behaviour of
+    the Llama tokenizer in transformers) and each special token becomes one id.
+    """
+
+    def __init__(self, path, special_tokens=SPECIAL_TOKENS):
+        import sentencepiece as spm
+        path = Path(path)
+        model_file = path / "tokenizer.model" if path.is_dir() else path
+        if not model_file.is_file():
+            raise FileNotFoundError(f"{model_file}: no sentencepiece tokenizer.model here")
+        self.model_file = model_file
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.base_vocab_size = self.sp.get_piece_size()
+        # added tokens saved beside the model (Hugging Face's added_tokens.json format), then
+        # any requested special token not yet there, each with the next free id.
+        self.added = {}
+        added_file = model_file.parent / "added_tokens.json"
+        if added_file.is_file():
+            self.added = {str(k): int(v) for k, v in json.loads(added_file.read_text()).items()}
+        for token in special_tokens:
+            if token not in self.added:
+                self.added[token] = max([self.base_vocab_size - 1, *self.added.values()]) + 1
+        self.id_to_added = {i: t for t, i in self.added.items()}
+        # longest first, so that a token which is a prefix of another never wins
+        alternatives = sorted(self.added, key=len, reverse=True)
+        self.split_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        # Llama's model has no pad piece; padding positions are masked, so any id works: use unk.
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
+
+    @property
+    def vocab_size(self):
+        return max([self.base_vocab_size - 1, *self.added.values()]) + 1
+
+    def encode(self, text, bos=False, eos=False):
+        pieces = self.split_re.split(text) if self.split_re else [text]
+        ids = [self.bos_id] if bos else []
+        for piece in pieces:
+            if piece in self.added:
+                ids.append(self.added[piece])
+            elif piece:
+                ids.extend(self.sp.encode(piece))
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids):
+        # decode runs of ordinary ids with sentencepiece; added tokens print as their string
+        out, run = [], []
+        for i in ids:
+            i = int(i)
+            if i in self.id_to_added or i >= self.base_vocab_size:
+                out.append(self.sp.decode(run))
+                run = []
+                out.append(self.id_to_added.get(i, ""))
+            else:
+                run.append(i)
+        out.append(self.sp.decode(run))
+        return "".join(out)
+
+    def save(self, out_dir):
+        """Write tokenizer.model + added_tokens.json into out_dir (Hugging Face file names)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(out_dir / "tokenizer.model", self.model_file.read_bytes())
+        _atomic_write_bytes(out_dir / "added_tokens.json", json.dumps(self.added, indent=1).encode())
+
+
+def train_tokenizer(texts, out_dir, vocab_size=2000, special_tokens=SPECIAL_TOKENS):
+    """Train a Llama-style BPE sentencepiece model on an iterable of strings.
+
+    Same choices as Llama's tokenizer: BPE, byte fallback (no unknown characters), digits
+    split one by one, no normalisation (so decode(encode(x)) == x), a dummy-prefix space.
+    """
+    import sentencepiece as spm
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(out_dir / "tokenizer"),
+        vocab_size=vocab_size, model_type="bpe", character_coverage=1.0, byte_fallback=True,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, max_sentence_length=1 << 16, num_threads=2, minloglevel=2)
+    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    (out_dir / "added_tokens.json").unlink(missing_ok=True)
+    tok = Tokenizer(out_dir / "tokenizer.model", special_tokens)
+    tok.save(out_dir)
+    return tok
+
+# -----------------------------------------------------------------------------
+# 2. The LLM
+
+
+@dataclass
+class LLMConfig:
+    # field names are Hugging Face's Llama config names, so config.json maps one to one
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32       # < num_attention_heads: grouped-query attention
+    head_dim: int = 0                   # 0: hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # {"rope_type": "linear" | "llama3", "factor": ..., ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
+                             f"of num_key_value_heads={self.num_key_value_heads}")
+
+
+def rope_inv_freq(cfg):
+    """Inverse frequencies of rotary embeddings, (head_dim/2,), with rope_scaling applied."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":  # position / factor, folded into the frequencies
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band
+        # in between interpolated smoothly.
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (linear, llama3 are)")
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D); cos, sin: (B, 1, T, D). Rotate-half layout: pairs are (i, i + D/2).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 for stability under bf16, scale in the input dtype (as Llama does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache: keys/values for up to max_len positions, written in place."""
+
+    def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start, k, v):
+        # k, v: (B, Hkv, T, D) written at slots [start, start+T); returns the filled prefix
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} needed. "
+                             "Call setup_cache with a larger max_len.")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=b)
+        self.cache = None  # a KVCache while decoding
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None and start_pos is not None:
+            k, v = self.cache.update(start_pos, k, v)                                   # (B, Hkv, S, D)
+        # mask is None -> plain causal (training, or a fresh unpadded prompt), or no mask at all
+        # for a single new token attending to every cached one; otherwise one boolean (B,1,T,S).
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                         # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, H, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(C, H, bias=b)
+        self.up_proj = nn.Linear(C, H, bias=b)
+        self.down_proj = nn.Linear(H, C, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_for(attention_mask, T, start_pos):
+    """The one boolean mask (B, 1, T, S) SDPA gets when padding or a cache needs it, else None.
+
+    attention_mask: (B, S) with 1 for real tokens and 0 for padding, covering every key so far
+    (the cached ones and the T new ones). Query t sits at slot start_pos + t.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        if start_pos in (None, 0) or T == 1:
+            return None  # is_causal (T > 1) or attend to everything cached (T == 1)
+        S = start_pos + T
+        attention_mask = torch.ones(1, S, dtype=torch.bool)
+    S = attention_mask.shape[1]
+    device = attention_mask.device
+    q_slot = (start_pos or 0) + torch.arange(T, device=device)
+    k_slot = torch.arange(S, device=device)
+    causal = k_slot[None, :] <= q_slot[:, None]                                  # (T, S)
+    mask = causal[None] & attention_mask[:, None, :].bool()                      # (B, T, S)
+    # a padding query sees no key at all, and SDPA would give it NaN that then leaks into
+    # later layers through 0 * NaN; let every query see at least itself.
+    mask = mask | (k_slot[None, :] == q_slot[:, None])[None]
+    return mask[:, None]                                                         # (B, 1, T, S)
+
+
+class LLM(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def init_weights(self, std=0.02):
+        """Random init for a model trained from scratch (from_pretrained skips this)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        # scale the residual-branch outputs down with depth (GPT-2 / nanoGPT)
+        for block in self.layers:
+            for lin in (block.self_attn.o_proj, block.mlp.down_proj):
+                nn.init.normal_(lin.weight, std=std / math.sqrt(2 * len(self.layers)))
+        return self
+
+    def rope(self, position_ids, dtype):
+        # position_ids: (B, T) -> cos, sin: (B, 1, T, D), computed in fp32 like transformers
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]      # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                                        # (B, T, D)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def forward(self, idx=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
+                start_pos=None, last_only=False):
+        """Token ids (B, T) or embeddings (B, T, C) -> logits (B, T, V) (or (B, 1, V) if last_only).
+
+        attention_mask (B, S): 1 = real token, 0 = padding, over all keys (cache + new).
+        start_pos: with a KV cache set up, the cache slot of the first new token; None = no cache.
+        position_ids (B, T): RoPE positions; by default counted over real tokens, so a
+        left-padded prompt gets the same positions it would get alone.
+        """
+        x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds        # (B, T, C)
+        B, T, _ = x.shape
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = (start_pos or 0) + torch.arange(T, device=x.device)[None].expand(B, T)
+        cos, sin = self.rope(position_ids, x.dtype)
+        mask = attention_mask_for(attention_mask, T, start_pos)
+        if mask is not None:
+            mask = mask.to(x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, start_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    # ---- KV cache
+    def setup_cache(self, batch_size, max_len, dtype=None, device=None):
+        p = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.self_attn.cache = KVCache(batch_size, self.config.num_key_value_heads, max_len,
+                                            self.config.head_dim, dtype or p.dtype, device or p.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.self_attn.cache = None
+
+    # ---- vocabulary growth for added special tokens
+    def resize_vocab(self, new_size):
+        """Grow embeddings (and the head) to new_size rows; new rows = mean of the old rows."""
+        old = self.embed_tokens.weight
+        if new_size <= old.shape[0]:
+            return self
+        self.embed_tokens.weight = nn.Parameter(_grow_rows(old.data, new_size), requires_grad=old.requires_grad)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            head = self.lm_head.weight
+            self.lm_head.weight = nn.Parameter(_grow_rows(head.data, new_size), requires_grad=head.requires_grad)
+        self.embed_tokens.num_embeddings = self.lm_head.out_features = new_size
+        self.config.vocab_size = new_size
+        return self
+
+    # ---- checkpoints (section 3)
+    @classmethod
+    def from_pretrained(cls, hf_dir, dtype=None, device=None):
+        return load_pretrained(cls, hf_dir, dtype, device)
+
+    def save_pretrained(self, out_dir):
+        save_pretrained(self, out_dir)
+
+
+def _grow_rows(w, n):
+    extra = w.float().mean(0, keepdim=True).to(w.dtype).expand(n - w.shape[0], -1)
+    return torch.cat([w, extra], 0)
+
+# -----------------------------------------------------------------------------
+# 3. Hugging Face checkpoints
+
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "llava", "llava_llama"}
+
+
+def read_hf_config(hf_dir):
+    """config.json -> LLMConfig. Reads the classic (rope_theta + rope_scaling) and the newer
+    (rope_parameters) spellings, and the text_config of LLaVA-style folders."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; a Hugging Face checkpoint folder needs config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raw = raw.get("text_config") or raw
+    model_type = raw.get("model_type", "")
+    archs = raw.get("architectures") or []
+    if model_type not in SUPPORTED_MODEL_TYPES and not any("Llama" in a or "Mistral" in a for a in archs):
+        raise ValueError(f"{path}: model_type={model_type!r} architectures={archs} is not a "
+                         f"Llama-family model (supported model_type: {sorted(SUPPORTED_MODEL_TYPES)})")
+    if raw.get("sliding_window") and raw["sliding_window"] < raw.get("max_position_embeddings", 0):
+        print(f"note: {path}: sliding_window={raw['sliding_window']} is not implemented; attention "
+              "is full, which is identical for sequences up to that length")
+    names = {f.name for f in fields(LLMConfig)}
+    kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
+    rope = raw.get("rope_parameters")  # newer spelling: theta and scaling in one dict
+    if rope:
+        kwargs["rope_theta"] = rope.get("rope_theta", kwargs.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        kwargs["rope_scaling"] = None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in kwargs]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}")
+    kwargs.setdefault("num_key_value_heads", kwargs["num_attention_heads"])
+    kwargs.setdefault("intermediate_size", 4 * kwargs["hidden_size"])
+    return LLMConfig(**kwargs)
+
+
+def checkpoint_files(hf_dir):
+    """The safetensors file(s) of a checkpoint folder, single or sharded."""
+    hf_dir = Path(hf_dir)
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [hf_dir / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: shard named in {index.name} is missing")
+        return files
+    hint = " (only .bin pickles found: convert them to safetensors first)" if list(hf_dir.glob("*.bin")) else ""
+    raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def load_pretrained(cls, hf_dir, dtype=None, device=None):
+    from safetensors import safe_open
+    cfg = read_hf_config(hf_dir)
+    files = checkpoint_files(hf_dir)
+    with torch.device("meta"):  # no memory is allocated: the weights are assigned as they are read
+        model = cls(cfg)
+    expected = model.state_dict()
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    key_file = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            key_file.update({k: f for k in sf.keys()})
+    prefix, head_key = _llm_prefix(key_file, hf_dir)
+    to_ckpt = {k: head_key if k == "lm_head.weight" else prefix + k for k in expected}
+    missing = [c for c in to_ckpt.values() if c not in key_file]
+    if missing:
+        raise ValueError(f"{hf_dir}: checkpoint lacks keys {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         f"({len(missing)} missing) that config.json implies")
+    state, handles = {}, {}
+    try:
+        for name, ckpt_key in to_ckpt.items():
+            f = key_file[ckpt_key]
+            if f not in handles:
+                handles[f] = safe_open(str(f), framework="pt", device=str(device or "cpu")).__enter__()
+            t = handles[f].get_tensor(ckpt_key)  # memory-mapped read of one tensor
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise ValueError(f"{f}: key {ckpt_key} has shape {tuple(t.shape)}, config.json implies "
+                                 f"{tuple(expected[name].shape)}")
+            state[name] = t.to(dtype) if dtype is not None else t
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    p = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg).to(p.device)  # buffers are not in the checkpoint
+    return model.eval()
+
+
+def _llm_prefix(key_file, hf_dir):
+    """Where the LLM's keys sit: '' for our own files, 'model.' for LlamaForCausalLM, or e.g.
+    'language_model.model.' / 'model.language_model.' in LLaVA-style folders, whose other keys
+    (vision tower, ECG tower, projector) are ignored."""
+    embeds = [k for k in key_file if k.endswith("embed_tokens.weight")]
+    if len(embeds) != 1:
+        raise ValueError(f"{hf_dir}: expected one '*embed_tokens.weight' key, found {embeds or 'none'}")
+    prefix = embeds[0][: -len("embed_tokens.weight")]
+    heads = [k for k in key_file if k.endswith("lm_head.weight")]
+    return prefix, heads[0] if len(heads) == 1 else "lm_head.weight"
+
+
+def hf_state_dict(model):
+    """Our state dict under Hugging Face names, LoRA adapters merged into their weights."""
+    state = {}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if pname.startswith("lora_"):
+                continue
+            if isinstance(module, LoRALinear) and pname == "weight":
+                p = module.merged_weight()
+            key = f"{name}.{pname}"
+            if key == "lm_head.weight":
+                if model.config.tie_word_embeddings:
+                    continue
+                state[key] = p
+            else:
+                state["model." + key] = p
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_pretrained(model, out_dir):
+    """config.json + model.safetensors in Hugging Face's LlamaForCausalLM layout, written atomically."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = asdict(model.config)
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype=dtype)
+    tmp = out_dir / "model.safetensors.tmp"
+    save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / "model.safetensors")
+    _atomic_write_bytes(out_dir / "config.json", json.dumps(cfg, indent=2).encode())
+
+
+def _atomic_write_bytes(path, data):
+    # temp file in the same folder + rename: a crash leaves the old file or the new, never half
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + ".")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# 4. LoRA
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W, b frozen from the base layer.
+
+    It keeps the base layer's `weight` and `bias` under the same names, so a LoRA-wrapped model
+    still loads and saves plain checkpoints; B starts at zero, so wrapping changes nothing.
+    """
+
+    def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.merged:
+            y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return y
+
+    def delta(self):
+        return (self.lora_B @ self.lora_A) * self.scale  # (out, in)
+
+    def merged_weight(self):
+        return self.weight if self.merged else self.weight + self.delta()
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight += self.delta()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= self.delta()
+            self.merged = False
+
+
+def add_lora(model, targets=("q_proj", "k_proj"), r=8, alpha=16, dropout=0.1):
+    """Wrap every nn.Linear whose attribute name is in `targets` (anyECG: q_proj, k_proj).
+    Freezing the base weights is the caller's choice (train.py does it per stage)."""
+    wrapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, r, alpha, dropout))
+                wrapped += 1
+    if not wrapped:
+        raise ValueError(f"add_lora: no nn.Linear named any of {list(targets)}")
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]

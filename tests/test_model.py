@@ -1,0 +1,319 @@
+"""Tests for model.py and generate.py's core: parity with transformers, the tokenizer,
+KV-cache decoding, left-padded batching, LoRA, and clear errors on bad checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from generate import generate, left_pad, sample_next
+from model import (ECG_TOKEN, END_TURN, LLM, SPECIAL_TOKENS, USER, LLMConfig, LoRALinear, Tokenizer,
+                   add_lora, lora_layers, train_tokenizer)
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+CONFIGS = {
+    "mha-untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa-tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "gqa-llama3-rope": dict(num_key_value_heads=1, tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE),
+    "mha-linear-rope": dict(num_key_value_heads=4, tie_word_embeddings=True,
+                            rope_scaling={"rope_type": "linear", "factor": 2.0}),
+}
+
+
+def make_hf_model(tmp_path, name, **save_kwargs):
+    """A tiny random LlamaForCausalLM saved with transformers' own save_pretrained."""
+    spec = dict(CONFIGS[name])
+    rope = spec.pop("rope_scaling", None)
+    rope_parameters = {"rope_type": "default", "rope_theta": 500.0}
+    if rope:
+        rope_parameters = {**rope, "rope_theta": 500.0}
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5,
+                                   rope_parameters=rope_parameters, bos_token_id=1, eos_token_id=2, **spec)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():  # make the norms non-trivial so that a mistake there shows
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    out = tmp_path / name
+    hf.save_pretrained(out, **save_kwargs)
+    return hf, out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(tmp_path, name):
+    hf, path = make_hf_model(tmp_path, name)
+    ours = LLM.from_pretrained(path, dtype=torch.float32)
+    idx = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    assert diff <= 1e-4, f"{name}: max |dlogits| = {diff}"
+
+
+def test_config_spellings_classic_and_new(tmp_path):
+    # the classic spelling (rope_theta + rope_scaling at top level) reads like the new one
+    hf, path = make_hf_model(tmp_path, "gqa-llama3-rope")
+    new_cfg = LLM.from_pretrained(path).config
+    raw = json.loads((path / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    raw["rope_theta"] = rope.pop("rope_theta")
+    raw["rope_scaling"] = rope
+    (path / "config.json").write_text(json.dumps(raw))
+    old_cfg = LLM.from_pretrained(path).config
+    assert old_cfg == new_cfg and new_cfg.rope_theta == 500.0 and new_cfg.rope_scaling["factor"] == 8.0
+
+
+@pytest.mark.parametrize("name", ["mha-untied", "gqa-llama3-rope"])
+def test_greedy_generation_matches_transformers(tmp_path, name):
+    hf, path = make_hf_model(tmp_path, name)
+    ours = LLM.from_pretrained(path)
+    prompt = torch.randint(3, 320, (1, 7), generator=torch.Generator().manual_seed(2))
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                      min_new_tokens=20, pad_token_id=0, eos_token_id=None)[0, 7:].tolist()
+    got = generate(ours, prompt, max_new_tokens=20)[0]
+    assert got == ref
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf, path = make_hf_model(tmp_path, "gqa-tied", max_shard_size="40KB")
+    assert (path / "model.safetensors.index.json").is_file() and not (path / "model.safetensors").exists()
+    ours = LLM.from_pretrained(path)
+    idx = torch.randint(0, 320, (1, 12))
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mha-untied", "gqa-tied", "gqa-llama3-rope"])
+def test_our_save_loads_in_transformers(tmp_path, name):
+    _, path = make_hf_model(tmp_path, name)
+    ours = LLM.from_pretrained(path)
+    ours.save_pretrained(tmp_path / "ours")
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    idx = torch.randint(0, 320, (2, 30))
+    with torch.no_grad():
+        assert (back(idx).logits - ours(idx)).abs().max() <= 1e-4
+
+
+def test_llava_style_prefix_loads_and_ignores_towers(tmp_path):
+    from safetensors.torch import load_file, save_file
+    hf, path = make_hf_model(tmp_path, "mha-untied")
+    state = load_file(path / "model.safetensors")
+    renamed = {"language_model." + k: v for k, v in state.items()}
+    renamed["vision_tower.patch_embed.weight"] = torch.randn(8, 8)
+    renamed["multi_modal_projector.linear_1.weight"] = torch.randn(8, 8)
+    llava = tmp_path / "llava"
+    llava.mkdir()
+    save_file(renamed, llava / "model.safetensors")
+    cfg = json.loads((path / "config.json").read_text())
+    (llava / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": cfg}))
+    ours = LLM.from_pretrained(llava)
+    idx = torch.randint(0, 320, (1, 10))
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max() <= 1e-4
+
+
+# ---- tokenizer
+
+TEXT = ["Report: Sinus rhythm, Left bundle branch block, Abnormal ECG",
+        "Locate the Premature ventricular contraction on this ECG. Duration: 1.3s-2.9s, 6.1s-7.7s",
+        "Heart rate: 72 bpm, PR: 160 ms, QRS: 96 ms, QT/QTc: 380/412 ms. Axis normal.",
+        "No Atrial premature beat Found", "Which leads show ST elevation? V1, V2 and V3."] * 40
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_tokenizer(TEXT, tmp_path_factory.mktemp("tok"), vocab_size=400)
+
+
+def test_tokenizer_matches_sentencepiece_on_ordinary_text(tok):
+    for text in ["Sinus rhythm with 1st degree A-V block", "  two  leading spaces\tand a tab\n",
+                 "QTc 452 ms; ünïcödé and emoji 🫀 go through bytes", ""]:
+        assert tok.encode(text) == tok.sp.encode(text)
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_special_tokens_are_single_ids(tok):
+    assert tok.vocab_size == tok.base_vocab_size + len(SPECIAL_TOKENS)
+    text = f"{USER}\n<ecg>{ECG_TOKEN * 3}</ecg>\nWhat rhythm?{END_TURN}"
+    ids = tok.encode(text, bos=True)
+    assert ids[0] == tok.bos_id and ids.count(tok.added[ECG_TOKEN]) == 3
+    assert ids[1] == tok.added[USER] and ids[-1] == tok.added[END_TURN]
+    assert all(i >= tok.base_vocab_size for i in ids if i in tok.id_to_added)
+    assert tok.decode(ids[1:]) == text
+    # pieces between special tokens are encoded on their own
+    assert tok.encode("a<ecg>b") == tok.sp.encode("a") + [tok.added["<ecg>"]] + tok.sp.encode("b")
+
+
+def test_tokenizer_reloads_with_same_ids(tok, tmp_path):
+    tok.save(tmp_path)
+    again = Tokenizer(tmp_path)
+    assert again.added == tok.added and again.encode("Report: Sinus rhythm" + END_TURN) == \
+        tok.encode("Report: Sinus rhythm" + END_TURN)
+
+
+def test_tokenizer_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        Tokenizer(tmp_path)
+
+
+# ---- KV cache and batching
+
+def tiny_llm(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = LLMConfig(**{**dict(vocab_size=100, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256), **kw})
+    return LLM(cfg).init_weights(std=0.2).eval()
+
+
+def test_kv_cache_decode_equals_full_recompute():
+    llm = tiny_llm()
+    seq = torch.randint(0, 100, (2, 30))
+    with torch.no_grad():
+        full = llm(seq)                                                     # (B, T, V)
+        llm.setup_cache(2, 30)
+        step_logits = [llm(seq[:, :10], start_pos=0)]
+        for t in range(10, 30):
+            step_logits.append(llm(seq[:, t:t + 1], start_pos=t))
+        llm.clear_cache()
+    cached = torch.cat(step_logits, dim=1)
+    assert (cached - full).abs().max() <= 1e-5
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time():
+    llm = tiny_llm(seed=3)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
+    alone = [generate(llm, torch.tensor([p]), max_new_tokens=15)[0] for p in prompts]
+    ids, mask = left_pad(prompts, pad_id=0)
+    batched = generate(llm, ids, mask, max_new_tokens=15)
+    assert batched == alone
+    # and the logits themselves agree, not just the argmax
+    with torch.no_grad():
+        logits_b = llm(ids, attention_mask=mask)[:, -1]
+        for b, p in enumerate(prompts):
+            assert (llm(torch.tensor([p]))[0, -1] - logits_b[b]).abs().max() <= 1e-5
+
+
+def test_inputs_embeds_equal_token_ids():
+    llm = tiny_llm()
+    idx = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(llm(idx), llm(inputs_embeds=llm.embed_tokens(idx)))
+        assert (llm(idx, last_only=True) - llm(idx)[:, -1:]).abs().max() <= 1e-5
+
+
+def test_sampling_respects_top_k_and_top_p():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]]).repeat(500, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) <= {0, 1}
+    # p(0) ~ 0.71, so with top_p 0.5 only token 0 survives
+    assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample_next(logits, 1.0, generator=g).tolist()) >= {0, 1, 2}
+    assert sample_next(logits[:1], 0.0).item() == 0
+
+
+def test_stop_ids_and_stop_strings(tok):
+    llm = tiny_llm(vocab_size=tok.vocab_size)
+    prompt = torch.tensor([tok.encode("Report:", bos=True)])
+    free = generate(llm, prompt, max_new_tokens=12)[0]
+    stop_tok = free[4]
+    cut = generate(llm, prompt, max_new_tokens=12, stop_ids=(stop_tok,))[0]
+    assert cut == free[:free.index(stop_tok)]
+    streamed = []
+    text = tok.decode(free)
+    out = generate(llm, prompt, max_new_tokens=12, tokenizer=tok, on_text=lambda b, s: streamed.append(s))[0]
+    assert out == free and "".join(streamed) == text.rstrip("\ufffd")
+    if text.strip():
+        stop = text.strip()[-2:]
+        got = tok.decode(generate(llm, prompt, max_new_tokens=12, tokenizer=tok, stop_strings=(stop,))[0])
+        assert stop not in got and text.startswith(got)
+
+
+# ---- LoRA and vocabulary growth
+
+def test_lora_zero_init_is_identity_and_merge_matches():
+    llm = tiny_llm()
+    idx = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        before = llm(idx)
+        add_lora(llm, targets=("q_proj", "k_proj", "v_proj"), r=4, alpha=8, dropout=0.0)
+        assert len(lora_layers(llm)) == 6
+        assert torch.equal(llm(idx), before)
+        for m in lora_layers(llm):
+            m.lora_B.normal_(std=0.5)
+        unmerged = llm(idx)
+        assert (unmerged - before).abs().max() > 1e-3  # the adapters do something
+        for m in lora_layers(llm):
+            m.merge()
+        assert (llm(idx) - unmerged).abs().max() <= 1e-5
+        for m in lora_layers(llm):
+            m.unmerge()
+        assert (llm(idx) - unmerged).abs().max() <= 1e-5
+
+
+def test_lora_keeps_base_names_and_saves_merged(tmp_path):
+    llm = add_lora(tiny_llm(), r=2, alpha=4, dropout=0.0)
+    assert isinstance(llm.layers[0].self_attn.q_proj, LoRALinear)
+    assert "layers.0.self_attn.q_proj.weight" in llm.state_dict()
+    with torch.no_grad():
+        for m in lora_layers(llm):
+            m.lora_B.normal_()
+    llm.save_pretrained(tmp_path)
+    back = LLM.from_pretrained(tmp_path)
+    idx = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        assert (back(idx) - llm(idx)).abs().max() <= 1e-5
+
+
+def test_resize_vocab_new_rows_are_mean():
+    llm = tiny_llm()
+    old_emb = llm.embed_tokens.weight.detach().clone()
+    old_head = llm.lm_head.weight.detach().clone()
+    llm.resize_vocab(106)
+    assert llm.embed_tokens.weight.shape == (106, 48) and llm.lm_head.weight.shape == (106, 48)
+    assert torch.equal(llm.embed_tokens.weight[:100], old_emb)
+    assert torch.allclose(llm.embed_tokens.weight[100:], old_emb.mean(0).expand(6, -1))
+    assert torch.allclose(llm.lm_head.weight[103], old_head.mean(0))
+    assert llm(torch.tensor([[105]])).shape == (1, 1, 106)
+
+
+# ---- bad checkpoints
+
+def test_missing_config_or_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LLM.from_pretrained(tmp_path)
+    _, path = make_hf_model(tmp_path, "gqa-tied")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        LLM.from_pretrained(path)
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                                                      "vocab_size": 10}))
+    with pytest.raises(ValueError, match="gpt2"):
+        LLM.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_names_the_key(tmp_path):
+    _, path = make_hf_model(tmp_path, "mha-untied")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"mlp\.gate_proj\.weight.*\(160, 64\)"):
+        LLM.from_pretrained(path)
+
+
+def test_missing_key_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, path = make_hf_model(tmp_path, "mha-untied")
+    state = load_file(path / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        LLM.from_pretrained(path)
