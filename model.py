@@ -14,12 +14,13 @@ model.py — the language side of nanoECG, in one file, read top to bottom:
                     writes the same format back. LLaVA-style folders (LLM keys under a prefix,
                     vision/ECG tower keys beside them) load too.
   4. LoRA           a low-rank adapter around nn.Linear, with merge/unmerge.
+  5. ECGChat        tokenizer + LLM + ECG encoder + projector: ECG tokens are written into
+                    the embeddings of each ECG's placeholder block (nanoVLM-style splicing);
+                    loss on assistant tokens; generation; save/load as one folder.
 
 Module and parameter names follow Hugging Face's Llama (embed_tokens, layers.N.self_attn.q_proj,
 ...), so loading a checkpoint is a matter of stripping a prefix, not renaming keys, and no Q/K
 permutation is needed because RoPE here uses the same rotate-half layout as transformers.
-
-The ECG-chat model that splices ECG tokens into this LLM lives at the end of the file.
 """
 
 import json
@@ -33,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ecg_encoder import ECGEncoder, EncoderConfig, Projector, check_fits
 
 # -----------------------------------------------------------------------------
 # 1. Tokenizer
@@ -536,19 +539,23 @@ def hf_state_dict(model):
                 state[key] = p
             else:
                 state["model." + key] = p
-    return {k: v.detach().contiguous() for k, v in state.items()}
+    return state
 
 
-def save_pretrained(model, out_dir):
-    """config.json + model.safetensors in Hugging Face's LlamaForCausalLM layout, written atomically."""
+def save_pretrained(model, out_dir, extra_tensors=None, extra_config=None):
+    """config.json + model.safetensors in Hugging Face's LlamaForCausalLM layout, written atomically.
+
+    extra_tensors / extra_config let the ECG-chat model store its encoder and projector in the
+    same file and config (LLaVA style): transformers and from_pretrained still read the LLM."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = asdict(model.config)
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype=dtype)
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype=dtype, **(extra_config or {}))
+    tensors = {**hf_state_dict(model), **(extra_tensors or {})}
     tmp = out_dir / "model.safetensors.tmp"
-    save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out_dir / "model.safetensors")
     _atomic_write_bytes(out_dir / "config.json", json.dumps(cfg, indent=2).encode())
 
@@ -623,3 +630,158 @@ def add_lora(model, targets=("q_proj", "k_proj"), r=8, alpha=16, dropout=0.1):
 
 def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+# -----------------------------------------------------------------------------
+# 5. The ECG-chat model
+
+
+class ECGChat(nn.Module):
+    """An LLM that reads ECGs. A prompt holds, per ECG, `<ecg>` + `<ecg_token>` x n + `</ecg>`
+    (data.encode_chat writes it, n = encoder.num_tokens(samples)); the embeddings of the n
+    placeholders are overwritten by that ECG's projected encoder tokens, in order."""
+
+    def __init__(self, llm, encoder, tokenizer, max_seq_len=None):
+        super().__init__()
+        self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
+        self.projector = Projector(encoder.cfg.d_model, llm.config.hidden_size).to(
+            llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
+        if tokenizer.vocab_size > llm.config.vocab_size:
+            llm.resize_vocab(tokenizer.vocab_size)  # room for the added special tokens
+        self.ecg_token_id = tokenizer.added[ECG_TOKEN]
+        self.max_seq_len = max_seq_len or llm.config.max_position_embeddings
+
+    def stop_ids(self):
+        return (self.tokenizer.eos_id, self.tokenizer.added[END_TURN])
+
+    def check_fits(self, ecg_samples, n_text_tokens=0):
+        """ECG lengths (samples) + text must fit the context: a clear error otherwise."""
+        return check_fits(self.encoder, ecg_samples, self.max_seq_len, n_text_tokens)
+
+    def encode_ecgs(self, ecgs):
+        """[(signal (L, N) in mV, lead names), ...] -> [(n_tokens_i, C_llm), ...]"""
+        if not ecgs:
+            return []
+        signals, leads = zip(*ecgs)
+        return [self.projector(t) for t in self.encoder(list(signals), list(leads))]
+
+    def embed(self, input_ids, ecgs):
+        """Text embeddings with every placeholder block overwritten by its ECG's tokens.
+
+        input_ids (B, T); ecgs: per sample, a list of (signal, leads), in prompt order.
+        """
+        x = self.llm.embed_tokens(input_ids)                                        # (B, T, C)
+        slots = input_ids == self.ecg_token_id                                      # (B, T)
+        if len(ecgs) != input_ids.shape[0]:
+            raise ValueError(f"{input_ids.shape[0]} prompts but ECG lists for {len(ecgs)}")
+        tokens = self.encode_ecgs([e for sample in ecgs for e in sample])           # [(n_i, C)]
+        self._check_blocks(slots, ecgs, [len(t) for t in tokens])
+        if not tokens:
+            return x
+        # masked_scatter fills the True slots in row-major order: sample by sample, and within
+        # a sample block by block, which is exactly the order of the flattened ECG list.
+        return x.masked_scatter(slots[..., None], torch.cat(tokens).to(x.dtype))
+
+    @staticmethod
+    def _check_blocks(slots, ecgs, counts):
+        counts = iter(counts)
+        for b, sample in enumerate(ecgs):
+            row = slots[b].tolist()
+            # lengths of the runs of consecutive placeholders = one block per ECG
+            blocks = _run_lengths(row)
+            want = [next(counts) for _ in sample]
+            if blocks != want:
+                raise ValueError(f"prompt {b}: placeholder blocks of {blocks} <ecg_token>s but its "
+                                 f"{len(sample)} ECG(s) give {want} tokens; build the prompt with "
+                                 "data.encode_chat and encoder.num_tokens")
+
+    def forward(self, input_ids, ecgs, labels=None, attention_mask=None):
+        """-> logits (B, T, V), and with labels (-100 = no loss) the mean next-token loss.
+        Right-padded training batches need no attention_mask (causal attention never lets a
+        real token see the padding after it)."""
+        if input_ids.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={self.max_seq_len}")
+        logits = self.llm(inputs_embeds=self.embed(input_ids, ecgs), attention_mask=attention_mask)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, prompts, ecgs, max_new_tokens=256, **sampling):
+        """prompts: token-id lists (from data.encode_chat); ecgs: per prompt, [(signal, leads)].
+        The ECGs are encoded once; the KV cache carries them through decoding."""
+        from generate import generate, left_pad
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds "
+                             f"max_seq_len={self.max_seq_len}; shorten the ECG or lower max_new_tokens")
+        device = self.llm.embed_tokens.weight.device
+        ids, mask = left_pad(prompts, self.tokenizer.pad_id)
+        x = self.embed(ids.to(device), ecgs)
+        sampling.setdefault("stop_ids", self.stop_ids())
+        return generate(self.llm, ids, mask, inputs_embeds=x, max_new_tokens=max_new_tokens,
+                        tokenizer=self.tokenizer, **sampling)
+
+    def set_trainable(self, encoder=True, projector=True, llm=False, lora=True):
+        """Freeze or unfreeze each part (the curriculum's stages differ only in this)."""
+        for p in self.encoder.parameters():
+            p.requires_grad_(encoder)
+        for p in self.projector.parameters():
+            p.requires_grad_(projector)
+        for name, p in self.llm.named_parameters():
+            p.requires_grad_(lora if ".lora_" in name else llm)
+
+    # ---- one folder: config.json + model.safetensors + tokenizer, LLaVA-style
+    def save(self, out_dir):
+        """The LLM part is a plain Hugging Face Llama (LoRA merged) that transformers reads;
+        encoder and projector sit beside it under ecg_encoder.* / ecg_projector.*."""
+        extra = {f"ecg_encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+        extra.update({f"ecg_projector.{k}": v for k, v in self.projector.state_dict().items()})
+        nanoecg = {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len}
+        save_pretrained(self.llm, out_dir, extra_tensors=extra, extra_config={"nanoecg": nanoecg})
+        self.tokenizer.save(out_dir)
+
+    @classmethod
+    def load(cls, ckpt_dir, dtype=None, device=None):
+        from safetensors import safe_open
+        d = Path(ckpt_dir)
+        for name in ("config.json", "model.safetensors", "tokenizer.model"):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{d / name}: missing; a nanoECG checkpoint folder holds config.json, "
+                                        "model.safetensors and tokenizer.model")
+        raw = json.loads((d / "config.json").read_text())
+        if "nanoecg" not in raw:
+            raise ValueError(f"{d / 'config.json'}: no 'nanoecg' section, so this is a plain LLM "
+                             "checkpoint, not an ECG-chat model (train one with train.py --llm {d})")
+        llm = LLM.from_pretrained(d, dtype=dtype, device=device)
+        encoder = ECGEncoder(EncoderConfig(**raw["nanoecg"]["encoder"]))
+        model = cls(llm, encoder, Tokenizer(d), raw["nanoecg"].get("max_seq_len"))
+        model.encoder.to(llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
+        with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+            for prefix, module in (("ecg_encoder.", model.encoder), ("ecg_projector.", model.projector)):
+                want = module.state_dict()
+                missing = [prefix + k for k in want if prefix + k not in f.keys()]
+                if missing:
+                    raise ValueError(f"{d / 'model.safetensors'}: missing keys {missing[:5]} "
+                                     f"({len(missing)} in all) that config.json's encoder implies")
+                state = {k: f.get_tensor(prefix + k) for k in want}
+                bad = [f"{prefix}{k}: file {tuple(v.shape)} vs model {tuple(want[k].shape)}"
+                       for k, v in state.items() if v.shape != want[k].shape]
+                if bad:
+                    raise ValueError(f"{d / 'model.safetensors'}: shape mismatch {bad}")
+                module.load_state_dict(state)
+        return model.eval()
+
+
+def _run_lengths(flags):
+    """[0,1,1,0,1] -> [2, 1]: lengths of the runs of True values."""
+    runs, n = [], 0
+    for f in flags:
+        if f:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    if n:
+        runs.append(n)
+    return runs

@@ -1,0 +1,987 @@
+"""
+data.py — everything between an ECG file (or the synthetic generator) and a token batch.
+
+Read top to bottom:
+  1. Lead names      canonical names I, II, III, aVR, aVL, aVF, V1-V6 and the aliases
+                     real files use (MLII, D3, lower case, a lone "ECG", ...).
+  2. Reading ECGs    `load_ecg` for WFDB records (any format wfdb reads, multi-file
+                     records), .npy and .csv -> ECGRecord(signal mV (leads, samples), fs,
+                     leads). Bad files fail with one error naming the file and the problem.
+  3. Cleaning        NaN/Inf repair, flat/empty leads, resampling (numpy FFT, anti-aliased),
+                     min-max scaling, and `prepare_ecg`, which brings a record to model rate.
+  4. Localization    the anyECG answer rule ("Duration: 1.3s-2.9s") and its parser.
+  5. anyECG rows     `load_rows` for anyECG JSON files (bad rows skipped and counted) and
+                     `load_row_ecgs` to fetch the ECG(s) a row names.
+  6. Task builders   question templates and the rows of every task: report, location,
+                     location_long, ecgqa, multi, grounded.
+  7. Synthetic data  `build_synthetic_dataset`: seeded patients -> rows + ECGs, with a
+                     held-out test split disjoint by patient. Synthetic ECGs live in memory,
+                     keyed by a path like "synth/train/tr0-00012/v2_loc"; the dataset
+                     regenerates them from their spec (same seed -> same bytes) or writes
+                     them as WFDB records + JSON so any anyECG tool can read them.
+  8. Chat template   `encode_chat` (token ids + loss labels) and `collate` (padding).
+  9. Plotting        `plot_ecg_svg`: an SVG on ECG paper, written by hand.
+The generator itself is in synth.py.
+"""
+import functools
+import json
+import math
+import os
+import re
+import warnings
+from fractions import Fraction
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from synth import (STANDARD_LEADS, STATEMENTS, ECGRecord, Patient, make_patient, patient_history,
+                   sees_frontal_plane, synth_ecg)
+
+__all__ = ["STANDARD_LEADS", "STATEMENTS", "ECGRecord", "load_ecg", "prepare_ecg", "resample",
+           "localization_answer", "parse_localization", "load_rows", "build_synthetic_dataset",
+           "encode_chat", "collate", "plot_ecg_svg"]
+
+# --------------------------------------------------------------------------- 1. lead names
+
+_ALIASES = {   # lower-case, spaces/dashes/underscores removed -> canonical
+    **{a: "I" for a in ["i", "di", "d1", "mli", "ml1", "leadi"]},
+    **{a: "II" for a in ["ii", "dii", "d2", "mlii", "ml2", "leadii"]},
+    **{a: "III" for a in ["iii", "diii", "d3", "mliii", "ml3", "leadiii"]},
+    "avr": "aVR", "avl": "aVL", "avf": "aVF",
+    **{f"{p}v{k}": f"V{k}" for k in range(1, 7) for p in ["", "m", "lead"]},
+}
+OTHER_CHANNELS = {"vx", "vy", "vz", "x", "y", "z", "bp", "abp", "art", "resp", "pleth", "spo2", "cvp",
+                  "pap", "edr", "ecg1", "ecg2"}   # known non-12-lead channels: kept without a warning
+
+
+def canonical_lead(name):
+    """Canonical 12-lead name for `name`, or None when it is not one (Frank X/Y/Z, BP, ...)."""
+    key = re.sub(r"[\s\-_]", "", str(name)).lower()
+    return _ALIASES.get(key)
+
+
+def normalise_leads(names, source=""):
+    """Canonical names for a record's channels. A lone channel called "ECG" is lead I
+    (anyECG's rule); several "ECG" channels stay unnamed leads. Channels that are not
+    ECG leads keep their own name. A second channel mapping to the same lead gets a
+    suffix (e.g. "II_2") so nothing is silently overwritten."""
+    if len(names) == 1 and str(names[0]).strip().lower() == "ecg":
+        return ["I"]
+    out, unknown = [], []
+    for name in names:
+        lead = canonical_lead(name) or str(name)
+        if canonical_lead(name) is None and lead.lower() not in OTHER_CHANNELS:
+            unknown.append(lead)
+        base, k = lead, 2
+        while lead in out:
+            lead, k = f"{base}_{k}", k + 1
+        out.append(lead)
+    if unknown:
+        warnings.warn(f"{source}: channel names {unknown} are not ECG leads I..V6; kept under their own "
+                      "names (pass drop_unknown=True to drop them, or lead_names=[...] to rename)")
+    return out
+
+
+# --------------------------------------------------------------------------- 2. reading ECGs
+
+_WFDB_BYTES = {"8": 1, "16": 2, "24": 3, "32": 4, "61": 2, "80": 1, "160": 2, "212": 1.5, "310": 4 / 3, "311": 4 / 3}
+_WFDB_FLAC = {"508", "516", "524"}
+_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "v": 1e3, "nu": 1.0, "": 1.0}
+
+
+def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None):
+    """Read an ECG file -> ECGRecord(signal float32 (leads, samples) in mV, fs, lead names).
+
+    path: a WFDB record (name with or without .hea/.dat; multi-file records such as PTB's
+    .dat + .xyz are read whole), a .npy array or a .csv table.
+    leads: pick and order these canonical leads (error if one is missing).
+    drop_unknown: drop channels that are not ECG leads I..V6.
+    fs, lead_names: needed for .npy; fs also for .csv without a time column;
+    lead_names overrides the names stored in any file.
+    All-NaN and flat leads are dropped with a warning; partly missing samples are
+    interpolated with a warning (see repair_nonfinite)."""
+    path = str(path)
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        signal, fs, names = _read_npy(path, fs, lead_names)
+    elif suffix == ".csv":
+        signal, fs, names = _read_csv(path, fs, lead_names)
+    else:
+        signal, fs, names = _read_wfdb(path[:-4] if suffix in (".hea", ".dat", ".xyz") else path, lead_names)
+    if signal.shape[1] == 0:
+        raise ValueError(f"{path}: record has zero samples")
+    if not (fs and fs > 0):
+        raise ValueError(f"{path}: sampling rate must be positive, got {fs}")
+    names = normalise_leads(names, path)
+    if drop_unknown:
+        keep = [i for i, n in enumerate(names) if n in STANDARD_LEADS]
+        if not keep:
+            raise ValueError(f"{path}: no ECG lead I..V6 among the channels {names}")
+        signal, names = signal[keep], [names[i] for i in keep]
+    signal, names = drop_unusable_leads(signal, names, path)
+    signal = repair_nonfinite(signal, names, path)
+    if leads is not None:
+        missing = [x for x in leads if x not in names]
+        if missing:
+            raise ValueError(f"{path}: leads {missing} requested but the record has {names}")
+        signal, names = signal[[names.index(x) for x in leads]], list(leads)
+    return ECGRecord(np.ascontiguousarray(signal, dtype=np.float32), float(fs), names)
+
+
+def _read_wfdb(record, lead_names):
+    import wfdb
+    header = record + ".hea"
+    if not os.path.isfile(header):
+        raise FileNotFoundError(f"{header}: no such WFDB header (record '{record}')")
+    try:
+        h = wfdb.rdheader(record)
+    except Exception as e:
+        raise ValueError(f"{header}: cannot parse WFDB header ({type(e).__name__}: {e})") from None
+    if not h.n_sig or not h.sig_len:
+        raise ValueError(f"{header}: record has zero samples or no signals")
+    _check_wfdb_files(record, h)
+    try:
+        rec = wfdb.rdrecord(record)
+    except Exception as e:
+        raise ValueError(f"{record}: wfdb could not read the record ({type(e).__name__}: {e})") from None
+    units = [str(u or "").strip().lower() for u in rec.units]
+    bad = sorted({u for u in units if u not in _TO_MV})
+    if bad:
+        warnings.warn(f"{header}: unknown units {bad}; assumed mV")
+    scale = np.array([_TO_MV.get(u, 1.0) for u in units])[:, None]
+    names = lead_names or rec.sig_name
+    _check_names(names, rec.n_sig, header)
+    return rec.p_signal.T * scale, float(rec.fs), list(names)                  # (leads, samples)
+
+
+def _check_wfdb_files(record, h):
+    """Every signal file must exist and hold sig_len samples -- wfdb's own errors for a
+    short file or an unknown format are cryptic, so check first and say what is wrong."""
+    folder = os.path.dirname(record)
+    spf = h.samps_per_frame or [1] * h.n_sig
+    offsets = h.byte_offset or [None] * h.n_sig
+    for fname in dict.fromkeys(h.file_name):
+        mine = [i for i, n in enumerate(h.file_name) if n == fname]
+        unknown = [h.fmt[i] for i in mine if h.fmt[i] not in _WFDB_BYTES and h.fmt[i] not in _WFDB_FLAC]
+        if unknown:
+            raise ValueError(f"{record}.hea: unsupported WFDB storage format(s) {unknown} for {fname}; "
+                             f"known: {sorted(_WFDB_BYTES) + sorted(_WFDB_FLAC)}")
+        path = os.path.join(folder, fname)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: signal file named in {record}.hea is missing")
+        if any(h.fmt[i] in _WFDB_FLAC for i in mine):
+            continue                                                        # compressed: size unknown
+        need = max(int(offsets[i] or 0) for i in mine) + math.floor(
+            h.sig_len * sum(_WFDB_BYTES[h.fmt[i]] * (spf[i] or 1) for i in mine))
+        size = os.path.getsize(path)
+        if size < need:
+            raise ValueError(f"{path}: truncated, {size} bytes but the header promises {h.sig_len} samples "
+                             f"x {len(mine)} signals = {need} bytes")
+
+
+def _read_npy(path, fs, lead_names):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if fs is None or lead_names is None:
+        raise ValueError(f"{path}: a .npy file stores no sampling rate or lead names; "
+                         "pass load_ecg(path, fs=..., lead_names=[...])")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"{path}: expected a 2-D numeric array (leads x samples), got {x.dtype} {x.shape}")
+    if x.shape[0] != len(lead_names) and x.shape[1] == len(lead_names):
+        x = x.T                                                             # stored (samples, leads)
+    _check_names(lead_names, x.shape[0], path)
+    return x.astype(np.float64), float(fs), list(lead_names)
+
+
+def _read_csv(path, fs, lead_names):
+    """Header row = lead names; an optional time column (seconds) gives the rate."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, newline="") as f:
+        header = [h.strip() for h in f.readline().strip().split(",")]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)          # empty table: our own error below
+                x = np.loadtxt(f, delimiter=",", ndmin=2, dtype=np.float64)
+        except ValueError as e:
+            raise ValueError(f"{path}: non-numeric value in the table ({e})") from None
+    x = x.reshape(-1, len(header)).T                                       # (columns, samples)
+    is_time = [h.lower() in ("time", "t", "time_s", "time (s)", "seconds") for h in header]
+    if any(is_time):
+        t = x[is_time.index(True)]
+        if len(t) > 1 and fs is None:
+            fs = 1.0 / float(np.median(np.diff(t)))
+        x, header = x[[not b for b in is_time]], [h for h, b in zip(header, is_time) if not b]
+    if fs is None:
+        raise ValueError(f"{path}: no time column and no fs given; pass load_ecg(path, fs=...)")
+    names = lead_names or header
+    _check_names(names, x.shape[0], path)
+    return x, float(fs), list(names)
+
+
+def _check_names(names, n, source):
+    if len(names) != n:
+        raise ValueError(f"{source}: {n} signals but {len(names)} lead names {list(names)}")
+
+
+# --------------------------------------------------------------------------- 3. cleaning
+
+def drop_unusable_leads(signal, leads, source=""):
+    """Drop leads that carry nothing -- all NaN, or flat (a disconnected electrode, or a
+    zero-filled missing lead) -- with a warning. Dropped leads become *absent* leads, which
+    the encoder handles; keeping a flat line would tell the model 'this lead reads 0 mV'."""
+    finite = np.isfinite(signal)
+    all_nan = ~finite.any(axis=1)
+    masked = np.where(finite, signal, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        flat = ~all_nan & (np.nanmax(masked, axis=1) - np.nanmin(masked, axis=1) < 1e-6)
+    bad = all_nan | flat
+    if bad.all():
+        raise ValueError(f"{source}: every lead is empty (all NaN) or flat: {leads}")
+    if bad.any():
+        warnings.warn(f"{source}: dropped leads {[x for x, b in zip(leads, all_nan) if b]} (all NaN) and "
+                      f"{[x for x, b in zip(leads, flat) if b]} (flat); they are treated as absent")
+    return signal[~bad], [x for x, b in zip(leads, bad) if not b]
+
+
+def repair_nonfinite(signal, leads=None, source=""):
+    """Replace NaN/Inf samples by linear interpolation between the finite neighbours
+    (held constant at the ends), with a warning that counts them. Interpolation, not 0,
+    because a lead with a baseline offset would get a spike at every 0."""
+    bad = ~np.isfinite(signal)
+    if not bad.any():
+        return signal
+    signal = signal.astype(np.float64, copy=True)
+    where = [leads[i] if leads else i for i in np.nonzero(bad.any(axis=1))[0]]
+    warnings.warn(f"{source}: {int(bad.sum())} NaN/Inf samples in leads {where} replaced by linear interpolation")
+    t = np.arange(signal.shape[1])
+    for i in np.nonzero(bad.any(axis=1))[0]:
+        ok = ~bad[i]
+        signal[i] = np.interp(t, t[ok], signal[i, ok]) if ok.any() else 0.0
+    return signal
+
+
+def resample(signal, fs_in, fs_out):
+    """Resample (leads, samples) from fs_in to fs_out Hz with numpy FFTs only.
+
+    The spectrum is cut (or zero-padded) at the lower Nyquist rate, which is the ideal
+    anti-aliasing filter, with a short raised-cosine taper to limit ringing. To avoid the
+    wrap-around an FFT assumes, each lead is first extended by an odd reflection of about
+    a second at each end; pads are chosen so every sample time maps exactly. Content near
+    the Nyquist rate can still leave a small transient in the last few output samples."""
+    signal = np.asarray(signal, dtype=np.float64)
+    if fs_in == fs_out:
+        return signal.copy()
+    ratio = Fraction(fs_out / fs_in).limit_denominator(10000)              # fs_out/fs_in = up/down
+    up, down = ratio.numerator, ratio.denominator
+    n = signal.shape[-1]
+    n_out = int(math.ceil(n * up / down))
+    # ~1 s of reflection, a whole number of `down`-sample periods so output times stay exact
+    pad = down * min(max(1, round(fs_in / down)), (n - 1) // down)
+    extended = _reflect_pad(signal, pad)
+    extended = np.pad(extended, [(0, 0), (0, (-extended.shape[-1]) % down)], mode="edge")
+    m_in, m_out = extended.shape[-1], extended.shape[-1] * up // down
+    spec = np.fft.rfft(extended, axis=-1)
+    keep = min(spec.shape[-1], m_out // 2 + 1)
+    taper = np.ones(keep)
+    edge = max(1, keep // 20)                                              # top 5 % of the kept band
+    taper[-edge:] = 0.5 + 0.5 * np.cos(np.linspace(0, np.pi, edge))
+    out_spec = np.zeros(signal.shape[:-1] + (m_out // 2 + 1,), dtype=complex)
+    out_spec[..., :keep] = spec[..., :keep] * taper
+    out = np.fft.irfft(out_spec, n=m_out, axis=-1) * (m_out / m_in)
+    start = pad * up // down
+    return out[..., start:start + n_out]
+
+
+def _reflect_pad(x, pad):
+    """Odd reflection about the end samples: continues level and slope, so no step."""
+    if pad == 0:
+        return x
+    left = 2 * x[..., :1] - x[..., pad:0:-1]
+    right = 2 * x[..., -1:] - x[..., -2:-pad - 2:-1]
+    return np.concatenate([left, x, right], axis=-1)
+
+
+def minmax_scale(signal):
+    """Each lead to [-1, 1] (anyECG's scaling; nanoECG's encoder reads mV instead). Flat -> 0."""
+    lo, hi = signal.min(axis=-1, keepdims=True), signal.max(axis=-1, keepdims=True)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return np.where(hi > lo, (signal - lo) / span * 2 - 1, 0.0).astype(np.float32)
+
+
+MIN_FS, MAX_FS = 50.0, 10000.0
+
+
+def prepare_ecg(record, fs=100, name="ECG", max_seconds=None):
+    """A record as the model wants it: only the 12 standard leads (others dropped with a
+    warning), in standard order, finite, resampled to `fs`. Errors name `name`."""
+    signal, fs_in, leads = record
+    if not MIN_FS <= fs_in <= MAX_FS:
+        raise ValueError(f"{name}: sampling rate {fs_in:g} Hz is outside {MIN_FS:g}-{MAX_FS:g} Hz")
+    if signal.ndim != 2 or signal.shape[1] == 0:
+        raise ValueError(f"{name}: expected a (leads, samples) signal with samples, got shape {signal.shape}")
+    if max_seconds is not None and signal.shape[1] / fs_in > max_seconds:
+        raise ValueError(f"{name}: {signal.shape[1] / fs_in:.1f} s is longer than the {max_seconds:g} s "
+                         "the model's context allows; cut it (e.g. ecg_start/ecg_end) first")
+    order = [leads.index(x) for x in STANDARD_LEADS if x in leads]
+    if not order:
+        raise ValueError(f"{name}: no standard ECG lead among {leads}")
+    other = [x for x in leads if x not in STANDARD_LEADS]
+    if other:
+        warnings.warn(f"{name}: leads {other} are not among the 12 standard leads and are dropped")
+    signal, leads = signal[order], [leads[i] for i in order]
+    signal, leads = drop_unusable_leads(signal, leads, name)
+    signal = repair_nonfinite(signal, leads, name)
+    return ECGRecord(resample(signal, fs_in, fs).astype(np.float32), float(fs), leads)
+
+
+# --------------------------------------------------------------------------- 4. localization
+
+MITBIH_BEATS = set("NLRBAaJSVrFejnE/fQ?")   # beat annotations; rhythm '+', noise '~' etc. are not
+BEAT_NAMES = {
+    "A": "Atrial premature beat",
+    "V": "Premature ventricular contraction",
+    "L": "Left bundle branch block beat",
+    "R": "Right bundle branch block beat",
+    "S": "Supraventricular premature or ectopic beat (atrial or nodal)",
+}
+
+
+def localization_intervals(beat_samples, beat_symbols, start, end, fs, symbol):
+    """anyECG's rule, unrounded: every beat of type `symbol` in the clip [start, end)
+    spans from the previous beat annotation to the next one (anywhere in the record --
+    the clip edge only clips), in seconds from the clip start, clipped to
+    [0, clip length]; overlapping or touching spans merge. -> [[a, b], ...]"""
+    samples = np.asarray(beat_samples, dtype=np.int64)
+    symbols = np.asarray(beat_symbols, dtype=str)
+    is_beat = np.isin(symbols, list(MITBIH_BEATS))
+    samples, symbols = samples[is_beat], symbols[is_beat]
+    order = np.argsort(samples, kind="stable")
+    samples, symbols = samples[order], symbols[order]
+    length = (end - start) / fs
+    merged = []
+    for i in np.nonzero((symbols == symbol) & (samples >= start) & (samples < end))[0]:
+        prev = samples[i - 1] if i > 0 else start
+        nxt = samples[i + 1] if i + 1 < len(samples) else end
+        a, b = max(0.0, (prev - start) / fs), min(length, (nxt - start) / fs)
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def localization_answer(beat_samples, beat_symbols, start, end, fs, symbol):
+    """The anyECG answer text: 'Duration: 1.3s-2.9s, 6.1s-7.7s' (one decimal, as printed
+    by '%.1f') or 'No Premature ventricular contraction Found'."""
+    if symbol not in BEAT_NAMES:
+        raise ValueError(f"unknown beat symbol {symbol!r}; known: {sorted(BEAT_NAMES)}")
+    spans = localization_intervals(beat_samples, beat_symbols, start, end, fs, symbol)
+    if not spans:
+        return f"No {BEAT_NAMES[symbol]} Found"
+    return "Duration: " + ", ".join(f"{a:.1f}s-{b:.1f}s" for a, b in spans)
+
+
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*s?\s*-\s*(\d+(?:\.\d+)?)\s*s")
+
+
+def parse_localization(text):
+    """Answer text -> [(start_s, end_s), ...]; [] for '... Not Found'/'No ... Found';
+    None when nothing in it can be read (the metric scores that as 0)."""
+    if re.search(r"\bno\b.*\bfound\b", text, re.IGNORECASE | re.DOTALL):
+        return []
+    spans = [(float(a), float(b)) for a, b in _SPAN.findall(text)]
+    spans = [(a, b) for a, b in spans if b >= a]
+    return spans or None
+
+
+# --------------------------------------------------------------------------- 5. anyECG rows
+
+_LOCATION_FIELDS = {"abnormal_type": str, "ecg_start": int, "ecg_end": int}
+
+
+def row_problem(row):
+    """Why an anyECG row is unusable, or None if it is fine."""
+    if not isinstance(row, dict):
+        return f"not an object ({type(row).__name__})"
+    for key in ("question", "answer", "dataset", "task"):
+        if not isinstance(row.get(key), str):
+            return f"field {key!r} missing or not a string"
+    paths = row.get("ecg_path")
+    if not (isinstance(paths, str) and paths) and not (
+            isinstance(paths, list) and paths and all(isinstance(p, str) and p for p in paths)):
+        return "field 'ecg_path' missing or not a path / non-empty list of paths"
+    if row["task"] in ("location", "location_long"):
+        for key, kind in _LOCATION_FIELDS.items():
+            if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+                return f"location row needs {key!r} as {kind.__name__}"
+        if row["ecg_end"] <= row["ecg_start"]:
+            return "ecg_end <= ecg_start"
+    return None
+
+
+def load_rows(path):
+    """Read an anyECG JSON file (a list of rows). Malformed rows are skipped, counted and
+    named in one warning; `ecg_path` is normalised to a list (a single string becomes
+    [string]) so multi-ECG rows and single ones are handled the same way."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    rows, skipped = [], []
+    for i, row in enumerate(data):
+        problem = row_problem(row)
+        if problem:
+            skipped.append((i, problem))
+            continue
+        row = dict(row)
+        row["ecg_path"] = [row["ecg_path"]] if isinstance(row["ecg_path"], str) else list(row["ecg_path"])
+        rows.append(row)
+    if skipped:
+        shown = "; ".join(f"row {i}: {p}" for i, p in skipped[:10])
+        warnings.warn(f"{path}: skipped {len(skipped)} of {len(data)} malformed rows ({shown}"
+                      f"{' ...' if len(skipped) > 10 else ''})")
+    return rows
+
+
+def row_paths(row):
+    return [row["ecg_path"]] if isinstance(row["ecg_path"], str) else list(row["ecg_path"])
+
+
+def load_row_ecgs(row, root, fs=100):
+    """The ECG(s) a row names, read from `root`, clipped to [ecg_start, ecg_end) for
+    localization rows, ready for the model (prepare_ecg)."""
+    out = []
+    for rel in row_paths(row):
+        path = os.path.join(root, rel)
+        rec = load_ecg(path)
+        if row.get("task") in ("location", "location_long"):
+            rec = clip_record(rec, row["ecg_start"], row["ecg_end"], path)
+        out.append(prepare_ecg(rec, fs, name=path))
+    return out
+
+
+def clip_record(rec, start, end, name="ECG"):
+    if not 0 <= start < end <= rec.signal.shape[1]:
+        raise ValueError(f"{name}: clip [{start}, {end}) is outside the record's {rec.signal.shape[1]} samples")
+    return ECGRecord(rec.signal[:, start:end], rec.fs, rec.leads)
+
+
+# --------------------------------------------------------------------------- 6. task builders
+# Question paraphrases per task (the location ones are anyECG's own wording).
+
+REPORT_QUESTIONS = [
+    "May I have the official report for the ECG provided?", "Give me a detailed report on this ECG.",
+    "Provide me with the report of this ECG.", "Please write the machine report for this ECG.",
+    "Generate a report for this electrocardiogram.", "Could you interpret this ECG and give me the report?",
+    "Read this ECG and report your findings.", "What is the report for this recording?",
+    "Write the diagnostic statements for this ECG.", "I need the report for this ECG tracing.",
+    "Summarise this ECG as a clinical report.", "What does this ECG show? Give the report.",
+    "Report on this ECG, please.", "Produce the interpretation report for this ECG.",
+]
+LOCATION_QUESTIONS = [
+    "Locate the {name} on this ECG for me, please.", "Examine this ECG and point out where the {name} is located.",
+    "Where should I look to find the {name} on this ECG?", "Can you locate the {name} on this ECG?",
+    "Determine where the {name} is on this electrocardiogram.", "Please locate the specific location of the {name} on this ECG.",
+    "Tell me where to find the {name} on this ECG.", "Help me locate the {name} on this ECG.",
+    "Could you identify where the {name} is on this ECG?", "On this ECG, where can I see the {name}?",
+    "Where is the {name} located in this ECG?", "Can you show me where the {name} occurred on this ECG?",
+    "Help me find where the {name} shows up on this ECG.", "Check this ECG and tell me where the {name} appears.",
+    "Determine where the {name} is located on this electrocardiogram.",
+    "I need to find the {name} on this ECG; where should I look?",
+]
+GROUNDED_QUESTIONS = [
+    "Interpret this ECG step by step: measure it first, then reason, then give the diagnosis.",
+    "What are the measured features of this ECG, and what do they tell you?",
+    "Please analyse this ECG: report heart rate and intervals, explain your reasoning, and conclude.",
+    "Walk me through this ECG from measurements to diagnosis.", "Give a grounded interpretation of this ECG.",
+    "Measure this ECG and explain the diagnosis the measurements support.",
+    "Which measurements of this ECG are abnormal, and what diagnosis follows?",
+    "Explain this ECG like a cardiologist: intervals and axis first, then the conclusion.",
+    "Analyse this ECG and justify each finding with a measurement.",
+    "Can you interpret this ECG and show the evidence for each finding?",
+    "Describe the key measurements of this ECG and the resulting interpretation.",
+    "Read this ECG systematically (rate, rhythm, intervals, axis, ST-T) and diagnose it.",
+]
+BRIEF = " Please answer briefly."
+VERDICTS = {"Normal ECG", "Normal ECG except for rate", "Borderline ECG", "Abnormal ECG"}
+# findings any single lead shows (rhythm, ectopy, blocks, QT); the others need more leads
+LEAD_INDEPENDENT = {"Sinus rhythm", "Sinus bradycardia", "Sinus tachycardia", "Atrial fibrillation", "Atrial flutter",
+                    "Premature atrial contractions", "Premature ventricular contractions", "1st degree A-V block",
+                    "Left bundle branch block", "Right bundle branch block", "Prolonged QT interval"}
+RHYTHMS = ["Sinus rhythm", "Sinus bradycardia", "Sinus tachycardia", "Atrial fibrillation", "Atrial flutter"]
+
+
+def findings_of(truth):
+    """The record's statements without the overall verdict, in report order."""
+    return [s for s in truth.statements if s not in VERDICTS]
+
+
+def askable(truths):
+    """Findings a question may ask about: all of them on 12-lead records, only the
+    lead-independent ones if any of the ECGs is a reduced-lead record."""
+    full = all(len(t.leads) == 12 for t in truths)
+    return [s for s in STATEMENTS if s not in VERDICTS and (full or s in LEAD_INDEPENDENT)]
+
+
+def listing(items):
+    return ", ".join(s.lower() for s in items) if items else "none"
+
+
+def report_row(path, truth, rng):
+    return {"question": str(rng.choice(REPORT_QUESTIONS)), "answer": "Report: " + ", ".join(truth.statements),
+            "ecg_path": [path], "task": "report"}
+
+
+def location_row(path, truth, start, end, symbol, rng, task="location"):
+    return {"question": str(rng.choice(LOCATION_QUESTIONS)).format(name=BEAT_NAMES[symbol]),
+            "answer": localization_answer(truth.beat_samples, truth.beat_symbols, start, end, truth.fs, symbol),
+            "ecg_path": [path], "task": task, "abnormal_type": symbol, "ecg_start": int(start), "ecg_end": int(end)}
+
+
+def grounded_answer(truth):
+    """GEM-style: measurements -> reasoning -> diagnosis, every finding tied to a number."""
+    t, found = truth, set(truth.statements)
+    frontal = sees_frontal_plane(t.leads)
+    pr = f"{t.pr_ms:.0f} ms" if t.pr_ms is not None else "n/a"
+    m = f"Heart rate: {t.hr_bpm:.0f} bpm, PR: {pr}, QRS: {t.qrs_ms:.0f} ms, QT/QTc: {t.qt_ms:.0f}/{t.qtc_ms:.0f} ms"
+    m += f", Axis: {t.axis_deg:.0f}°" if frontal else ""
+    why = []
+    if "Atrial fibrillation" in found:
+        why.append("Irregularly irregular RR intervals with no P waves and a fibrillatory baseline: atrial fibrillation.")
+    elif "Atrial flutter" in found:
+        why.append("Regular sawtooth flutter waves instead of P waves: atrial flutter.")
+    else:
+        rate = "below 60" if t.hr_bpm < 60 else "above 100" if t.hr_bpm > 100 else "between 60 and 100"
+        why.append(f"A P wave precedes every QRS and the rate is {rate} bpm: {t.statements[0].lower()}.")
+    if "1st degree A-V block" in found:
+        why.append(f"PR {t.pr_ms:.0f} ms is longer than 200 ms: 1st degree A-V block.")
+    if t.qrs_ms >= 120:
+        shape = ("with broad notched R waves and no septal q waves laterally: left bundle branch block"
+                 if "Left bundle branch block" in found else
+                 "with a late R' wave in V1 and a wide S wave in lead I: right bundle branch block")
+        why.append(f"QRS {t.qrs_ms:.0f} ms is 120 ms or more, {shape}.")
+    else:
+        why.append(f"QRS {t.qrs_ms:.0f} ms is narrow.")
+    if "Premature atrial contractions" in found:
+        why.append("Early narrow beats with an abnormal P wave and a non-compensatory pause: premature atrial contractions.")
+    if "Premature ventricular contractions" in found:
+        why.append("Early wide beats without a P wave, followed by a compensatory pause: premature ventricular contractions.")
+    if "Left axis deviation" in found or "Right axis deviation" in found:
+        why.append(f"Axis {t.axis_deg:.0f}° is {'beyond -30' if t.axis_deg < -30 else 'beyond +90'}°: "
+                   f"{'left' if t.axis_deg < -30 else 'right'} axis deviation.")
+    if "Low QRS voltages" in found:
+        why.append("QRS amplitude is below 0.5 mV in every limb lead: low QRS voltages.")
+    for name, test, word in [("ST elevation", lambda v: v >= 0.1, "elevated"), ("ST depression", lambda v: v <= -0.1, "depressed")]:
+        if name in found:
+            leads = [x for x in t.leads if test(t.lead_st_mv[x])]
+            why.append(f"ST segment {word} in {', '.join(leads)}: {name.lower()}.")
+    if "T wave inversion" in found:
+        leads = [x for x in t.leads if x in ("I", "II", "V3", "V4", "V5", "V6") and t.lead_t_mv[x] <= -0.05]
+        why.append(f"T waves inverted in {', '.join(leads)}: T wave inversion.")
+    qt = "longer than 470 ms: prolonged QT interval" if "Prolonged QT interval" in found else "normal"
+    why.append(f"QTc {t.qtc_ms:.0f} ms is {qt}.")
+    return f"Measurements: {m}. Reasoning: {' '.join(why)} Diagnosis: {', '.join(t.statements)}."
+
+
+def grounded_row(path, truth, rng):
+    return {"question": str(rng.choice(GROUNDED_QUESTIONS)), "answer": grounded_answer(truth),
+            "ecg_path": [path], "task": "grounded"}
+
+
+def ecgqa_single_row(path, t, rng):
+    """One ECG-QA style question about one ECG: verify (yes/no), choose, or query."""
+    have = set(findings_of(t))
+    kind = str(rng.choice(["verify", "choose", "query"]))
+    if kind == "verify":
+        pool = askable([t])
+        s = str(rng.choice(sorted(have))) if have and rng.random() < 0.5 else str(rng.choice(pool))
+        q, a, tid = f"Does this ECG show {s.lower()}?", "yes" if s in have else "no", 1
+    elif kind == "choose":
+        options = [("Is the QRS complex of this ECG narrow or wide?", "wide" if t.qrs_ms >= 120 else "narrow", 20),
+                   ("Is the heart rate of this ECG slow, normal or fast?",
+                    "slow" if t.hr_bpm < 60 else "fast" if t.hr_bpm > 100 else "normal", 21),
+                   ("Is the QT interval of this ECG normal or prolonged?",
+                    "prolonged" if t.qtc_ms > 470 else "normal", 22)]
+        other = str(rng.choice([r for r in RHYTHMS if r != t.statements[0]]))
+        a_, b_ = (t.statements[0], other) if rng.random() < 0.5 else (other, t.statements[0])
+        options.append((f"Which rhythm does this ECG show, {a_.lower()} or {b_.lower()}?", t.statements[0].lower(), 23))
+        q, a, tid = options[rng.integers(len(options))]
+    else:
+        above = [n for n, hit in [("heart rate", t.hr_bpm > 100), ("pr interval", (t.pr_ms or 0) > 200),
+                                  ("qrs duration", t.qrs_ms >= 120), ("qt interval", t.qtc_ms > 470)] if hit]
+        options = [("What is the rhythm of this ECG?", t.statements[0].lower(), 30),
+                   ("Which premature beats does this ECG show?",
+                    listing([s for s in findings_of(t) if s.startswith("Premature")]), 31),
+                   ("Which conduction abnormalities does this ECG show?",
+                    listing([s for s in findings_of(t) if "block" in s]), 32),
+                   ("Which numeric features of this ECG are above the normal range?", ", ".join(above) or "none", 42)]
+        if len(t.leads) == 12:
+            options.append(("Which abnormal findings does this ECG show?",
+                            listing([s for s in findings_of(t) if s not in RHYTHMS]), 33))
+        q, a, tid = options[rng.integers(len(options))]
+    return {"question": q + BRIEF, "answer": a, "ecg_path": [path], "task": "ecgqa",
+            "question_type": f"single-{kind}", "template_id": int(tid)}
+
+
+def ecgqa_comparison_row(paths, truths, rng, consecutive):
+    """ECG-QA comparison form on two ECGs (same patient: consecutive; else irrelevant)."""
+    pool = set(askable(truths))
+    first, second = ([s for s in findings_of(t) if s in pool] for t in truths)
+    kind = "verify" if rng.random() < 0.4 else "query"
+    if kind == "verify":
+        s = str(rng.choice(sorted(set(first) | set(second)) if rng.random() < 0.6 else sorted(pool)))
+        q, a = f"Do both ECGs show {s.lower()}?", "yes" if s in first and s in second else "no"
+    else:
+        q, a = [("Which findings are present in the first ECG but absent in the second ECG?",
+                 listing([s for s in first if s not in second])),
+                ("Which findings are present in the second ECG but absent in the first ECG?",
+                 listing([s for s in second if s not in first])),
+                ("Which findings do both ECGs share?", listing([s for s in first if s in second]))][rng.integers(3)]
+    prefix = "comparison_consecutive" if consecutive else "comparison_irrelevant"
+    return {"question": q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "ecgqa",
+            "question_type": f"{prefix}-{kind}"}
+
+
+def multi_row(paths, truths, days, rng):
+    """2-6 ECGs of one patient over time; short answers that can be checked exactly."""
+    pool = set(askable(truths))
+    seen = [[s for s in findings_of(t) if s in pool] for t in truths]
+    span = f"These {len(truths)} ECGs of one patient were recorded over {days[-1] - days[0]} days. "
+    kind = str(rng.choice(["per_ecg_report", "new_findings", "resolved_findings", "first_appearance",
+                           "hr_trend", "rhythm_change"]))
+    if kind == "per_ecg_report":
+        q = "What are the key findings in each ECG report?"
+        a = " ".join(f"ECG{k + 1}: {', '.join(t.statements)}." for k, t in enumerate(truths))
+    elif kind == "new_findings":
+        q, a = "Which findings appear in the last ECG that were not in the first ECG?", listing(
+            [s for s in seen[-1] if s not in seen[0]])
+    elif kind == "resolved_findings":
+        q, a = "Which findings of the first ECG are no longer present in the last ECG?", listing(
+            [s for s in seen[0] if s not in seen[-1]])
+    elif kind == "first_appearance":
+        present = sorted({s for f in seen for s in f})
+        s = str(rng.choice(present if present and rng.random() < 0.7 else sorted(pool)))
+        first = next((k for k, f in enumerate(seen) if s in f), None)
+        q, a = f"In which ECG does {s.lower()} first appear?", f"ECG{first + 1}" if first is not None else "none"
+    elif kind == "hr_trend":
+        d = truths[-1].hr_bpm - truths[0].hr_bpm
+        q, a = "How does the heart rate change from the first to the last ECG?", (
+            "increased" if d >= 10 else "decreased" if d <= -10 else "unchanged")
+    else:
+        q, a = "Does the rhythm change across these ECGs?", "yes" if len({t.statements[0] for t in truths}) > 1 else "no"
+    return {"question": span + q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "multi",
+            "question_type": kind, "days": list(days)}
+
+
+# --------------------------------------------------------------------------- 7. synthetic data
+
+LEAD_SETS = [  # (leads, share): home-style reduced-lead records are half of the data
+    (tuple(STANDARD_LEADS), 0.5), (("I",), 0.15), (("II",), 0.15), (("II", "V5"), 0.1), (("II", "V1"), 0.1)]
+NATIVE_FS = [100, 250, 360, 500]        # rates records are "recorded" at, before resampling
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+TEST_SEED = 2024                        # the held-out test set is the same for every run
+
+
+class RecordSpec(NamedTuple):
+    """Everything that regenerates one synthetic record, byte for byte."""
+    patient: Patient
+    duration_s: float
+    fs: float
+    leads: tuple
+    noise: float
+    seed: int
+
+    def generate(self):
+        return synth_ecg(self.patient, self.duration_s, self.fs, list(self.leads), self.noise, self.seed)
+
+
+class SyntheticDataset:
+    """Rows in anyECG format plus the ECGs they name. `specs` maps each synthetic path
+    to its RecordSpec; signals are regenerated on demand (and cached at model rate)."""
+
+    def __init__(self, rows, specs, fs=100):
+        self.rows, self.specs, self.fs = rows, specs, fs
+        self._cache = functools.lru_cache(maxsize=2048)(self._prepared)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        """-> (row, [ECGRecord at model rate, ...]) for row i."""
+        row = self.rows[i]
+        return row, self.ecgs(row)
+
+    def record(self, path):
+        """(ECGRecord at native rate, Truth) of one synthetic path."""
+        return self.specs[path].generate()
+
+    def ecgs(self, row):
+        clip = (row["ecg_start"], row["ecg_end"]) if row["task"] in ("location", "location_long") else None
+        return [self._cache(p, clip) for p in row_paths(row)]
+
+    def _prepared(self, path, clip):
+        rec, _ = self.record(path)
+        if clip:
+            rec = clip_record(rec, *clip, name=path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return prepare_ecg(rec, self.fs, name=path)
+
+    def write(self, out_dir, name="data"):
+        """Write every record as WFDB (16-bit) under out_dir/<path> and the rows as
+        out_dir/<name>.json -- a folder any anyECG-format tool (eval.py) can read."""
+        import wfdb
+        for path, spec in self.specs.items():
+            rec, _ = spec.generate()
+            folder = os.path.join(out_dir, os.path.dirname(path))
+            os.makedirs(folder, exist_ok=True)
+            wfdb.wrsamp(os.path.basename(path), fs=rec.fs, units=["mV"] * len(rec.leads), sig_name=rec.leads,
+                        p_signal=rec.signal.T.astype(np.float64), fmt=["16"] * len(rec.leads), write_dir=folder)
+        json_path = os.path.join(out_dir, f"{name}.json")
+        with open(json_path, "w") as f:
+            json.dump(self.rows, f, indent=1)
+        return json_path
+
+
+def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, max_visits=4,
+                            long_share=0.1, max_long_s=60.0, fs=100):
+    """The one call train.py needs: `n_patients` simulated people -> SyntheticDataset.
+
+    Per patient: 1 visit (half of them) or 2..max_visits visits over time (max 6); each
+    visit a 10 s record in a random lead set and native rate, with a report, a grounded
+    interpretation, ECG-QA questions, and (mostly for patients with ectopy or a block) a
+    10 s localization clip. Some patients add a long clip (20 s .. max_long_s); patients
+    with several visits add multi-ECG and comparison questions.
+    split: "train", "val" or "test". The test split always uses TEST_SEED, so it is fixed
+    across runs, and patients of different splits come from disjoint seed streams."""
+    if split not in SPLIT_CODES:
+        raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
+    tasks = set(tasks or ("report", "location", "location_long", "ecgqa", "multi", "grounded"))
+    seed = TEST_SEED if split == "test" else seed
+    rows, specs, previous = [], {}, None
+    for i in range(n_patients):
+        rng = np.random.default_rng([SPLIT_CODES[split], seed, i])
+        patient = make_patient(rng, pid=f"{split[:2]}{seed}-{i:05d}")
+        n_visits = 1 if rng.random() < 0.5 else int(rng.integers(2, min(max_visits, 6) + 1))
+        visits = patient_history(patient, n_visits, rng)
+        visit_paths, visit_truths = [], []
+        for v, (day, p, _) in enumerate(visits):
+            path = f"synth/{split}/{patient.pid}/v{v}"
+            truth = _add_spec(specs, path, p, 10.0, rng)
+            visit_paths.append(path)
+            visit_truths.append(truth)
+            rows += [r for r in _visit_rows(path, truth, rng) if r["task"] in tasks]
+            if "location" in tasks and rng.random() < _location_chance(p):
+                rows.append(_location_clip(specs, f"{path}_loc", p, 10.0, rng, "location"))
+        if "location_long" in tasks and rng.random() < long_share:
+            length = float(rng.uniform(20, max_long_s)) if max_long_s > 20 else max_long_s
+            rows.append(_location_clip(specs, f"synth/{split}/{patient.pid}/long", visits[-1][1], length, rng,
+                                       "location_long", holter=True))
+        if n_visits >= 2 and "multi" in tasks:
+            rows.append(multi_row(visit_paths, visit_truths, [d for d, _, _ in visits], rng))
+        if n_visits >= 2 and "ecgqa" in tasks:
+            k = int(rng.integers(n_visits - 1))
+            rows.append(ecgqa_comparison_row(visit_paths[k:k + 2], visit_truths[k:k + 2], rng, consecutive=True))
+        if previous and "ecgqa" in tasks and rng.random() < 0.3:
+            rows.append(ecgqa_comparison_row([previous[0], visit_paths[0]], [previous[1], visit_truths[0]], rng,
+                                             consecutive=False))
+        previous = (visit_paths[0], visit_truths[0])
+    for row in rows:
+        row["dataset"] = "synthetic"
+    return SyntheticDataset(rows, specs, fs)
+
+
+def _add_spec(specs, path, patient, duration, rng, holter=False):
+    """Draw a lead set, rate, noise level and seed for a record; store the spec; -> Truth."""
+    if holter:
+        leads = [("II", "V5"), ("II", "V1"), ("I",), ("II",)][rng.integers(4)]
+    else:
+        leads = LEAD_SETS[rng.choice(len(LEAD_SETS), p=[s for _, s in LEAD_SETS])][0]
+    spec = RecordSpec(patient, duration, float(rng.choice(NATIVE_FS)), tuple(leads),
+                      float(rng.uniform(0.2, 1.5)), int(rng.integers(2**31)))
+    specs[path] = spec
+    return spec.generate()[1]
+
+
+def _visit_rows(path, truth, rng):
+    rows = [report_row(path, truth, rng), grounded_row(path, truth, rng)]
+    return rows + [ecgqa_single_row(path, truth, rng) for _ in range(int(rng.integers(1, 3)))]
+
+
+def _location_chance(p):
+    """Clips mostly from people with ectopic beats; blocks (whole-clip answers) and
+    beat-free records (the 'No ... Found' answers) less often."""
+    return 1.0 if p.pac_per_min > 0 or p.pvc_per_min > 0 else 0.4 if p.conduction != "normal" else 0.25
+
+
+def _location_clip(specs, path, patient, length, rng, task, holter=False):
+    """A clip [start, end) inside a slightly longer record, so that the beats just outside
+    the clip decide its edge spans as in anyECG; asks for a beat type present in the
+    clip (70 %; PACs/PVCs before L/R beats) or for one that is absent."""
+    before, after = rng.uniform(0, 3, 2)
+    truth = _add_spec(specs, path, patient, round(before + length + after, 2), rng, holter)
+    start = int(round(before * truth.fs))
+    end = start + int(round(length * truth.fs))
+    inside = {s for x, s in zip(truth.beat_samples, truth.beat_symbols) if start <= x < end} & set(BEAT_NAMES)
+    ectopic = inside & {"A", "V"}          # prefer them: an L/R answer is usually the whole clip
+    pool = ectopic if ectopic and rng.random() < 0.8 else inside
+    symbol = str(rng.choice(sorted(pool))) if pool and rng.random() < 0.7 else str(rng.choice(sorted(BEAT_NAMES)))
+    return location_row(path, truth, start, end, symbol, rng, task)
+
+
+# --------------------------------------------------------------------------- 8. chat template
+# <bos><|user|><ecg><ecg_token>...</ecg>question<|end|><|assistant|>answer<|end|>
+# One <ecg>...</ecg> block per ECG, in order, before the first user text. Loss only on
+# what the assistant says (its answer and the <|end|> closing it); everything else -100.
+
+def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False):
+    """turns: [("user", text), ("assistant", text), ...]; ecg_token_counts: placeholder
+    tokens per ECG (encoder.num_tokens). -> (input_ids, labels), two equal-length lists.
+    add_generation_prompt: end with <|assistant|> for the model to continue (generation)."""
+    from model import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, USER
+    special = {t: tokenizer.encode(t) for t in (ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN)}
+    bad = {t: ids for t, ids in special.items() if len(ids) != 1}
+    if bad:
+        raise ValueError(f"tokenizer does not encode special tokens as single ids: {bad}")
+    sid = {t: ids[0] for t, ids in special.items()}
+    ecg_ids = [i for n in ecg_token_counts for i in [sid[ECG_START]] + [sid[ECG_TOKEN]] * int(n) + [sid[ECG_END]]]
+    ids, labels = [tokenizer.bos_id], [-100]
+    placed = not ecg_token_counts
+    for role, text in turns:
+        if role == "user":
+            part = [sid[USER]] + ([] if placed else ecg_ids) + tokenizer.encode(text) + [sid[END_TURN]]
+            placed = True
+            ids, labels = ids + part, labels + [-100] * len(part)
+        elif role == "assistant":
+            answer = tokenizer.encode(text) + [sid[END_TURN]]
+            ids += [sid[ASSISTANT]] + answer
+            labels += [-100] + answer
+        else:
+            raise ValueError(f"turn role must be 'user' or 'assistant', got {role!r}")
+    if not placed:
+        raise ValueError("the ECG blocks go before the first user message, but there is no user turn")
+    if add_generation_prompt:
+        ids, labels = ids + [sid[ASSISTANT]], labels + [-100]
+    return ids, labels
+
+
+def make_example(row, ecgs, tokenizer, num_tokens):
+    """One training example from an anyECG row and its prepared ECGs.
+    num_tokens: samples -> placeholder count (the encoder's num_tokens)."""
+    counts = [num_tokens(rec.signal.shape[1]) for rec in ecgs]
+    ids, labels = encode_chat(tokenizer, [("user", row["question"]), ("assistant", row["answer"])], counts)
+    return {"input_ids": ids, "labels": labels, "ecgs": ecgs}
+
+
+def collate(examples, pad_id):
+    """Right-pad a list of examples -> {"input_ids" (B, T), "labels" (B, T) with -100 on
+    padding, "ecgs": per example [(signal tensor (L, N), leads), ...]}."""
+    import torch
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for b, e in enumerate(examples):
+        ids[b, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        labels[b, :len(e["labels"])] = torch.tensor(e["labels"])
+    ecgs = [[(torch.from_numpy(np.ascontiguousarray(r.signal, dtype=np.float32)), list(r.leads)) for r in e["ecgs"]]
+            for e in examples]
+    return {"input_ids": ids, "labels": labels, "ecgs": ecgs}
+
+
+# --------------------------------------------------------------------------- 9. plotting
+# ECG paper: 25 mm/s and 10 mm/mV, small squares 1 mm (0.04 s, 0.1 mV), large ones 5 mm.
+
+_PX_PER_MM = 4.0
+
+
+def plot_ecg_svg(signal, fs, leads, path, intervals=None, title=None):
+    """Write an SVG of `signal` (leads, samples) in mV: one row per lead on ECG paper,
+    time in seconds below, optional shaded `intervals` [(start_s, end_s), ...].
+    Records longer than 20 s are compressed in time to stay ~2000 px wide, and each
+    pixel column is drawn as its min-max so QRS peaks never vanish."""
+    signal = np.asarray(signal, dtype=np.float64)
+    n_leads, n = signal.shape
+    duration = n / fs
+    mm_per_s = 25.0 if duration <= 20 else 500.0 / duration
+    baseline = np.nanmedian(signal, axis=1, keepdims=True)
+    above, below = _extent(signal - baseline)                              # mV, over all leads
+    row_mm = min(45.0, 10 * (above + below) + 4)
+    left = max(14.0, 2.6 * max(len(str(x)) for x in leads) + 4)             # room for the labels, mm
+    top, bottom = 8.0 if title else 2.0, 8.0
+    width_mm, height_mm = left + duration * mm_per_s + 6, top + n_leads * row_mm + bottom
+    px = _PX_PER_MM
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width_mm * px:.0f}" height="{height_mm * px:.0f}" '
+           f'viewBox="0 0 {width_mm * px:.0f} {height_mm * px:.0f}" font-family="sans-serif">',
+           '<rect width="100%" height="100%" fill="#fffafa"/>']
+    x0, y0, y1 = left * px, top * px, (top + n_leads * row_mm) * px
+    out += _paper_grid(x0, y0, duration * mm_per_s * px, y1 - y0, mm_per_s)
+    for a, b in intervals or []:
+        out.append(f'<rect x="{x0 + a * mm_per_s * px:.1f}" y="{y0:.1f}" width="{(b - a) * mm_per_s * px:.1f}" '
+                   f'height="{y1 - y0:.1f}" fill="#ff9900" fill-opacity="0.25"/>')
+    for i, lead in enumerate(leads):
+        zero = y0 + (i * row_mm + 2 + 10 * above) * px                     # this lead's baseline
+        out.append(f'<text x="{2 * px:.1f}" y="{zero + 4:.1f}" font-size="14" font-weight="bold">{lead}</text>')
+        out.append(_trace(signal[i] - baseline[i], fs, x0, zero, mm_per_s * px, 10 * px))
+    step = 1 if duration <= 20 else 10 ** math.floor(math.log10(duration / 4))
+    for s in np.arange(0, duration + 1e-9, step):
+        out.append(f'<text x="{x0 + s * mm_per_s * px:.1f}" y="{y1 + 5 * px:.1f}" font-size="12" '
+                   f'text-anchor="middle">{s:g} s</text>')
+    if title:
+        out.append(f'<text x="{x0:.1f}" y="{5.5 * px:.1f}" font-size="15">{_xml(title)}</text>')
+    out.append("</svg>")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(out))
+    return str(path)
+
+
+def _extent(x):
+    """How far the leads reach above and below their baselines (robust: 0.1 % clipped), mV."""
+    x = np.nan_to_num(x)
+    return (max(0.3, float(np.percentile(x, 99.9, axis=1).max())),
+            max(0.3, float(-np.percentile(x, 0.1, axis=1).min())))
+
+
+def _paper_grid(x0, y0, w, h, mm_per_s):
+    """Pink small squares (when wide enough to see) under red 5 mm squares."""
+    px, lines = _PX_PER_MM, []
+    for mm, colour, width in [(1, "#f6c6c6", 0.5), (5, "#e88a8a", 1.0)]:
+        if mm == 1 and mm_per_s < 10:
+            continue
+        xs = np.arange(0, w + 1e-6, mm * px * (mm_per_s / 25 if mm_per_s < 25 else 1))
+        ys = np.arange(0, h + 1e-6, mm * px)
+        d = "".join(f"M{x0 + x:.1f} {y0:.1f}v{h:.1f}" for x in xs) + "".join(f"M{x0:.1f} {y0 + y:.1f}h{w:.1f}" for y in ys)
+        lines.append(f'<path d="{d}" stroke="{colour}" stroke-width="{width}" fill="none"/>')
+    return lines
+
+
+def _trace(x, fs, x0, mid, px_per_s, px_per_mv):
+    """One lead as a polyline around y = mid; min-max per pixel when dense."""
+    x = np.nan_to_num(x)
+    t = np.arange(len(x)) / fs
+    if len(x) / (t[-1] * px_per_s + 1) > 2:                                 # > 2 samples per pixel
+        col = (t * px_per_s).astype(np.int64)
+        starts = np.r_[0, np.nonzero(np.diff(col))[0] + 1]
+        lo, hi = np.minimum.reduceat(x, starts), np.maximum.reduceat(x, starts)
+        t = np.repeat(col[starts] / px_per_s, 2)
+        x = np.stack([lo, hi], axis=1).ravel()
+    pts = " ".join(f"{x0 + a * px_per_s:.1f},{mid - b * px_per_mv:.1f}" for a, b in zip(t, x))
+    return f'<polyline points="{pts}" fill="none" stroke="#111" stroke-width="1.1" stroke-linejoin="round"/>'
+
+
+def _xml(text):
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

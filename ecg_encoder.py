@@ -1,0 +1,355 @@
+"""
+The ECG encoder and the projector into the LLM: any length, any lead set, several ECGs.
+
+Design in one paragraph. Each lead is cut on its own into patches of `patch_size`
+samples (anyECG-style), so a token is (one lead, one stretch of time). A token's
+embedding is the patch's shape and amplitude + a learned embedding of its lead name +
+a fixed sinusoidal code of its ABSOLUTE start time in seconds. Absent leads make no
+tokens at all: they cost nothing and cannot be mistaken for a flat lead. Attention is
+local to windows of `window_s` seconds: every lead and patch inside one window attends
+to every other, nothing crosses a window border, so cost and memory are linear in
+duration and an hour-long Holter encodes on a laptop. To spend no attention on padding,
+the windows of all ECGs in a batch are grouped by shape (n_leads, n_patches) and each
+group runs as one dense (B, T, C) batch through `F.scaled_dot_product_attention` (full
+10 s windows of a 12-lead ECG batch together, a short last window joins its own small
+group); `packed="nested"` instead packs every window into one nested jagged tensor
+(SDPA's variable-length path). At the output the present leads are averaged per patch
+(the token count does not depend on the lead count), consecutive patches are
+average-pooled to `tokens_per_second`, and the absolute time code is added again so the
+LLM can read "at 12.3 s" off a token. The encoder never min-max scales a lead (anyECG
+does): amplitude in mV is diagnostic (low voltage, ST shift), so signals are only
+clamped to +-`max_abs_mv`, and each patch's mean and std in mV ride along with its
+LayerNorm-ed shape (a bare LayerNorm on the patch, as in anyECG, would erase them).
+"""
+
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+LEADS_12 = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class EncoderConfig:
+    fs: int = 100                   # model sampling rate (Hz); resampling happens in data.py
+    leads: tuple = LEADS_12         # the lead vocabulary the encoder was built for
+    patch_size: int = 50            # samples per token per lead (50 @ 100 Hz = 0.5 s)
+    window_s: float = 10.0          # attention span; nothing attends across windows
+    tokens_per_second: float = 2.0  # output rate per ECG, whatever its lead count
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    max_abs_mv: float = 20.0        # clamp: beyond this it is saturation / artefact
+    max_period_s: float = 4 * 3600  # slowest time-code period, so hours stay distinct
+
+    def __post_init__(self):
+        self.leads = tuple(self.leads)  # a list from JSON becomes a tuple again
+        assert self.d_model % self.n_heads == 0 and self.d_model % 2 == 0
+        # windows and output tokens must both be whole numbers of patches, so that no
+        # output token straddles two windows (windows stay independent)
+        assert self.patches_per_window * self.patch_size == round(self.window_s * self.fs), \
+            "window_s must be a whole number of patches"
+        assert abs(self.pool * self.tokens_per_second - self.fs / self.patch_size) < 1e-9, \
+            "tokens_per_second must divide the patch rate fs / patch_size"
+        assert self.patches_per_window % self.pool == 0, \
+            "a window must hold a whole number of output tokens"
+
+    @property
+    def patch_s(self):  # seconds per patch
+        return self.patch_size / self.fs
+
+    @property
+    def patches_per_window(self):
+        return round(self.window_s * self.fs / self.patch_size)
+
+    @property
+    def pool(self):  # patches averaged into one output token
+        return max(1, round(self.fs / self.patch_size / self.tokens_per_second))
+
+    @classmethod
+    def tiny(cls, **kw):  # the CPU default: ~0.8M parameters, 20 tokens per 10 s
+        return cls(**kw)
+
+    @classmethod
+    def base(cls, **kw):  # ViT-Base like anyECG: 2 s patches, 5 tokens per 10 s
+        kw = dict(patch_size=200, tokens_per_second=0.5, d_model=768, n_layers=12,
+                  n_heads=12) | kw
+        return cls(**kw)
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+def time_encoding(t_s, d, min_period_s, max_period_s):
+    """Sinusoidal code of absolute time in seconds, (N,) -> (N, d).
+    Periods are geometric from min_period_s (twice the patch length, so neighbouring
+    patches differ) to max_period_s (hours), so both sub-second and hour scales are readable.
+    No learned table: any duration works. Computed in float64: sin(2*pi*3600/1) in
+    float32 would already lose the sub-second digits."""
+    periods = torch.logspace(math.log10(min_period_s), math.log10(max_period_s), d // 2,
+                             dtype=torch.float64, device=t_s.device)
+    angle = 2 * math.pi * t_s.double()[:, None] / periods  # (N, d/2)
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)  # (N, d), float64
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. Works on a dense (B, T, C) batch or on a nested
+    jagged tensor (B, j, C); in both, attention stays inside each row (= one window)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(),
+                                 nn.Linear(cfg.mlp_ratio * d, d))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def attention(self, x):
+        # .contiguous(): the jagged SDPA path needs each of q, k, v in its own storage
+        q, k, v = (t.contiguous().unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))  # 3 x (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).flatten(-2))  # (B, T, C)
+
+    def forward(self, x):
+        x = x + self.drop(self.attention(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class Projector(nn.Module):
+    """ECG tokens -> LLM embedding width, anyECG's Linear -> GELU -> Linear."""
+
+    def __init__(self, d_enc, d_llm):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_enc, d_llm), nn.Linear(d_llm, d_llm)
+
+    def forward(self, x):  # (..., d_enc) -> (..., d_llm)
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+# -----------------------------------------------------------------------------
+# the encoder
+
+
+class ECGEncoder(nn.Module):
+    """enc(signals, leads) -> list of (num_tokens(n_samples_i), d_model), one per ECG."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        P, d = cfg.patch_size, cfg.d_model
+        self.lead_index = {name: i for i, name in enumerate(cfg.leads)}
+        self.patch_norm = nn.LayerNorm(P)    # the patch's shape ...
+        self.patch_proj = nn.Linear(P + 2, d)  # ... plus its mean and std in mV
+        self.patch_out_norm = nn.LayerNorm(d)
+        self.lead_emb = nn.Embedding(len(cfg.leads), d)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+
+    # --- lengths, known before encoding (the chat template places placeholders) ---
+
+    def num_patches(self, n_samples):
+        return -(-n_samples // self.cfg.patch_size)  # ceil: the last patch is zero-padded
+
+    def num_tokens(self, n_samples):
+        """Output tokens for an ECG of n_samples (any lead count); forward agrees."""
+        return -(-self.num_patches(n_samples) // self.cfg.pool)
+
+    def internal_tokens(self, n_samples, n_leads):
+        """Tokens that go through the transformer: they are what costs FLOPs."""
+        return n_leads * self.num_patches(n_samples)
+
+    def max_seconds(self, n_tokens):
+        """Longest ECG whose output fits into n_tokens."""
+        return n_tokens / self.cfg.tokens_per_second
+
+    def _time(self, n, spacing_s):  # time code of n tokens spaced spacing_s apart, (n, C)
+        t = torch.arange(n, dtype=torch.float64) * spacing_s  # on CPU: MPS has no float64
+        code = time_encoding(t, self.cfg.d_model, 2 * self.cfg.patch_s, self.cfg.max_period_s)
+        w = self.lead_emb.weight
+        return code.to(w.device, w.dtype)
+
+    # --- input checks and patch embedding ---
+
+    def _check(self, i, x, names):
+        if x.ndim != 2:
+            raise ValueError(f"ECG {i}: expected (n_leads, n_samples), got shape {tuple(x.shape)}")
+        if len(names) != x.shape[0]:
+            raise ValueError(f"ECG {i}: {x.shape[0]} signal rows but {len(names)} lead names "
+                             f"{list(names)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"ECG {i}: duplicate lead names {list(names)}")
+        for name in names:
+            if name not in self.lead_index:
+                raise ValueError(f"ECG {i}: unknown lead {name!r}; this encoder knows "
+                                 f"{list(self.cfg.leads)} (normalise names in data.py)")
+        if x.shape[1] < self.cfg.patch_size:
+            raise ValueError(f"ECG {i}: {x.shape[1]} samples is shorter than one patch; the "
+                             f"minimum is {self.cfg.patch_size} samples "
+                             f"({self.cfg.patch_s:g} s at {self.cfg.fs} Hz)")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"ECG {i}: signal contains NaN or Inf (repair it in data.py first)")
+
+    def embed(self, x, names):
+        """One ECG (L, N) in mV -> token embeddings (L, n_p, C)."""
+        L, N = x.shape
+        P, n_p = self.cfg.patch_size, self.num_patches(N)
+        x = x.clamp(-self.cfg.max_abs_mv, self.cfg.max_abs_mv)
+        x = F.pad(x, (0, n_p * P - N)).view(L, n_p, P)  # (L, n_p, P)
+        stats = torch.stack([x.mean(-1), x.std(-1, correction=0)], dim=-1)  # (L, n_p, 2)
+        h = self.patch_out_norm(self.patch_proj(torch.cat([self.patch_norm(x), stats], -1)))
+        ids = torch.tensor([self.lead_index[n] for n in names], device=x.device)
+        return h + self.lead_emb(ids)[:, None, :] + self._time(n_p, self.cfg.patch_s)  # (L, n_p, C)
+
+    def windows(self, h):
+        """(L, n_p, C) -> [(n_windows, L*p, C), ...]: full windows, then the short last one."""
+        L, n_p, C = h.shape
+        Pw = self.cfg.patches_per_window
+        n_full = n_p // Pw
+        chunks = []
+        if n_full:
+            full = h[:, :n_full * Pw].reshape(L, n_full, Pw, C)  # (L, W, Pw, C)
+            chunks.append(full.transpose(0, 1).reshape(n_full, L * Pw, C))  # (W, L*Pw, C)
+        if n_p > n_full * Pw:
+            chunks.append(h[:, n_full * Pw:].reshape(1, -1, C))  # (1, L*rest, C)
+        return chunks
+
+    def readout(self, x, L):
+        """Transformer output of windows (B, L*p, C) -> output tokens (B, ceil(p/pool), C)."""
+        B, T, C = x.shape
+        x = self.ln_f(x).view(B, L, T // L, C).mean(1)  # (B, p, C): average the leads
+        k, p = self.cfg.pool, T // L
+        n = -(-p // k)
+        x = F.pad(x, (0, 0, 0, n * k - p)).view(B, n, k, C).sum(2)  # (B, n, C)
+        count = (p - k * torch.arange(n, device=x.device)).clamp(max=k)  # last one may be short
+        return x / count[None, :, None]
+
+    # --- forward ---
+
+    def forward(self, signals, leads, packed="dense"):
+        """signals: list of (n_leads_i, n_samples_i) tensors in mV at cfg.fs;
+        leads: list of lead-name lists. Returns a list of (num_tokens(n_samples_i), d_model).
+        packed: "dense" (group equal-shape windows) or "nested" (one jagged batch)."""
+        assert packed in ("dense", "nested"), packed
+        if len(signals) != len(leads):
+            raise ValueError(f"{len(signals)} signals but {len(leads)} lead-name lists")
+        dev, dtype = self.lead_emb.weight.device, self.lead_emb.weight.dtype
+        chunks = []  # (ecg index, n_leads, (n_windows, T, C)), in time order per ECG
+        for i, (x, names) in enumerate(zip(signals, leads)):
+            x = torch.as_tensor(x, dtype=dtype, device=dev)
+            self._check(i, x, names)
+            chunks += [(i, len(names), c) for c in self.windows(self.embed(x, names))]
+
+        outs = self._run_dense(chunks) if packed == "dense" else self._run_nested(chunks)
+
+        tokens = [[] for _ in signals]
+        for (i, _, _), y in zip(chunks, outs):
+            tokens[i].append(y)
+        tokens = [torch.cat(t) for t in tokens]  # (n_tokens_i, C)
+        # the absolute time code again, at each output token's start time
+        return [t + self._time(len(t), self.cfg.pool * self.cfg.patch_s) for t in tokens]
+
+    def _run_dense(self, chunks):
+        """Windows of equal shape (n_leads, n_patches) -> one dense batch each, no padding."""
+        groups = {}
+        for j, (_, L, c) in enumerate(chunks):
+            groups.setdefault((L, c.shape[1]), []).append(j)
+        outs = [None] * len(chunks)
+        for (L, _), idx in groups.items():
+            x = torch.cat([chunks[j][2] for j in idx])  # (B, T, C)
+            for block in self.blocks:
+                x = block(x)
+            y = self.readout(x, L)  # (B, n, C)
+            for j, part in zip(idx, y.split([chunks[j][2].shape[0] for j in idx])):
+                outs[j] = part.flatten(0, 1)  # (n_windows * n, C), time order
+        return outs
+
+    def _run_nested(self, chunks):
+        """Every window as one row of a nested jagged tensor: SDPA's variable-length path,
+        meant for CUDA (FlashAttention varlen). On CPU torch falls back to a loop over the
+        windows, several times slower than _run_dense (see `python eval.py bench-encoder`)."""
+        wins = [(L, w) for _, L, c in chunks for w in c.unbind(0)]
+        x = torch.nested.as_nested_tensor([w for _, w in wins], layout=torch.jagged)  # (W, j, C)
+        with warnings.catch_warnings():  # torch's CPU fallback warns "prototype stage"
+            warnings.simplefilter("ignore", UserWarning)
+            for block in self.blocks:
+                x = block(x)
+        ys = iter([self.readout(y[None], L)[0] for (L, _), y in zip(wins, x.unbind(0))])
+        return [torch.cat([next(ys) for _ in range(c.shape[0])]) for _, _, c in chunks]
+
+
+# -----------------------------------------------------------------------------
+# context-length guard
+
+
+def check_fits(encoder, n_samples, max_seq_len, n_text_tokens=0):
+    """Raise a clear error if ECGs of these lengths (samples) plus n_text_tokens do not
+    fit into an LLM context of max_seq_len. Returns the number of ECG tokens."""
+    n_ecg = sum(encoder.num_tokens(n) for n in n_samples)
+    if n_ecg + n_text_tokens > max_seq_len:
+        cfg = encoder.cfg
+        secs = ", ".join(f"{n / cfg.fs:g}" for n in n_samples)
+        room = max(0, max_seq_len - n_text_tokens)
+        raise ValueError(
+            f"ECG(s) of {secs} s need {n_ecg} tokens at {cfg.tokens_per_second:g} tokens/s, "
+            f"plus {n_text_tokens} text tokens; the LLM context allows {max_seq_len} "
+            f"(room for about {encoder.max_seconds(room):g} s of ECG). Lower "
+            f"--ecg-tokens-per-second or raise --max-seq-len.")
+    return n_ecg
+
+
+# -----------------------------------------------------------------------------
+# weights: safetensors, written atomically, loaded with errors that name the keys
+
+
+def save_encoder_weights(module, path, cfg=None):
+    """Save any module's state (encoder, projector, or a wrapper of both). The config, if
+    given, goes into the file's metadata as JSON (data, never code)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    meta = {"config": json.dumps(asdict(cfg))} if cfg is not None else None
+    tmp = f"{path}.tmp"
+    save_file(state, tmp, metadata=meta)
+    os.replace(tmp, path)  # a crash never leaves a half-written file at `path`
+
+
+def load_encoder_weights(module, path):
+    """Load a safetensors file into module; any mismatch is one error naming the keys."""
+    state = load_file(path)
+    own = module.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not match {type(module).__name__}:"
+                         f"\n  missing keys: {missing}\n  unexpected keys: {unexpected}"
+                         f"\n  shape mismatches: {shapes}")
+    module.load_state_dict(state)
+    return module
+
+
+def load_encoder_config(path):
+    """The EncoderConfig that save_encoder_weights(..., cfg) stored in the file."""
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path} holds no encoder config in its metadata")
+    return EncoderConfig(**json.loads(meta["config"]))

@@ -1,0 +1,419 @@
+"""
+Tests of data.py: reading real and broken ECG files, cleaning and resampling, the anyECG
+localization rule on MIT-BIH record 100, anyECG rows, the synthetic task builders, the
+chat template and its loss mask, and the SVG plot.
+
+Real records are read in place from ../shared/data/physionet (never copied here); the
+tests that need them skip with a reason when that folder is absent.
+"""
+import json
+import math
+import warnings
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+from data import (BEAT_NAMES, STANDARD_LEADS, ECGRecord, build_synthetic_dataset, collate, encode_chat, load_ecg,
+                  load_row_ecgs, load_rows, localization_answer, parse_localization, plot_ecg_svg, prepare_ecg,
+                  resample)
+
+PHYSIONET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "physionet"
+needs_physionet = pytest.mark.skipif(not (PHYSIONET / "100.hea").is_file(),
+                                     reason=f"real records not found at {PHYSIONET} (a user's own clone)")
+
+
+def write_wfdb(folder, name="rec", n=1000, leads=("I", "II"), fs=250):
+    import wfdb
+    sig = np.sin(np.arange(n)[:, None] / 20 + np.arange(len(leads))) * 0.8
+    wfdb.wrsamp(name, fs=fs, units=["mV"] * len(leads), sig_name=list(leads), p_signal=sig,
+                fmt=["16"] * len(leads), write_dir=str(folder))
+    return folder / name
+
+
+# ----------------------------------------------------------------------------- real records
+
+@needs_physionet
+def test_load_mitbih_100_two_leads_360hz():
+    rec = load_ecg(PHYSIONET / "100")
+    assert rec.leads == ["II", "V5"] and rec.fs == 360.0
+    assert rec.signal.shape == (2, 650000) and rec.signal.dtype == np.float32
+    assert 0.5 < np.ptp(rec.signal[0, :3600]) < 4, "QRS amplitude in mV"
+    same = load_ecg(str(PHYSIONET / "100") + ".hea")
+    assert np.array_equal(same.signal, rec.signal)
+    model = prepare_ecg(rec, 100)
+    assert model.fs == 100 and model.leads == ["II", "V5"] and model.signal.shape == (2, math.ceil(650000 / 3.6))
+
+
+@needs_physionet
+def test_load_ptb_12_plus_3_leads_lower_case_1000hz():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # Frank leads are known channels: no warning
+        rec = load_ecg(PHYSIONET / "s0010_re")
+    assert rec.leads == STANDARD_LEADS + ["vx", "vy", "vz"] and rec.fs == 1000.0
+    assert rec.signal.shape == (15, 38400)
+    x = dict(zip(rec.leads, rec.signal.astype(np.float64)))
+    # canonical names must be the right channels: the limb-lead identities hold on real data
+    assert np.abs(x["III"] - (x["II"] - x["I"])).max() < 0.02
+    assert np.abs(x["aVF"] - (x["II"] - x["I"] / 2)).max() < 0.02
+    only12 = load_ecg(PHYSIONET / "s0010_re", drop_unknown=True)
+    assert only12.leads == STANDARD_LEADS
+    picked = load_ecg(PHYSIONET / "s0010_re", leads=["V1", "II"])
+    assert picked.leads == ["V1", "II"] and np.array_equal(picked.signal[1], rec.signal[1])
+
+
+@needs_physionet
+def test_localization_reproduces_published_anyecg_answers_on_mitbih_100():
+    import wfdb
+    rec = load_ecg(PHYSIONET / "100")
+    ann = wfdb.rdann(str(PHYSIONET / "100"), "atr")
+    assert "+" in ann.symbol, "rhythm marks are in the file; the rule must skip them"
+    # (start, symbol, answer) from anyECG's released mit_bih_arrhythmia_test.json (10 s clips)
+    published = [(1923, "A", "Duration: 0.0s-1.3s"), (546145, "V", "Duration: 1.3s-2.9s"),
+                 (546703, "V", "Duration: 0.0s-1.4s"), (546074, "V", "Duration: 1.5s-3.1s"),
+                 (546128, "V", "Duration: 1.3s-3.0s"), (1297, "A", "Duration: 1.4s-3.1s"),
+                 (66583, "A", "Duration: 0.1s-1.5s"), (127294, "A", "Duration: 1.7s-3.1s"),
+                 (116236, "V", "No Premature ventricular contraction Found"),
+                 (201979, "L", "No Left bundle branch block beat Found")]
+    for start, symbol, answer in published:
+        got = localization_answer(ann.sample, ann.symbol, start, start + 3600, rec.fs, symbol)
+        assert got == answer, (start, symbol)
+
+
+# ----------------------------------------------------------------------------- other formats
+
+def test_npy_and_csv(tmp_path):
+    x = np.random.default_rng(0).normal(size=(3, 500))
+    np.save(tmp_path / "a.npy", x.T)                                       # stored (samples, leads)
+    rec = load_ecg(tmp_path / "a.npy", fs=250, lead_names=["mlii", "V1", "d3"])
+    assert rec.leads == ["II", "V1", "III"] and rec.fs == 250 and np.allclose(rec.signal, x, atol=1e-6)
+    with pytest.raises(ValueError, match=r"a\.npy.*fs="):
+        load_ecg(tmp_path / "a.npy")
+    t = np.arange(500) / 500
+    (tmp_path / "b.csv").write_text("time,I,II\n" + "\n".join(f"{a},{b},{c}" for a, b, c in zip(t, x[0], x[1])))
+    rec = load_ecg(tmp_path / "b.csv")
+    assert rec.leads == ["I", "II"] and rec.fs == pytest.approx(500) and np.allclose(rec.signal, x[:2], atol=1e-6)
+    (tmp_path / "c.csv").write_text("ECG\n" + "\n".join(map(str, x[0])))
+    assert load_ecg(tmp_path / "c.csv", fs=100).leads == ["I"], "a lone 'ECG' channel is lead I"
+
+
+def test_lead_name_normalisation():
+    assert data.normalise_leads(["MLII", "V5"]) == ["II", "V5"]
+    assert data.normalise_leads(["i", "ii", "iii", "avr", "AVL", "aVf", "v1", "V6"]) == \
+        ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V6"]
+    assert data.normalise_leads(["D3", "ML2", "lead I", "DII"]) == ["III", "II", "I", "II_2"]
+    assert data.normalise_leads(["ECG"]) == ["I"]
+    with pytest.warns(UserWarning, match="ECG"):
+        assert data.normalise_leads(["ECG", "ECG"]) == ["ECG", "ECG_2"], "two 'ECG's are never guessed"
+    assert data.normalise_leads(["vx", "BP", "V5"]) == ["vx", "BP", "V5"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_files(tmp_path):
+    for name in ["nope", "nope.npy", "nope.csv", "nope.hea"]:
+        with pytest.raises(FileNotFoundError, match="nope"):
+            load_ecg(tmp_path / name, fs=100, lead_names=["I"])
+    rec = write_wfdb(tmp_path)
+    (tmp_path / "rec.dat").unlink()
+    with pytest.raises(FileNotFoundError, match=r"rec\.dat.*missing"):
+        load_ecg(rec)
+
+
+def test_truncated_dat(tmp_path):
+    rec = write_wfdb(tmp_path)
+    with open(tmp_path / "rec.dat", "r+b") as f:
+        f.truncate(1500)
+    with pytest.raises(ValueError, match=r"rec\.dat: truncated, 1500 bytes .* 4000 bytes"):
+        load_ecg(rec)
+
+
+def test_header_with_unknown_format(tmp_path):
+    rec = write_wfdb(tmp_path)
+    header = (tmp_path / "rec.hea").read_text().replace("rec.dat 16 ", "rec.dat 999 ")
+    (tmp_path / "rec.hea").write_text(header)
+    with pytest.raises(ValueError, match=r"rec\.hea.*format.*999"):
+        load_ecg(rec)
+    (tmp_path / "rec.hea").write_text("this is not a header\n")
+    with pytest.raises(ValueError, match=r"rec\.hea"):
+        load_ecg(rec)
+
+
+def test_nan_flat_and_empty_leads(tmp_path):
+    x = np.random.default_rng(1).normal(size=(4, 300))
+    x[1] = np.nan                      # all-NaN lead
+    x[2] = 0.3                         # flat lead
+    x[3, 10:20] = np.nan               # a gap
+    np.save(tmp_path / "x.npy", x)
+    with pytest.warns(UserWarning) as caught:
+        rec = load_ecg(tmp_path / "x.npy", fs=100, lead_names=["I", "II", "V1", "V2"])
+    messages = " ".join(str(w.message) for w in caught)
+    assert "x.npy" in messages and "['II'] (all NaN)" in messages and "['V1'] (flat)" in messages
+    assert "10 NaN/Inf samples" in messages
+    assert rec.leads == ["I", "V2"] and np.isfinite(rec.signal).all()
+    gap = rec.signal[1, 9:21]
+    assert np.allclose(gap, np.linspace(gap[0], gap[-1], 12), atol=1e-5), "gap interpolated linearly"
+    np.save(tmp_path / "dead.npy", np.full((2, 100), np.nan))
+    with pytest.raises(ValueError, match=r"dead\.npy: every lead is empty"):
+        load_ecg(tmp_path / "dead.npy", fs=100, lead_names=["I", "II"])
+
+
+def test_zero_length_record(tmp_path):
+    np.save(tmp_path / "z.npy", np.zeros((2, 0)))
+    with pytest.raises(ValueError, match=r"z\.npy: record has zero samples"):
+        load_ecg(tmp_path / "z.npy", fs=100, lead_names=["I", "II"])
+    (tmp_path / "z.csv").write_text("I,II\n")
+    with pytest.raises(ValueError, match=r"z\.csv"):
+        load_ecg(tmp_path / "z.csv", fs=100)
+    rec = write_wfdb(tmp_path, n=10)
+    (tmp_path / "rec.hea").write_text((tmp_path / "rec.hea").read_text().replace("rec 2 250 10", "rec 2 250 0"))
+    with pytest.raises(ValueError, match=r"rec\.hea: record has zero samples"):
+        load_ecg(rec)
+
+
+def test_unknown_lead_names(tmp_path):
+    np.save(tmp_path / "u.npy", np.random.default_rng(2).normal(size=(2, 200)))
+    with pytest.warns(UserWarning, match=r"u\.npy.*\['foo', 'bar'\]"):
+        rec = load_ecg(tmp_path / "u.npy", fs=100, lead_names=["foo", "bar"])
+    assert rec.leads == ["foo", "bar"], "kept under their own names, never relabelled"
+    with pytest.raises(ValueError, match=r"u\.npy: no ECG lead"):
+        with pytest.warns(UserWarning):
+            load_ecg(tmp_path / "u.npy", fs=100, lead_names=["foo", "bar"], drop_unknown=True)
+    with pytest.raises(ValueError, match="no standard ECG lead"):
+        prepare_ecg(rec, 100, name="u.npy")
+    with pytest.raises(ValueError, match=r"u\.npy: leads \['II'\] requested"):
+        with pytest.warns(UserWarning):
+            load_ecg(tmp_path / "u.npy", fs=100, lead_names=["foo", "bar"], leads=["II"])
+
+
+def test_prepare_rejects_bad_rates_and_too_long():
+    rec = ECGRecord(np.zeros((1, 100), np.float32) + np.arange(100), 20.0, ["I"])
+    with pytest.raises(ValueError, match="x.dat: sampling rate 20 Hz"):
+        prepare_ecg(rec, name="x.dat")
+    with pytest.raises(ValueError, match="longer than"):
+        prepare_ecg(ECGRecord(np.random.rand(1, 100000), 100.0, ["I"]), max_seconds=60)
+    with pytest.warns(UserWarning, match="vx"):
+        out = prepare_ecg(ECGRecord(np.random.rand(3, 1000), 500.0, ["V2", "vx", "I"]))
+    assert out.leads == ["I", "V2"] and out.signal.shape == (2, 200), "standard order, others dropped"
+
+
+# ----------------------------------------------------------------------------- resampling
+
+@pytest.mark.parametrize("fs_in,fs_out", [(500, 100), (360, 100), (1000, 100), (257, 100), (50, 100), (10000, 100)])
+def test_resample_keeps_in_band_sines(fs_in, fs_out):
+    n = int(fs_in * 8)
+    t = np.arange(n) / fs_in
+    x = np.stack([np.sin(2 * np.pi * 3 * t), np.cos(2 * np.pi * 11 * t + 1)])
+    y = resample(x, fs_in, fs_out)
+    assert y.shape == (2, math.ceil(n * fs_out / fs_in))
+    t_out = np.arange(y.shape[1]) / fs_out
+    want = np.stack([np.sin(2 * np.pi * 3 * t_out), np.cos(2 * np.pi * 11 * t_out + 1)])
+    inner = slice(fs_out, -fs_out)                                       # away from the ends
+    assert np.abs(y[:, inner] - want[:, inner]).max() < 0.02
+    # ends stay close too (no wrap-around); only an upsampled sample past the last input is extrapolated
+    assert np.abs(y - want)[:, :-1].max() < 0.1
+
+
+def test_resample_anti_aliases_and_keeps_ramps():
+    t = np.arange(10000) / 1000
+    y = resample(np.sin(2 * np.pi * 70 * t)[None], 1000, 100)            # 70 Hz would alias to 30 Hz
+    assert np.abs(y[:, 10:-10]).max() < 0.01 and np.abs(y).max() < 0.2   # small edge transient only
+    ramp = resample(np.linspace(0, 5, 3600)[None], 360, 100)[0]
+    want = 5 * np.arange(len(ramp)) * 3.6 / 3599                         # the line at the output times
+    assert len(ramp) == 1000 and np.abs(ramp - want).max() < 0.02
+    assert np.array_equal(resample(np.ones((1, 50)), 100, 100), np.ones((1, 50)))
+
+
+def test_minmax_scale():
+    x = np.array([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]])
+    assert np.allclose(data.minmax_scale(x), [[-1, 1, 0], [0, 0, 0]])
+
+
+# ----------------------------------------------------------------------------- localization rule
+
+def test_localization_rule_edges_merging_and_wording():
+    fs, s = 100.0, [50, 150, 250, 350, 450, 550, 650, 1050, 1150]
+    sym = ["N", "V", "N", "V", "N", "+", "N", "V", "N"]
+    # V at 150: 50..250; V at 350: 250..450 -> they touch and merge; '+' is not a neighbour
+    assert localization_answer(s, sym, 0, 1000, fs, "V") == "Duration: 0.5s-4.5s"
+    # clip starting inside: previous beat before the clip clips to 0; next beat after the end clips to the end
+    assert localization_answer(s, sym, 100, 1100, fs, "V") == "Duration: 0.0s-3.5s, 5.5s-10.0s"
+    assert localization_answer(s, sym, 0, 1000, fs, "A") == "No Atrial premature beat Found"
+    assert localization_answer([120], ["V"], 0, 1000, fs, "V") == "Duration: 0.0s-10.0s", "lone beat spans the clip"
+    with pytest.raises(ValueError, match="unknown beat symbol"):
+        localization_answer(s, sym, 0, 1000, fs, "X")
+
+
+def test_parse_localization():
+    assert parse_localization("Duration: 1.3s-2.9s, 6.1s-7.7s") == [(1.3, 2.9), (6.1, 7.7)]
+    assert parse_localization("No Premature ventricular contraction Found") == []
+    assert parse_localization("I am not sure") is None
+    assert parse_localization("Duration: 3.0s-1.0s") is None
+    for name in BEAT_NAMES.values():
+        assert parse_localization(f"No {name} Found") == []
+
+
+# ----------------------------------------------------------------------------- anyECG rows
+
+def test_load_rows_skips_and_counts_malformed(tmp_path):
+    good = {"question": "q", "answer": "a", "ecg_path": "p1", "dataset": "d", "task": "report"}
+    rows = [good, {**good, "answer": None}, {k: v for k, v in good.items() if k != "question"},
+            {**good, "ecg_path": []}, {**good, "task": "location", "abnormal_type": "V", "ecg_start": 0},
+            {**good, "ecg_path": ["p1", "p2"], "task": "multi"}, "not a row"]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    with pytest.warns(UserWarning, match=r"rows\.json: skipped 5 of 7 malformed rows \(row 1: .*answer.*row 2.*question"):
+        out = load_rows(tmp_path / "rows.json")
+    assert [r["ecg_path"] for r in out] == [["p1"], ["p1", "p2"]], "paths normalised to lists"
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
+        load_rows(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_rows(tmp_path / "missing.json")
+
+
+def test_reference_anyecg_excerpts_load():
+    folder = PHYSIONET.parent.parent / "reference" / "anyecg_format"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} absent")
+    for f in folder.glob("*.json"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert len(load_rows(f)) == len(json.loads(f.read_text()))
+
+
+# ----------------------------------------------------------------------------- synthetic dataset
+
+@pytest.fixture(scope="module")
+def dataset():
+    return build_synthetic_dataset(40, seed=3)
+
+
+def test_dataset_has_every_task_and_valid_rows(dataset):
+    tasks = {r["task"] for r in dataset.rows}
+    assert tasks == {"report", "location", "ecgqa", "multi", "grounded"} or "location_long" in tasks
+    assert all(data.row_problem(r) is None for r in dataset.rows)
+    assert all(p in dataset.specs for r in dataset.rows for p in r["ecg_path"])
+    n_reduced = sum(len(s.leads) < 12 for s in dataset.specs.values())
+    assert n_reduced / len(dataset.specs) > 0.3, "home-style reduced-lead records are a first-class share"
+    multi = [r for r in dataset.rows if r["task"] == "multi"]
+    assert multi and all(2 <= len(r["ecg_path"]) <= 6 for r in multi)
+    for r in dataset.rows:
+        if r["task"] == "report":
+            assert r["answer"].startswith("Report: ")
+            assert all(s in data.STATEMENTS for s in r["answer"][8:].split(", "))
+        if r["task"] == "ecgqa":
+            assert r["question"].endswith("Please answer briefly.") and r["question_type"]
+
+
+def test_dataset_answers_match_the_ecgs(dataset):
+    for row in dataset.rows[:80]:
+        ecgs = dataset.ecgs(row)
+        assert all(e.fs == 100 and np.isfinite(e.signal).all() for e in ecgs)
+        rec, truth = dataset.record(row["ecg_path"][0])
+        if row["task"] in ("location", "location_long"):
+            assert ecgs[0].signal.shape[1] == math.ceil((row["ecg_end"] - row["ecg_start"]) * 100 / rec.fs)
+            spans = parse_localization(row["answer"])
+            inside = [s for x, s in zip(truth.beat_samples, truth.beat_symbols)
+                      if row["ecg_start"] <= x < row["ecg_end"]]
+            assert (spans == []) == (row["abnormal_type"] not in inside)
+        if row["task"] == "grounded":
+            assert f"Heart rate: {truth.hr_bpm:.0f} bpm" in row["answer"]
+            assert f"QRS: {truth.qrs_ms:.0f} ms" in row["answer"]
+            assert row["answer"].endswith("Diagnosis: " + ", ".join(truth.statements) + ".")
+
+
+def test_dataset_is_deterministic_and_test_split_is_held_out(dataset):
+    again = build_synthetic_dataset(40, seed=3)
+    assert json.dumps(again.rows) == json.dumps(dataset.rows)
+    row = dataset.rows[0]
+    assert dataset.ecgs(row)[0].signal.tobytes() == again.ecgs(row)[0].signal.tobytes()
+    other = build_synthetic_dataset(40, seed=4)
+    assert json.dumps(other.rows) != json.dumps(dataset.rows)
+    test_a, test_b = build_synthetic_dataset(15, seed=3, split="test"), build_synthetic_dataset(15, seed=9, split="test")
+    assert json.dumps(test_a.rows) == json.dumps(test_b.rows), "the test split ignores the training seed"
+    patients = lambda ds: {s.patient.pid for s in ds.specs.values()}
+    morphs = lambda ds: {s.patient.morph_seed for s in ds.specs.values()}
+    assert not patients(test_a) & patients(dataset) and not morphs(test_a) & morphs(dataset)
+
+
+def test_dataset_written_to_disk_reads_back(tmp_path):
+    ds = build_synthetic_dataset(4, seed=5, tasks=["report", "location"])
+    json_path = ds.write(tmp_path, "train")
+    rows = load_rows(json_path)
+    assert len(rows) == len(ds.rows)
+    for row in rows:
+        from_disk = load_row_ecgs(row, tmp_path)
+        in_memory = ds.ecgs(row)
+        assert [e.leads for e in from_disk] == [e.leads for e in in_memory]
+        assert np.abs(from_disk[0].signal - in_memory[0].signal).max() < 0.01, "16-bit quantisation only"
+
+
+# ----------------------------------------------------------------------------- chat template
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from model import train_tokenizer
+    texts = [r["question"] + " " + r["answer"] for r in build_synthetic_dataset(10, seed=1).rows] * 3
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=400)
+
+
+def test_encode_chat_blocks_and_loss_mask(tokenizer):
+    from model import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, USER
+    q, a = "Does this ECG show atrial fibrillation?", "yes"
+    ids, labels = encode_chat(tokenizer, [("user", q), ("assistant", a)], [3, 5])
+    text = f"{USER}{ECG_START}{ECG_TOKEN * 3}{ECG_END}{ECG_START}{ECG_TOKEN * 5}{ECG_END}{q}{END_TURN}{ASSISTANT}{a}{END_TURN}"
+    assert ids == tokenizer.encode(text, bos=True), "same ids as encoding the whole conversation"
+    assert len(labels) == len(ids)
+    target = [i for i, lab in zip(ids, labels) if lab != -100]
+    assert target == tokenizer.encode(a + END_TURN) and tokenizer.decode(target) == "yes" + END_TURN
+    assert [lab for lab in labels if lab != -100] == target
+    end = tokenizer.added[END_TURN]
+    assert labels[-1] == end and labels[ids.index(end)] == -100, "the user's <|end|> carries no loss"
+    # blocks are consecutive runs of placeholders, in ECG order: what ECGChat checks
+    import torch
+    from model import ECGChat
+    slots = torch.tensor([ids]) == tokenizer.added[ECG_TOKEN]
+    ECGChat._check_blocks(slots, [[None, None]], [3, 5])
+
+
+def test_encode_chat_multi_turn_and_generation_prompt(tokenizer):
+    from model import ASSISTANT
+    turns = [("user", "Report?"), ("assistant", "Report: Sinus rhythm"), ("user", "Rate?"), ("assistant", "fast")]
+    ids, labels = encode_chat(tokenizer, turns, [2])
+    target = tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100])
+    assert target == "Report: Sinus rhythm<|end|>fast<|end|>"
+    prompt, _ = encode_chat(tokenizer, turns[:1], [2], add_generation_prompt=True)
+    assert prompt[-1] == tokenizer.added[ASSISTANT] and ids[:len(prompt)] == prompt, "prompt is a prefix"
+    with pytest.raises(ValueError, match="role"):
+        encode_chat(tokenizer, [("system", "x")], [])
+
+
+def test_collate_right_pads(tokenizer, dataset):
+    examples = [data.make_example(row, dataset.ecgs(row), tokenizer, lambda n: math.ceil(n / 50))
+                for row in dataset.rows[:3]]
+    batch = collate(examples, tokenizer.pad_id)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    for b, n in enumerate(lengths):
+        assert (batch["input_ids"][b, n:] == tokenizer.pad_id).all() and (batch["labels"][b, n:] == -100).all()
+        assert batch["input_ids"][b, :n].tolist() == examples[b]["input_ids"]
+    signal, leads = batch["ecgs"][0][0]
+    assert signal.dtype.is_floating_point and signal.shape[0] == len(leads)
+
+
+# ----------------------------------------------------------------------------- plotting
+
+def test_plot_ecg_svg(tmp_path):
+    rec, truth = data.synth_ecg(data.make_patient(1, findings={"pvc"}), 10, 500, seed=1)
+    path = plot_ecg_svg(rec.signal, rec.fs, rec.leads, tmp_path / "p.svg", intervals=[(1.0, 2.5)], title="a < b")
+    root = ET.parse(path).getroot()
+    polylines = root.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(polylines) == 12
+    assert any(r.get("fill") == "#ff9900" for r in root.iter("{http://www.w3.org/2000/svg}rect"))
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert "V6" in texts and "10 s" in texts and "a < b" in texts
+    long, _ = data.synth_ecg(data.make_patient(2), 3600, 250, leads=["II"], seed=1)
+    big = Path(plot_ecg_svg(long.signal, long.fs, long.leads, tmp_path / "long.svg"))
+    assert big.stat().st_size < 1_000_000, "an hour is drawn min-max per pixel, not sample by sample"

@@ -1,0 +1,162 @@
+"""Tests for the ECG-chat model in model.py: splicing ECG tokens into placeholder blocks,
+gradients and freezing, the context guard, save/load, and generation with ECGs."""
+
+import json
+
+import pytest
+import torch
+
+from ecg_encoder import ECGEncoder, EncoderConfig
+from model import (ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, LLM, USER, ECGChat, LLMConfig,
+                   add_lora, train_tokenizer)
+
+TEXT = ["Report: Sinus rhythm, Normal ECG", "Duration: 1.3s-2.9s", "Is there atrial fibrillation? yes",
+        "Which ECG shows a longer QT? the second"] * 30
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_tokenizer(TEXT, tmp_path_factory.mktemp("tok"), vocab_size=300)
+
+
+def make_chat(tok, seed=0, max_seq_len=512):
+    torch.manual_seed(seed)
+    llm = LLM(LLMConfig(vocab_size=tok.base_vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_seq_len)).init_weights()
+    enc = ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=2, n_heads=2))
+    return ECGChat(llm, enc, tok).eval()
+
+
+def ecg(seconds, leads=("I", "II"), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(leads), int(seconds * 100), generator=g) * 0.5, list(leads)
+
+
+def prompt_ids(tok, model, ecgs, question="What rhythm?"):
+    blocks = "".join(ECG_START + ECG_TOKEN * model.encoder.num_tokens(s.shape[1]) + ECG_END for s, _ in ecgs)
+    return tok.encode(f"{USER}\n{blocks}\n{question}{END_TURN}\n{ASSISTANT}\n", bos=True)
+
+
+def test_three_ecgs_each_block_holds_its_own_tokens(tok):
+    model = make_chat(tok)
+    ecgs = [ecg(10, seed=1), ecg(23.5, ("II",), seed=2), ecg(4, ("I", "II", "V1", "V5"), seed=3)]
+    ids = torch.tensor([prompt_ids(tok, model, ecgs)])
+    with torch.no_grad():
+        x = model.embed(ids, [ecgs])
+        slots = (ids[0] == model.ecg_token_id).nonzero().flatten().tolist()
+        start = 0
+        for e in ecgs:
+            alone = model.projector(model.encoder([e[0]], [e[1]])[0])          # this ECG encoded by itself
+            pos = slots[start:start + len(alone)]
+            assert (x[0, pos] - alone).abs().max() <= 1e-5
+            # the block is delimited by <ecg> ... </ecg>
+            assert ids[0, pos[0] - 1] == tok.added[ECG_START] and ids[0, pos[-1] + 1] == tok.added[ECG_END]
+            start += len(alone)
+        assert start == len(slots)
+        # text positions keep their token embeddings
+        text = (ids[0] != model.ecg_token_id).nonzero().flatten()
+        assert torch.equal(x[0, text], model.llm.embed_tokens(ids[0, text]))
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(tok):
+    model = make_chat(tok)
+    ecgs = [ecg(10), ecg(10, seed=1)]
+    ids = prompt_ids(tok, model, ecgs)
+    ids.remove(model.ecg_token_id)  # one placeholder short in the first block
+    with pytest.raises(ValueError, match=r"placeholder blocks of \[19, 20\].*\[20, 20\]"):
+        model.embed(torch.tensor([ids]), [ecgs])
+    with pytest.raises(ValueError, match="placeholder"):
+        model.embed(torch.tensor([prompt_ids(tok, model, ecgs)]), [ecgs[:1]])
+
+
+def test_gradient_reaches_encoder_and_projector_and_freezing_works(tok):
+    model = make_chat(tok).train()
+    add_lora(model.llm, r=2, alpha=4, dropout=0.0)
+    ecgs = [ecg(12)]
+    ids = torch.tensor([prompt_ids(tok, model, ecgs) + tok.encode("Report: Sinus rhythm" + END_TURN)])
+    labels = ids.clone()
+    labels[:, :-6] = -100
+    # stage 1: encoder + projector trained, LLM frozen
+    model.set_trainable(encoder=True, projector=True, llm=False, lora=False)
+    _, loss = model(ids, [ecgs], labels=labels)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("encoder.", "projector.")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    # stage 2: + LoRA; the rest of the LLM stays frozen
+    model.zero_grad(set_to_none=True)
+    model.set_trainable(encoder=False, projector=True, llm=False, lora=True)
+    model(ids, [ecgs], labels=labels)[1].backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if ".lora_" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("encoder."))
+
+
+def test_loss_only_on_labelled_tokens(tok):
+    model = make_chat(tok)
+    ecgs = [ecg(10)]
+    ids = torch.tensor([prompt_ids(tok, model, ecgs) + tok.encode("Report: Normal ECG" + END_TURN)])
+    labels = torch.full_like(ids, -100)
+    labels[0, -3:] = ids[0, -3:]
+    logits, loss = model(ids, [ecgs], labels=labels)
+    manual = torch.nn.functional.cross_entropy(logits[0, -4:-1], ids[0, -3:])
+    assert abs(loss.item() - manual.item()) < 1e-5
+
+
+def test_ecg_longer_than_context_is_a_clear_error(tok):
+    model = make_chat(tok, max_seq_len=128)
+    with pytest.raises(ValueError, match=r"LLM context allows 128.*--max-seq-len"):
+        model.check_fits([100 * 3600], n_text_tokens=30)
+    assert model.check_fits([1000], n_text_tokens=30) == 20
+    long_prompt = torch.zeros(1, 129, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_seq_len=128"):
+        model(long_prompt, [[]])
+
+
+def test_generate_with_ecgs_batched_equals_alone(tok):
+    model = make_chat(tok, seed=1)
+    cases = [[ecg(10, seed=4)], [ecg(21, ("II",), seed=5), ecg(10, seed=6)], [ecg(5, ("V1", "V2", "V3"), seed=7)]]
+    prompts = [prompt_ids(tok, model, e, q) for e, q in zip(cases, ["What rhythm?", "Compare them.", "QT?"])]
+    alone = [model.generate([p], [e], max_new_tokens=8, stop_ids=())[0] for p, e in zip(prompts, cases)]
+    assert model.generate(prompts, cases, max_new_tokens=8, stop_ids=()) == alone
+
+
+def test_save_load_roundtrip_and_llm_part_reads_in_transformers(tok, tmp_path):
+    model = make_chat(tok, seed=2)
+    add_lora(model.llm, r=2, alpha=4, dropout=0.0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B" in n:
+                p.normal_()
+    ecgs = [ecg(15, ("II", "V5"))]
+    ids = torch.tensor([prompt_ids(tok, model, ecgs)])
+    with torch.no_grad():
+        before = model(ids, [ecgs])
+    model.save(tmp_path / "ckpt")
+    back = ECGChat.load(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert (back(ids, [ecgs]) - before).abs().max() <= 1e-4
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    text = torch.tensor([tok.encode("Report: Sinus rhythm", bos=True)])
+    with torch.no_grad():
+        assert (hf(text).logits - back.llm(text)).abs().max() <= 1e-4
+
+
+def test_load_errors_name_the_file(tok, tmp_path):
+    model = make_chat(tok)
+    model.save(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        ECGChat.load(tmp_path / "ckpt")
+    model.llm.save_pretrained(tmp_path / "plain")
+    tok.save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="nanoecg"):
+        ECGChat.load(tmp_path / "plain")
+    cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
+    cfg["nanoecg"] = {"encoder": {**EncoderConfig.tiny(d_model=48, n_layers=2, n_heads=2).__dict__}}
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg, default=list))
+    with pytest.raises(ValueError, match="ecg_encoder"):
+        ECGChat.load(tmp_path / "plain")

@@ -1,0 +1,244 @@
+"""Tests for ecg_encoder.py: batch invariance, lead handling, lengths, absolute time,
+window independence, gradients, bad input, weights I/O. Tiny preset, CPU, fp32."""
+
+import math
+
+import pytest
+import torch
+from torch.utils import flop_counter
+
+from ecg_encoder import (LEADS_12, ECGEncoder, EncoderConfig, Projector, check_fits,
+                         load_encoder_config, load_encoder_weights, save_encoder_weights)
+
+FS = 100  # the tiny preset's rate; the tests state expectations in seconds and samples
+
+
+def make_encoder(seed=0, **kw):
+    torch.manual_seed(seed)
+    return ECGEncoder(EncoderConfig.tiny(**kw)).eval()
+
+
+def ecg(n_leads, seconds, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_leads, round(seconds * FS), generator=g)
+
+
+def encode(enc, signals, leads, **kw):
+    with torch.no_grad():
+        return enc(signals, leads, **kw)
+
+
+def maxdiff(a, b):
+    return (a - b).abs().max().item()
+
+
+# --- batch invariance --------------------------------------------------------
+
+MIXED = [  # (leads, seconds): lengths not multiples of the window, various lead sets
+    (list(LEADS_12), 23.7),
+    (["II"], 65.43),
+    (["I", "V1"], 8.0),
+    (list(LEADS_12), 10.0),
+    (list(LEADS_12), 37.3),
+    (["V5", "II", "aVF"], 0.55),
+]
+
+
+def test_alone_equals_mixed_batch():
+    enc = make_encoder()
+    signals = [ecg(len(l), s, seed=i) for i, (l, s) in enumerate(MIXED)]
+    leads = [l for l, _ in MIXED]
+    batch = encode(enc, signals, leads)
+    for x, l, y in zip(signals, leads, batch):
+        alone = encode(enc, [x], [l])[0]
+        assert alone.shape == y.shape
+        assert maxdiff(alone, y) <= 1e-5
+
+
+def test_nested_path_equals_dense_path():
+    enc = make_encoder()
+    signals = [ecg(len(l), s, seed=i) for i, (l, s) in enumerate(MIXED)]
+    leads = [l for l, _ in MIXED]
+    dense = encode(enc, signals, leads, packed="dense")
+    nested = encode(enc, signals, leads, packed="nested")
+    for a, b in zip(dense, nested):
+        assert a.shape == b.shape and maxdiff(a, b) <= 1e-5
+
+
+# --- leads ---------------------------------------------------------------------
+
+def test_dropping_a_lead_is_not_zeroing_it():
+    enc = make_encoder()
+    x = ecg(12, 10, seed=1)
+    zeroed = x.clone()
+    zeroed[6] = 0.0  # V1 flat
+    keep = [i for i in range(12) if i != 6]
+    t_zeroed = encode(enc, [zeroed], [list(LEADS_12)])[0]
+    t_dropped = encode(enc, [x[keep]], [[LEADS_12[i] for i in keep]])[0]
+    assert t_zeroed.shape == t_dropped.shape  # output count does not depend on lead count
+    assert maxdiff(t_zeroed, t_dropped) > 1e-2
+
+
+def test_lead_order_does_not_matter():
+    enc = make_encoder()
+    x = ecg(3, 12, seed=2)
+    a = encode(enc, [x], [["I", "II", "V2"]])[0]
+    b = encode(enc, [x[[2, 0, 1]]], [["V2", "I", "II"]])[0]
+    assert maxdiff(a, b) <= 1e-5
+
+
+def test_one_lead_costs_less_than_twelve():
+    enc = make_encoder()
+    n = 10 * FS
+    # 0.5 s patches per lead: 10 s is 20 tokens per lead
+    assert enc.internal_tokens(n, 1) == 20
+    assert enc.internal_tokens(n, 12) == 240
+
+    def sdpa_cpu(q, k, v, *args, out_shape=None, **kwargs):  # missing from torch's table
+        return flop_counter.sdpa_flop_count(q, k, v)
+
+    def flops(n_leads):
+        mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu}
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+            encode(enc, [ecg(n_leads, 10, seed=3)], [list(LEADS_12[:n_leads])])
+        return fc.get_total_flops()
+
+    one, twelve = flops(1), flops(12)
+    # measured, not computed by the encoder: 12x the tokens, 144x the attention pairs
+    assert one > 0 and twelve > 12 * one
+
+
+def test_amplitude_and_offset_are_seen():
+    # no per-lead min-max: low voltage and an ST-like level shift must change the tokens
+    enc = make_encoder()
+    x = ecg(2, 10, seed=4)
+    base = encode(enc, [x], [["I", "II"]])[0]
+    assert maxdiff(base, encode(enc, [0.3 * x], [["I", "II"]])[0]) > 1e-2
+    assert maxdiff(base, encode(enc, [x + 0.2], [["I", "II"]])[0]) > 1e-2
+
+
+# --- lengths -------------------------------------------------------------------
+
+@pytest.mark.parametrize("tps", [2.0, 1.0, 0.5])
+def test_num_tokens_matches_forward(tps):
+    enc = make_encoder(tokens_per_second=tps)
+    samples_per_token = FS / tps
+    lengths = [50, 51, 99, 100, 101, 999, 1000, 1001, 1999, 2000, 2001, 2049, 4567]
+    outs = encode(enc, [ecg(1, n / FS, seed=n) for n in lengths], [["II"]] * len(lengths))
+    for n, y in zip(lengths, outs):
+        expected = math.ceil(n / samples_per_token)
+        assert enc.num_tokens(n) == expected
+        assert y.shape == (expected, enc.cfg.d_model)
+
+
+def test_output_length_scales_with_duration():
+    enc = make_encoder()
+    t10, t60 = encode(enc, [ecg(1, 10, 5), ecg(1, 60, 6)], [["I"], ["I"]])
+    assert len(t10) == 20 and len(t60) == 6 * len(t10)  # 2 tokens per second
+
+
+# --- time ----------------------------------------------------------------------
+
+def test_absolute_time_is_encoded():
+    # the same 10 s of signal at 0 s and at 10 s: windows are independent, so only
+    # the time code can tell them apart
+    enc = make_encoder()
+    x = ecg(1, 10, seed=7)
+    early = encode(enc, [x], [["II"]])[0]
+    late = encode(enc, [torch.cat([ecg(1, 10, seed=8), x], dim=1)], [["II"]])[0][20:]
+    assert early.shape == late.shape and maxdiff(early, late) > 1e-2
+    # an hour later is also distinguishable
+    hour = encode(enc, [torch.cat([torch.zeros(1, 3600 * FS), x], dim=1)], [["II"]])[0][-20:]
+    assert maxdiff(early, hour) > 1e-2 and maxdiff(late, hour) > 1e-2
+
+
+def test_windows_are_independent():
+    enc = make_encoder()
+    x = ecg(2, 45, seed=9)
+    y = x.clone()
+    y[:, 2000:3000] += 1.0  # change samples of window 3 only (20-30 s)
+    a, b = encode(enc, [x, y], [["I", "II"]] * 2)
+    assert maxdiff(a[:40], b[:40]) <= 1e-6   # windows 1 and 2: tokens 0-39
+    assert maxdiff(a[60:], b[60:]) <= 1e-6   # windows 4 and 5
+    assert maxdiff(a[40:60], b[40:60]) > 1e-2
+
+
+# --- training ------------------------------------------------------------------
+
+def test_gradient_reaches_every_parameter():
+    torch.manual_seed(0)
+    enc = ECGEncoder(EncoderConfig.tiny(dropout=0.1)).train()
+    proj = Projector(enc.cfg.d_model, 48)
+    out = enc([ecg(12, 12.5, 10), ecg(1, 3, 11)], [list(LEADS_12), ["aVR"]])
+    loss = proj(torch.cat(out)).pow(2).mean()
+    loss.backward()
+    for name, p in list(enc.named_parameters()) + list(proj.named_parameters()):
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+# --- bad input -----------------------------------------------------------------
+
+def test_shorter_than_one_patch():
+    enc = make_encoder()
+    with pytest.raises(ValueError, match="shorter than one patch.*50 samples"):
+        enc([torch.randn(1, 49)], [["I"]])
+
+
+def test_unknown_lead():
+    enc = make_encoder()
+    with pytest.raises(ValueError, match="unknown lead 'MLII'.*aVR"):
+        enc([torch.randn(2, 500)], [["I", "MLII"]])
+
+
+def test_lead_count_mismatch():
+    enc = make_encoder()
+    with pytest.raises(ValueError, match="3 signal rows but 2 lead names"):
+        enc([torch.randn(3, 500)], [["I", "II"]])
+    with pytest.raises(ValueError, match="duplicate"):
+        enc([torch.randn(2, 500)], [["I", "I"]])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input(bad):
+    enc = make_encoder()
+    x = torch.randn(1, 500)
+    x[0, 123] = bad
+    with pytest.raises(ValueError, match="ECG 1: .*NaN or Inf"):
+        enc([torch.randn(1, 500), x], [["I"], ["II"]])
+
+
+def test_too_long_for_the_context():
+    enc = make_encoder()
+    # 3700 s at 2 tokens/s = 7400 ECG tokens
+    msg = "7400 tokens.*allows 4096.*--ecg-tokens-per-second.*--max-seq-len"
+    with pytest.raises(ValueError, match=msg):
+        check_fits(enc, [3700 * FS], max_seq_len=4096, n_text_tokens=100)
+    assert check_fits(enc, [60 * FS, 10 * FS], max_seq_len=4096, n_text_tokens=100) == 140
+
+
+# --- weights -------------------------------------------------------------------
+
+def test_weights_round_trip(tmp_path):
+    enc = make_encoder(seed=0)
+    path = tmp_path / "enc.safetensors"
+    save_encoder_weights(enc, path, enc.cfg)
+    other = make_encoder(seed=1)
+    x = [ecg(3, 11, 12)]
+    names = [["I", "II", "V6"]]
+    assert maxdiff(encode(enc, x, names)[0], encode(other, x, names)[0]) > 1e-3
+    load_encoder_weights(other, path)
+    assert maxdiff(encode(enc, x, names)[0], encode(other, x, names)[0]) == 0.0
+    assert load_encoder_config(path) == enc.cfg
+
+
+def test_mismatched_weights_name_the_keys(tmp_path):
+    path = tmp_path / "enc.safetensors"
+    save_encoder_weights(make_encoder(n_layers=4), path)
+    with pytest.raises(ValueError, match=r"unexpected keys: \['blocks\.3\.ln1\.bias'"):
+        load_encoder_weights(make_encoder(n_layers=3), path)
+    with pytest.raises(ValueError, match=r"missing keys: \['blocks\.4\.ln1\.bias'"):
+        load_encoder_weights(make_encoder(n_layers=5), path)
+    msg = r"shape mismatches: \['lead_emb\.weight: file \(12, 128\) vs model \(3, 128\)"
+    with pytest.raises(ValueError, match=msg):
+        load_encoder_weights(make_encoder(leads=("I", "II", "III")), path)
