@@ -2,6 +2,7 @@
 Evaluation: metrics, benchmarks, speed measurements.
 
     python eval.py bench-encoder [--device cpu|cuda] [--durations 10,60,600,3600]
+    python eval.py bench-llm [--device cpu|cuda] [--dtype fp32|bf16]   (needs transformers)
 """
 
 import argparse
@@ -165,6 +166,92 @@ def bench_encoder(device="cpu", durations=(10, 60, 600, 3600), presets=("tiny", 
 
 
 # -----------------------------------------------------------------------------
+# LLM speed: ours vs transformers, same weights, same process, interleaved
+
+def bench_llm(args):
+    """Training step (forward + backward) and cached greedy decode, nanoECG's LLM against
+    transformers' LlamaForCausalLM on the same random checkpoint. The two are timed in turns,
+    rep after rep, and the median of each is printed, so machine noise hits both alike."""
+    import tempfile
+
+    import transformers
+    from generate import generate
+    from model import LLM
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
+        tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = LLM.from_pretrained(d, dtype=dtype, device=device)
+    hf = hf.to(device=device, dtype=dtype)
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"config: {n_params / 1e6:.1f}M params, dim {args.dim}, {args.layers} layers, "
+          f"{args.heads}/{args.kv_heads} heads, vocab {args.vocab}, {dtype}, {device}, "
+          f"{torch.get_num_threads()} threads")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    B, T = args.train_batch, args.train_len
+    idx = torch.randint(0, args.vocab, (B, T + 1), device=device)
+
+    def train_step_ours():
+        ours.train()
+        logits = ours(idx[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), idx[:, 1:].flatten()).backward()
+        ours.zero_grad(set_to_none=True)
+
+    def train_step_hf():
+        hf.train()
+        hf(idx[:, :-1], labels=idx[:, :-1]).loss.backward()  # transformers shifts labels itself
+        hf.zero_grad(set_to_none=True)
+
+    def decode(model_name, batch):
+        prompt = torch.randint(3, args.vocab, (batch, args.prompt_len), device=device)
+        n = args.new_tokens
+        if model_name == "ours":
+            ours.eval()
+            return lambda: generate(ours, prompt, max_new_tokens=n)
+        hf.eval()
+        return lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                   min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    rows = [("train step fwd+bwd", B * T, train_step_ours, train_step_hf)]
+    for batch in args.decode_batches:
+        with torch.no_grad():
+            rows.append((f"decode batch {batch}", batch * args.new_tokens, decode("ours", batch), decode("hf", batch)))
+    print(f"{'measure':<22}{'ours tok/s':>12}{'transformers tok/s':>20}{'ours/hf':>9}")
+    for name, n_tokens, fn_ours, fn_hf in rows:
+        grad = torch.enable_grad() if name.startswith("train") else torch.no_grad()
+        with grad:
+            fn_ours(), fn_hf()  # warm-up
+            t_ours, t_hf = [], []
+            for _ in range(args.reps):
+                t_ours.append(timed(fn_ours))
+                t_hf.append(timed(fn_hf))
+        a, b = n_tokens / statistics.median(t_ours), n_tokens / statistics.median(t_hf)
+        print(f"{name:<22}{a:>12.0f}{b:>20.0f}{a / b:>9.2f}")
+        if device.type == "cuda" and name.startswith("train"):
+            peak = {torch.bfloat16: 989e12, torch.float32: 67e12}.get(dtype, 989e12)  # H100 SXM dense
+            flops = 6 * n_params * n_tokens / statistics.median(t_ours)
+            print(f"{'':<22}MFU {flops / peak:.1%} (6·N·tokens/s over {peak / 1e12:.0f} TFLOP/s)")
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -177,8 +264,25 @@ def main(argv=None):
     b.add_argument("--durations", default="10,60,600,3600", help="seconds, comma-separated")
     b.add_argument("--presets", default="tiny,base", help="EncoderConfig presets")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    b = sub.add_parser("bench-llm", help="LLM train step and cached decode, ours vs transformers")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    b.add_argument("--vocab", type=int, default=8000)
+    b.add_argument("--dim", type=int, default=512, help="hidden size (default ~20M-parameter config)")
+    b.add_argument("--ffn", type=int, default=1376, help="MLP intermediate size")
+    b.add_argument("--layers", type=int, default=5)
+    b.add_argument("--heads", type=int, default=8)
+    b.add_argument("--kv-heads", type=int, default=4)
+    b.add_argument("--train-batch", type=int, default=4)
+    b.add_argument("--train-len", type=int, default=256)
+    b.add_argument("--prompt-len", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    b.add_argument("--reps", type=int, default=5)
     args = parser.parse_args(argv)
-    if args.command == "bench-encoder":
+    if args.command == "bench-llm":
+        bench_llm(args)
+    elif args.command == "bench-encoder":
         bench_encoder(args.device, [float(s) for s in args.durations.split(",")],
                       args.presets.split(","), args.threads)
 

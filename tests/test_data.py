@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 import data
-from data import (BEAT_NAMES, STANDARD_LEADS, ECGRecord, build_synthetic_dataset, collate, encode_chat, load_ecg,
+import synth
+from tasks import build_synthetic_dataset
+from data import (BEAT_NAMES, STANDARD_LEADS, ECGRecord, collate, encode_chat, load_ecg,
                   load_row_ecgs, load_rows, localization_answer, parse_localization, plot_ecg_svg, prepare_ecg,
                   resample)
 
@@ -406,7 +408,7 @@ def test_collate_right_pads(tokenizer, dataset):
 # ----------------------------------------------------------------------------- plotting
 
 def test_plot_ecg_svg(tmp_path):
-    rec, truth = data.synth_ecg(data.make_patient(1, findings={"pvc"}), 10, 500, seed=1)
+    rec, truth = synth.synth_ecg(synth.make_patient(1, findings={"pvc"}), 10, 500, seed=1)
     path = plot_ecg_svg(rec.signal, rec.fs, rec.leads, tmp_path / "p.svg", intervals=[(1.0, 2.5)], title="a < b")
     root = ET.parse(path).getroot()
     polylines = root.findall("{http://www.w3.org/2000/svg}polyline")
@@ -414,6 +416,6 @@ def test_plot_ecg_svg(tmp_path):
     assert any(r.get("fill") == "#ff9900" for r in root.iter("{http://www.w3.org/2000/svg}rect"))
     texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
     assert "V6" in texts and "10 s" in texts and "a < b" in texts
-    long, _ = data.synth_ecg(data.make_patient(2), 3600, 250, leads=["II"], seed=1)
+    long, _ = synth.synth_ecg(synth.make_patient(2), 3600, 250, leads=["II"], seed=1)
     big = Path(plot_ecg_svg(long.signal, long.fs, long.leads, tmp_path / "long.svg"))
     assert big.stat().st_size < 1_000_000, "an hour is drawn min-max per pixel, not sample by sample"

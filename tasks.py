@@ -1,0 +1,387 @@
+"""
+tasks.py — the anyECG / GEM tasks, and the synthetic dataset the default run trains on.
+
+  1. Task builders   question templates (about 10-18 paraphrases per task) and the rows of
+                     every task: report, location, location_long, ecgqa (verify / choose /
+                     query, single and comparison), multi (2-6 serial ECGs), grounded (GEM).
+  2. Synthetic data  `build_synthetic_dataset`: seeded patients -> rows + ECGs, with a
+                     held-out test split disjoint by patient. Synthetic ECGs live in memory,
+                     keyed by a path like "synth/train/tr0-00012/v2_loc"; the dataset
+                     regenerates them from their spec (same seed -> same bytes) or writes
+                     them as WFDB records + JSON so any anyECG tool can read them.
+Rows are plain dicts in the anyECG format (see data.py for reading such files).
+"""
+import functools
+import json
+import os
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+from data import BEAT_NAMES, clip_record, localization_answer, prepare_ecg, row_paths
+from synth import STANDARD_LEADS, STATEMENTS, Patient, make_patient, patient_history, sees_frontal_plane, synth_ecg
+
+# --------------------------------------------------------------------------- 1. task builders
+# Question paraphrases per task (the location ones are anyECG's own wording).
+
+REPORT_QUESTIONS = [
+    "May I have the official report for the ECG provided?", "Give me a detailed report on this ECG.",
+    "Provide me with the report of this ECG.", "Please write the machine report for this ECG.",
+    "Generate a report for this electrocardiogram.", "Could you interpret this ECG and give me the report?",
+    "Read this ECG and report your findings.", "What is the report for this recording?",
+    "Write the diagnostic statements for this ECG.", "I need the report for this ECG tracing.",
+    "Summarise this ECG as a clinical report.", "What does this ECG show? Give the report.",
+    "Report on this ECG, please.", "Produce the interpretation report for this ECG.",
+]
+LOCATION_QUESTIONS = [
+    "Locate the {name} on this ECG for me, please.", "Examine this ECG and point out where the {name} is located.",
+    "Where should I look to find the {name} on this ECG?", "Can you locate the {name} on this ECG?",
+    "Determine where the {name} is on this electrocardiogram.", "Please locate the specific location of the {name} on this ECG.",
+    "Tell me where to find the {name} on this ECG.", "Help me locate the {name} on this ECG.",
+    "Could you identify where the {name} is on this ECG?", "On this ECG, where can I see the {name}?",
+    "Where is the {name} located in this ECG?", "Can you show me where the {name} occurred on this ECG?",
+    "Help me find where the {name} shows up on this ECG.", "Check this ECG and tell me where the {name} appears.",
+    "Determine where the {name} is located on this electrocardiogram.",
+    "I need to find the {name} on this ECG; where should I look?",
+]
+GROUNDED_QUESTIONS = [
+    "Interpret this ECG step by step: measure it first, then reason, then give the diagnosis.",
+    "What are the measured features of this ECG, and what do they tell you?",
+    "Please analyse this ECG: report heart rate and intervals, explain your reasoning, and conclude.",
+    "Walk me through this ECG from measurements to diagnosis.", "Give a grounded interpretation of this ECG.",
+    "Measure this ECG and explain the diagnosis the measurements support.",
+    "Which measurements of this ECG are abnormal, and what diagnosis follows?",
+    "Explain this ECG like a cardiologist: intervals and axis first, then the conclusion.",
+    "Analyse this ECG and justify each finding with a measurement.",
+    "Can you interpret this ECG and show the evidence for each finding?",
+    "Describe the key measurements of this ECG and the resulting interpretation.",
+    "Read this ECG systematically (rate, rhythm, intervals, axis, ST-T) and diagnose it.",
+]
+BRIEF = " Please answer briefly."
+VERDICTS = {"Normal ECG", "Normal ECG except for rate", "Borderline ECG", "Abnormal ECG"}
+# findings any single lead shows (rhythm, ectopy, blocks, QT); the others need more leads
+LEAD_INDEPENDENT = {"Sinus rhythm", "Sinus bradycardia", "Sinus tachycardia", "Atrial fibrillation", "Atrial flutter",
+                    "Premature atrial contractions", "Premature ventricular contractions", "1st degree A-V block",
+                    "Left bundle branch block", "Right bundle branch block", "Prolonged QT interval"}
+RHYTHMS = ["Sinus rhythm", "Sinus bradycardia", "Sinus tachycardia", "Atrial fibrillation", "Atrial flutter"]
+
+
+def findings_of(truth):
+    """The record's statements without the overall verdict, in report order."""
+    return [s for s in truth.statements if s not in VERDICTS]
+
+
+def askable(truths):
+    """Findings a question may ask about: all of them on 12-lead records, only the
+    lead-independent ones if any of the ECGs is a reduced-lead record."""
+    full = all(len(t.leads) == 12 for t in truths)
+    return [s for s in STATEMENTS if s not in VERDICTS and (full or s in LEAD_INDEPENDENT)]
+
+
+def listing(items):
+    return ", ".join(s.lower() for s in items) if items else "none"
+
+
+def report_row(path, truth, rng):
+    return {"question": str(rng.choice(REPORT_QUESTIONS)), "answer": "Report: " + ", ".join(truth.statements),
+            "ecg_path": [path], "task": "report"}
+
+
+def location_row(path, truth, start, end, symbol, rng, task="location"):
+    return {"question": str(rng.choice(LOCATION_QUESTIONS)).format(name=BEAT_NAMES[symbol]),
+            "answer": localization_answer(truth.beat_samples, truth.beat_symbols, start, end, truth.fs, symbol),
+            "ecg_path": [path], "task": task, "abnormal_type": symbol, "ecg_start": int(start), "ecg_end": int(end)}
+
+
+def grounded_answer(truth):
+    """GEM-style: measurements -> reasoning -> diagnosis, every finding tied to a number."""
+    t, found = truth, set(truth.statements)
+    frontal = sees_frontal_plane(t.leads)
+    pr = f"{t.pr_ms:.0f} ms" if t.pr_ms is not None else "n/a"
+    m = f"Heart rate: {t.hr_bpm:.0f} bpm, PR: {pr}, QRS: {t.qrs_ms:.0f} ms, QT/QTc: {t.qt_ms:.0f}/{t.qtc_ms:.0f} ms"
+    m += f", Axis: {t.axis_deg:.0f}°" if frontal else ""
+    why = []
+    if "Atrial fibrillation" in found:
+        why.append("Irregularly irregular RR intervals with no P waves and a fibrillatory baseline: atrial fibrillation.")
+    elif "Atrial flutter" in found:
+        why.append("Regular sawtooth flutter waves instead of P waves: atrial flutter.")
+    else:
+        rate = "below 60" if t.hr_bpm < 60 else "above 100" if t.hr_bpm > 100 else "between 60 and 100"
+        why.append(f"A P wave precedes every QRS and the rate is {rate} bpm: {t.statements[0].lower()}.")
+    if "1st degree A-V block" in found:
+        why.append(f"PR {t.pr_ms:.0f} ms is longer than 200 ms: 1st degree A-V block.")
+    if t.qrs_ms >= 120:
+        shape = ("with broad notched R waves and no septal q waves laterally: left bundle branch block"
+                 if "Left bundle branch block" in found else
+                 "with a late R' wave in V1 and a wide S wave in lead I: right bundle branch block")
+        why.append(f"QRS {t.qrs_ms:.0f} ms is 120 ms or more, {shape}.")
+    else:
+        why.append(f"QRS {t.qrs_ms:.0f} ms is narrow.")
+    if "Premature atrial contractions" in found:
+        why.append("Early narrow beats with an abnormal P wave and a non-compensatory pause: premature atrial contractions.")
+    if "Premature ventricular contractions" in found:
+        why.append("Early wide beats without a P wave, followed by a compensatory pause: premature ventricular contractions.")
+    if "Left axis deviation" in found or "Right axis deviation" in found:
+        why.append(f"Axis {t.axis_deg:.0f}° is {'beyond -30' if t.axis_deg < -30 else 'beyond +90'}°: "
+                   f"{'left' if t.axis_deg < -30 else 'right'} axis deviation.")
+    if "Low QRS voltages" in found:
+        why.append("QRS amplitude is below 0.5 mV in every limb lead: low QRS voltages.")
+    for name, test, word in [("ST elevation", lambda v: v >= 0.1, "elevated"), ("ST depression", lambda v: v <= -0.1, "depressed")]:
+        if name in found:
+            leads = [x for x in t.leads if test(t.lead_st_mv[x])]
+            why.append(f"ST segment {word} in {', '.join(leads)}: {name.lower()}.")
+    if "T wave inversion" in found:
+        leads = [x for x in t.leads if x in ("I", "II", "V3", "V4", "V5", "V6") and t.lead_t_mv[x] <= -0.05]
+        why.append(f"T waves inverted in {', '.join(leads)}: T wave inversion.")
+    qt = "longer than 470 ms: prolonged QT interval" if "Prolonged QT interval" in found else "normal"
+    why.append(f"QTc {t.qtc_ms:.0f} ms is {qt}.")
+    return f"Measurements: {m}. Reasoning: {' '.join(why)} Diagnosis: {', '.join(t.statements)}."
+
+
+def grounded_row(path, truth, rng):
+    return {"question": str(rng.choice(GROUNDED_QUESTIONS)), "answer": grounded_answer(truth),
+            "ecg_path": [path], "task": "grounded"}
+
+
+def ecgqa_single_row(path, t, rng):
+    """One ECG-QA style question about one ECG: verify (yes/no), choose, or query."""
+    have = set(findings_of(t))
+    kind = str(rng.choice(["verify", "choose", "query"]))
+    if kind == "verify":
+        pool = askable([t])
+        s = str(rng.choice(sorted(have))) if have and rng.random() < 0.5 else str(rng.choice(pool))
+        q, a, tid = f"Does this ECG show {s.lower()}?", "yes" if s in have else "no", 1
+    elif kind == "choose":
+        options = [("Is the QRS complex of this ECG narrow or wide?", "wide" if t.qrs_ms >= 120 else "narrow", 20),
+                   ("Is the heart rate of this ECG slow, normal or fast?",
+                    "slow" if t.hr_bpm < 60 else "fast" if t.hr_bpm > 100 else "normal", 21),
+                   ("Is the QT interval of this ECG normal or prolonged?",
+                    "prolonged" if t.qtc_ms > 470 else "normal", 22)]
+        other = str(rng.choice([r for r in RHYTHMS if r != t.statements[0]]))
+        a_, b_ = (t.statements[0], other) if rng.random() < 0.5 else (other, t.statements[0])
+        options.append((f"Which rhythm does this ECG show, {a_.lower()} or {b_.lower()}?", t.statements[0].lower(), 23))
+        q, a, tid = options[rng.integers(len(options))]
+    else:
+        above = [n for n, hit in [("heart rate", t.hr_bpm > 100), ("pr interval", (t.pr_ms or 0) > 200),
+                                  ("qrs duration", t.qrs_ms >= 120), ("qt interval", t.qtc_ms > 470)] if hit]
+        options = [("What is the rhythm of this ECG?", t.statements[0].lower(), 30),
+                   ("Which premature beats does this ECG show?",
+                    listing([s for s in findings_of(t) if s.startswith("Premature")]), 31),
+                   ("Which conduction abnormalities does this ECG show?",
+                    listing([s for s in findings_of(t) if "block" in s]), 32),
+                   ("Which numeric features of this ECG are above the normal range?", ", ".join(above) or "none", 42)]
+        if len(t.leads) == 12:
+            options.append(("Which abnormal findings does this ECG show?",
+                            listing([s for s in findings_of(t) if s not in RHYTHMS]), 33))
+        q, a, tid = options[rng.integers(len(options))]
+    return {"question": q + BRIEF, "answer": a, "ecg_path": [path], "task": "ecgqa",
+            "question_type": f"single-{kind}", "template_id": int(tid)}
+
+
+def ecgqa_comparison_row(paths, truths, rng, consecutive):
+    """ECG-QA comparison form on two ECGs (same patient: consecutive; else irrelevant)."""
+    pool = set(askable(truths))
+    first, second = ([s for s in findings_of(t) if s in pool] for t in truths)
+    kind = "verify" if rng.random() < 0.4 else "query"
+    if kind == "verify":
+        s = str(rng.choice(sorted(set(first) | set(second)) if rng.random() < 0.6 else sorted(pool)))
+        q, a = f"Do both ECGs show {s.lower()}?", "yes" if s in first and s in second else "no"
+    else:
+        q, a = [("Which findings are present in the first ECG but absent in the second ECG?",
+                 listing([s for s in first if s not in second])),
+                ("Which findings are present in the second ECG but absent in the first ECG?",
+                 listing([s for s in second if s not in first])),
+                ("Which findings do both ECGs share?", listing([s for s in first if s in second]))][rng.integers(3)]
+    prefix = "comparison_consecutive" if consecutive else "comparison_irrelevant"
+    return {"question": q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "ecgqa",
+            "question_type": f"{prefix}-{kind}"}
+
+
+def multi_row(paths, truths, days, rng):
+    """2-6 ECGs of one patient over time; short answers that can be checked exactly."""
+    pool = set(askable(truths))
+    seen = [[s for s in findings_of(t) if s in pool] for t in truths]
+    span = f"These {len(truths)} ECGs of one patient were recorded over {days[-1] - days[0]} days. "
+    kind = str(rng.choice(["per_ecg_report", "new_findings", "resolved_findings", "first_appearance",
+                           "hr_trend", "rhythm_change"]))
+    if kind == "per_ecg_report":
+        q = "What are the key findings in each ECG report?"
+        a = " ".join(f"ECG{k + 1}: {', '.join(t.statements)}." for k, t in enumerate(truths))
+    elif kind == "new_findings":
+        q, a = "Which findings appear in the last ECG that were not in the first ECG?", listing(
+            [s for s in seen[-1] if s not in seen[0]])
+    elif kind == "resolved_findings":
+        q, a = "Which findings of the first ECG are no longer present in the last ECG?", listing(
+            [s for s in seen[0] if s not in seen[-1]])
+    elif kind == "first_appearance":
+        present = sorted({s for f in seen for s in f})
+        s = str(rng.choice(present if present and rng.random() < 0.7 else sorted(pool)))
+        first = next((k for k, f in enumerate(seen) if s in f), None)
+        q, a = f"In which ECG does {s.lower()} first appear?", f"ECG{first + 1}" if first is not None else "none"
+    elif kind == "hr_trend":
+        d = truths[-1].hr_bpm - truths[0].hr_bpm
+        q, a = "How does the heart rate change from the first to the last ECG?", (
+            "increased" if d >= 10 else "decreased" if d <= -10 else "unchanged")
+    else:
+        q, a = "Does the rhythm change across these ECGs?", "yes" if len({t.statements[0] for t in truths}) > 1 else "no"
+    return {"question": span + q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "multi",
+            "question_type": kind, "days": list(days)}
+
+
+# --------------------------------------------------------------------------- 2. synthetic data
+
+LEAD_SETS = [  # (leads, share): home-style reduced-lead records are half of the data
+    (tuple(STANDARD_LEADS), 0.5), (("I",), 0.15), (("II",), 0.15), (("II", "V5"), 0.1), (("II", "V1"), 0.1)]
+NATIVE_FS = [100, 250, 360, 500]        # rates records are "recorded" at, before resampling
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+TEST_SEED = 2024                        # the held-out test set is the same for every run
+
+
+class RecordSpec(NamedTuple):
+    """Everything that regenerates one synthetic record, byte for byte."""
+    patient: Patient
+    duration_s: float
+    fs: float
+    leads: tuple
+    noise: float
+    seed: int
+
+    def generate(self):
+        return synth_ecg(self.patient, self.duration_s, self.fs, list(self.leads), self.noise, self.seed)
+
+
+class SyntheticDataset:
+    """Rows in anyECG format plus the ECGs they name. `specs` maps each synthetic path
+    to its RecordSpec; signals are regenerated on demand (and cached at model rate)."""
+
+    def __init__(self, rows, specs, fs=100):
+        self.rows, self.specs, self.fs = rows, specs, fs
+        self._cache = functools.lru_cache(maxsize=2048)(self._prepared)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        """-> (row, [ECGRecord at model rate, ...]) for row i."""
+        row = self.rows[i]
+        return row, self.ecgs(row)
+
+    def record(self, path):
+        """(ECGRecord at native rate, Truth) of one synthetic path."""
+        return self.specs[path].generate()
+
+    def ecgs(self, row):
+        clip = (row["ecg_start"], row["ecg_end"]) if row["task"] in ("location", "location_long") else None
+        return [self._cache(p, clip) for p in row_paths(row)]
+
+    def _prepared(self, path, clip):
+        rec, _ = self.record(path)
+        if clip:
+            rec = clip_record(rec, *clip, name=path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return prepare_ecg(rec, self.fs, name=path)
+
+    def write(self, out_dir, name="data"):
+        """Write every record as WFDB (16-bit) under out_dir/<path> and the rows as
+        out_dir/<name>.json -- a folder any anyECG-format tool (eval.py) can read."""
+        import wfdb
+        for path, spec in self.specs.items():
+            rec, _ = spec.generate()
+            folder = os.path.join(out_dir, os.path.dirname(path))
+            os.makedirs(folder, exist_ok=True)
+            wfdb.wrsamp(os.path.basename(path), fs=rec.fs, units=["mV"] * len(rec.leads), sig_name=rec.leads,
+                        p_signal=rec.signal.T.astype(np.float64), fmt=["16"] * len(rec.leads), write_dir=folder)
+        json_path = os.path.join(out_dir, f"{name}.json")
+        with open(json_path, "w") as f:
+            json.dump(self.rows, f, indent=1)
+        return json_path
+
+
+def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, max_visits=4,
+                            long_share=0.1, max_long_s=60.0, fs=100):
+    """The one call train.py needs: `n_patients` simulated people -> SyntheticDataset.
+
+    Per patient: 1 visit (half of them) or 2..max_visits visits over time (max 6); each
+    visit a 10 s record in a random lead set and native rate, with a report, a grounded
+    interpretation, ECG-QA questions, and (mostly for patients with ectopy or a block) a
+    10 s localization clip. Some patients add a long clip (20 s .. max_long_s); patients
+    with several visits add multi-ECG and comparison questions.
+    split: "train", "val" or "test". The test split always uses TEST_SEED, so it is fixed
+    across runs, and patients of different splits come from disjoint seed streams."""
+    if split not in SPLIT_CODES:
+        raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
+    tasks = set(tasks or ("report", "location", "location_long", "ecgqa", "multi", "grounded"))
+    seed = TEST_SEED if split == "test" else seed
+    rows, specs, previous = [], {}, None
+    for i in range(n_patients):
+        rng = np.random.default_rng([SPLIT_CODES[split], seed, i])
+        patient = make_patient(rng, pid=f"{split[:2]}{seed}-{i:05d}")
+        n_visits = 1 if rng.random() < 0.5 else int(rng.integers(2, min(max_visits, 6) + 1))
+        visits = patient_history(patient, n_visits, rng)
+        visit_paths, visit_truths = [], []
+        for v, (day, p, _) in enumerate(visits):
+            path = f"synth/{split}/{patient.pid}/v{v}"
+            truth = _add_spec(specs, path, p, 10.0, rng)
+            visit_paths.append(path)
+            visit_truths.append(truth)
+            rows += [r for r in _visit_rows(path, truth, rng) if r["task"] in tasks]
+            if "location" in tasks and rng.random() < _location_chance(p):
+                rows.append(_location_clip(specs, f"{path}_loc", p, 10.0, rng, "location"))
+        if "location_long" in tasks and rng.random() < long_share:
+            length = float(rng.uniform(20, max_long_s)) if max_long_s > 20 else max_long_s
+            rows.append(_location_clip(specs, f"synth/{split}/{patient.pid}/long", visits[-1][1], length, rng,
+                                       "location_long", holter=True))
+        if n_visits >= 2 and "multi" in tasks:
+            rows.append(multi_row(visit_paths, visit_truths, [d for d, _, _ in visits], rng))
+        if n_visits >= 2 and "ecgqa" in tasks:
+            k = int(rng.integers(n_visits - 1))
+            rows.append(ecgqa_comparison_row(visit_paths[k:k + 2], visit_truths[k:k + 2], rng, consecutive=True))
+        if previous and "ecgqa" in tasks and rng.random() < 0.3:
+            rows.append(ecgqa_comparison_row([previous[0], visit_paths[0]], [previous[1], visit_truths[0]], rng,
+                                             consecutive=False))
+        previous = (visit_paths[0], visit_truths[0])
+    for row in rows:
+        row["dataset"] = "synthetic"
+    return SyntheticDataset(rows, specs, fs)
+
+
+def _add_spec(specs, path, patient, duration, rng, holter=False):
+    """Draw a lead set, rate, noise level and seed for a record; store the spec; -> Truth."""
+    if holter:
+        leads = [("II", "V5"), ("II", "V1"), ("I",), ("II",)][rng.integers(4)]
+    else:
+        leads = LEAD_SETS[rng.choice(len(LEAD_SETS), p=[s for _, s in LEAD_SETS])][0]
+    spec = RecordSpec(patient, duration, float(rng.choice(NATIVE_FS)), tuple(leads),
+                      float(rng.uniform(0.2, 1.5)), int(rng.integers(2**31)))
+    specs[path] = spec
+    return spec.generate()[1]
+
+
+def _visit_rows(path, truth, rng):
+    rows = [report_row(path, truth, rng), grounded_row(path, truth, rng)]
+    return rows + [ecgqa_single_row(path, truth, rng) for _ in range(int(rng.integers(1, 3)))]
+
+
+def _location_chance(p):
+    """Clips mostly from people with ectopic beats; blocks (whole-clip answers) and
+    beat-free records (the 'No ... Found' answers) less often."""
+    return 1.0 if p.pac_per_min > 0 or p.pvc_per_min > 0 else 0.4 if p.conduction != "normal" else 0.25
+
+
+def _location_clip(specs, path, patient, length, rng, task, holter=False):
+    """A clip [start, end) inside a slightly longer record, so that the beats just outside
+    the clip decide its edge spans as in anyECG; asks for a beat type present in the
+    clip (70 %; PACs/PVCs before L/R beats) or for one that is absent."""
+    before, after = rng.uniform(0, 3, 2)
+    truth = _add_spec(specs, path, patient, round(before + length + after, 2), rng, holter)
+    start = int(round(before * truth.fs))
+    end = start + int(round(length * truth.fs))
+    inside = {s for x, s in zip(truth.beat_samples, truth.beat_symbols) if start <= x < end} & set(BEAT_NAMES)
+    ectopic = inside & {"A", "V"}          # prefer them: an L/R answer is usually the whole clip
+    pool = ectopic if ectopic and rng.random() < 0.8 else inside
+    symbol = str(rng.choice(sorted(pool))) if pool and rng.random() < 0.7 else str(rng.choice(sorted(BEAT_NAMES)))
+    return location_row(path, truth, start, end, symbol, rng, task)
+
+
