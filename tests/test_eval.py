@@ -1,0 +1,305 @@
+"""Tests for eval.py: every metric on hand-made cases with known values, perfect answers
+scoring perfectly on every synthetic task, `evaluate` (batching, skipped rows, --ablate-ecg),
+and the command line end to end on a tiny random checkpoint and real MIT-BIH record 100."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eval as ev
+from data import BEAT_NAMES, ECGRecord, localization_answer
+from ecg_encoder import ECGEncoder, EncoderConfig
+from model import LLM, ECGChat, LLMConfig, train_tokenizer
+from tasks import build_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+PHYSIONET = ROOT.parent / "shared" / "data" / "physionet"
+
+# ----------------------------------------------------------------------------- localization IoU
+
+NO_A = "No Atrial premature beat Found"
+
+
+def test_iou_not_found_cases():
+    assert ev.localization_iou(NO_A, NO_A) == 1.0
+    # "not found" is not found, whatever beat name the sentence carries
+    assert ev.localization_iou("No Premature ventricular contraction Found", NO_A) == 1.0
+    assert ev.localization_iou(NO_A, "Duration: 1.0s-2.0s") == 0.0
+    assert ev.localization_iou("Duration: 1.0s-2.0s", NO_A) == 0.0
+
+
+def test_iou_garbage_is_zero():
+    for garbage in ["", "Sinus rhythm", "Duration: soon", "Duration: 3.0s-1.0s"]:
+        assert ev.localization_iou(garbage, "Duration: 1.0s-2.0s") == 0.0
+        assert ev.localization_iou(garbage, NO_A) == 0.0
+
+
+@pytest.mark.parametrize("pred, ref, iou", [
+    ("Duration: 1.0s-3.0s", "Duration: 1.0s-3.0s", 1.0),
+    ("Duration: 1.0s-3.0s", "Duration: 2.0s-4.0s", 1 / 3),            # overlap 1 s of 3 s
+    ("Duration: 0.0s-1.0s", "Duration: 1.0s-2.0s", 0.0),              # touching, no overlap
+    ("Duration: 0.0s-1.0s, 1.0s-2.0s", "Duration: 0.0s-2.0s", 1.0),   # touching spans merge
+    ("Duration: 1.0s-3.0s, 2.0s-4.0s", "Duration: 1.0s-4.0s", 1.0),   # overlapping spans count once
+    ("Duration: 0.0s-2.0s, 5.0s-6.0s", "Duration: 1.0s-3.0s, 5.5s-7.0s", 1.5 / 5.0),
+    ("Duration: 0.4s-3.7s, 4.6s-9.3s", "Duration: 0.4s-3.7s, 4.6s-9.3s", 1.0),
+])
+def test_iou_intervals(pred, ref, iou):
+    assert ev.localization_iou(pred, ref) == pytest.approx(iou)
+    assert ev.localization_iou(ref, pred) == pytest.approx(iou)               # symmetric
+
+
+def test_merge_intervals():
+    assert ev.merge_intervals([(5, 6), (0, 1), (1, 2), (1.5, 3)]) == [(0, 3), (5, 6)]
+
+
+def test_group_mean_micro_and_macro():
+    g = ev.group_mean([1.0, 1.0, 0.0], ["A", "A", "V"])
+    assert g["micro"] == pytest.approx(2 / 3)
+    assert g["macro"] == pytest.approx(0.5)                                   # mean of A 1.0, V 0.0
+    assert g["per_type"] == {"A": {"n": 2, "mean": 1.0}, "V": {"n": 1, "mean": 0.0}}
+
+# ----------------------------------------------------------------------------- BLEU, ROUGE-L
+
+
+def test_bleu_hand_computed():
+    # 1-grams 5/6, 2-grams 3/5, 3-grams 1/4, 4-grams 0/3; equal lengths -> no brevity penalty
+    b = ev.bleu(["the cat sat on the mat"], ["the cat is on the mat"])
+    assert b == pytest.approx([5 / 6, math.sqrt(5 / 6 * 3 / 5), 0.5, 0.0])
+
+
+def test_bleu_brevity_penalty_and_corpus_sums():
+    b = ev.bleu(["the cat"], ["the cat sat on the mat"])                      # precision 1, BP e^(1-6/2)
+    assert b == pytest.approx([math.exp(-2), math.exp(-2), 0.0, 0.0])
+    # counts are summed over the corpus before dividing: 1-grams (2 + 0) / 3, 2-grams 1 / 1
+    b = ev.bleu(["a b", "c"], ["a b", "d"], max_n=2)
+    assert b == pytest.approx([2 / 3, math.sqrt(2 / 3)])
+    assert ev.bleu(["Report: Sinus rhythm."], ["report sinus RHYTHM"]) == pytest.approx([1.0, 1.0, 1.0, 0.0])
+    assert ev.bleu([""], ["anything"]) == [0.0] * 4
+
+
+def test_rouge_l_hand_computed():
+    assert ev.lcs_length(list("ABCBDAB"), list("BDCABA")) == 4
+    assert ev.rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert ev.rouge_l("a b c d", "a c") == pytest.approx(2 / 3)              # P 1/2, R 1
+    assert ev.rouge_l("x y", "a b") == 0.0 and ev.rouge_l("", "a") == 0.0
+
+# ----------------------------------------------------------------------------- statements, exact match
+
+
+def test_find_statements_longest_first_and_whole_words():
+    found = ev.find_statements("Report: Sinus rhythm, Normal ECG except for rate")
+    assert found == {"Sinus rhythm", "Normal ECG except for rate"}           # not also "Normal ECG"
+    assert ev.find_statements("sinus RHYTHM, 1st degree a-v block") == {"Sinus rhythm", "1st degree A-V block"}
+    assert ev.find_statements("sinus rhythmic, abnormal ECGs") == set()
+    assert ev.find_statements("nothing here") == set()
+
+
+def test_statement_prf_hand_computed():
+    preds = ["Report: Sinus rhythm, Normal ECG", "Report: Atrial fibrillation, Abnormal ECG"]
+    refs = ["Report: Sinus rhythm, Normal ECG except for rate",
+            "Report: Atrial fibrillation, Premature ventricular contractions, Abnormal ECG"]
+    s = ev.statement_prf(preds, refs)                                         # tp 3, fp 1, fn 2
+    assert s["precision"] == pytest.approx(3 / 4) and s["recall"] == pytest.approx(3 / 5)
+    assert s["f1"] == pytest.approx(2 / 3)
+    assert s["macro_f1"] == pytest.approx(3 / 6)                               # SR, AF, Abnormal 1; three 0
+
+
+def test_exact_match_normalises_case_space_punctuation():
+    assert ev.exact_match("Sinus rhythm.", "sinus  rhythm") == 1.0
+    assert ev.exact_match(" 1st degree A-V block ", "1st degree a-v block") == 1.0
+    assert ev.exact_match("yes", "no") == 0.0
+    assert ev.exact_match("ECG2", "ecg 2") == 0.0
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def test_parse_measurements():
+    text = ("Measurements: Heart rate: 72 bpm, PR: 164 ms, QRS: 92 ms, QT/QTc: 380/417 ms, Axis: 45°. "
+            "Reasoning: PR 220 ms is long. QTc 417 ms is normal.")
+    assert ev.parse_measurements(text) == {"hr": 72, "pr": 164, "qrs": 92, "qt": 380}
+    assert ev.parse_measurements("Heart rate: 110 bpm, PR: n/a, QRS: 140 ms")["pr"] is None
+    assert ev.parse_measurements("QTc 430 ms")["qt"] is None                  # a QTc is not a QT
+    free = ev.parse_measurements("heart rate of 80.5 bpm, QRS duration 100 ms, QT interval is 400 ms")
+    assert free == {"hr": 80.5, "pr": None, "qrs": 100, "qt": 400}
+
+
+def test_measurement_mae_counts_missing():
+    preds = ["Heart rate: 70 bpm, QRS: 100 ms", "garbage"]
+    refs = ["Heart rate: 72 bpm, PR: n/a, QRS: 90 ms, QT/QTc: 400/420 ms",
+            "Heart rate: 60 bpm, PR: 160 ms, QRS: 80 ms, QT/QTc: 380/400 ms"]
+    m = ev.measurement_mae(preds, refs)
+    assert m["hr"] == {"mae": 2.0, "n": 2, "missing": 1}
+    assert m["qrs"] == {"mae": 10.0, "n": 2, "missing": 1}
+    assert m["pr"] == {"mae": None, "n": 1, "missing": 1}
+
+
+# ----------------------------------------------------------------------------- scoring whole tasks
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return build_synthetic_dataset(n_patients=12, split="test")
+
+
+def test_perfect_answers_score_perfectly_on_every_task(synthetic):
+    rows = synthetic.rows
+    scores = ev.score_rows(rows, [r["answer"] for r in rows])
+    assert {"report", "grounded", "ecgqa", "location", "multi"} <= set(scores)
+    assert scores["location"]["iou_micro"] == scores["location"]["iou_macro"] == 1.0
+    assert scores["ecgqa"]["accuracy_micro"] == scores["multi"]["accuracy_micro"] == 1.0
+    assert scores["report"]["bleu4"] == pytest.approx(1.0) and scores["report"]["statement_f1"] == 1.0
+    assert scores["grounded"]["statement_f1"] == 1.0
+    for name, m in scores["grounded"]["measurements"].items():
+        assert m["missing"] == 0 and m["mae"] == 0.0, name
+    assert scores["grounded"]["measurements"]["hr"]["n"] == scores["grounded"]["n"]   # every answer states HR
+
+
+def test_wrong_answers_score_lower(synthetic):
+    rows = sorted(synthetic.rows, key=lambda r: r["task"])
+    shifted = [rows[i + 1]["answer"] if i + 1 < len(rows) and rows[i + 1]["task"] == r["task"] else "?"
+               for i, r in enumerate(rows)]                                   # another row's answer, same task
+    scores = ev.score_rows(rows, shifted)
+    assert scores["report"]["statement_f1"] < 1 and scores["ecgqa"]["accuracy_micro"] < 1
+    assert scores["location"]["iou_micro"] < 1
+
+
+def test_free_text_multi_rows_are_scored_as_text():
+    rows = [{"task": "multi", "question": "q", "answer": "ECG1 shows sinus bradycardia"},
+            {"task": "multi", "question": "q", "answer": "yes", "question_type": "rhythm_change"}]
+    scores = ev.score_rows(rows, ["ECG1 shows sinus bradycardia", "no"])
+    assert scores["multi (free text)"]["bleu1"] == pytest.approx(1.0)
+    assert scores["multi"]["accuracy_micro"] == 0.0
+
+
+def test_print_table(synthetic, capsys):
+    rows = synthetic.rows
+    scores = ev.score_rows(rows, [r["answer"] for r in rows])
+    scores["skipped"] = {"n": 1, "by_reason": {"ecg_path not found": 1},
+                         "rows": [{"index": 3, "error": "x.hea: no such WFDB header"}]}
+    ev.print_table(scores)
+    out = capsys.readouterr().out
+    for needle in ["report", "location", "IoU micro 1.000", "statement F1 1.000", "HR MAE (bpm) 0.000",
+                   "single-verify", "skipped 1 rows: ecg_path not found 1", "row 3: x.hea"]:
+        assert needle in out, needle
+
+
+# ----------------------------------------------------------------------------- evaluate() on a tiny model
+
+def tiny_chat(tmp, seed=0):
+    """An untrained ECGChat with a tiny LLM: answers are noise, but every code path runs."""
+    texts = [r["answer"] for r in build_synthetic_dataset(n_patients=6, split="val").rows] * 3
+    tok = train_tokenizer(texts + list(BEAT_NAMES.values()), Path(tmp) / "tok", vocab_size=600)
+    torch.manual_seed(seed)
+    llm = LLM(LLMConfig(vocab_size=tok.base_vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)).init_weights()
+    return ECGChat(llm, ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=2, n_heads=2)), tok).eval()
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    return tiny_chat(tmp_path_factory.mktemp("chat"))
+
+
+def test_evaluate_batches_skips_bad_rows_and_ablates(chat, synthetic, monkeypatch):
+    rows = synthetic.rows[:10] + [{**synthetic.rows[0], "ecg_path": ["nowhere/x"]},
+                                  {**synthetic.rows[0], "ecg_path": ["blip"]}]
+
+    def ecgs_of(row):
+        if row["ecg_path"] == ["nowhere/x"]:
+            raise FileNotFoundError("nowhere/x.hea: no such WFDB header")
+        if row["ecg_path"] == ["blip"]:                                       # 0.2 s: less than one patch
+            return [ECGRecord(np.zeros((1, 20), np.float32), 100.0, ["II"])]
+        return synthetic.ecgs(row)
+
+    scores, preds = ev.evaluate(chat, rows, ecgs_of, batch_size=4, max_new_tokens=6, progress=False)
+    assert [p["index"] for p in preds] == list(range(10))
+    assert sum(s["n"] for t, s in scores.items() if t != "skipped") == 10
+    assert scores["skipped"]["by_reason"] == {"ecg_path not found": 1, "unreadable ECG": 1}
+    assert all(isinstance(p["prediction"], str) for p in preds)
+    # batched answers equal one-at-a-time answers (greedy)
+    _, alone = ev.evaluate(chat, rows[:3], ecgs_of, batch_size=1, max_new_tokens=6, progress=False)
+    assert [p["prediction"] for p in alone] == [p["prediction"] for p in preds[:3]]
+
+    seen, real_generate = [], chat.generate
+
+    def spy(prompts, ecgs, **kw):                                             # what the model is given
+        seen.append(ecgs)
+        return real_generate(prompts, ecgs, **kw)
+    monkeypatch.setattr(chat, "generate", spy)
+    ev.evaluate(chat, rows[:2], ecgs_of, max_new_tokens=2, ablate_ecg=True, progress=False)
+    blanked = [x for sample in seen[0] for x, _ in sample]
+    originals = [torch.as_tensor(e.signal) for r in rows[:2] for e in synthetic.ecgs(r)]
+    assert [x.shape for x in blanked] == [x.shape for x in originals]
+    assert all(not x.any() for x in blanked) and any(x.any() for x in originals)
+
+
+# ----------------------------------------------------------------------------- command line, real record 100
+
+def mitbih_rows(n=5):
+    """anyECG-format localization rows on MIT-BIH record 100 (10 s clips around its
+    premature atrial beats, and one beat-free clip), answers by data.localization_answer."""
+    wfdb = pytest.importorskip("wfdb")
+    if not (PHYSIONET / "100.hea").is_file():
+        pytest.skip(f"MIT-BIH record 100 not found under {PHYSIONET}")
+    ann = wfdb.rdann(str(PHYSIONET / "100"), "atr")
+    a_beats = [s for s, sym in zip(ann.sample, ann.symbol) if sym == "A"]
+    starts = [int(s) - 1800 for s in a_beats[1:n]] + [10_000]
+    rows = []
+    for start, symbol in zip(starts, ["A"] * (n - 1) + ["V"]):
+        answer = localization_answer(ann.sample, ann.symbol, start, start + 3600, 360, symbol)
+        rows.append({"question": f"Locate the {BEAT_NAMES[symbol]} on this ECG.", "answer": answer,
+                     "ecg_path": "100", "dataset": "mit_bih_arrhythmia", "task": "location",
+                     "abnormal_type": symbol, "ecg_start": start, "ecg_end": start + 3600})
+    return rows
+
+
+def test_eval_cli_end_to_end_on_mitbih_100(chat, tmp_path):
+    rows = mitbih_rows()
+    assert rows[0]["answer"].startswith("Duration:") and rows[-1]["answer"].startswith("No ")
+    rows.append({**rows[0], "ecg_path": ["not_a_record"]})                   # missing: counted, not fatal
+    data = tmp_path / "loc.json"
+    data.write_text(json.dumps(rows))
+    chat.save(tmp_path / "ckpt")
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(ROOT / "eval.py"), "--ckpt", str(tmp_path / "ckpt"), "--data", str(data),
+           "--ecg-root", str(PHYSIONET), "--out", str(out), "--max-new-tokens", "12", "--batch-size", "4"]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "location" in run.stdout and "IoU micro" in run.stdout
+    assert "skipped 1 rows: ecg_path not found 1" in run.stdout and "not_a_record" in run.stdout
+    result = json.loads(out.read_text())
+    loc = result["scores"]["location"]
+    assert loc["n"] == 5 and set(loc["per_type"]) == {"A", "V"} and 0 <= loc["iou_micro"] <= 1
+    assert len(result["predictions"]) == 5 and result["scores"]["skipped"]["n"] == 1
+    assert all(0 <= p["score"] <= 1 for p in result["predictions"])
+    # --ablate-ecg and --limit run too; the benchmark subcommands still parse
+    run = subprocess.run(cmd + ["--ablate-ecg", "--limit", "2"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.read_text())["ablate_ecg"] is True
+
+
+
+def test_benchmark_subcommands_still_dispatch(capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["bench-llm", "--help"])
+    assert e.value.code == 0 and "--decode-batches" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    assert "--ecg-root" in capsys.readouterr().out
+
+
+def test_eval_cli_bad_checkpoint_and_data(chat, tmp_path):
+    chat.save(tmp_path / "ckpt")
+    (tmp_path / "rows.json").write_text("[]")
+    os.remove(tmp_path / "ckpt" / "model.safetensors")
+    run = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(tmp_path / "ckpt"),
+                          "--data", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "model.safetensors: missing" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -1,0 +1,151 @@
+"""Tests for the command-line chat in generate.py: one answer about the real 12-lead PTB
+record with --plot (the SVG parsed as XML), lead subsets and parts of a record, multi-turn
+chat from stdin, streaming, and one clear error for each bad input."""
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import generate
+from data import BEAT_NAMES, ECGRecord
+from ecg_encoder import ECGEncoder, EncoderConfig
+from model import LLM, ECGChat, LLMConfig, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PHYSIONET = ROOT.parent / "shared" / "data" / "physionet"
+PTB = PHYSIONET / "s0010_re"
+SVG = "{http://www.w3.org/2000/svg}"
+TEXT = ["Report: Sinus rhythm, Normal ECG", "Duration: 1.3s-2.9s, 6.1s-7.7s", "yes", "no",
+        "Heart rate: 72 bpm, PR: 160 ms, QRS: 90 ms"] * 20 + list(BEAT_NAMES.values())
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """An untrained tiny ECGChat saved as a checkpoint folder: its answers are noise."""
+    d = tmp_path_factory.mktemp("gen")
+    tok = train_tokenizer(TEXT, d / "tok", vocab_size=400)
+    torch.manual_seed(0)
+    llm = LLM(LLMConfig(vocab_size=tok.base_vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)).init_weights()
+    ECGChat(llm, ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=2, n_heads=2)), tok).save(d / "ckpt")
+    return d / "ckpt"
+
+
+def need(record):
+    if not Path(f"{record}.hea").is_file():
+        pytest.skip(f"PhysioNet record {record} not found")
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def polylines(svg_path):
+    return ET.parse(svg_path).getroot().findall(f"{SVG}polyline")
+
+
+def test_answers_about_ptb_record_and_plots_it(ckpt, tmp_path):
+    need(PTB)
+    out = tmp_path / "plot.svg"
+    r = run_cli("--ckpt", ckpt, "--ecg", PTB, "--prompt", "Locate the Premature ventricular contraction.",
+                "--start", "5", "--end", "15", "--max-new-tokens", "12", "--seed", "0", "--plot", out)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n") and "Traceback" not in r.stderr
+    assert "s0010_re: 10.0 s at 1000 Hz, leads I II III aVR aVL aVF V1 V2 V3 V4 V5 V6" in r.stderr
+    root = ET.parse(out).getroot()                                            # well-formed XML
+    assert root.tag == f"{SVG}svg" and len(polylines(out)) == 12             # the leads the model read
+    labels = [t.text for t in root.iter(f"{SVG}text")]
+    assert "0 s" in labels and "10 s" in labels                               # time axis in seconds
+    assert any(t and t.startswith("s0010_re from 5 s:") for t in labels)
+    # same seed, same answer
+    again = run_cli("--ckpt", ckpt, "--ecg", PTB, "--prompt", "Locate the Premature ventricular contraction.",
+                    "--start", "5", "--end", "15", "--max-new-tokens", "12", "--seed", "0")
+    assert again.stdout == r.stdout
+
+
+def test_plot_shades_the_localized_intervals(tmp_path):
+    rec = ECGRecord(np.random.default_rng(0).normal(size=(2, 1000)).astype(np.float32), 100.0, ["II", "V5"])
+    spans = generate.plot_answer(tmp_path / "p.svg", rec, ["II", "V5"], "Duration: 1.0s-2.0s, 8.5s-12.0s", "rec")
+    assert spans == [(1.0, 2.0), (8.5, 10.0)]                                 # clipped to the 10 s shown
+    shaded = [e for e in ET.parse(tmp_path / "p.svg").getroot().iter(f"{SVG}rect") if e.get("fill") == "#ff9900"]
+    assert len(shaded) == 2
+    assert generate.plot_answer(tmp_path / "q.svg", rec, ["V5"], "No Atrial premature beat Found", "rec") == []
+    assert len(polylines(tmp_path / "q.svg")) == 1
+
+
+def test_lead_subset_several_ecgs_and_multi_turn_from_stdin(ckpt):
+    need(PHYSIONET / "100")
+    need(PTB)
+    r = run_cli("--ckpt", ckpt, "--ecg", PHYSIONET / "100", "--ecg", PTB, "--leads", "ii, V5", "--end", "10",
+                "--max-new-tokens", "6", "--temperature", "0", stdin="What rhythm?\n\nAnd now?\nexit\nnever asked\n")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2                                    # two questions, two answers
+    assert r.stderr.count("leads II V5 -> 20 tokens") == 2
+
+
+def test_chat_turn_streams_keeps_history_and_forgets_oldest(ckpt):
+    model = ECGChat.load(ckpt)
+    ecg = ECGRecord(np.random.default_rng(1).normal(size=(1, 1000)).astype(np.float32), 100.0, ["II"])
+    pieces = []
+    answer, forgotten = generate.chat_turn(model, [("user", "What rhythm?")], [ecg], 10, on_text=pieces.append)
+    assert forgotten == 0 and "".join(pieces).strip() == answer
+    turns = [("user", "What rhythm?"), ("assistant", answer), ("user", "And the rate?")]
+    seen = []
+    real = model.generate
+    model.generate = lambda prompts, ecgs, **kw: seen.append(prompts[0]) or real(prompts, ecgs, **kw)
+    generate.chat_turn(model, turns, [ecg], 10)
+    assert model.tokenizer.decode(seen[-1]).count("<|user|>") == 2           # the history is in the prompt
+    model.max_seq_len = len(seen[-1]) + 5                                    # too small for history + 10 new
+    _, forgotten = generate.chat_turn(model, turns, [ecg], 10)
+    assert forgotten == 1 and model.tokenizer.decode(seen[-1]).count("<|user|>") == 1
+
+
+def test_cut_seconds():
+    rec = ECGRecord(np.arange(2000, dtype=np.float32)[None], 100.0, ["II"])
+    assert generate.cut_seconds(rec, 2.5, 4.0).signal[0, [0, -1]].tolist() == [250, 399]
+    with pytest.warns(UserWarning, match="past the end"):
+        assert generate.cut_seconds(rec, 19.0, 99.0).signal.shape == (1, 100)
+    with pytest.raises(ValueError, match="--end 3 s must be after --start 5 s"):
+        generate.cut_seconds(rec, 5, 3)
+
+
+def error_of(capsys, *args):
+    """Run generate.main in-process; -> the one error line it exits with."""
+    with pytest.raises(SystemExit) as e:
+        generate.main([str(a) for a in args])
+    assert e.value.code not in (0, None)
+    return str(e.value.code)
+
+
+def test_bad_inputs_give_one_clear_error(ckpt, tmp_path, capsys):
+    need(PHYSIONET / "100")
+    base = ["--ckpt", ckpt, "--prompt", "Where?", "--max-new-tokens", "2"]
+    msg = error_of(capsys, *base, "--ecg", tmp_path / "nope")
+    assert "nope.hea: no such WFDB header" in msg
+    msg = error_of(capsys, *base, "--ecg", PHYSIONET / "100", "--leads", "I,foo")
+    assert "--leads: ['foo'] are not ECG lead names" in msg
+    msg = error_of(capsys, *base, "--ecg", PHYSIONET / "100", "--leads", "V1")
+    assert "100: leads ['V1'] requested but the record has ['II', 'V5']" in msg
+    np.save(tmp_path / "odd.npy", np.random.default_rng(0).normal(size=(2, 1000)))
+    with pytest.warns(UserWarning, match="not ECG leads"):
+        msg = error_of(capsys, *base, "--ecg", tmp_path / "odd.npy", "--fs", 250, "--lead-names", "P1,P2")
+    assert "odd.npy: no standard ECG lead among ['P1', 'P2']" in msg
+    msg = error_of(capsys, *base, "--ecg", tmp_path / "odd.npy")
+    assert "pass load_ecg(path, fs=..., lead_names=[...])" in msg
+    msg = error_of(capsys, *base, "--ecg", PHYSIONET / "100", "--start", 5000)
+    assert "100: --start 5000 s is outside the record, which is 1805.56 s long" in msg
+    msg = error_of(capsys, *base, "--ecg", PHYSIONET / "100")               # 30 min do not fit 512 tokens
+    assert "the LLM context allows 512" in msg
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in Path(ckpt).iterdir():
+        if f.name != "tokenizer.model":
+            (broken / f.name).write_bytes(f.read_bytes())
+    msg = error_of(capsys, "--ckpt", broken, "--ecg", PHYSIONET / "100", "--prompt", "Where?")
+    assert "tokenizer.model: missing" in msg

@@ -1,0 +1,200 @@
+"""Tests for train.py: the curriculum's stages learn and freeze what they should, resume is exact,
+DDP equals gradient accumulation, checkpoints survive a crash, and bad input gets a clear error."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from model import ECGChat
+from tasks import build_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=400, encoder_dim=32, encoder_layers=1,
+            batch_size=4, train_patients=10, val_patients=2, test_patients=2, eval_batches=1, gen_eval_rows=0,
+            test_rows=1, max_new_tokens=4, log_interval=1, eval_interval=1000, ckpt_interval=1000,
+            stage0_steps=3, stage1_steps=3, stage2_steps=3, stage3_steps=3, seed=7)
+
+
+def tiny(tmp_path, **kw):
+    return train.Config(out_dir=str(tmp_path), **{**TINY, **kw})
+
+
+def log_of(out_dir, key="loss"):
+    lines = [json.loads(x) for x in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return [r for r in lines if key in r and "event" not in r]
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_unknown_config_key_lists_close_matches(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'stage1_step'.*stage1_steps"):
+        train.parse_config(["--stage1_step", "3"])
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"batch_sise": 4}))
+    with pytest.raises(ValueError, match=rf"{bad}.*'batch_sise'.*batch_size"):
+        train.parse_config(["--config", str(bad)])
+    good = tmp_path / "g.json"
+    good.write_text(json.dumps({"batch_size": 4, "stage2_tasks": "location"}))
+    cfg = train.parse_config(["--config", str(good), "--batch-size", "5", "--resume"])
+    assert (cfg.batch_size, cfg.stage2_tasks, cfg.resume) == (5, "location", True)  # flags beat the file
+    assert train.parse_config(["--llm", "x"]).stage1_lr == 1e-4  # anyECG's recipe with --llm
+    with pytest.raises(ValueError, match="unknown task 'locaton'"):
+        train.curriculum(replace(cfg, stage2_tasks="locaton"))
+
+
+def test_llm_folder_that_is_not_llama_names_the_file(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match=r"gpt2/config.json.*not a Llama-family"):
+        train.train(tiny(tmp_path / "out", llm=str(folder)))
+
+# ----------------------------------------------------------------------------- stages
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stages")
+    cfg = train.Config(out_dir=str(out), **TINY)
+    data = train.load_data(cfg, lambda record: None)
+    model = train.build_model(cfg, train.build_tokenizer(cfg, data, 0), torch.device("cpu"), torch.float32)
+    return cfg, data, model
+
+
+def test_each_stage_lowers_the_loss_and_leaves_frozen_parts_bit_identical(setup):
+    cfg, data, model = setup
+    for stage in train.curriculum(cfg):
+        train.prepare_stage(model, stage, cfg)
+        model.train()
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert frozen and trained
+        opt = train.make_optimizer(model, cfg, 1e-2)
+        batch = train.micro_batch(cfg, data["train"], data["train"].weights(stage.tasks), model, stage, 0, 0)
+        ids, labels, ecgs = train.to_device(batch, "cpu")
+        torch.manual_seed(0)
+        losses = []
+        for _ in range(8):
+            _, loss = model(ids, ecgs, labels=labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        # a frozen tiny LLM leaves the ECG side little room on one batch; the drop is small but sure
+        assert losses[-1] < losses[0] - 0.01, (stage.name, losses)
+        for n, p in model.named_parameters():
+            if n in frozen:
+                assert torch.equal(p, frozen[n]), f"stage {stage.name}: frozen {n} changed"
+        assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)
+        expect_lora = any("lora" in s.train for s in train.curriculum(cfg) if s.index <= stage.index)
+        assert bool(train.lora_layers(model.llm)) == expect_lora
+
+
+def test_stage0_is_text_only_and_stage1_sees_ecgs(setup):
+    cfg, data, model = setup
+    s0, s1 = train.curriculum(cfg)[:2]
+    b0 = train.micro_batch(cfg, data["train"], data["train"].weights(s0.tasks), model, s0, 0, 0)
+    b1 = train.micro_batch(cfg, data["train"], data["train"].weights(s1.tasks), model, s1, 0, 0)
+    assert all(e == [] for e in b0["ecgs"]) and all(len(e) >= 1 for e in b1["ecgs"])
+    real = b0["input_ids"] != model.tokenizer.pad_id
+    assert torch.equal(b0["labels"][:, 1:] != -100, real[:, 1:])  # stage 0: loss on every token but <bos>
+    assert (b1["labels"] != -100).sum() < (b1["input_ids"] != model.tokenizer.pad_id).sum() / 2  # answers only
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def test_resume_mid_stage_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    full = train.train(tiny(tmp_path / "a"))
+    # stop in stage 2 (steps 3 + 3 + 2), where LoRA dropout draws from the torch RNG
+    first = train.train(tiny(tmp_path / "b", stop_after=8))
+    assert train.latest_checkpoint(tmp_path / "b").name == "step_0000008"
+    rest = train.train(tiny(tmp_path / "b", resume=True))
+    assert len(full) == 12 and first + rest == full
+    a = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    back = ECGChat.load(tmp_path / "b" / "model")  # the folder generate.py / eval.py take
+    assert back.tokenizer.vocab_size == back.llm.config.vocab_size
+    assert (tmp_path / "a" / "test_predictions.jsonl").is_file()
+
+
+def test_two_process_ddp_matches_single_process_gradient_accumulation(tmp_path):
+    kw = dict(grad_accum=2, lora_dropout=0.0, stage0_steps=2, stage1_steps=2, stage2_steps=2, stage3_steps=2)
+    single = train.train(tiny(tmp_path / "single", **kw))
+    (tmp_path / "ddp").mkdir()
+    os.symlink(tmp_path / "single" / "tokenizer", tmp_path / "ddp" / "tokenizer")  # same tokenizer
+    args = [f"--{k}={v}" for k, v in {**TINY, **kw}.items()] + [f"--out_dir={tmp_path / 'ddp'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29517", str(ROOT / "train.py"), *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ddp = [x["loss"] for x in log_of(tmp_path / "ddp")]
+    assert len(ddp) == len(single) == 8
+    assert ddp == pytest.approx(single, rel=1e-5, abs=1e-6)
+    a = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_crash_between_temp_write_and_rename_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
+    cfg, _, model = setup
+    cfg = replace(cfg, out_dir=str(tmp_path))
+    opt = train.make_optimizer(model, cfg, 1e-3)
+    first = train.save_checkpoint(cfg, model, opt, {"stage": 1, "step": 1, "global_step": 1})
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed between temp write and rename")
+    monkeypatch.setattr(train.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(cfg, model, opt, {"stage": 1, "step": 2, "global_step": 2})
+    monkeypatch.undo()
+    assert train.latest_checkpoint(tmp_path) == first
+    meta = train.load_checkpoint(first, model, opt)
+    assert meta["step"] == 1 and all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
+
+
+def test_nan_step_is_skipped_and_repeated_nan_stops_with_checkpoint(tmp_path, monkeypatch):
+    forward = ECGChat.forward
+    calls = {"n": 0, "bad": {4}}
+
+    def flaky(self, *args, **kw):
+        logits, loss = forward(self, *args, **kw)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in calls["bad"] or "all" in calls["bad"]:
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(ECGChat, "forward", flaky)
+    losses = train.train(tiny(tmp_path / "a"))
+    nan = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines() if '"nan"' in x]
+    assert len(nan) == 1 and nan[0]["stage"] == 1 and len(losses) == 11  # one step skipped, run finished
+    calls.update(n=0, bad={"all"})
+    with pytest.raises(FloatingPointError, match="3 non-finite steps"):
+        train.train(tiny(tmp_path / "b"))
+    assert train.latest_checkpoint(tmp_path / "b") is not None
+
+
+def test_anyecg_file_with_malformed_rows_trains_and_counts_them(tmp_path):
+    ds = build_synthetic_dataset(4, seed=3, split="train")
+    path = ds.write(tmp_path / "ecgs", "rows")
+    rows = json.loads(Path(path).read_text())
+    rows += [{"question": "no answer", "ecg_path": "x", "task": "report", "dataset": "d"}, "not a row"]
+    Path(path).write_text(json.dumps(rows))
+    with pytest.warns(UserWarning, match="skipped 2"):
+        train.train(tiny(tmp_path / "out", data=path, ecg_root=str(tmp_path / "ecgs"), stage0_steps=1,
+                         stage1_steps=1, stage2_steps=1, stage3_steps=1, test_rows=1))
+    event = [json.loads(x) for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines() if '"skipped"' in x]
+    assert event[0]["skipped"] == 2 and event[0]["rows"] == len(rows) - 2
