@@ -611,4 +611,7 @@ def _trace(x, fs, x0, mid, px_per_s, px_per_mv):
 
 
 def _xml(text):
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    # escape markup, and drop the control characters XML 1.0 forbids (a model's answer, used as
+    # a title, may hold them)
+    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "", str(text))
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -157,7 +157,7 @@ class LLMConfig:
     intermediate_size: int = 11008
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
-    num_key_value_heads: int = 32       # < num_attention_heads: grouped-query attention
+    num_key_value_heads: int = 0        # 0: = num_attention_heads; fewer: grouped-query attention
     head_dim: int = 0                   # 0: hidden_size // num_attention_heads
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
@@ -173,6 +173,8 @@ class LLMConfig:
     def __post_init__(self):
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if not self.num_key_value_heads:
+            self.num_key_value_heads = self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
                              f"of num_key_value_heads={self.num_key_value_heads}")
@@ -181,7 +183,8 @@ class LLMConfig:
 def rope_inv_freq(cfg):
     """Inverse frequencies of rotary embeddings, (head_dim/2,), with rope_scaling applied."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    # always on the CPU: a small table, and meta-device arithmetic (from_pretrained) is slow to set up
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
@@ -320,13 +323,18 @@ class LLM(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # an empty weight skips nn.Embedding's own normal_ init: init_weights draws it below, and
+        # on the meta device (from_pretrained) that normal_ alone would cost seconds of start-up
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if self.embed_tokens.weight.device.type != "meta":  # from_pretrained assigns real weights later
+            self.init_weights()
 
     def init_weights(self, std=0.02):
         """Random init for a model trained from scratch (from_pretrained skips this)."""

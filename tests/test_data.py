@@ -416,6 +416,9 @@ def test_plot_ecg_svg(tmp_path):
     assert any(r.get("fill") == "#ff9900" for r in root.iter("{http://www.w3.org/2000/svg}rect"))
     texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
     assert "V6" in texts and "10 s" in texts and "a < b" in texts
+    # control characters (an untrained model's answer as a title) must not break the XML
+    odd = plot_ecg_svg(rec.signal, rec.fs, rec.leads, tmp_path / "odd.svg", title="ST\x01 up\x1b & <down>")
+    assert "ST up & <down>" in [t.text for t in ET.parse(odd).getroot().iter("{http://www.w3.org/2000/svg}text")]
     long, _ = synth.synth_ecg(synth.make_patient(2), 3600, 250, leads=["II"], seed=1)
     big = Path(plot_ecg_svg(long.signal, long.fs, long.leads, tmp_path / "long.svg"))
     assert big.stat().st_size < 1_000_000, "an hour is drawn min-max per pixel, not sample by sample"

@@ -247,13 +247,14 @@ def test_lora_zero_init_is_identity_and_merge_matches():
         for m in lora_layers(llm):
             m.lora_B.normal_(std=0.5)
         unmerged = llm(idx)
-        assert (unmerged - before).abs().max() > 1e-3  # the adapters do something
+        assert (unmerged - before).abs().max() > 0.1  # the adapters do something
+        # merging folds B @ A into W: equal up to fp32 rounding of logits of size ~4
         for m in lora_layers(llm):
             m.merge()
-        assert (llm(idx) - unmerged).abs().max() <= 1e-5
+        assert (llm(idx) - unmerged).abs().max() <= 1e-4
         for m in lora_layers(llm):
             m.unmerge()
-        assert (llm(idx) - unmerged).abs().max() <= 1e-5
+        assert (llm(idx) - unmerged).abs().max() <= 1e-4
 
 
 def test_lora_keeps_base_names_and_saves_merged(tmp_path):
