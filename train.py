@@ -335,7 +335,7 @@ def build_model(cfg, tok, device, dtype):
         llm = LLM(LLMConfig(vocab_size=tok.vocab_size, hidden_size=cfg.dim, intermediate_size=ffn,
                             num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                             num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
-                            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).init_weights().to(device, dtype)
+                            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).to(device, dtype)
     over = {k: v for k, v in [("d_model", cfg.encoder_dim), ("n_layers", cfg.encoder_layers)] if v}
     encoder = ECGEncoder(getattr(EncoderConfig, cfg.encoder)(**over)).to(device, dtype)
     return ECGChat(llm, encoder, tok, cfg.max_seq_len)
