@@ -18,8 +18,11 @@ group); `packed="nested"` instead packs every window into one nested jagged tens
 average-pooled to `tokens_per_second`, and the absolute time code is added again so the
 LLM can read "at 12.3 s" off a token. The encoder never min-max scales a lead (anyECG
 does): amplitude in mV is diagnostic (low voltage, ST shift), so signals are only
-clamped to +-`max_abs_mv`, and each patch's mean and std in mV ride along with its
-LayerNorm-ed shape (a bare LayerNorm on the patch, as in anyECG, would erase them).
+clamped to +-`max_abs_mv`. A patch enters as its samples minus its mean, still in mV,
+with that mean and its std alongside: subtracting the mean removes baseline wander, and
+nothing rescales the patch, because a per-patch LayerNorm (anyECG) would blow the noise
+of a flat stretch up to the size of a QRS complex (it also learned slower: HR error 10.4
+vs 7.7 bpm after 400 steps of a direct-supervision probe).
 """
 
 import json
@@ -157,8 +160,7 @@ class ECGEncoder(nn.Module):
         self.cfg = cfg
         P, d = cfg.patch_size, cfg.d_model
         self.lead_index = {name: i for i, name in enumerate(cfg.leads)}
-        self.patch_norm = nn.LayerNorm(P)    # the patch's shape ...
-        self.patch_proj = nn.Linear(P + 2, d)  # ... plus its mean and std in mV
+        self.patch_proj = nn.Linear(P + 2, d)  # the patch's shape, its mean and its std, in mV
         self.patch_out_norm = nn.LayerNorm(d)
         self.lead_emb = nn.Embedding(len(cfg.leads), d)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -214,8 +216,9 @@ class ECGEncoder(nn.Module):
         P, n_p = self.cfg.patch_size, self.num_patches(N)
         x = x.clamp(-self.cfg.max_abs_mv, self.cfg.max_abs_mv)
         x = F.pad(x, (0, n_p * P - N)).view(L, n_p, P)  # (L, n_p, P)
-        stats = torch.stack([x.mean(-1), x.std(-1, correction=0)], dim=-1)  # (L, n_p, 2)
-        h = self.patch_out_norm(self.patch_proj(torch.cat([self.patch_norm(x), stats], -1)))
+        mean = x.mean(-1, keepdim=True)  # (L, n_p, 1)
+        stats = torch.cat([mean, x.std(-1, correction=0, keepdim=True)], dim=-1)  # (L, n_p, 2)
+        h = self.patch_out_norm(self.patch_proj(torch.cat([x - mean, stats], -1)))
         ids = torch.tensor([self.lead_index[n] for n in names], device=x.device)
         return h + self.lead_emb(ids)[:, None, :] + self._time(n_p, self.cfg.patch_s)  # (L, n_p, C)
 
