@@ -303,3 +303,10 @@ def test_eval_cli_bad_checkpoint_and_data(chat, tmp_path):
                           "--data", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "model.safetensors: missing" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_probe_encoder_runs_and_scores_in_range():
+    """The encoder probe (a benchmark, `eval.py probe-encoder`) trains and reports scores."""
+    from eval import probe_encoder
+    f1, hr_mae = probe_encoder(steps=3, train_patients=4, test_patients=3, eval_every=3)
+    assert 0.0 <= f1 <= 1.0 and 0.0 <= hr_mae < 200.0
