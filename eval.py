@@ -17,6 +17,7 @@ Read top to bottom:
     python eval.py bench-encoder [--device cpu|cuda] [--durations 10,60,600,3600]
     python eval.py bench-llm [--device cpu|cuda] [--dtype fp32|bf16]   (needs transformers)
     python eval.py probe-encoder [--steps 400]   (the encoder alone on the synthetic truth)
+    python eval.py speed [--device cpu|cuda]     (all speed figures in one table; needs transformers)
 """
 
 import argparse
@@ -674,6 +675,7 @@ def bench_llm(args):
         with torch.no_grad():
             rows.append((f"decode batch {batch}", batch * args.new_tokens, decode("ours", batch), decode("hf", batch)))
     print(f"{'measure':<22}{'ours tok/s':>12}{'transformers tok/s':>20}{'ours/hf':>9}")
+    figures = []  # (measure, ours tok/s, transformers tok/s, MFU or None)
     for name, n_tokens, fn_ours, fn_hf in rows:
         grad = torch.enable_grad() if name.startswith("train") else torch.no_grad()
         with grad:
@@ -684,16 +686,45 @@ def bench_llm(args):
                 t_hf.append(timed(fn_hf))
         a, b = n_tokens / statistics.median(t_ours), n_tokens / statistics.median(t_hf)
         print(f"{name:<22}{a:>12.0f}{b:>20.0f}{a / b:>9.2f}")
+        mfu = None
         if device.type == "cuda" and name.startswith("train"):
             peak = {torch.bfloat16: 989e12, torch.float32: 67e12}.get(dtype, 989e12)  # H100 SXM dense
-            flops = 6 * n_params * n_tokens / statistics.median(t_ours)
-            print(f"{'':<22}MFU {flops / peak:.1%} (6·N·tokens/s over {peak / 1e12:.0f} TFLOP/s)")
+            mfu = 6 * n_params * n_tokens / statistics.median(t_ours) / peak
+            print(f"{'':<22}MFU {mfu:.1%} (6·N·tokens/s over {peak / 1e12:.0f} TFLOP/s)")
+        figures.append((name, a, b, mfu))
+    return figures
+
+
+def speed(args):
+    """Every speed figure the design asks for, in one table: the LLM against transformers
+    (train step, cached decode), the encoder's time per ECG-second from 10 s to 1 h, and a
+    mixed-length batch windowed against zero-padded. Each part prints its own detail first."""
+    llm = bench_llm(args)
+    durations = [float(x) for x in args.durations.split(",")]
+    enc, mixed = bench_encoder(args.device, durations, ["tiny"], None)
+    per_s = {r["seconds"]: 1e3 * r["time_s"] / r["seconds"] for r in enc}
+    longest = per_s[max(per_s)]
+    table = []  # (measure, value, target, met)
+    for name, ours, hf, mfu in llm:
+        table.append((f"LLM {name}, ours / transformers", f"{ours / hf:.2f}x", ">= 1.0x", ours >= hf))
+        if mfu is not None:
+            table.append((f"LLM {name}, MFU", f"{mfu:.1%}", "reported", None))
+    for sec, ms in per_s.items():
+        table.append((f"encoder ms per ECG-second, {sec:g} s", f"{ms:.3f} ({ms / longest:.2f}x of {max(per_s):g} s)",
+                      "flat (<= 1.3x)", ms / longest <= 1.3))
+    dense, padded = mixed[0][3], mixed[-1][3]
+    table.append(("mixed batch: windowed vs zero-padded time", f"{dense:.3f} s vs {padded:.3f} s",
+                  "windowed faster", dense < padded))
+    print(f"\n{'measure':<52} {'value':<28} {'target':<16} met")
+    for measure, value, target, met in table:
+        print(f"{measure:<52} {value:<28} {target:<16} {'-' if met is None else 'yes' if met else 'NO'}")
+    return table
 
 
 # -----------------------------------------------------------------------------
 # 5. command line
 
-BENCHMARKS = ("bench-encoder", "bench-llm", "probe-encoder")
+BENCHMARKS = ("bench-encoder", "bench-llm", "probe-encoder", "speed")
 
 
 def anyecg_ecgs(root, fs):
@@ -759,16 +790,7 @@ def eval_main(argv):
     return scores
 
 
-def bench_main(argv):
-    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench-encoder", help="encoder time/memory vs ECG duration")
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    b.add_argument("--durations", default="10,60,600,3600", help="seconds, comma-separated")
-    b.add_argument("--presets", default="tiny,base", help="EncoderConfig presets")
-    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    b = sub.add_parser("bench-llm", help="LLM train step and cached decode, ours vs transformers")
+def _llm_bench_args(b):
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     b.add_argument("--vocab", type=int, default=8000)
@@ -783,6 +805,21 @@ def bench_main(argv):
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
     b.add_argument("--reps", type=int, default=5)
+
+
+def bench_main(argv):
+    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench-encoder", help="encoder time/memory vs ECG duration")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--durations", default="10,60,600,3600", help="seconds, comma-separated")
+    b.add_argument("--presets", default="tiny,base", help="EncoderConfig presets")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    _llm_bench_args(sub.add_parser("bench-llm", help="LLM train step and cached decode, ours vs transformers"))
+    b = sub.add_parser("speed", help="bench-llm + bench-encoder (tiny) in one table against the design's targets")
+    _llm_bench_args(b)
+    b.add_argument("--durations", default="10,60,600,3600", help="encoder: ECG seconds, comma-separated")
     b = sub.add_parser("probe-encoder", help="encoder + linear head on the synthetic ground truth: "
                                              "how fast the encoder learns statements and HR")
     b.add_argument("--steps", type=int, default=400)
@@ -793,13 +830,14 @@ def bench_main(argv):
     b.add_argument("--layers", type=int, default=4, help="encoder depth")
     args = parser.parse_args(argv)
     if args.command == "probe-encoder":
-        probe_encoder(args.steps, args.lr, args.batch_size, args.train_patients,
-                      d_model=args.d_model, n_layers=args.layers)
-    elif args.command == "bench-llm":
-        bench_llm(args)
-    elif args.command == "bench-encoder":
-        bench_encoder(args.device, [float(s) for s in args.durations.split(",")],
-                      args.presets.split(","), args.threads)
+        return probe_encoder(args.steps, args.lr, args.batch_size, args.train_patients,
+                             d_model=args.d_model, n_layers=args.layers)
+    if args.command == "bench-llm":
+        return bench_llm(args)
+    if args.command == "speed":
+        return speed(args)
+    return bench_encoder(args.device, [float(s) for s in args.durations.split(",")],
+                         args.presets.split(","), args.threads)
 
 
 def main(argv=None):

@@ -310,3 +310,18 @@ def test_probe_encoder_runs_and_scores_in_range():
     from eval import probe_encoder
     f1, hr_mae = probe_encoder(steps=3, train_patients=4, test_patients=3, eval_every=3)
     assert 0.0 <= f1 <= 1.0 and 0.0 <= hr_mae < 200.0
+
+
+def test_speed_mode_gathers_every_figure_in_one_table(capsys):
+    """`eval.py speed` on a toy size: one row per LLM measure, per encoder duration, and the
+    mixed batch, each with its target (timings themselves are benchmarks, not tested)."""
+    pytest.importorskip("transformers")
+    table = ev.main(["speed", "--dim", "32", "--ffn", "64", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+                     "--vocab", "64", "--train-len", "16", "--new-tokens", "4", "--prompt-len", "4",
+                     "--reps", "1", "--decode-batches", "1", "--durations", "10,20"])
+    measures = [row[0] for row in table]
+    assert measures == ["LLM train step fwd+bwd, ours / transformers", "LLM decode batch 1, ours / transformers",
+                        "encoder ms per ECG-second, 10 s", "encoder ms per ECG-second, 20 s",
+                        "mixed batch: windowed vs zero-padded time"]
+    assert all(isinstance(met, bool) for *_, met in table)
+    assert "mixed batch: windowed vs zero-padded time" in capsys.readouterr().out

@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=400, encoder_dim=32, encoder_layers=1,
             batch_size=4, train_patients=10, val_patients=2, test_patients=2, eval_batches=1, gen_eval_rows=0,
             test_rows=1, max_new_tokens=4, log_interval=1, eval_interval=1000, ckpt_interval=1000,
-            stage0_steps=3, stage1_steps=3, stage2_steps=3, stage3_steps=3, seed=7)
+            stage0_steps=3, stage1_steps=3, stage2_steps=3, stage3_steps=3, seed=7,
+            # anyECG's freezing (the --llm recipe), so the frozen-parts test has parts to check
+            stage1_train="encoder,projector", stage2_train="encoder,projector,lora",
+            stage3_train="encoder,projector,lora")
 
 
 def tiny(tmp_path, **kw):
@@ -45,7 +48,11 @@ def test_unknown_config_key_lists_close_matches(tmp_path):
     good.write_text(json.dumps({"batch_size": 4, "stage2_tasks": "location"}))
     cfg = train.parse_config(["--config", str(good), "--batch-size", "5", "--resume"])
     assert (cfg.batch_size, cfg.stage2_tasks, cfg.resume) == (5, "location", True)  # flags beat the file
-    assert train.parse_config(["--llm", "x"]).stage1_lr == 1e-4  # anyECG's recipe with --llm
+    anyecg = train.parse_config(["--llm", "x"])  # anyECG's recipe with --llm: frozen LLM, then LoRA
+    assert (anyecg.stage1_lr, anyecg.stage1_train, anyecg.stage3_train) == (1e-4, "encoder,projector",
+                                                                            "encoder,projector,lora")
+    assert "llm" in train.parse_config([]).stage1_train  # the tiny LLM from scratch trains whole
+    assert train.parse_config(["--llm", "x", "--stage1_train", "llm"]).stage1_train == "llm"  # flags win
     with pytest.raises(ValueError, match="unknown task 'locaton'"):
         train.curriculum(replace(cfg, stage2_tasks="locaton"))
 
