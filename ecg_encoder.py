@@ -351,8 +351,13 @@ def load_encoder_weights(module, path):
 
 def load_encoder_config(path):
     """The EncoderConfig that save_encoder_weights(..., cfg) stored in the file."""
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such encoder weights file")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors' own error does not say which file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if "config" not in meta:
         raise ValueError(f"{path} holds no encoder config in its metadata")
     return EncoderConfig(**json.loads(meta["config"]))

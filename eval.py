@@ -541,12 +541,14 @@ def bench_encoder(device="cpu", durations=(10, 60, 600, 3600), presets=("tiny", 
 # Encoder probe: how fast can the encoder alone learn what the reports say?
 
 def probe_encoder(steps=400, lr=1e-3, batch_size=16, train_patients=500, test_patients=50,
-                  eval_every=100, seed=0, **encoder_kw):
+                  eval_every=100, seed=0, save=None, **encoder_kw):
     """Train the ECG encoder with a linear head on its mean-pooled tokens, supervised
     directly by the synthetic ground truth: the report statements (multi-label) and the
     heart rate. No LLM is involved, so this isolates the encoder's sample efficiency: a
     chat model cannot report what its encoder has not learned to see. Prints micro F1 of
-    the statements and HR MAE on the held-out test split, then per-statement F1."""
+    the statements and HR MAE on the held-out test split, then per-statement F1. `save`:
+    write the trained encoder there (train.py --encoder_init starts from it)."""
+    from ecg_encoder import save_encoder_weights
     from tasks import build_synthetic_dataset
     torch.manual_seed(seed)
 
@@ -602,6 +604,9 @@ def probe_encoder(steps=400, lr=1e-3, batch_size=16, train_patients=500, test_pa
     tp, fp, fn = (P & Y).sum(0), (P & ~Y).sum(0), (~P & Y).sum(0)
     for i, name in enumerate(STATEMENTS):
         print(f"  {name:<36} n={int(Y[:, i].sum()):3d}  F1 {2 * tp[i] / max(1, 2 * tp[i] + fp[i] + fn[i]):.2f}")
+    if save:
+        save_encoder_weights(enc, save, enc.cfg)
+        print(f"encoder saved to {save} (python train.py --encoder_init {save})")
     return f1, hr_mae
 
 
@@ -828,9 +833,10 @@ def bench_main(argv):
     b.add_argument("--train-patients", type=int, default=500)
     b.add_argument("--d-model", type=int, default=128, help="encoder width")
     b.add_argument("--layers", type=int, default=4, help="encoder depth")
+    b.add_argument("--save", default=None, help="write the trained encoder (safetensors) for train.py --encoder_init")
     args = parser.parse_args(argv)
     if args.command == "probe-encoder":
-        return probe_encoder(args.steps, args.lr, args.batch_size, args.train_patients,
+        return probe_encoder(args.steps, args.lr, args.batch_size, args.train_patients, save=args.save,
                              d_model=args.d_model, n_layers=args.layers)
     if args.command == "bench-llm":
         return bench_llm(args)

@@ -54,7 +54,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from data import collate, encode_chat, load_row_ecgs, load_rows, make_example
-from ecg_encoder import ECGEncoder, EncoderConfig
+from ecg_encoder import ECGEncoder, EncoderConfig, load_encoder_config, load_encoder_weights
 from model import LLM, ECGChat, LLMConfig, Tokenizer, add_lora, lora_layers, train_tokenizer
 
 ALL_TASKS = ("report", "location", "location_long", "ecgqa", "multi", "grounded")
@@ -86,6 +86,7 @@ class Config:
     encoder: str = "tiny"  # ECG encoder preset: tiny | base (anyECG's ViT-Base shape)
     encoder_dim: int = 0  # override the preset's width (0: keep)
     encoder_layers: int = 0  # override the preset's depth (0: keep)
+    encoder_init: str = ""  # encoder weights to start from (safetensors with config, e.g. eval.py probe-encoder --save)
     lora_targets: str = "q_proj,k_proj"  # LLM linears that get LoRA (anyECG: q_proj,k_proj)
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
@@ -343,8 +344,12 @@ def build_model(cfg, tok, device, dtype):
                             num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                             num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
                             bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).to(device, dtype)
-    over = {k: v for k, v in [("d_model", cfg.encoder_dim), ("n_layers", cfg.encoder_layers)] if v}
-    encoder = ECGEncoder(getattr(EncoderConfig, cfg.encoder)(**over)).to(device, dtype)
+    if cfg.encoder_init:  # a pretrained encoder brings its own config (GEM starts from one too)
+        encoder = load_encoder_weights(ECGEncoder(load_encoder_config(cfg.encoder_init)), cfg.encoder_init)
+    else:
+        over = {k: v for k, v in [("d_model", cfg.encoder_dim), ("n_layers", cfg.encoder_layers)] if v}
+        encoder = ECGEncoder(getattr(EncoderConfig, cfg.encoder)(**over))
+    encoder = encoder.to(device, dtype)
     return ECGChat(llm, encoder, tok, cfg.max_seq_len)
 
 

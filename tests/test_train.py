@@ -205,3 +205,25 @@ def test_anyecg_file_with_malformed_rows_trains_and_counts_them(tmp_path):
                          stage1_steps=1, stage2_steps=1, stage3_steps=1, test_rows=1))
     event = [json.loads(x) for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines() if '"skipped"' in x]
     assert event[0]["skipped"] == 2 and event[0]["rows"] == len(rows) - 2
+
+
+def test_encoder_init_starts_from_saved_encoder_and_names_a_mismatch(setup, tmp_path):
+    """--encoder_init: the model starts from the file's encoder (its config comes along);
+    a file that does not fit an encoder is one error naming the file and the keys."""
+    from ecg_encoder import ECGEncoder, EncoderConfig, save_encoder_weights
+    cfg, data, model = setup
+    pretrained = ECGEncoder(EncoderConfig.tiny(d_model=48, n_layers=2))
+    save_encoder_weights(pretrained, tmp_path / "enc.safetensors", pretrained.cfg)
+    cfg2 = replace(cfg, encoder_init=str(tmp_path / "enc.safetensors"))
+    chat = train.build_model(cfg2, model.tokenizer, torch.device("cpu"), torch.float32)
+    assert chat.encoder.cfg.d_model == 48 and len(chat.encoder.blocks) == 2
+    for name, p in pretrained.state_dict().items():
+        assert torch.equal(chat.encoder.state_dict()[name], p), name
+    save_encoder_weights(torch.nn.Linear(2, 2), tmp_path / "bad.safetensors", pretrained.cfg)
+    with pytest.raises(ValueError, match=r"(?s)bad\.safetensors does not match ECGEncoder.*unexpected keys"):
+        train.build_model(replace(cfg, encoder_init=str(tmp_path / "bad.safetensors")), model.tokenizer,
+                          torch.device("cpu"), torch.float32)
+    (tmp_path / "junk.safetensors").write_text("not safetensors")
+    with pytest.raises(ValueError, match=r"junk\.safetensors: not a readable safetensors file"):
+        train.build_model(replace(cfg, encoder_init=str(tmp_path / "junk.safetensors")), model.tokenizer,
+                          torch.device("cpu"), torch.float32)
