@@ -23,6 +23,8 @@ Run it:
   python train.py --llm path/to/TinyLlama --encoder base   # a Hugging Face Llama: anyECG's recipe,
                                                            # stage 0 skipped (lr 1e-4, wd 1e-4)
   python train.py --data rows.json --ecg_root DIR  # anyECG-format rows and WFDB records
+  python train.py --encoder_init enc.safetensors   # start from a saved encoder, e.g. one warmed up by
+                                                   # python eval.py probe-encoder --save enc.safetensors
   torchrun --nproc_per_node 4 train.py ...          # DDP: one process per GPU (gloo on CPU)
 
 The run writes out_dir/log.jsonl (every figure), out_dir/checkpoints/step_N/ (resumable:

@@ -3,6 +3,7 @@ DDP equals gradient accumulation, checkpoints survive a crash, and bad input get
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -140,8 +141,11 @@ def test_two_process_ddp_matches_single_process_gradient_accumulation(tmp_path):
     os.symlink(tmp_path / "single" / "tokenizer", tmp_path / "ddp" / "tokenizer")  # same tokenizer
     args = [f"--{k}={v}" for k, v in {**TINY, **kw}.items()] + [f"--out_dir={tmp_path / 'ddp'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with socket.socket() as sock:  # a port free right now, so parallel CI jobs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29517", str(ROOT / "train.py"), *args],
+                        "--master_port", str(port), str(ROOT / "train.py"), *args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ddp = [x["loss"] for x in log_of(tmp_path / "ddp")]
