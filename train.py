@@ -3,6 +3,8 @@ train.py — the curriculum that turns a language model and an ECG encoder into 
 
 The stages (each with its own task mix, trainable parts, learning rate and number of steps):
 
+  warm-up  encoder    synthetic data only: the encoder alone, with a linear head, learns the
+                      report statements and the heart rate from the generator's ground truth.
   stage 0  language   only when the LLM is built from scratch: the tiny LLM learns to write by
                       predicting the task text (questions and answers, no ECG).
   stage 1  report     ECG encoder + projector learn to write reports.
@@ -16,7 +18,7 @@ the ECG at all (in the measured default run, its scores equalled those with the 
 
 Run it:
 
-  python train.py                                  # synthetic ECGs, tiny LLM from scratch, CPU ~15 min
+  python train.py                                  # synthetic ECGs, tiny LLM from scratch, CPU ~17 min
   python train.py --stage1_steps 300 --out_dir runs/a   # any config field is a flag
   python train.py --config my.json                 # the same fields as JSON (data, never executed)
   python train.py --resume                          # continue from the newest checkpoint in out_dir
@@ -89,6 +91,7 @@ class Config:
     encoder_dim: int = 0  # override the preset's width (0: keep)
     encoder_layers: int = 0  # override the preset's depth (0: keep)
     encoder_init: str = ""  # encoder weights to start from (safetensors with config, e.g. eval.py probe-encoder --save)
+    encoder_warmup_steps: int = 800  # synthetic data: first the encoder alone learns statements + HR (0: off)
     lora_targets: str = "q_proj,k_proj"  # LLM linears that get LoRA (anyECG: q_proj,k_proj)
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
@@ -544,6 +547,29 @@ def forward_backward(cfg, env, train_model, model, split, probs, stage, step):
     return loss_sum, n_tok, n_ecg_s
 
 
+def warm_up_encoder(cfg, encoder, out, log, rank):
+    """Before the curriculum, on synthetic data: the encoder alone, with a linear head on its
+    pooled tokens, learns the report statements and the heart rate straight from the
+    generator's ground truth (`eval.py probe-encoder`). Through the LLM's loss alone the
+    encoder learned so slowly that the default model never read the ECG (README, "The default
+    run"). The result is kept as out_dir/encoder_warmup.safetensors; a run that finds the file
+    loads it instead of training again. Every DDP rank trains the same copy (same seed); DDP
+    broadcasts rank 0's weights anyway."""
+    from eval import probe_encoder
+    path = out / "encoder_warmup.safetensors"
+    if path.exists():
+        load_encoder_weights(encoder, str(path))
+        return
+    f1, hr_mae = probe_encoder(cfg.encoder_warmup_steps, cfg.stage1_lr, cfg.batch_size, cfg.train_patients,
+                               cfg.val_patients, eval_every=cfg.encoder_warmup_steps, seed=cfg.seed,
+                               save=str(path) if rank == 0 else None, encoder=encoder, held_out="val",
+                               verbose=False, desc="encoder warm-up", bar=rank == 0)
+    log({"event": "encoder_warmup", "steps": cfg.encoder_warmup_steps, "val_statement_f1": f1, "val_hr_mae": hr_mae})
+    if rank == 0:
+        print(f"encoder warm-up: {cfg.encoder_warmup_steps} steps, validation statement F1 {f1:.3f}, "
+              f"HR MAE {hr_mae:.1f} bpm")
+
+
 def train(cfg):
     env = setup_env(cfg)
     rank, world, device, ctx = env.rank, env.world, env.device, env.ctx
@@ -566,6 +592,8 @@ def train(cfg):
         warnings.simplefilter("ignore" if rank else "default")
         data = load_data(cfg, log)
     model = build_model(cfg, build_tokenizer(cfg, data, rank), device, env.dtype)
+    if cfg.encoder_warmup_steps and not (cfg.data or cfg.encoder_init or resume_from):
+        warm_up_encoder(cfg, model.encoder, out, log, rank)
     if cfg.grad_checkpoint:
         checkpoint_activations(model.llm)
     if cfg.compile:

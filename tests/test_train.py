@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=400, encoder_dim=32, encoder_layers=1,
             batch_size=4, train_patients=10, val_patients=2, test_patients=2, eval_batches=1, gen_eval_rows=0,
             test_rows=1, max_new_tokens=4, log_interval=1, eval_interval=1000, ckpt_interval=1000,
-            stage0_steps=3, stage1_steps=3, stage2_steps=3, stage3_steps=3, seed=7,
+            stage0_steps=3, stage1_steps=3, stage2_steps=3, stage3_steps=3, seed=7, encoder_warmup_steps=0,
             # anyECG's freezing (the --llm recipe), so the frozen-parts test has parts to check
             stage1_train="encoder,projector", stage2_train="encoder,projector,lora",
             stage3_train="encoder,projector,lora")
@@ -231,3 +231,22 @@ def test_encoder_init_starts_from_saved_encoder_and_names_a_mismatch(setup, tmp_
     with pytest.raises(ValueError, match=r"junk\.safetensors: not a readable safetensors file"):
         train.build_model(replace(cfg, encoder_init=str(tmp_path / "junk.safetensors")), model.tokenizer,
                           torch.device("cpu"), torch.float32)
+
+
+def test_encoder_warmup_trains_the_encoder_saves_it_and_reuses_the_file(setup, tmp_path):
+    """The warm-up changes the encoder, writes out_dir/encoder_warmup.safetensors and logs its
+    validation scores; a second run (a restart before the first checkpoint) loads the file."""
+    cfg, data, shared = setup
+    cfg2 = replace(cfg, out_dir=str(tmp_path), encoder_warmup_steps=3)
+    model = train.build_model(cfg, shared.tokenizer, torch.device("cpu"), torch.float32)  # leave the fixture's alone
+    before = {n: p.detach().clone() for n, p in model.encoder.state_dict().items()}
+    records = []
+    train.warm_up_encoder(cfg2, model.encoder, tmp_path, records.append, 0)
+    after = {n: p.detach().clone() for n, p in model.encoder.state_dict().items()}
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert records[0]["event"] == "encoder_warmup" and 0.0 <= records[0]["val_statement_f1"] <= 1.0
+    fresh = train.build_model(cfg, model.tokenizer, torch.device("cpu"), torch.float32)
+    train.warm_up_encoder(cfg2, fresh.encoder, tmp_path, records.append, 0)
+    assert len(records) == 1  # loaded, not trained again
+    for n, p in fresh.encoder.state_dict().items():
+        assert torch.equal(p, after[n]), n
