@@ -57,8 +57,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from data import collate, encode_chat, load_row_ecgs, load_rows, make_example
-from ecg_encoder import ECGEncoder, EncoderConfig, load_encoder_config, load_encoder_weights
+from data import STATEMENTS, collate, encode_chat, load_row_ecgs, load_rows, make_example
+from ecg_encoder import ECGEncoder, EncoderConfig, load_encoder_config, load_encoder_weights, save_encoder_weights
 from model import LLM, ECGChat, LLMConfig, Tokenizer, add_lora, lora_layers, train_tokenizer
 
 ALL_TASKS = ("report", "location", "location_long", "ecgqa", "multi", "grounded")
@@ -507,6 +507,107 @@ def val_loss(cfg, model, split, probs, stage, device, ctx):
     return float(np.mean(losses))
 
 # -----------------------------------------------------------------------------
+# encoder warm-up: the encoder alone learns the synthetic truth (also eval.py probe-encoder)
+
+def fit_encoder_to_truth(steps=400, lr=1e-3, batch_size=16, train_patients=500, test_patients=50,
+                         eval_every=100, seed=0, save=None, encoder=None, held_out="test", verbose=True,
+                         desc="encoder probe", bar=True, **encoder_kw):
+    """Train the ECG encoder with a linear head on its mean-pooled tokens, supervised
+    directly by the synthetic ground truth: the report statements (multi-label) and the
+    heart rate. No LLM is involved, so this isolates the encoder's sample efficiency: a
+    chat model cannot report what its encoder has not learned to see. Prints micro F1 of
+    the statements and HR MAE on the `held_out` split, then per-statement F1. `save`:
+    write the trained encoder there (train.py --encoder_init starts from it). `encoder`:
+    train this one in place (train.py's warm-up) instead of a new tiny one. `verbose`: print
+    the scores; `bar`: show the progress bar."""
+    from tasks import build_synthetic_dataset
+    from tqdm import tqdm
+    torch.manual_seed(seed)
+
+    def items(split, n):
+        ds = build_synthetic_dataset(n, seed=seed, split=split, tasks=["report"])
+        out = []
+        for row in ds.rows:
+            _, truth = ds.record(row["ecg_path"][0])
+            ecg = ds.ecgs(row)[0]
+            y = torch.zeros(len(STATEMENTS))
+            y[[STATEMENTS.index(s) for s in truth.statements]] = 1
+            out.append((torch.from_numpy(np.ascontiguousarray(ecg.signal, dtype=np.float32)),
+                        list(ecg.leads), y, truth.hr_bpm))
+        return out
+
+    train, test = items("train", train_patients), items(held_out, test_patients)
+    enc = encoder if encoder is not None else ECGEncoder(EncoderConfig.tiny(**encoder_kw))
+    w = enc.lead_emb.weight
+    head = torch.nn.Linear(enc.cfg.d_model, len(STATEMENTS) + 1).to(w.device, w.dtype)  # statements + HR
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=lr)
+
+    def predict(batch):  # -> statement logits (B, S), HR in bpm (B,), both float32 on the CPU
+        pooled = torch.stack([t.mean(0) for t in enc([b[0] for b in batch], [b[1] for b in batch])])
+        out = head(pooled).float().cpu()
+        return out[:, :-1], 80 + 30 * out[:, -1]  # HR around a typical 80 bpm
+
+    def test_scores():
+        enc.eval()
+        with torch.no_grad():
+            preds = [predict(test[i:i + 64]) for i in range(0, len(test), 64)]
+        enc.train()
+        P = torch.cat([p[0] for p in preds]) > 0
+        Y = torch.stack([t[2] for t in test]) > 0
+        hr_err = (torch.cat([p[1] for p in preds]) - torch.tensor([t[3] for t in test])).abs().mean()
+        return P, Y, 2 * (P & Y).sum().item() / (P.sum().item() + Y.sum().item()), hr_err.item()
+
+    say = print if verbose else (lambda *a, **k: None)
+    say(f"encoder probe: {len(train)} training ECGs, {len(test)} {held_out} ECGs, "
+        f"{sum(p.numel() for p in enc.parameters()) / 1e6:.2f}M encoder parameters")
+    rng, t0 = np.random.default_rng(seed), time.time()
+    for step in tqdm(range(1, steps + 1), desc=desc, leave=False, disable=not bar):
+        batch = [train[i] for i in rng.integers(len(train), size=batch_size)]
+        logits, hr = predict(batch)
+        y = torch.stack([b[2] for b in batch])
+        hr_true = torch.tensor([b[3] for b in batch], dtype=torch.float32)
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+                + torch.nn.functional.smooth_l1_loss(hr, hr_true) / 30)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0 or step == steps:
+            P, Y, f1, hr_mae = test_scores()
+            if verbose:
+                tqdm.write(f"step {step:5d}  loss {loss.item():.3f}  statement micro F1 {f1:.3f}  "
+                           f"HR MAE {hr_mae:.1f} bpm  ({time.time() - t0:.0f} s)")
+    tp, fp, fn = (P & Y).sum(0), (P & ~Y).sum(0), (~P & Y).sum(0)
+    for i, name in enumerate(STATEMENTS):
+        say(f"  {name:<36} n={int(Y[:, i].sum()):3d}  F1 {2 * tp[i] / max(1, 2 * tp[i] + fp[i] + fn[i]):.2f}")
+    if save:
+        save_encoder_weights(enc, save, enc.cfg)
+        say(f"encoder saved to {save} (python train.py --encoder_init {save})")
+    return f1, hr_mae
+
+
+def warm_up_encoder(cfg, encoder, out, log, rank):
+    """Before the curriculum, on synthetic data: the encoder alone, with a linear head on its
+    pooled tokens, learns the report statements and the heart rate straight from the
+    generator's ground truth (fit_encoder_to_truth). Through the LLM's loss alone the
+    encoder learned so slowly that the default model never read the ECG (README, "The default
+    run"). The result is kept as out_dir/encoder_warmup.safetensors; a run that finds the file
+    loads it instead of training again. Every DDP rank trains the same copy (same seed); DDP
+    broadcasts rank 0's weights anyway."""
+    path = out / "encoder_warmup.safetensors"
+    if path.exists():
+        load_encoder_weights(encoder, str(path))
+        return
+    f1, hr_mae = fit_encoder_to_truth(cfg.encoder_warmup_steps, cfg.stage1_lr, cfg.batch_size, cfg.train_patients,
+                                      cfg.val_patients, eval_every=cfg.encoder_warmup_steps, seed=cfg.seed,
+                                      save=str(path) if rank == 0 else None, encoder=encoder, held_out="val",
+                                      verbose=False, desc="encoder warm-up", bar=rank == 0)
+    log({"event": "encoder_warmup", "steps": cfg.encoder_warmup_steps, "val_statement_f1": f1, "val_hr_mae": hr_mae})
+    if rank == 0:
+        print(f"encoder warm-up: {cfg.encoder_warmup_steps} steps, validation statement F1 {f1:.3f}, "
+              f"HR MAE {hr_mae:.1f} bpm")
+
+
+# -----------------------------------------------------------------------------
 # the training loop
 
 
@@ -545,29 +646,6 @@ def forward_backward(cfg, env, train_model, model, split, probs, stage, step):
             (loss / n).backward()
         loss_sum += loss.detach() / n
     return loss_sum, n_tok, n_ecg_s
-
-
-def warm_up_encoder(cfg, encoder, out, log, rank):
-    """Before the curriculum, on synthetic data: the encoder alone, with a linear head on its
-    pooled tokens, learns the report statements and the heart rate straight from the
-    generator's ground truth (`eval.py probe-encoder`). Through the LLM's loss alone the
-    encoder learned so slowly that the default model never read the ECG (README, "The default
-    run"). The result is kept as out_dir/encoder_warmup.safetensors; a run that finds the file
-    loads it instead of training again. Every DDP rank trains the same copy (same seed); DDP
-    broadcasts rank 0's weights anyway."""
-    from eval import probe_encoder
-    path = out / "encoder_warmup.safetensors"
-    if path.exists():
-        load_encoder_weights(encoder, str(path))
-        return
-    f1, hr_mae = probe_encoder(cfg.encoder_warmup_steps, cfg.stage1_lr, cfg.batch_size, cfg.train_patients,
-                               cfg.val_patients, eval_every=cfg.encoder_warmup_steps, seed=cfg.seed,
-                               save=str(path) if rank == 0 else None, encoder=encoder, held_out="val",
-                               verbose=False, desc="encoder warm-up", bar=rank == 0)
-    log({"event": "encoder_warmup", "steps": cfg.encoder_warmup_steps, "val_statement_f1": f1, "val_hr_mae": hr_mae})
-    if rank == 0:
-        print(f"encoder warm-up: {cfg.encoder_warmup_steps} steps, validation statement F1 {f1:.3f}, "
-              f"HR MAE {hr_mae:.1f} bpm")
 
 
 def train(cfg):

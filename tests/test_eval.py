@@ -306,9 +306,9 @@ def test_eval_cli_bad_checkpoint_and_data(chat, tmp_path):
 
 
 def test_probe_encoder_runs_and_scores_in_range():
-    """The encoder probe (a benchmark, `eval.py probe-encoder`) trains and reports scores."""
-    from eval import probe_encoder
-    f1, hr_mae = probe_encoder(steps=3, train_patients=4, test_patients=3, eval_every=3)
+    """The encoder probe (`eval.py probe-encoder`, train.py's warm-up loop) trains and scores."""
+    from train import fit_encoder_to_truth
+    f1, hr_mae = fit_encoder_to_truth(steps=3, train_patients=4, test_patients=3, eval_every=3)
     assert 0.0 <= f1 <= 1.0 and 0.0 <= hr_mae < 200.0
 
 
