@@ -21,6 +21,7 @@ import math
 import os
 import re
 import warnings
+from collections import OrderedDict
 from fractions import Fraction
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import numpy as np
 from synth import STANDARD_LEADS, STATEMENTS, ECGRecord
 
 __all__ = ["STANDARD_LEADS", "STATEMENTS", "ECGRecord", "load_ecg", "prepare_ecg", "resample",
-           "localization_answer", "parse_localization", "load_rows",
+           "localization_answer", "parse_localization", "load_rows", "RowECGReader",
            "encode_chat", "collate", "plot_ecg_svg"]
 
 # --------------------------------------------------------------------------- 1. lead names
@@ -80,7 +81,7 @@ _WFDB_FLAC = {"508", "516", "524"}
 _TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "v": 1e3, "nu": 1.0, "": 1.0}
 
 
-def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None):
+def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, start=None, end=None):
     """Read an ECG file -> ECGRecord(signal float32 (leads, samples) in mV, fs, lead names).
 
     path: a WFDB record (name with or without .hea/.dat; multi-file records such as PTB's
@@ -89,6 +90,8 @@ def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None):
     drop_unknown: drop channels that are not ECG leads I..V6.
     fs, lead_names: needed for .npy; fs also for .csv without a time column;
     lead_names overrides the names stored in any file.
+    start, end: read only samples [start, end) (WFDB reads just that part of the file, so a
+    10 s clip of a 24 h Holter costs what a 10 s record does).
     All-NaN and flat leads are dropped with a warning; partly missing samples are
     interpolated with a warning (see repair_nonfinite)."""
     path = str(path)
@@ -98,7 +101,10 @@ def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None):
     elif suffix == ".csv":
         signal, fs, names = _read_csv(path, fs, lead_names)
     else:
-        signal, fs, names = _read_wfdb(path[:-4] if suffix in (".hea", ".dat", ".xyz") else path, lead_names)
+        signal, fs, names = _read_wfdb(path[:-4] if suffix in (".hea", ".dat", ".xyz") else path, lead_names,
+                                       start, end)
+    if suffix in (".npy", ".csv") and (start is not None or end is not None):
+        signal = signal[:, _clip_bounds(path, signal.shape[1], start, end)]
     if signal.shape[1] == 0:
         raise ValueError(f"{path}: record has zero samples")
     if not (fs and fs > 0):
@@ -119,22 +125,32 @@ def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None):
     return ECGRecord(np.ascontiguousarray(signal, dtype=np.float32), float(fs), names)
 
 
-def _read_wfdb(record, lead_names):
+def _clip_bounds(path, n, start, end):
+    start, end = 0 if start is None else int(start), n if end is None else int(end)
+    if not 0 <= start < end <= n:
+        raise ValueError(f"{path}: clip [{start}, {end}) is outside the record's {n} samples")
+    return slice(start, end)
+
+
+def _read_wfdb(record, lead_names, start=None, end=None):
+    """One pass of wfdb over header and samples: parsing a header costs more than reading a
+    10 s record, so it is parsed once. When wfdb fails or returns fewer samples than asked,
+    _diagnose_wfdb parses the header again to say precisely what is wrong."""
     import wfdb
     header = record + ".hea"
     if not os.path.isfile(header):
         raise FileNotFoundError(f"{header}: no such WFDB header (record '{record}')")
+    if start is not None and end is not None and not 0 <= start < end:
+        raise ValueError(f"{record}: clip [{start}, {end}) is empty or negative")
     try:
-        h = wfdb.rdheader(record)
+        rec = wfdb.rdrecord(record, sampfrom=int(start or 0), sampto=None if end is None else int(end))
     except Exception as e:
-        raise ValueError(f"{header}: cannot parse WFDB header ({type(e).__name__}: {e})") from None
-    if not h.n_sig or not h.sig_len:
-        raise ValueError(f"{header}: record has zero samples or no signals")
-    _check_wfdb_files(record, h)
-    try:
-        rec = wfdb.rdrecord(record)
-    except Exception as e:
+        _diagnose_wfdb(record, start, end)
         raise ValueError(f"{record}: wfdb could not read the record ({type(e).__name__}: {e})") from None
+    n = 0 if rec.p_signal is None else rec.p_signal.shape[0]
+    if not rec.n_sig or n == 0 or (end is not None and n != end - (start or 0)):
+        _diagnose_wfdb(record, start, end)
+        raise ValueError(f"{header}: record has zero samples or no signals")
     units = [str(u or "").strip().lower() for u in rec.units]
     bad = sorted({u for u in units if u not in _TO_MV})
     if bad:
@@ -143,6 +159,20 @@ def _read_wfdb(record, lead_names):
     names = lead_names or rec.sig_name
     _check_names(names, rec.n_sig, header)
     return rec.p_signal.T * scale, float(rec.fs), list(names)                  # (leads, samples)
+
+
+def _diagnose_wfdb(record, start, end):
+    """Raise the clear error for a record wfdb could not read, if one of the usual causes."""
+    import wfdb
+    header = record + ".hea"
+    try:
+        h = wfdb.rdheader(record)
+    except Exception as e:
+        raise ValueError(f"{header}: cannot parse WFDB header ({type(e).__name__}: {e})") from None
+    if not h.n_sig or not h.sig_len:
+        raise ValueError(f"{header}: record has zero samples or no signals")
+    _check_wfdb_files(record, h)
+    _clip_bounds(record, h.sig_len, start, end)
 
 
 def _check_wfdb_files(record, h):
@@ -452,17 +482,71 @@ def row_paths(row):
     return [row["ecg_path"]] if isinstance(row["ecg_path"], str) else list(row["ecg_path"])
 
 
+class RowECGReader:
+    """The ECG(s) anyECG rows name, read lazily from `root`, clipped to [ecg_start, ecg_end)
+    on localization rows, prepared for the model. Only the last `cache_size` prepared
+    records are kept (an LRU cache), so a dataset of any size streams from disk.
+    `prefetch` starts reading records in parallel in a pool of processes (most of a read is
+    wfdb parsing the header in Python, which threads would serialise on the GIL)."""
+
+    def __init__(self, root, fs=100, cache_size=1024):
+        self.root, self.fs, self.cache_size = str(root or ""), fs, cache_size
+        self.cache = OrderedDict()   # (path, start, end) -> ECGRecord, least recently used first
+        self.pending = {}            # (path, start, end) -> Future of a read in a worker process
+        self.reads = 0
+
+    def keys(self, row):
+        clip = row.get("task") in ("location", "location_long")
+        return [(rel, row["ecg_start"] if clip else None, row["ecg_end"] if clip else None) for rel in row_paths(row)]
+
+    def __call__(self, row):
+        return [self.get(key) for key in self.keys(row)]
+
+    def get(self, key):
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        future = self.pending.pop(key, None)
+        rec = future.result() if future else None    # a failed read in a worker: read here, raise here
+        return self.keep(key, rec if rec is not None else read_clip(self.root, self.fs, key))
+
+    def keep(self, key, rec):
+        self.reads += 1
+        if self.cache_size:
+            self.cache[key] = rec
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return rec
+
+    def prefetch(self, rows, pool):
+        """Start reading the records of `rows` that are neither cached nor on their way, in
+        the worker processes of `pool`; get() waits for them. Returns at once, so the
+        reads overlap with whatever the caller does next (a training step)."""
+        todo = [k for k in dict.fromkeys(k for row in rows for k in self.keys(row))
+                if k not in self.cache and k not in self.pending]
+        for key in todo[:self.cache_size]:
+            self.pending[key] = pool.submit(try_read_clip, (self.root, self.fs, key))
+
+
+def read_clip(root, fs, key):
+    rel, start, end = key
+    path = os.path.join(root, rel)
+    return prepare_ecg(load_ecg(path, start=start, end=end), fs, name=path)
+
+
+def try_read_clip(args):
+    """read_clip for a worker process: None instead of an exception."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # the main process warns when it reads the record itself
+            return read_clip(*args)
+    except (OSError, ValueError):
+        return None
+
+
 def load_row_ecgs(row, root, fs=100):
-    """The ECG(s) a row names, read from `root`, clipped to [ecg_start, ecg_end) for
-    localization rows, ready for the model (prepare_ecg)."""
-    out = []
-    for rel in row_paths(row):
-        path = os.path.join(root, rel)
-        rec = load_ecg(path)
-        if row.get("task") in ("location", "location_long"):
-            rec = clip_record(rec, row["ecg_start"], row["ecg_end"], path)
-        out.append(prepare_ecg(rec, fs, name=path))
-    return out
+    """The ECG(s) a row names (RowECGReader without a cache)."""
+    return RowECGReader(root, fs, cache_size=0)(row)
 
 
 def clip_record(rec, start, end, name="ECG"):

@@ -21,7 +21,6 @@ Read top to bottom:
 """
 
 import argparse
-import functools
 import json
 import math
 import multiprocessing as mp
@@ -660,22 +659,10 @@ BENCHMARKS = ("bench-encoder", "bench-llm", "probe-encoder", "speed")
 
 
 def anyecg_ecgs(root, fs):
-    """ecgs_of for an anyECG-format file: a row's records read from `root` through
-    load_ecg (the last few kept, since localization rows cut many clips from one long
-    record), clipped to [ecg_start, ecg_end) on localization rows, resampled to fs."""
-    from data import clip_record, load_ecg, prepare_ecg, row_paths
-    read = functools.lru_cache(maxsize=8)(load_ecg)
-
-    def ecgs_of(row):
-        out = []
-        for rel in row_paths(row):
-            path = os.path.join(root, rel)
-            rec = read(path)
-            if row["task"] in LOCATION_TASKS:
-                rec = clip_record(rec, row["ecg_start"], row["ecg_end"], path)
-            out.append(prepare_ecg(rec, fs, name=path))
-        return out
-    return ecgs_of
+    """ecgs_of for an anyECG-format file: a row's records read lazily from `root`
+    (data.RowECGReader: clipped on localization rows, resampled to fs, recent ones cached)."""
+    from data import RowECGReader
+    return RowECGReader(root, fs, cache_size=64)
 
 
 def write_json(path, obj):

@@ -24,7 +24,8 @@ Run it:
   python train.py --resume                          # continue from the newest checkpoint in out_dir
   python train.py --llm path/to/TinyLlama --encoder base   # a Hugging Face Llama: anyECG's recipe,
                                                            # stage 0 skipped (lr 1e-4, wd 1e-4)
-  python train.py --data rows.json --ecg_root DIR  # anyECG-format rows and WFDB records
+  python train.py --data rows.json --ecg_root DIR  # anyECG-format rows and WFDB records (comma list:
+                                                   # several files; realdata.py builds them)
   python train.py --encoder_init enc.safetensors   # start from a saved encoder, e.g. one warmed up by
                                                    # python eval.py probe-encoder --save enc.safetensors
   torchrun --nproc_per_node 4 train.py ...          # DDP: one process per GPU (gloo on CPU)
@@ -40,6 +41,7 @@ import difflib
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -48,6 +50,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,8 +60,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from data import STATEMENTS, collate, encode_chat, load_row_ecgs, load_rows, make_example
+from data import STATEMENTS, RowECGReader, collate, encode_chat, load_rows, make_example
 from ecg_encoder import ECGEncoder, EncoderConfig, load_encoder_config, load_encoder_weights, save_encoder_weights
+from eval import evaluate as evaluate_rows, print_table
 from model import LLM, ECGChat, LLMConfig, Tokenizer, add_lora, lora_layers, train_tokenizer
 
 ALL_TASKS = ("report", "location", "location_long", "ecgqa", "multi", "grounded")
@@ -76,6 +80,8 @@ class Config:
     data: str = ""  # anyECG-format JSON of training rows (empty: synthetic ECGs)
     ecg_root: str = ""  # folder the rows' ecg_path values are relative to
     test_data: str = ""  # anyECG-format JSON evaluated at the end (synthetic: the held-out split)
+    workers: int = 4  # processes reading records in parallel (real data; 0 or 1: in the main process)
+    ecg_cache: int = 1024  # prepared records kept in memory (real data; the rest streams from disk)
     train_patients: int = 1000  # synthetic patients for training (about 9 rows each)
     val_patients: int = 40  # synthetic patients for validation loss and the in-training eval
     test_patients: int = 50  # synthetic patients of the fixed held-out test split
@@ -258,8 +264,13 @@ def prepare_stage(model, stage, cfg):
 
 
 class Split:
-    def __init__(self, rows, ecgs_of):
-        self.rows, self.ecgs_of, self.cache = rows, ecgs_of, {}
+    """Rows and the function that fetches a row's ECGs. Synthetic splits keep whole examples
+    in memory (`keep_ecgs`); real data keeps only the token ids and reads the ECGs again
+    through the reader's LRU cache, so a dataset of any size streams from disk. A row whose
+    record cannot be read is skipped for good and counted in `bad`."""
+
+    def __init__(self, rows, ecgs_of, keep_ecgs=True, pool=None):
+        self.rows, self.ecgs_of, self.keep_ecgs, self.pool, self.cache, self.bad = rows, ecgs_of, keep_ecgs, pool, {}, {}
 
     def weights(self, tasks, required=True):
         """Sampling probability of each row under a stage's task weights (None: no such rows)."""
@@ -271,14 +282,7 @@ class Split:
 
 def load_data(cfg, log):
     if cfg.data:
-        rows = load_rows(cfg.data)  # malformed rows are skipped with a warning ...
-        with open(cfg.data) as f:
-            log({"event": "data", "file": cfg.data, "rows": len(rows), "skipped": len(json.load(f)) - len(rows)})
-        ecgs_of = lambda row: load_row_ecgs(row, cfg.ecg_root)  # noqa: E731
-        val = rows[::50]  # ... and every 50th row is the validation split
-        test = load_rows(cfg.test_data) if cfg.test_data else val
-        return {"train": Split([r for i, r in enumerate(rows) if i % 50], ecgs_of), "val": Split(val, ecgs_of),
-                "test": Split(test, ecgs_of)}
+        return load_real_data(cfg, log)
     from tasks import build_synthetic_dataset
     out = {}
     for split, n in [("train", cfg.train_patients), ("val", cfg.val_patients), ("test", cfg.test_patients)]:
@@ -288,18 +292,59 @@ def load_data(cfg, log):
     return out
 
 
+def load_real_data(cfg, log):
+    """--data a.json[,b.json...]: anyECG rows (malformed ones skipped with a warning). Rows
+    with a "split" field (realdata.py writes one) go to their split; without one, every
+    50th row is validation. The test split: --test_data, else the rows marked test, else val."""
+    rows = []
+    for path in cfg.data.split(","):
+        kept = load_rows(path)
+        with open(path) as f:
+            log({"event": "data", "file": path, "rows": len(kept), "skipped": len(json.load(f)) - len(kept)})
+        rows += kept
+    marked = {s: [r for r in rows if r.get("split") == s] for s in ("val", "test")}
+    train = [r for r in rows if r.get("split") not in ("val", "test")]
+    val = marked["val"] or train[::50]
+    train = train if marked["val"] else [r for i, r in enumerate(train) if i % 50]
+    test = load_rows(cfg.test_data) if cfg.test_data else marked["test"] or val
+    reader = RowECGReader(cfg.ecg_root, fs=100, cache_size=cfg.ecg_cache)
+    # worker processes, spawned (safe next to CUDA and threads), that read records in parallel
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) if cfg.workers > 1 else None
+    log({"event": "splits", "train": len(train), "val": len(val), "test": len(test)})
+    return {name: Split(r, reader, keep_ecgs=False, pool=pool) for name, r in [("train", train), ("val", val), ("test", test)]}
+
+
 def example(split, i, model, text_only):
-    """Row i -> token ids, loss labels and ECGs. Text-only (stage 0): the question and the
-    answer as plain text, loss on every token."""
+    """Row i -> token ids, loss labels and ECGs (None if its record cannot be read). Text
+    only (stage 0): the question and the answer as plain text, loss on every token."""
     key = (i, text_only)
-    if key not in split.cache:
-        row = split.rows[i]
-        if text_only:
-            ids, _ = encode_chat(model.tokenizer, [("user", row["question"]), ("assistant", row["answer"])], [])
-            split.cache[key] = {"input_ids": ids, "labels": [-100] + ids[1:], "ecgs": []}
-        else:
-            split.cache[key] = make_example(row, split.ecgs_of(row), model.tokenizer, model.encoder.num_tokens)
-    return split.cache[key]
+    ex = split.cache.get(key)
+    if ex is not None and (text_only or split.keep_ecgs):
+        return ex
+    if i in split.bad and not text_only:
+        return None
+    row = split.rows[i]
+    if text_only:
+        ids, _ = encode_chat(model.tokenizer, [("user", row["question"]), ("assistant", row["answer"])], [])
+        ex = split.cache[key] = {"input_ids": ids, "labels": [-100] + ids[1:], "ecgs": []}
+        return ex
+    try:
+        ecgs = split.ecgs_of(row)
+    except (OSError, ValueError) as e:   # missing, truncated or unreadable record: load_ecg names it
+        split.bad[i] = str(e)
+        return None
+    if ex is None:
+        ex = make_example(row, ecgs, model.tokenizer, model.encoder.num_tokens)
+        split.cache[key] = ex if split.keep_ecgs else {k: v for k, v in ex.items() if k != "ecgs"}
+    return dict(ex, ecgs=ecgs)
+
+
+def examples(split, indices, model, text_only):
+    """example() for many rows; with a pool of reader processes, their records are first
+    read in parallel into the reader's cache."""
+    if split.pool and not text_only:
+        split.ecgs_of.prefetch([split.rows[i] for i in indices if i not in split.bad], split.pool)
+    return [example(split, int(i), model, text_only) for i in indices]
 
 
 def micro_batch(cfg, split, probs, model, stage, step, micro):
@@ -308,8 +353,17 @@ def micro_batch(cfg, split, probs, model, stage, step, micro):
     DDP rank simply takes its own micro indices. `bucket_steps` consecutive steps share one
     pool of rows sorted by length, each step one slice of it: similar lengths, less padding."""
     k, B = cfg.bucket_steps, cfg.batch_size
-    rng = np.random.default_rng([cfg.seed, stage.index, step // k, micro])
-    pool = [example(split, int(i), model, stage.index == 0) for i in rng.choice(len(split.rows), k * B, p=probs)]
+    if split.pool and stage.index and step % k == 0:  # start reading the next pool's records now:
+        nxt = np.random.default_rng([cfg.seed, stage.index, step // k + 1, micro])  # they load while
+        split.ecgs_of.prefetch([split.rows[i] for i in nxt.choice(len(split.rows), k * B, p=probs)], split.pool)
+    rng = np.random.default_rng([cfg.seed, stage.index, step // k, micro])  # this pool trains
+    pool = examples(split, rng.choice(len(split.rows), k * B, p=probs), model, stage.index == 0)
+    while None in pool:  # unreadable records: draw others (the same rows always fail, so resume is exact)
+        if len(split.bad) == len(split.rows):
+            raise RuntimeError(f"no record of the {len(split.rows)} rows could be read; first error: "
+                               f"{next(iter(split.bad.values()))}")
+        pool = [e for e in pool if e is not None]
+        pool += examples(split, rng.choice(len(split.rows), k * B - len(pool), p=probs), model, stage.index == 0)
     pool.sort(key=lambda e: len(e["input_ids"]))
     j = rng.permutation(k)[step % k]  # the slices in random order, so lengths do not cycle
     return collate(pool[j * B:(j + 1) * B], model.tokenizer.pad_id)
@@ -438,44 +492,16 @@ def load_checkpoint(path, model, opt):
     return meta
 
 # -----------------------------------------------------------------------------
-# evaluation: eval.evaluate when it exists, else greedy exact match per task
-
-
-def exact_match_eval(model, rows, ecgs_of, batch_size=16, max_new_tokens=256):
-    """Fallback evaluation: greedy answers, case-insensitive exact match per task."""
-    hits, preds = {}, []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        ecgs = [ecgs_of(r) for r in chunk]
-        prompts = [encode_chat(model.tokenizer, [("user", r["question"])],
-                               [model.encoder.num_tokens(e.signal.shape[1]) for e in es], add_generation_prompt=True)[0]
-                   for r, es in zip(chunk, ecgs)]
-        tensors = [[(torch.from_numpy(e.signal), list(e.leads)) for e in es] for es in ecgs]
-        out = model.generate(prompts, tensors, max_new_tokens=max_new_tokens, temperature=0.0)
-        for r, ids in zip(chunk, out):
-            text = model.tokenizer.decode(ids).strip()
-            preds.append(text)
-            hits.setdefault(r["task"], []).append(text.lower() == r["answer"].strip().lower())
-    return {t: {"exact_match": float(np.mean(h)), "n": len(h)} for t, h in sorted(hits.items())}, preds
+# evaluation (the metrics live in eval.py)
 
 
 def evaluate(model, rows, ecgs_of, cfg):
-    import eval as ev
-    fn = getattr(ev, "evaluate", exact_match_eval)
     was = model.training
     model.eval()
     try:
-        return fn(model, rows, ecgs_of, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+        return evaluate_rows(model, rows, ecgs_of, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
     finally:
         model.train(was)
-
-
-def print_table(scores):
-    import eval as ev
-    if hasattr(ev, "print_table"):
-        return ev.print_table(scores)
-    for task, s in scores.items():
-        print(f"{task:<15} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
 
 
 def rows_per_task(rows, n, seed=0):
@@ -699,7 +725,7 @@ def train(cfg):
         val_probs = data["val"].weights(stage.tasks, required=False)
         from tqdm import tqdm
         bar = tqdm(total=stage.steps, initial=step, desc=f"stage {stage.index} {stage.name}", disable=rank > 0)
-        n_bad, t0, n_tok, n_ecg_s = 0, time.time(), 0, 0.0
+        n_bad, t0, n_tok, n_ecg_s, n_unread = 0, time.time(), 0, 0.0, len(split.bad)
         while step < stage.steps:
             lr = lr_at(step, stage, cfg)
             for g in opt.param_groups:
@@ -739,6 +765,11 @@ def train(cfg):
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{rec['tok_per_s']:.0f}",
                                 ecg_s_s=f"{rec['ecg_s_per_s']:.0f}")
                 t0, n_tok, n_ecg_s = time.time(), 0, 0.0
+            if len(split.bad) > n_unread:  # rows whose record could not be read: skipped, counted, named
+                new = list(split.bad.items())[n_unread:]
+                log({"event": "unreadable_records", "total": len(split.bad), "new": [f"row {i}: {e}" for i, e in new]})
+                bar.write(f"{len(split.bad)} rows skipped so far: record unreadable (latest: {new[-1][1]})")
+                n_unread = len(split.bad)
             if rank == 0 and (step % cfg.eval_interval == 0 or step == stage.steps) and cfg.eval_batches \
                     and val_probs is not None:
                 v = val_loss(cfg, model, data["val"], val_probs, stage, device, ctx)
@@ -763,6 +794,8 @@ def train(cfg):
 
     if rank == 0:
         finish(cfg, model, data["test"], log)
+    if data["train"].pool:
+        data["train"].pool.shutdown(cancel_futures=True)
     if env.ddp:
         dist.barrier()
         dist.destroy_process_group()
@@ -780,8 +813,8 @@ def finish(cfg, model, test, log):
         print(f"\n{name} ({len(rows)} rows, {time.time() - t0:.0f} s)")
         print_table(scores)
         with open(Path(cfg.out_dir) / f"{name}_predictions.jsonl", "w") as f:
-            for r, p in zip(rows, preds):  # eval.evaluate gives dicts, the fallback strings
-                f.write(json.dumps(p if isinstance(p, dict) else {**r, "prediction": p}) + "\n")
+            for p in preds:
+                f.write(json.dumps(p) + "\n")
     print(f"\nmodel saved to {Path(cfg.out_dir) / 'model'} (python generate.py --ckpt {Path(cfg.out_dir) / 'model'} ...)")
 
 

@@ -198,17 +198,28 @@ def test_nan_step_is_skipped_and_repeated_nan_stops_with_checkpoint(tmp_path, mo
     assert train.latest_checkpoint(tmp_path / "b") is not None
 
 
-def test_anyecg_file_with_malformed_rows_trains_and_counts_them(tmp_path):
+def test_anyecg_file_with_malformed_rows_and_missing_records_trains_and_counts_them(tmp_path):
+    """Malformed rows are dropped when the file is read; rows whose record is missing are
+    skipped when drawn, counted and named in the log; rows marked "split": "val" form the
+    validation split; the run goes on to the end."""
     ds = build_synthetic_dataset(4, seed=3, split="train")
     path = ds.write(tmp_path / "ecgs", "rows")
     rows = json.loads(Path(path).read_text())
-    rows += [{"question": "no answer", "ecg_path": "x", "task": "report", "dataset": "d"}, "not a row"]
+    for r in rows[:3]:
+        r["split"] = "val"
+    missing = [dict(r, ecg_path=[f"gone/rec{k}"], split="train") for k, r in enumerate(rows[3:9])]
+    rows += missing + [{"question": "no answer", "ecg_path": "x", "task": "report", "dataset": "d"}, "not a row"]
     Path(path).write_text(json.dumps(rows))
     with pytest.warns(UserWarning, match="skipped 2"):
         train.train(tiny(tmp_path / "out", data=path, ecg_root=str(tmp_path / "ecgs"), stage0_steps=1,
                          stage1_steps=1, stage2_steps=1, stage3_steps=1, test_rows=1))
-    event = [json.loads(x) for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines() if '"skipped"' in x]
-    assert event[0]["skipped"] == 2 and event[0]["rows"] == len(rows) - 2
+    log = [json.loads(x) for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    event = next(r for r in log if "skipped" in r)
+    assert event["skipped"] == 2 and event["rows"] == len(rows) - 2
+    assert next(r for r in log if r.get("event") == "splits")["val"] == 3
+    unread = [r for r in log if r.get("event") == "unreadable_records"]
+    assert unread and all("gone/rec" in x for r in unread for x in r["new"])
+    assert (tmp_path / "out" / "model").is_dir()
 
 
 def test_encoder_init_starts_from_saved_encoder_and_names_a_mismatch(setup, tmp_path):
