@@ -315,7 +315,8 @@ def load_real_data(cfg, log):
 
 
 def example(split, i, model, text_only):
-    """Row i -> token ids, loss labels and ECGs (None if its record cannot be read). Text
+    """Row i -> token ids, loss labels and ECGs (None if its record cannot be read or the
+    example does not fit the context). Text
     only (stage 0): the question and the answer as plain text, loss on every token."""
     key = (i, text_only)
     ex = split.cache.get(key)
@@ -335,6 +336,9 @@ def example(split, i, model, text_only):
         return None
     if ex is None:
         ex = make_example(row, ecgs, model.tokenizer, model.encoder.num_tokens)
+        if len(ex["input_ids"]) > model.max_seq_len:  # e.g. a long clip: skipped like an unreadable record
+            split.bad[i] = f"{len(ex['input_ids'])} tokens exceed max_seq_len={model.max_seq_len}"
+            return None
         split.cache[key] = ex if split.keep_ecgs else {k: v for k, v in ex.items() if k != "ecgs"}
     return dict(ex, ecgs=ecgs)
 
@@ -767,8 +771,8 @@ def train(cfg):
                 t0, n_tok, n_ecg_s = time.time(), 0, 0.0
             if len(split.bad) > n_unread:  # rows whose record could not be read: skipped, counted, named
                 new = list(split.bad.items())[n_unread:]
-                log({"event": "unreadable_records", "total": len(split.bad), "new": [f"row {i}: {e}" for i, e in new]})
-                bar.write(f"{len(split.bad)} rows skipped so far: record unreadable (latest: {new[-1][1]})")
+                log({"event": "skipped_rows", "total": len(split.bad), "new": [f"row {i}: {e}" for i, e in new]})
+                bar.write(f"{len(split.bad)} rows skipped so far: unreadable or too long (latest: {new[-1][1]})")
                 n_unread = len(split.bad)
             if rank == 0 and (step % cfg.eval_interval == 0 or step == stage.steps) and cfg.eval_batches \
                     and val_probs is not None:

@@ -199,8 +199,8 @@ def test_nan_step_is_skipped_and_repeated_nan_stops_with_checkpoint(tmp_path, mo
 
 
 def test_anyecg_file_with_malformed_rows_and_missing_records_trains_and_counts_them(tmp_path):
-    """Malformed rows are dropped when the file is read; rows whose record is missing are
-    skipped when drawn, counted and named in the log; rows marked "split": "val" form the
+    """Malformed rows are dropped when the file is read; rows whose record is missing or
+    that are too long for the context are skipped when drawn, counted and named in the log; rows marked "split": "val" form the
     validation split; the run goes on to the end."""
     ds = build_synthetic_dataset(4, seed=3, split="train")
     path = ds.write(tmp_path / "ecgs", "rows")
@@ -208,7 +208,8 @@ def test_anyecg_file_with_malformed_rows_and_missing_records_trains_and_counts_t
     for r in rows[:3]:
         r["split"] = "val"
     missing = [dict(r, ecg_path=[f"gone/rec{k}"], split="train") for k, r in enumerate(rows[3:9])]
-    rows += missing + [{"question": "no answer", "ecg_path": "x", "task": "report", "dataset": "d"}, "not a row"]
+    too_long = [dict(r, question="why " * 600) for r in rows[9:13]]
+    rows += missing + too_long + [{"question": "no answer", "ecg_path": "x", "task": "report", "dataset": "d"}, "not a row"]
     Path(path).write_text(json.dumps(rows))
     with pytest.warns(UserWarning, match="skipped 2"):
         train.train(tiny(tmp_path / "out", data=path, ecg_root=str(tmp_path / "ecgs"), stage0_steps=1,
@@ -217,8 +218,9 @@ def test_anyecg_file_with_malformed_rows_and_missing_records_trains_and_counts_t
     event = next(r for r in log if "skipped" in r)
     assert event["skipped"] == 2 and event["rows"] == len(rows) - 2
     assert next(r for r in log if r.get("event") == "splits")["val"] == 3
-    unread = [r for r in log if r.get("event") == "unreadable_records"]
-    assert unread and all("gone/rec" in x for r in unread for x in r["new"])
+    skipped = [x for r in log if r.get("event") == "skipped_rows" for x in r["new"]]
+    assert any("gone/rec" in x for x in skipped) and any("exceed max_seq_len" in x for x in skipped)
+    assert all("gone/rec" in x or "exceed max_seq_len" in x for x in skipped)
     assert (tmp_path / "out" / "model").is_dir()
 
 
