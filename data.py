@@ -556,26 +556,31 @@ def clip_record(rec, start, end, name="ECG"):
 
 
 # --------------------------------------------------------------------------- 6. chat template
-# <bos><|user|><ecg><ecg_token>...</ecg>question<|end|><|assistant|>answer<|end|>
-# One <ecg>...</ecg> block per ECG, in order, before the first user text. Loss only on
+# <bos><|user|><ecg><ecg_token>...</ecg><img><img_token>...</img>question<|end|><|assistant|>answer<|end|>
+# One <ecg>...</ecg> block per ECG, in order, then one <img>...</img> block per paper-ECG
+# image (GEM puts both token sets together), all before the first user text. Loss only on
 # what the assistant says (its answer and the <|end|> closing it); everything else -100.
 
-def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False):
+def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False, image_token_counts=()):
     """turns: [("user", text), ("assistant", text), ...]; ecg_token_counts: placeholder
-    tokens per ECG (encoder.num_tokens). -> (input_ids, labels), two equal-length lists.
+    tokens per ECG (encoder.num_tokens); image_token_counts: per image (image encoder's
+    num_tokens). -> (input_ids, labels), two equal-length lists.
     add_generation_prompt: end with <|assistant|> for the model to continue (generation)."""
-    from model import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, USER
-    special = {t: tokenizer.encode(t) for t in (ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN)}
+    from model import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, IMG_END, IMG_START, IMG_TOKEN, USER
+    names = [ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN] + (
+        [IMG_START, IMG_END, IMG_TOKEN] if image_token_counts else [])
+    special = {t: tokenizer.encode(t) for t in names}
     bad = {t: ids for t, ids in special.items() if len(ids) != 1}
     if bad:
         raise ValueError(f"tokenizer does not encode special tokens as single ids: {bad}")
     sid = {t: ids[0] for t, ids in special.items()}
-    ecg_ids = [i for n in ecg_token_counts for i in [sid[ECG_START]] + [sid[ECG_TOKEN]] * int(n) + [sid[ECG_END]]]
+    block_ids = [i for n in ecg_token_counts for i in [sid[ECG_START]] + [sid[ECG_TOKEN]] * int(n) + [sid[ECG_END]]]
+    block_ids += [i for n in image_token_counts for i in [sid[IMG_START]] + [sid[IMG_TOKEN]] * int(n) + [sid[IMG_END]]]
     ids, labels = [tokenizer.bos_id], [-100]
-    placed = not ecg_token_counts
+    placed = not block_ids
     for role, text in turns:
         if role == "user":
-            part = [sid[USER]] + ([] if placed else ecg_ids) + tokenizer.encode(text) + [sid[END_TURN]]
+            part = [sid[USER]] + ([] if placed else block_ids) + tokenizer.encode(text) + [sid[END_TURN]]
             placed = True
             ids, labels = ids + part, labels + [-100] * len(part)
         elif role == "assistant":
@@ -585,23 +590,32 @@ def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False)
         else:
             raise ValueError(f"turn role must be 'user' or 'assistant', got {role!r}")
     if not placed:
-        raise ValueError("the ECG blocks go before the first user message, but there is no user turn")
+        raise ValueError("the ECG and image blocks go before the first user message, but there is no user turn")
     if add_generation_prompt:
         ids, labels = ids + [sid[ASSISTANT]], labels + [-100]
     return ids, labels
 
 
-def make_example(row, ecgs, tokenizer, num_tokens):
-    """One training example from an anyECG row and its prepared ECGs.
-    num_tokens: samples -> placeholder count (the encoder's num_tokens)."""
+def is_image(x):
+    """A row's inputs are ECGRecords and, for GEM-style rows, paper-ECG images (uint8 RGB)."""
+    return isinstance(x, np.ndarray) and x.ndim == 3 and x.dtype == np.uint8
+
+
+def make_example(row, inputs, tokenizer, num_tokens, image_tokens=0):
+    """One training example from an anyECG row and its inputs: prepared ECGs and paper-ECG
+    images. num_tokens: samples -> placeholder count (the encoder's num_tokens);
+    image_tokens: placeholders per image (the image encoder's num_tokens)."""
+    ecgs, images = [x for x in inputs if not is_image(x)], [x for x in inputs if is_image(x)]
     counts = [num_tokens(rec.signal.shape[1]) for rec in ecgs]
-    ids, labels = encode_chat(tokenizer, [("user", row["question"]), ("assistant", row["answer"])], counts)
-    return {"input_ids": ids, "labels": labels, "ecgs": ecgs}
+    ids, labels = encode_chat(tokenizer, [("user", row["question"]), ("assistant", row["answer"])], counts,
+                              image_token_counts=[image_tokens] * len(images))
+    return {"input_ids": ids, "labels": labels, "ecgs": ecgs, "images": images}
 
 
 def collate(examples, pad_id):
     """Right-pad a list of examples -> {"input_ids" (B, T), "labels" (B, T) with -100 on
-    padding, "ecgs": per example [(signal tensor (L, N), leads), ...]}."""
+    padding, "ecgs": per example [(signal tensor (L, N), leads), ...], "images": per
+    example [uint8 image (H, W, 3), ...]}."""
     import torch
     T = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -611,7 +625,8 @@ def collate(examples, pad_id):
         labels[b, :len(e["labels"])] = torch.tensor(e["labels"])
     ecgs = [[(torch.from_numpy(np.ascontiguousarray(r.signal, dtype=np.float32)), list(r.leads)) for r in e["ecgs"]]
             for e in examples]
-    return {"input_ids": ids, "labels": labels, "ecgs": ecgs}
+    images = [[torch.from_numpy(im) for im in e.get("images", [])] for e in examples]
+    return {"input_ids": ids, "labels": labels, "ecgs": ecgs, "images": images}
 
 
 # --------------------------------------------------------------------------- 7. plotting

@@ -303,6 +303,84 @@ class ECGEncoder(nn.Module):
 # context-length guard
 
 
+# -----------------------------------------------------------------------------
+# the image encoder: GEM's second modality, a 12-lead paper printout (paper.py)
+
+
+@dataclass
+class ImageEncoderConfig:
+    height: int = 192          # every image is resized to height x width first (px); the
+    width: int = 368           # printout is 138 x 265 mm, so 1.4 px per mm here
+    patch_size: int = 16       # ViT patches of 16 x 16 px: 12 x 23 of them
+    out_rows: int = 4          # output tokens: the patch grid average-pooled to out_rows x out_cols;
+    out_cols: int = 8          # 4 rows = the printout's three lead rows and its rhythm strip
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        assert self.height % self.patch_size == 0 and self.width % self.patch_size == 0
+        assert self.d_model % self.n_heads == 0
+
+    @property
+    def num_tokens(self):
+        return self.out_rows * self.out_cols
+
+    @classmethod
+    def tiny(cls, **kw):  # the CPU default
+        return cls(**kw)
+
+    @classmethod
+    def base(cls, **kw):  # ViT-B/16 widths at 2 px per mm (GEM: CLIP ViT-L/336)
+        return cls(**(dict(height=272, width=528, d_model=768, n_layers=12, n_heads=12, out_rows=8, out_cols=16) | kw))
+
+
+class ImageEncoder(nn.Module):
+    """enc(images) -> (B, num_tokens, d_model). images: a list of uint8 RGB arrays or
+    tensors (H, W, 3) of any size (a rendered printout, a scan, a photo); each is resized
+    to the config's size. A plain ViT: 16 x 16 patches, learned positions, the same
+    pre-norm blocks and SDPA attention as the ECG encoder, then the patch grid pooled to
+    out_rows x out_cols tokens in reading order (row by row)."""
+
+    def __init__(self, cfg: ImageEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        P, d = cfg.patch_size, cfg.d_model
+        self.grid = (cfg.height // P, cfg.width // P)
+        self.patch_proj = nn.Conv2d(3, d, P, stride=P)   # = a Linear on each flattened 16 x 16 x 3 patch
+        self.pos_emb = nn.Parameter(0.02 * torch.randn(self.grid[0] * self.grid[1], d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+
+    @property
+    def num_tokens(self):
+        return self.cfg.num_tokens
+
+    def pixels(self, images):
+        """-> (B, 3, height, width) float, paper white near +1 and ink near -1."""
+        device = self.pos_emb.device
+        out = []
+        for im in images:
+            x = torch.as_tensor(im, device=device)
+            if x.ndim != 3 or x.shape[-1] != 3:
+                raise ValueError(f"expected an RGB image (H, W, 3), got shape {tuple(x.shape)}")
+            x = x.permute(2, 0, 1)[None].float() / 127.5 - 1                  # (1, 3, H, W)
+            out.append(F.interpolate(x, size=(self.cfg.height, self.cfg.width), mode="bilinear",
+                                     antialias=True, align_corners=False))
+        return torch.cat(out).to(self.pos_emb.dtype)
+
+    def forward(self, images):
+        x = self.patch_proj(self.pixels(images))                               # (B, C, h, w)
+        x = x.flatten(2).transpose(1, 2) + self.pos_emb                        # (B, h*w, C)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x).transpose(1, 2).unflatten(2, self.grid)               # (B, C, h, w)
+        x = F.adaptive_avg_pool2d(x, (self.cfg.out_rows, self.cfg.out_cols))   # (B, C, rows, cols)
+        return x.flatten(2).transpose(1, 2)                                    # (B, rows*cols, C)
+
+
 def check_fits(encoder, n_samples, max_seq_len, n_text_tokens=0):
     """Raise a clear error if ECGs of these lengths (samples) plus n_text_tokens do not
     fit into an LLM context of max_seq_len. Returns the number of ECG tokens."""

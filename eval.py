@@ -36,7 +36,7 @@ import torch
 from torch.utils import flop_counter
 from tqdm import tqdm
 
-from data import STATEMENTS, encode_chat, parse_localization
+from data import STATEMENTS, encode_chat, is_image, parse_localization
 from ecg_encoder import LEADS_12, ECGEncoder, EncoderConfig
 
 # -----------------------------------------------------------------------------
@@ -264,13 +264,15 @@ def score_task(task, rows, preds):
 
 
 def score_rows(rows, preds):
-    """{task: scores} over answered rows, tasks in order of first appearance. ecgqa and
+    """{task: scores} over answered rows, tasks in order of first appearance; rows read from
+    a paper image get their own groups ("report [image]", "report [both]"). ecgqa and
     multi rows without a question_type (free-text answers, e.g. anyECG's MIMIC comparisons)
     cannot be matched exactly; they form their own group, scored like open text."""
     groups = {}
     for row, pred in zip(rows, preds):
         free = row["task"] in ("ecgqa", "multi") and "question_type" not in row
-        groups.setdefault(row["task"] + (" (free text)" if free else ""), []).append((row, pred))
+        modality = f" [{row['modality']}]" if row.get("modality", "signal") != "signal" else ""
+        groups.setdefault(row["task"] + modality + (" (free text)" if free else ""), []).append((row, pred))
     return {name: score_task(pairs[0][0]["task"], [r for r, _ in pairs], [p for _, p in pairs])
             for name, pairs in groups.items()}
 
@@ -324,16 +326,24 @@ def _skip_reason(err):
 
 
 def row_prompt(model, row, ecgs_of, ablate_ecg=False):
-    """One row -> (prompt token ids, [(signal (L, N) tensor, leads), ...]) for model.generate.
-    Raises FileNotFoundError / ValueError when its ECGs cannot be read or do not fit."""
-    ecgs = ecgs_of(row)
-    if min(e.signal.shape[1] for e in ecgs) < model.encoder.cfg.patch_size:
+    """One row -> (prompt token ids, {"ecgs": [(signal (L, N) tensor, leads), ...],
+    "images": [uint8 image tensor, ...]}) for model.generate. Raises FileNotFoundError /
+    ValueError when its ECGs cannot be read or do not fit."""
+    inputs = ecgs_of(row)
+    ecgs, images = [e for e in inputs if not is_image(e)], [e for e in inputs if is_image(e)]
+    if ecgs and min(e.signal.shape[1] for e in ecgs) < model.encoder.cfg.patch_size:
         raise ValueError(f"{row['ecg_path']}: ECG shorter than one encoder patch")
+    if images and model.image_encoder is None:
+        raise ValueError(f"{row['ecg_path']}: the row has images but the model has no image encoder")
     counts = [model.encoder.num_tokens(e.signal.shape[1]) for e in ecgs]
-    ids, _ = encode_chat(model.tokenizer, [("user", row["question"])], counts, add_generation_prompt=True)
+    n_img = [model.image_encoder.num_tokens] * len(images) if images else []
+    ids, _ = encode_chat(model.tokenizer, [("user", row["question"])], counts, add_generation_prompt=True,
+                         image_token_counts=n_img)
     model.check_fits([e.signal.shape[1] for e in ecgs], len(ids) - sum(counts) + 1)   # room for 1 new token
     signals = [torch.as_tensor(np.asarray(e.signal, dtype=np.float32)) for e in ecgs]
-    return ids, [(torch.zeros_like(x) if ablate_ecg else x, list(e.leads)) for x, e in zip(signals, ecgs)]
+    return ids, {"ecgs": [(torch.zeros_like(x) if ablate_ecg else x, list(e.leads)) for x, e in zip(signals, ecgs)],
+                 "images": [torch.full_like(torch.from_numpy(im), 255) if ablate_ecg else torch.from_numpy(im)
+                            for im in images]}
 
 
 @torch.no_grad()
@@ -345,7 +355,7 @@ def evaluate(model, rows, ecgs_of, batch_size=8, max_new_tokens=256, ablate_ecg=
     whose ECGs cannot be read (file missing, bad record) or do not fit the context is
     skipped, counted and reported -- one bad row never ends a long run.
     Generation is batched (left padding, see generate.py) and greedy unless temperature > 0.
-    ablate_ecg: zero every signal (same length and leads, so the prompt is unchanged): the
+    ablate_ecg: zero every signal and blank every image (same shapes, so the prompt is unchanged): the
     drop in score is how much the answers depend on the ECG.
     -> (scores, predictions): scores per task (score_rows) plus "skipped"; predictions one
     dict per answered row with its question, reference, prediction and per-row score."""
@@ -368,7 +378,8 @@ def evaluate(model, rows, ecgs_of, batch_size=8, max_new_tokens=256, ablate_ecg=
                                     "error": str(e)})
             if batch:
                 room = model.max_seq_len - max(len(ids) for _, ids, _ in batch)
-                new = model.generate([ids for _, ids, _ in batch], [e for _, _, e in batch],
+                new = model.generate([ids for _, ids, _ in batch], [x["ecgs"] for _, _, x in batch],
+                                     images=[x["images"] for _, _, x in batch],
                                      max_new_tokens=min(max_new_tokens, room), temperature=temperature,
                                      top_k=top_k, top_p=top_p, generator=generator)
                 answered += [(i, model.tokenizer.decode(t).strip()) for (i, _, _), t in zip(batch, new)]

@@ -160,22 +160,25 @@ def read_ecgs(paths, fs_model, leads=None, start=0.0, end=None, fs=None, lead_na
     return out
 
 
-def chat_turn(model, turns, ecgs, max_new_tokens=256, on_text=None, **sampling):
+def chat_turn(model, turns, ecgs, max_new_tokens=256, on_text=None, images=(), **sampling):
     """One assistant answer to the conversation `turns` ([("user", text), ("assistant",
-    text), ..., ("user", question)]) about `ecgs` (ECGRecords at the model's rate).
-    The oldest exchanges are forgotten when the history outgrows the context (the ECGs
-    always stay). -> (answer, number of exchanges forgotten)"""
+    text), ..., ("user", question)]) about `ecgs` (ECGRecords at the model's rate) and
+    `images` (paper ECGs, uint8 RGB). The oldest exchanges are forgotten when the history
+    outgrows the context (the ECGs always stay). -> (answer, number of exchanges forgotten)"""
     from data import encode_chat
     counts = [model.encoder.num_tokens(e.signal.shape[1]) for e in ecgs]
+    n_img = [model.image_encoder.num_tokens] * len(images) if images else []
     forgotten = 0
     while True:
-        ids, _ = encode_chat(model.tokenizer, turns[2 * forgotten:], counts, add_generation_prompt=True)
+        ids, _ = encode_chat(model.tokenizer, turns[2 * forgotten:], counts, add_generation_prompt=True,
+                             image_token_counts=n_img)
         if len(ids) + max_new_tokens <= model.max_seq_len or 2 * forgotten + 1 >= len(turns):
             break
         forgotten += 1
     model.check_fits([e.signal.shape[1] for e in ecgs], len(ids) - sum(counts) + 1)   # clear error if not
     inputs = [(torch.as_tensor(e.signal), list(e.leads)) for e in ecgs]
-    new = model.generate([ids], [inputs], max_new_tokens=min(max_new_tokens, model.max_seq_len - len(ids)),
+    new = model.generate([ids], [inputs], images=[[torch.as_tensor(im) for im in images]],
+                         max_new_tokens=min(max_new_tokens, model.max_seq_len - len(ids)),
                          on_text=(lambda row, text: on_text(text)) if on_text else None, **sampling)
     return model.tokenizer.decode(new[0]).strip(), forgotten
 
@@ -218,9 +221,16 @@ def run_chat(args):
     model = ECGChat.load(args.ckpt, device=args.device)
     leads = lead_list(args.leads, "--leads") if args.leads else None
     lead_names = [x.strip() for x in args.lead_names.split(",")] if args.lead_names else None
-    read = read_ecgs(args.ecg, model.encoder.cfg.fs, leads, args.start, args.end, args.fs, lead_names)
+    read = read_ecgs(args.ecg or [], model.encoder.cfg.fs, leads, args.start, args.end, args.fs, lead_names)
     ecgs = [prepared for _, prepared in read]
-    for path, (rec, e) in zip(args.ecg, read):
+    if args.image and model.image_encoder is None:
+        sys.exit(f"error: {args.ckpt} has no image encoder (train one with train.py --images)")
+    from paper import read_image
+    images = [read_image(path) for path in args.image or []]
+    for path, im in zip(args.image or [], images):
+        print(f"image {path}: {im.shape[1]} x {im.shape[0]} px -> {model.image_encoder.num_tokens} tokens",
+              file=sys.stderr)
+    for path, (rec, e) in zip(args.ecg or [], read):
         print(f"ECG {path}: {rec.signal.shape[1] / rec.fs:.1f} s at {rec.fs:g} Hz, leads {' '.join(e.leads)} "
               f"-> {model.encoder.num_tokens(e.signal.shape[1])} tokens", file=sys.stderr)
     model.check_fits([e.signal.shape[1] for e in ecgs], 16)   # fail before the first question, not after
@@ -233,12 +243,13 @@ def run_chat(args):
     turns = []
     for question in questions:
         turns.append(("user", question))
-        answer, forgotten = chat_turn(model, turns, ecgs, args.max_new_tokens, on_text=_stream, **sampling)
+        answer, forgotten = chat_turn(model, turns, ecgs, args.max_new_tokens, on_text=_stream, images=images,
+                                      **sampling)
         _stream("\n")
         if forgotten:
             print(f"(context full: the oldest {forgotten} exchange(s) were left out)", file=sys.stderr)
         turns = turns[2 * forgotten:] + [("assistant", answer)]
-        if args.plot:
+        if args.plot and ecgs:
             spans = plot_answer(args.plot, read[0][0], ecgs[0].leads, answer, args.ecg[0], args.start)
             print(f"plot: {args.plot} ({len(spans)} interval(s) shaded)", file=sys.stderr)
 
@@ -247,7 +258,9 @@ def main(argv=None):
     import argparse
     p = argparse.ArgumentParser(prog="generate.py", description="Chat with a nanoECG checkpoint about ECGs.")
     p.add_argument("--ckpt", required=True, help="checkpoint folder (what train.py writes)")
-    p.add_argument("--ecg", required=True, action="append",
+    p.add_argument("--image", action="append", help="a paper ECG as PNG/JPEG (needs Pillow; repeatable); "
+                   "a model trained with train.py --images reads it alone or with --ecg")
+    p.add_argument("--ecg", action="append",
                    help="an ECG: WFDB record, .npy or .csv; repeat for several ECGs, in order")
     p.add_argument("--prompt", help="the question; without it, a multi-turn chat reads questions from stdin")
     p.add_argument("--leads", help="use only these leads, e.g. I,II,V5")
@@ -263,9 +276,11 @@ def main(argv=None):
     p.add_argument("--plot", help="write the first ECG as SVG, with the intervals the answer localizes shaded")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if not args.ecg and not args.image:
+        p.error("give at least one --ecg (or --image)")
     try:
         run_chat(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")   # a bad input gets one line naming the file, not a traceback
     except KeyboardInterrupt:
         sys.exit(130)

@@ -28,14 +28,14 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ecg_encoder import ECGEncoder, EncoderConfig, Projector, check_fits
+from ecg_encoder import ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, Projector, check_fits
 
 # -----------------------------------------------------------------------------
 # 1. Tokenizer
@@ -47,7 +47,8 @@ ECG_TOKEN = "<ecg_token>"    # placeholder: its embedding is overwritten by one 
 USER = "<|user|>"            # chat-turn markers
 ASSISTANT = "<|assistant|>"
 END_TURN = "<|end|>"
-SPECIAL_TOKENS = [ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN]
+IMG_START, IMG_END, IMG_TOKEN = "<img>", "</img>", "<img_token>"   # the same, for a paper-ECG image
+SPECIAL_TOKENS = [ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN, IMG_START, IMG_END, IMG_TOKEN]
 
 
 class Tokenizer:
@@ -646,16 +647,22 @@ def lora_layers(model):
 class ECGChat(nn.Module):
     """An LLM that reads ECGs. A prompt holds, per ECG, `<ecg>` + `<ecg_token>` x n + `</ecg>`
     (data.encode_chat writes it, n = encoder.num_tokens(samples)); the embeddings of the n
-    placeholders are overwritten by that ECG's projected encoder tokens, in order."""
+    placeholders are overwritten by that ECG's projected encoder tokens, in order.
+    With an image encoder (GEM's second modality), paper-ECG images enter the same way
+    through `<img>` + `<img_token>` x n + `</img>` blocks, placed after the ECG blocks."""
 
-    def __init__(self, llm, encoder, tokenizer, max_seq_len=None):
+    def __init__(self, llm, encoder, tokenizer, max_seq_len=None, image_encoder=None):
         super().__init__()
         self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
-        self.projector = Projector(encoder.cfg.d_model, llm.config.hidden_size).to(
-            llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
+        w = llm.embed_tokens.weight
+        self.projector = Projector(encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
+        self.image_encoder = image_encoder
+        self.image_projector = None if image_encoder is None else Projector(
+            image_encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
         if tokenizer.vocab_size > llm.config.vocab_size:
             llm.resize_vocab(tokenizer.vocab_size)  # room for the added special tokens
         self.ecg_token_id = tokenizer.added[ECG_TOKEN]
+        self.img_token_id = tokenizer.added.get(IMG_TOKEN)
         self.max_seq_len = max_seq_len or llm.config.max_position_embeddings
 
     def stop_ids(self):
@@ -672,52 +679,59 @@ class ECGChat(nn.Module):
         signals, leads = zip(*ecgs)
         return [self.projector(t) for t in self.encoder(list(signals), list(leads))]
 
-    def embed(self, input_ids, ecgs):
-        """Text embeddings with every placeholder block overwritten by its ECG's tokens.
+    def encode_images(self, images):
+        """[uint8 RGB (H, W, 3), ...] -> [(n_tokens, C_llm), ...]"""
+        if not images:
+            return []
+        if self.image_encoder is None:
+            raise ValueError("images given, but this model has no image encoder")
+        return list(self.image_projector(self.image_encoder(images)))
 
-        input_ids (B, T); ecgs: per sample, a list of (signal, leads), in prompt order.
-        """
+    def embed(self, input_ids, ecgs, images=None):
+        """Text embeddings with every placeholder block overwritten by its ECG's (or image's)
+        tokens. input_ids (B, T); ecgs, images: per sample a list, in prompt order."""
         x = self.llm.embed_tokens(input_ids)                                        # (B, T, C)
-        slots = input_ids == self.ecg_token_id                                      # (B, T)
-        if len(ecgs) != input_ids.shape[0]:
-            raise ValueError(f"{input_ids.shape[0]} prompts but ECG lists for {len(ecgs)}")
-        tokens = self.encode_ecgs([e for sample in ecgs for e in sample])           # [(n_i, C)]
-        self._check_blocks(slots, ecgs, [len(t) for t in tokens])
+        x = self._splice(x, input_ids == self.ecg_token_id, ecgs, self.encode_ecgs, "ECG", ECG_TOKEN)
+        if self.img_token_id is not None:
+            images = [[] for _ in range(input_ids.shape[0])] if images is None else images
+            x = self._splice(x, input_ids == self.img_token_id, images, self.encode_images, "image", IMG_TOKEN)
+        return x
+
+    def _splice(self, x, slots, inputs, encode, kind, placeholder):
+        """Overwrite the `slots` (B, T) of x with the encoded inputs, sample by sample."""
+        if len(inputs) != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} prompts but {kind} lists for {len(inputs)}")
+        tokens = encode([e for sample in inputs for e in sample])                   # [(n_i, C)]
+        counts = iter(len(t) for t in tokens)
+        for b, sample in enumerate(inputs):
+            blocks, want = _run_lengths(slots[b].tolist()), [next(counts) for _ in sample]
+            if blocks != want:
+                raise ValueError(f"prompt {b}: placeholder blocks of {blocks} {placeholder}s but its "
+                                 f"{len(sample)} {kind}(s) give {want} tokens; build the prompt with "
+                                 "data.encode_chat and the encoder's num_tokens")
         if not tokens:
             return x
         # masked_scatter fills the True slots in row-major order: sample by sample, and within
-        # a sample block by block, which is exactly the order of the flattened ECG list.
+        # a sample block by block, which is exactly the order of the flattened input list.
         return x.masked_scatter(slots[..., None], torch.cat(tokens).to(x.dtype))
 
-    @staticmethod
-    def _check_blocks(slots, ecgs, counts):
-        counts = iter(counts)
-        for b, sample in enumerate(ecgs):
-            row = slots[b].tolist()
-            # lengths of the runs of consecutive placeholders = one block per ECG
-            blocks = _run_lengths(row)
-            want = [next(counts) for _ in sample]
-            if blocks != want:
-                raise ValueError(f"prompt {b}: placeholder blocks of {blocks} <ecg_token>s but its "
-                                 f"{len(sample)} ECG(s) give {want} tokens; build the prompt with "
-                                 "data.encode_chat and encoder.num_tokens")
-
-    def forward(self, input_ids, ecgs, labels=None, attention_mask=None):
+    def forward(self, input_ids, ecgs, labels=None, attention_mask=None, images=None):
         """-> logits (B, T, V), and with labels (-100 = no loss) the mean next-token loss.
         Right-padded training batches need no attention_mask (causal attention never lets a
         real token see the padding after it)."""
         if input_ids.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={self.max_seq_len}")
-        logits = self.llm(inputs_embeds=self.embed(input_ids, ecgs), attention_mask=attention_mask)
+        logits = self.llm(inputs_embeds=self.embed(input_ids, ecgs, images), attention_mask=attention_mask)
         if labels is None:
             return logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, prompts, ecgs, max_new_tokens=256, **sampling):
-        """prompts: token-id lists (from data.encode_chat); ecgs: per prompt, [(signal, leads)].
-        The ECGs are encoded once; the KV cache carries them through decoding."""
+    def generate(self, prompts, ecgs, max_new_tokens=256, images=None, **sampling):
+        """prompts: token-id lists (from data.encode_chat); ecgs: per prompt, [(signal, leads)];
+        images: per prompt, [uint8 RGB image]. The ECGs and images are encoded once; the KV
+        cache carries them through decoding."""
         from generate import generate, left_pad
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.max_seq_len:
@@ -725,17 +739,18 @@ class ECGChat(nn.Module):
                              f"max_seq_len={self.max_seq_len}; shorten the ECG or lower max_new_tokens")
         device = self.llm.embed_tokens.weight.device
         ids, mask = left_pad(prompts, self.tokenizer.pad_id)
-        x = self.embed(ids.to(device), ecgs)
+        x = self.embed(ids.to(device), ecgs, images)
         sampling.setdefault("stop_ids", self.stop_ids())
         return generate(self.llm, ids, mask, inputs_embeds=x, max_new_tokens=max_new_tokens,
                         tokenizer=self.tokenizer, **sampling)
 
     def set_trainable(self, encoder=True, projector=True, llm=False, lora=True):
-        """Freeze or unfreeze each part (the curriculum's stages differ only in this)."""
-        for p in self.encoder.parameters():
-            p.requires_grad_(encoder)
-        for p in self.projector.parameters():
-            p.requires_grad_(projector)
+        """Freeze or unfreeze each part (the curriculum's stages differ only in this). The
+        image encoder and projector, if any, follow the ECG encoder and projector."""
+        for module, on in [(self.encoder, encoder), (self.projector, projector),
+                           (self.image_encoder, encoder), (self.image_projector, projector)]:
+            for p in module.parameters() if module is not None else []:
+                p.requires_grad_(on)
         for name, p in self.llm.named_parameters():
             p.requires_grad_(lora if ".lora_" in name else llm)
 
@@ -743,11 +758,19 @@ class ECGChat(nn.Module):
     def save(self, out_dir):
         """The LLM part is a plain Hugging Face Llama (LoRA merged) that transformers reads;
         encoder and projector sit beside it under ecg_encoder.* / ecg_projector.*."""
-        extra = {f"ecg_encoder.{k}": v for k, v in self.encoder.state_dict().items()}
-        extra.update({f"ecg_projector.{k}": v for k, v in self.projector.state_dict().items()})
+        extra = {f"{prefix}{k}": v for prefix, module in self._parts() for k, v in module.state_dict().items()}
         nanoecg = {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len}
+        if self.image_encoder is not None:
+            nanoecg["image_encoder"] = asdict(self.image_encoder.cfg)
         save_pretrained(self.llm, out_dir, extra_tensors=extra, extra_config={"nanoecg": nanoecg})
         self.tokenizer.save(out_dir)
+
+    def _parts(self):
+        """(weight-name prefix, module) of everything beside the LLM in the checkpoint."""
+        parts = [("ecg_encoder.", self.encoder), ("ecg_projector.", self.projector)]
+        if self.image_encoder is not None:
+            parts += [("img_encoder.", self.image_encoder), ("img_projector.", self.image_projector)]
+        return parts
 
     @classmethod
     def load(cls, ckpt_dir, dtype=None, device=None):
@@ -763,10 +786,14 @@ class ECGChat(nn.Module):
                              "checkpoint, not an ECG-chat model (train one with train.py --llm {d})")
         llm = LLM.from_pretrained(d, dtype=dtype, device=device)
         encoder = ECGEncoder(EncoderConfig(**raw["nanoecg"]["encoder"]))
-        model = cls(llm, encoder, Tokenizer(d), raw["nanoecg"].get("max_seq_len"))
-        model.encoder.to(llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
+        image_cfg = raw["nanoecg"].get("image_encoder")
+        image_encoder = ImageEncoder(ImageEncoderConfig(**image_cfg)) if image_cfg else None
+        model = cls(llm, encoder, Tokenizer(d), raw["nanoecg"].get("max_seq_len"), image_encoder)
+        for module in (model.encoder, model.image_encoder):
+            if module is not None:
+                module.to(llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
         with safe_open(str(d / "model.safetensors"), framework="pt") as f:
-            for prefix, module in (("ecg_encoder.", model.encoder), ("ecg_projector.", model.projector)):
+            for prefix, module in model._parts():
                 want = module.state_dict()
                 missing = [prefix + k for k in want if prefix + k not in f.keys()]
                 if missing:

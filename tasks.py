@@ -258,6 +258,8 @@ class SyntheticDataset:
     def __init__(self, rows, specs, fs=100):
         self.rows, self.specs, self.fs = rows, specs, fs
         self._cache = functools.lru_cache(maxsize=2048)(self._prepared)
+        self._images = functools.lru_cache(maxsize=512)(self._rendered)
+        self.px_per_mm = None   # set by add_image_rows
 
     def __len__(self):
         return len(self.rows)
@@ -272,8 +274,17 @@ class SyntheticDataset:
         return self.specs[path].generate()
 
     def ecgs(self, row):
+        """The row's inputs: its ECGs at model rate, or for rows of modality "image" / "both"
+        the paper printout of its record (with "both": the ECG, then the image)."""
         clip = (row["ecg_start"], row["ecg_end"]) if row["task"] in ("location", "location_long") else None
-        return [self._cache(p, clip) for p in row_paths(row)]
+        modality = row.get("modality", "signal")
+        signals = [self._cache(p, clip) for p in row_paths(row)] if modality != "image" else []
+        return signals + ([self._images(p) for p in row_paths(row)] if modality != "signal" else [])
+
+    def _rendered(self, path):
+        from paper import render_ecg
+        rec, _ = self.record(path)
+        return render_ecg(rec.signal, rec.fs, list(rec.leads), px_per_mm=self.px_per_mm)
 
     def _prepared(self, path, clip):
         rec, _ = self.record(path)
@@ -345,6 +356,19 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
     for row in rows:
         row["dataset"] = "synthetic"
     return SyntheticDataset(rows, specs, fs)
+
+
+def add_image_rows(ds, px_per_mm):
+    """GEM's second modality: every report and grounded row of a 12-lead record gets two
+    copies, one answered from the paper printout alone ("modality": "image") and one from
+    the signal and the printout together ("both"); the original is the signal-only one.
+    The printouts are rendered at px_per_mm on demand. Appends; the other rows stay as
+    they were."""
+    ds.px_per_mm = px_per_mm
+    extra = [dict(r, modality=m) for r in ds.rows if r["task"] in ("report", "grounded")
+             and len(ds.specs[r["ecg_path"][0]].leads) == 12 for m in ("image", "both")]
+    ds.rows.extend(extra)
+    return ds
 
 
 def _add_spec(specs, path, patient, duration, rng, holter=False):

@@ -57,11 +57,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from data import STATEMENTS, RowECGReader, collate, encode_chat, load_rows, make_example
-from ecg_encoder import ECGEncoder, EncoderConfig, load_encoder_config, load_encoder_weights, save_encoder_weights
+from data import STATEMENTS, RowECGReader, collate, encode_chat, is_image, load_rows, make_example
+from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, load_encoder_config,
+                         load_encoder_weights, save_encoder_weights)
 from eval import evaluate as evaluate_rows, print_table
 from model import LLM, ECGChat, LLMConfig, Tokenizer, add_lora, lora_layers, train_tokenizer
 
@@ -97,6 +99,7 @@ class Config:
     encoder_dim: int = 0  # override the preset's width (0: keep)
     encoder_layers: int = 0  # override the preset's depth (0: keep)
     encoder_init: str = ""  # encoder weights to start from (safetensors with config, e.g. eval.py probe-encoder --save)
+    images: bool = False  # GEM's image modality: report + grounded rows also from paper printouts (synthetic)
     encoder_warmup_steps: int = 800  # synthetic data: first the encoder alone learns statements + HR (0: off)
     lora_targets: str = "q_proj,k_proj"  # LLM linears that get LoRA (anyECG: q_proj,k_proj)
     lora_r: int = 8  # LoRA rank
@@ -283,10 +286,13 @@ class Split:
 def load_data(cfg, log):
     if cfg.data:
         return load_real_data(cfg, log)
-    from tasks import build_synthetic_dataset
+    from paper import WIDTH_MM
+    from tasks import add_image_rows, build_synthetic_dataset
     out = {}
     for split, n in [("train", cfg.train_patients), ("val", cfg.val_patients), ("test", cfg.test_patients)]:
         ds = build_synthetic_dataset(n, seed=cfg.seed, split=split)
+        if cfg.images:  # printouts drawn at exactly the image encoder's input width
+            add_image_rows(ds, ImageEncoderConfig.tiny().width / WIDTH_MM)
         out[split] = Split(ds.rows, ds.ecgs)
         log({"event": "data", "split": split, "patients": n, "rows": len(ds.rows)})
     return out
@@ -335,12 +341,14 @@ def example(split, i, model, text_only):
         split.bad[i] = str(e)
         return None
     if ex is None:
-        ex = make_example(row, ecgs, model.tokenizer, model.encoder.num_tokens)
+        ex = make_example(row, ecgs, model.tokenizer, model.encoder.num_tokens,
+                          model.image_encoder.num_tokens if model.image_encoder else 0)
         if len(ex["input_ids"]) > model.max_seq_len:  # e.g. a long clip: skipped like an unreadable record
             split.bad[i] = f"{len(ex['input_ids'])} tokens exceed max_seq_len={model.max_seq_len}"
             return None
-        split.cache[key] = ex if split.keep_ecgs else {k: v for k, v in ex.items() if k != "ecgs"}
-    return dict(ex, ecgs=ecgs)
+        split.cache[key] = ex if split.keep_ecgs else {k: v for k, v in ex.items() if k not in ("ecgs", "images")}
+        return ex
+    return dict(ex, ecgs=[x for x in ecgs if not is_image(x)], images=[x for x in ecgs if is_image(x)])
 
 
 def examples(split, indices, model, text_only):
@@ -374,8 +382,10 @@ def micro_batch(cfg, split, probs, model, stage, step, micro):
 
 
 def to_device(batch, device):
+    """-> input_ids, labels, {"ecgs": ..., "images": ...}: the model's inputs beside the text."""
     ecgs = [[(s.to(device), leads) for s, leads in sample] for sample in batch["ecgs"]]
-    return batch["input_ids"].to(device), batch["labels"].to(device), ecgs
+    images = [[im.to(device) for im in sample] for sample in batch["images"]]
+    return batch["input_ids"].to(device), batch["labels"].to(device), {"ecgs": ecgs, "images": images}
 
 
 def ecg_seconds(batch, fs):
@@ -413,7 +423,8 @@ def build_model(cfg, tok, device, dtype):
         over = {k: v for k, v in [("d_model", cfg.encoder_dim), ("n_layers", cfg.encoder_layers)] if v}
         encoder = ECGEncoder(getattr(EncoderConfig, cfg.encoder)(**over))
     encoder = encoder.to(device, dtype)
-    return ECGChat(llm, encoder, tok, cfg.max_seq_len)
+    image_encoder = ImageEncoder(ImageEncoderConfig.tiny()).to(device, dtype) if cfg.images else None
+    return ECGChat(llm, encoder, tok, cfg.max_seq_len, image_encoder)
 
 
 def make_optimizer(model, cfg, lr):
@@ -520,9 +531,10 @@ def rows_per_task(rows, n, seed=0):
 
 
 def blanked(ecgs_of):
-    """The ablation: the same ECG shapes and leads, every sample zero."""
-    from data import ECGRecord
-    return lambda row: [ECGRecord(np.zeros_like(e.signal), e.fs, e.leads) for e in ecgs_of(row)]
+    """The ablation: the same ECG shapes and leads, every sample zero; images blank paper."""
+    from data import ECGRecord, is_image
+    return lambda row: [np.full_like(e, 255) if is_image(e) else ECGRecord(np.zeros_like(e.signal), e.fs, e.leads)
+                        for e in ecgs_of(row)]
 
 
 @torch.no_grad()
@@ -530,21 +542,25 @@ def val_loss(cfg, model, split, probs, stage, device, ctx):
     model.eval()
     losses = []
     for j in range(cfg.eval_batches):  # fixed batches: no stage has 10**9 steps
-        ids, labels, ecgs = to_device(micro_batch(cfg, split, probs, model, stage, 10**9 + j, 0), device)
+        ids, labels, inputs = to_device(micro_batch(cfg, split, probs, model, stage, 10**9 + j, 0), device)
         with ctx:
-            losses.append(model(ids, ecgs, labels=labels)[1].item())
+            losses.append(model(ids, labels=labels, **inputs)[1].item())
     model.train()
     return float(np.mean(losses))
 
 # -----------------------------------------------------------------------------
 # encoder warm-up: the encoder alone learns the synthetic truth (also eval.py probe-encoder)
 
+BEAT_CHANNELS = ("beat", "A", "V", "L", "R")  # per-token targets of the encoder warm-up
+
+
 def fit_encoder_to_truth(steps=400, lr=1e-3, batch_size=16, train_patients=500, test_patients=50,
                          eval_every=100, seed=0, save=None, encoder=None, held_out="test", verbose=True,
                          desc="encoder probe", bar=True, **encoder_kw):
-    """Train the ECG encoder with a linear head on its mean-pooled tokens, supervised
-    directly by the synthetic ground truth: the report statements (multi-label) and the
-    heart rate. No LLM is involved, so this isolates the encoder's sample efficiency: a
+    """Train the ECG encoder with linear heads, supervised directly by the synthetic ground
+    truth: on its mean-pooled tokens the report statements (multi-label), the heart rate
+    and PR/QRS/QT; on each output token whether a beat, and which kind (A, V, L, R), falls
+    in its time span (what localization needs: where each beat is). No LLM is involved, so this isolates the encoder's sample efficiency: a
     chat model cannot report what its encoder has not learned to see. Prints micro F1 of
     the statements and HR MAE on the `held_out` split, then per-statement F1. `save`:
     write the trained encoder there (train.py --encoder_init starts from it). `encoder`:
@@ -554,6 +570,9 @@ def fit_encoder_to_truth(steps=400, lr=1e-3, batch_size=16, train_patients=500, 
     from tqdm import tqdm
     torch.manual_seed(seed)
 
+    enc = encoder if encoder is not None else ECGEncoder(EncoderConfig.tiny(**encoder_kw))
+    token_s = 1 / enc.cfg.tokens_per_second
+
     def items(split, n):
         ds = build_synthetic_dataset(n, seed=seed, split=split, tasks=["report"])
         out = []
@@ -562,20 +581,33 @@ def fit_encoder_to_truth(steps=400, lr=1e-3, batch_size=16, train_patients=500, 
             ecg = ds.ecgs(row)[0]
             y = torch.zeros(len(STATEMENTS))
             y[[STATEMENTS.index(s) for s in truth.statements]] = 1
+            # per output token: is a beat (any, A, V, L, R) annotated inside its time span?
+            beats = torch.zeros(enc.num_tokens(ecg.signal.shape[1]), len(BEAT_CHANNELS))
+            for at, sym in zip(truth.beat_samples, truth.beat_symbols):
+                k = int(at / truth.fs / token_s)
+                if k < len(beats):
+                    beats[k, [0] + ([BEAT_CHANNELS.index(sym)] if sym in BEAT_CHANNELS else [])] = 1
+            intervals = torch.tensor([truth.pr_ms or float("nan"), truth.qrs_ms, truth.qt_ms])
             out.append((torch.from_numpy(np.ascontiguousarray(ecg.signal, dtype=np.float32)),
-                        list(ecg.leads), y, truth.hr_bpm))
+                        list(ecg.leads), y, truth.hr_bpm, beats, intervals))
         return out
 
     train, test = items("train", train_patients), items(held_out, test_patients)
-    enc = encoder if encoder is not None else ECGEncoder(EncoderConfig.tiny(**encoder_kw))
     w = enc.lead_emb.weight
-    head = torch.nn.Linear(enc.cfg.d_model, len(STATEMENTS) + 1).to(w.device, w.dtype)  # statements + HR
-    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=lr)
+    head = torch.nn.Linear(enc.cfg.d_model, len(STATEMENTS) + 4).to(w.device, w.dtype)  # + HR, PR, QRS, QT
+    beat_head = torch.nn.Linear(enc.cfg.d_model, len(BEAT_CHANNELS)).to(w.device, w.dtype)
+    # PACs and PVCs fill under 2 % of tokens: weigh each channel's positives up to its negatives
+    # (capped), or the head learns to never say "A" or "V"
+    positives = torch.cat([t[4] for t in train]).mean(0)
+    beat_weight = ((1 - positives) / positives.clamp(min=1e-3)).clamp(1, 50)
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters(), *beat_head.parameters()], lr=lr)
 
-    def predict(batch):  # -> statement logits (B, S), HR in bpm (B,), both float32 on the CPU
-        pooled = torch.stack([t.mean(0) for t in enc([b[0] for b in batch], [b[1] for b in batch])])
-        out = head(pooled).float().cpu()
-        return out[:, :-1], 80 + 30 * out[:, -1]  # HR around a typical 80 bpm
+    def predict(batch):  # -> statement logits (B, S), HR bpm (B,), PR/QRS/QT ms (B, 3), beat logits [(n, 5)]
+        tokens = enc([b[0] for b in batch], [b[1] for b in batch])
+        out = head(torch.stack([t.mean(0) for t in tokens])).float().cpu()
+        beats = [beat_head(t).float().cpu() for t in tokens]
+        # around typical values: HR 80 bpm, PR 160 ms, QRS 100 ms, QT 400 ms
+        return out[:, :-4], 80 + 30 * out[:, -4], torch.tensor([160., 100., 400.]) + 50 * out[:, -3:], beats
 
     def test_scores():
         enc.eval()
@@ -584,20 +616,29 @@ def fit_encoder_to_truth(steps=400, lr=1e-3, batch_size=16, train_patients=500, 
         enc.train()
         P = torch.cat([p[0] for p in preds]) > 0
         Y = torch.stack([t[2] for t in test]) > 0
+        bp = torch.cat([b for p in preds for b in p[3]]) > 0
+        by = torch.cat([t[4] for t in test]) > 0
+        last_beat_f1[:] = [2 * (bp & by)[:, c].sum().item() / max(1, bp[:, c].sum().item() + by[:, c].sum().item())
+                           for c in range(len(BEAT_CHANNELS))]
         hr_err = (torch.cat([p[1] for p in preds]) - torch.tensor([t[3] for t in test])).abs().mean()
         return P, Y, 2 * (P & Y).sum().item() / (P.sum().item() + Y.sum().item()), hr_err.item()
 
+    last_beat_f1 = [0.0] * len(BEAT_CHANNELS)
     say = print if verbose else (lambda *a, **k: None)
     say(f"encoder probe: {len(train)} training ECGs, {len(test)} {held_out} ECGs, "
         f"{sum(p.numel() for p in enc.parameters()) / 1e6:.2f}M encoder parameters")
     rng, t0 = np.random.default_rng(seed), time.time()
     for step in tqdm(range(1, steps + 1), desc=desc, leave=False, disable=not bar):
         batch = [train[i] for i in rng.integers(len(train), size=batch_size)]
-        logits, hr = predict(batch)
+        logits, hr, ms, beats = predict(batch)
         y = torch.stack([b[2] for b in batch])
         hr_true = torch.tensor([b[3] for b in batch], dtype=torch.float32)
-        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
-                + torch.nn.functional.smooth_l1_loss(hr, hr_true) / 30)
+        ms_true = torch.stack([b[5] for b in batch])
+        known = ~ms_true.isnan()  # no PR without P waves
+        loss = (F.binary_cross_entropy_with_logits(logits, y) + F.smooth_l1_loss(hr, hr_true) / 30
+                + F.smooth_l1_loss(ms[known], ms_true[known]) / 50
+                + F.binary_cross_entropy_with_logits(torch.cat(beats), torch.cat([b[4] for b in batch]),
+                                                     pos_weight=beat_weight))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -605,7 +646,9 @@ def fit_encoder_to_truth(steps=400, lr=1e-3, batch_size=16, train_patients=500, 
             P, Y, f1, hr_mae = test_scores()
             if verbose:
                 tqdm.write(f"step {step:5d}  loss {loss.item():.3f}  statement micro F1 {f1:.3f}  "
-                           f"HR MAE {hr_mae:.1f} bpm  ({time.time() - t0:.0f} s)")
+                           f"HR MAE {hr_mae:.1f} bpm  beat-token F1 " + " ".join(
+                               f"{c} {v:.2f}" for c, v in zip(BEAT_CHANNELS, last_beat_f1)) +
+                           f"  ({time.time() - t0:.0f} s)")
     tp, fp, fn = (P & Y).sum(0), (P & ~Y).sum(0), (~P & Y).sum(0)
     for i, name in enumerate(STATEMENTS):
         say(f"  {name:<36} n={int(Y[:, i].sum()):3d}  F1 {2 * tp[i] / max(1, 2 * tp[i] + fp[i] + fn[i]):.2f}")
@@ -669,10 +712,10 @@ def forward_backward(cfg, env, train_model, model, split, probs, stage, step):
         batch = micro_batch(cfg, split, probs, model, stage, step, env.rank + m * env.world)
         n_tok += int((batch["input_ids"] != model.tokenizer.pad_id).sum())
         n_ecg_s += ecg_seconds(batch, model.encoder.cfg.fs)
-        ids, labels, ecgs = to_device(batch, env.device)
+        ids, labels, inputs = to_device(batch, env.device)
         sync = not env.ddp or m == n - 1
         with env.ctx, (contextlib.nullcontext() if sync else train_model.no_sync()):
-            _, loss = train_model(ids, ecgs, labels=labels)
+            _, loss = train_model(ids, labels=labels, **inputs)
             (loss / n).backward()
         loss_sum += loss.detach() / n
     return loss_sum, n_tok, n_ecg_s

@@ -374,10 +374,8 @@ def test_encode_chat_blocks_and_loss_mask(tokenizer):
     end = tokenizer.added[END_TURN]
     assert labels[-1] == end and labels[ids.index(end)] == -100, "the user's <|end|> carries no loss"
     # blocks are consecutive runs of placeholders, in ECG order: what ECGChat checks
-    import torch
-    from model import ECGChat
-    slots = torch.tensor([ids]) == tokenizer.added[ECG_TOKEN]
-    ECGChat._check_blocks(slots, [[None, None]], [3, 5])
+    from model import _run_lengths
+    assert _run_lengths([i == tokenizer.added[ECG_TOKEN] for i in ids]) == [3, 5]
 
 
 def test_encode_chat_multi_turn_and_generation_prompt(tokenizer):

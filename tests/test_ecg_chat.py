@@ -160,3 +160,69 @@ def test_load_errors_name_the_file(tok, tmp_path):
     (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg, default=list))
     with pytest.raises(ValueError, match="ecg_encoder"):
         ECGChat.load(tmp_path / "plain")
+
+
+# ----------------------------------------------------------------------------- images (GEM's second modality)
+
+
+def make_image_chat(tok, seed=0):
+    from ecg_encoder import ImageEncoder, ImageEncoderConfig
+    model = make_chat(tok, seed)
+    torch.manual_seed(seed + 1)
+    img_enc = ImageEncoder(ImageEncoderConfig(height=32, width=64, out_rows=2, out_cols=4, d_model=32, n_layers=1,
+                                              n_heads=2))
+    return ECGChat(model.llm, model.encoder, tok, image_encoder=img_enc).eval()
+
+
+def image(seed, h=40, w=90):
+    return torch.randint(0, 256, (h, w, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_image_and_ecg_tokens_each_land_in_their_own_block_in_order(tok):
+    from data import encode_chat
+    from model import IMG_END, IMG_START
+    model = make_image_chat(tok)
+    n_img = model.image_encoder.num_tokens
+    samples = [([ecg(10, seed=1), ecg(6, ("II",), seed=2)], [image(3)]),   # both modalities
+               ([], [image(4), image(5, 80, 60)]),                          # images only, two sizes
+               ([ecg(8, seed=6)], [])]                                       # signal only
+    prompts = [encode_chat(tok, [("user", "What rhythm?")], [model.encoder.num_tokens(s.shape[1]) for s, _ in e],
+                           add_generation_prompt=True, image_token_counts=[n_img] * len(im))[0] for e, im in samples]
+    T = max(map(len, prompts))
+    ids = torch.tensor([p + [tok.pad_id] * (T - len(p)) for p in prompts])
+    with torch.no_grad():
+        x = model.embed(ids, [e for e, _ in samples], [im for _, im in samples])
+        for b, (ecgs, images) in enumerate(samples):
+            row = ids[b].tolist()
+            ecg_slots = [i for i, t in enumerate(row) if t == model.ecg_token_id]
+            img_slots = [i for i, t in enumerate(row) if t == model.img_token_id]
+            assert not ecg_slots or not img_slots or max(ecg_slots) < min(img_slots)   # ECG blocks first
+            start = 0
+            for s, leads in ecgs:
+                alone = model.projector(model.encoder([s], [leads])[0])            # this ECG by itself
+                assert (x[b, ecg_slots[start:start + len(alone)]] - alone).abs().max() <= 1e-5
+                start += len(alone)
+            assert start == len(ecg_slots)
+            for k, im in enumerate(images):
+                alone = model.image_projector(model.image_encoder([im])[0])       # this image by itself
+                pos = img_slots[k * n_img:(k + 1) * n_img]
+                assert (x[b, pos] - alone).abs().max() <= 1e-5
+                assert row[pos[0] - 1] == tok.added[IMG_START] and row[pos[-1] + 1] == tok.added[IMG_END]
+            text = [i for i, t in enumerate(row) if t not in (model.ecg_token_id, model.img_token_id)]
+            assert torch.equal(x[b, text], model.llm.embed_tokens(ids[b, text]))
+
+
+def test_image_model_saves_loads_and_a_missing_image_is_a_clear_error(tok, tmp_path):
+    from data import encode_chat
+    model = make_image_chat(tok)
+    ecgs, images = [ecg(10, seed=1)], [image(3)]
+    ids = torch.tensor([encode_chat(tok, [("user", "What rhythm?")], [model.encoder.num_tokens(1000)],
+                                    add_generation_prompt=True, image_token_counts=[model.image_encoder.num_tokens])[0]])
+    model.save(tmp_path / "ckpt")
+    back = ECGChat.load(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.allclose(model(ids, [ecgs], images=[images]), back(ids, [ecgs], images=[images]), atol=1e-5)
+    with pytest.raises(ValueError, match=r"placeholder blocks of \[8\] <img_token>s but its 0 image"):
+        model(ids, [ecgs])
+    with pytest.raises(ValueError, match="no image encoder"):
+        make_chat(tok)(ids, [ecgs], images=[images])

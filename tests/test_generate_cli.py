@@ -149,3 +149,30 @@ def test_bad_inputs_give_one_clear_error(ckpt, tmp_path, capsys):
             (broken / f.name).write_bytes(f.read_bytes())
     msg = error_of(capsys, "--ckpt", broken, "--ecg", PHYSIONET / "100", "--prompt", "Where?")
     assert "tokenizer.model: missing" in msg
+
+
+def test_reads_a_paper_image_alone_or_with_the_signal(ckpt, tmp_path):
+    """--image: a PNG printout (drawn by paper.py) read through Pillow, alone or with --ecg;
+    a checkpoint without an image encoder says so."""
+    pytest.importorskip("PIL", reason="Pillow (optional) reads user images")
+    from ecg_encoder import ImageEncoder, ImageEncoderConfig
+    from paper import render_ecg, write_png
+    from synth import make_patient, synth_ecg
+    rec, _ = synth_ecg(make_patient(6), 10.0, 500.0, seed=6)
+    png = tmp_path / "printout.png"
+    write_png(render_ecg(rec.signal, rec.fs, list(rec.leads), px_per_mm=2.0), png)
+    np.save(tmp_path / "ecg.npy", rec.signal)
+    plain = ECGChat.load(ckpt)
+    with_images = ECGChat(plain.llm, plain.encoder, plain.tokenizer, image_encoder=ImageEncoder(
+        ImageEncoderConfig(d_model=32, n_layers=1, n_heads=2)))
+    with_images.save(tmp_path / "img_ckpt")
+    alone = run_cli("--ckpt", tmp_path / "img_ckpt", "--image", png, "--prompt", "Report?", "--max-new-tokens", "5")
+    assert alone.returncode == 0, alone.stderr
+    assert "printout.png: 532 x 276 px -> 32 tokens" in alone.stderr
+    both = run_cli("--ckpt", tmp_path / "img_ckpt", "--image", png, "--ecg", tmp_path / "ecg.npy", "--fs", "500",
+                   "--lead-names", ",".join(rec.leads), "--prompt", "Report?", "--max-new-tokens", "5")
+    assert both.returncode == 0, both.stderr
+    r = run_cli("--ckpt", ckpt, "--image", png, "--prompt", "Report?")
+    assert r.returncode != 0 and "has no image encoder" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("--ckpt", ckpt, "--prompt", "Report?")
+    assert r.returncode != 0 and "give at least one --ecg" in r.stderr

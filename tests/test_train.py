@@ -87,11 +87,11 @@ def test_each_stage_lowers_the_loss_and_leaves_frozen_parts_bit_identical(setup)
         assert frozen and trained
         opt = train.make_optimizer(model, cfg, 1e-2)
         batch = train.micro_batch(cfg, data["train"], data["train"].weights(stage.tasks), model, stage, 0, 0)
-        ids, labels, ecgs = train.to_device(batch, "cpu")
+        ids, labels, inputs = train.to_device(batch, "cpu")
         torch.manual_seed(0)
         losses = []
         for _ in range(8):
-            _, loss = model(ids, ecgs, labels=labels)
+            _, loss = model(ids, labels=labels, **inputs)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -263,3 +263,18 @@ def test_encoder_warmup_trains_the_encoder_saves_it_and_reuses_the_file(setup, t
     assert len(records) == 1  # loaded, not trained again
     for n, p in fresh.encoder.state_dict().items():
         assert torch.equal(p, after[n]), n
+
+
+def test_images_train_every_modality_and_are_scored_apart(tmp_path):
+    """--images: report and grounded rows of 12-lead records come three ways (signal, paper
+    image, both); the image encoder learns, and the final table scores each modality apart."""
+    cfg = tiny(tmp_path, images=True, train_patients=6, test_rows=0, stage0_steps=1, stage2_steps=1, stage3_steps=2,
+               stage1_tasks="report", batch_size=6)
+    train.train(cfg)
+    back = ECGChat.load(tmp_path / "model")
+    start = train.build_model(cfg, back.tokenizer, torch.device("cpu"), torch.float32)   # same seed: the init
+    assert back.image_encoder is not None and back.image_encoder.num_tokens == 32
+    assert not torch.equal(back.image_encoder.pos_emb, start.image_encoder.pos_emb)
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    scores = next(r for r in log if r.get("event") == "test")["scores"]
+    assert {"report", "report [image]", "report [both]", "grounded [image]", "grounded [both]"} <= set(scores)
