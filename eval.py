@@ -9,7 +9,7 @@ Read top to bottom:
   3. Evaluating    `evaluate(model, rows, ecgs_of)`: batched generation over anyECG rows,
                    with the ECG optionally blanked (--ablate-ecg) to see how much it matters.
   4. Benchmarks    encoder time/memory vs ECG length; LLM speed against transformers; how
-                   fast the encoder alone learns (probe-encoder, the loop lives in train.py).
+                   fast the encoder alone learns (probe-encoder, the loop lives in warmup.py).
   5. Command line
 
     python eval.py --ckpt DIR --data FILE.json --ecg-root DIR --out results.json
@@ -264,14 +264,15 @@ def score_task(task, rows, preds):
 
 
 def score_rows(rows, preds):
-    """{task: scores} over answered rows, tasks in order of first appearance; rows read from
-    a paper image get their own groups ("report [image]", "report [both]"). ecgqa and
+    """{task: scores} over answered rows, tasks in order of first appearance; rows that name
+    their modality get their own groups ("report [signal]", "report [image]",
+    "report [both]"). ecgqa and
     multi rows without a question_type (free-text answers, e.g. anyECG's MIMIC comparisons)
     cannot be matched exactly; they form their own group, scored like open text."""
     groups = {}
     for row, pred in zip(rows, preds):
         free = row["task"] in ("ecgqa", "multi") and "question_type" not in row
-        modality = f" [{row['modality']}]" if row.get("modality", "signal") != "signal" else ""
+        modality = f" [{row['modality']}]" if "modality" in row else ""
         groups.setdefault(row["task"] + modality + (" (free text)" if free else ""), []).append((row, pred))
     return {name: score_task(pairs[0][0]["task"], [r for r, _ in pairs], [p for _, p in pairs])
             for name, pairs in groups.items()}
@@ -761,7 +762,7 @@ def bench_main(argv):
     b.add_argument("--save", default=None, help="write the trained encoder (safetensors) for train.py --encoder_init")
     args = parser.parse_args(argv)
     if args.command == "probe-encoder":
-        from train import fit_encoder_to_truth  # the same loop as train.py's encoder warm-up
+        from warmup import fit_encoder_to_truth  # the same loop as train.py's encoder warm-up
         return fit_encoder_to_truth(args.steps, args.lr, args.batch_size, args.train_patients, save=args.save,
                                     d_model=args.d_model, n_layers=args.layers)
     if args.command == "bench-llm":

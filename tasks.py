@@ -359,15 +359,15 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
 
 
 def add_image_rows(ds, px_per_mm):
-    """GEM's second modality: every report and grounded row of a 12-lead record gets two
-    copies, one answered from the paper printout alone ("modality": "image") and one from
-    the signal and the printout together ("both"); the original is the signal-only one.
-    The printouts are rendered at px_per_mm on demand. Appends; the other rows stay as
-    they were."""
+    """GEM's second modality: every report and grounded row of a 12-lead record is marked
+    "modality": "signal" and gets two copies, one answered from the paper printout alone
+    ("image") and one from the signal and the printout together ("both"), so the three can
+    be scored on the same records. Printouts are rendered at px_per_mm on demand."""
     ds.px_per_mm = px_per_mm
-    extra = [dict(r, modality=m) for r in ds.rows if r["task"] in ("report", "grounded")
-             and len(ds.specs[r["ecg_path"][0]].leads) == 12 for m in ("image", "both")]
-    ds.rows.extend(extra)
+    originals = [r for r in ds.rows if r["task"] in ("report", "grounded") and len(ds.specs[r["ecg_path"][0]].leads) == 12]
+    for r in originals:
+        r["modality"] = "signal"
+    ds.rows.extend(dict(r, modality=m) for r in originals for m in ("image", "both"))
     return ds
 
 

@@ -57,15 +57,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from data import STATEMENTS, RowECGReader, collate, encode_chat, is_image, load_rows, make_example
+from data import RowECGReader, collate, encode_chat, is_image, load_rows, make_example
 from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, load_encoder_config,
                          load_encoder_weights, save_encoder_weights)
 from eval import evaluate as evaluate_rows, print_table
 from model import LLM, ECGChat, LLMConfig, Tokenizer, add_lora, lora_layers, train_tokenizer
+from warmup import fit_encoder_to_truth
 
 ALL_TASKS = ("report", "location", "location_long", "ecgqa", "multi", "grounded")
 
@@ -549,135 +549,37 @@ def val_loss(cfg, model, split, probs, stage, device, ctx):
     return float(np.mean(losses))
 
 # -----------------------------------------------------------------------------
-# encoder warm-up: the encoder alone learns the synthetic truth (also eval.py probe-encoder)
-
-BEAT_CHANNELS = ("beat", "A", "V", "L", "R")  # per-token targets of the encoder warm-up
+# encoder warm-up: the encoder alone learns the synthetic truth (the loop is in warmup.py)
 
 
-def fit_encoder_to_truth(steps=400, lr=1e-3, batch_size=16, train_patients=500, test_patients=50,
-                         eval_every=100, seed=0, save=None, encoder=None, held_out="test", verbose=True,
-                         desc="encoder probe", bar=True, **encoder_kw):
-    """Train the ECG encoder with linear heads, supervised directly by the synthetic ground
-    truth: on its mean-pooled tokens the report statements (multi-label), the heart rate
-    and PR/QRS/QT; on each output token whether a beat, and which kind (A, V, L, R), falls
-    in its time span (what localization needs: where each beat is). No LLM is involved, so this isolates the encoder's sample efficiency: a
-    chat model cannot report what its encoder has not learned to see. Prints micro F1 of
-    the statements and HR MAE on the `held_out` split, then per-statement F1. `save`:
-    write the trained encoder there (train.py --encoder_init starts from it). `encoder`:
-    train this one in place (train.py's warm-up) instead of a new tiny one. `verbose`: print
-    the scores; `bar`: show the progress bar."""
-    from tasks import build_synthetic_dataset
-    from tqdm import tqdm
-    torch.manual_seed(seed)
-
-    enc = encoder if encoder is not None else ECGEncoder(EncoderConfig.tiny(**encoder_kw))
-    token_s = 1 / enc.cfg.tokens_per_second
-
-    def items(split, n):
-        ds = build_synthetic_dataset(n, seed=seed, split=split, tasks=["report"])
-        out = []
-        for row in ds.rows:
-            _, truth = ds.record(row["ecg_path"][0])
-            ecg = ds.ecgs(row)[0]
-            y = torch.zeros(len(STATEMENTS))
-            y[[STATEMENTS.index(s) for s in truth.statements]] = 1
-            # per output token: is a beat (any, A, V, L, R) annotated inside its time span?
-            beats = torch.zeros(enc.num_tokens(ecg.signal.shape[1]), len(BEAT_CHANNELS))
-            for at, sym in zip(truth.beat_samples, truth.beat_symbols):
-                k = int(at / truth.fs / token_s)
-                if k < len(beats):
-                    beats[k, [0] + ([BEAT_CHANNELS.index(sym)] if sym in BEAT_CHANNELS else [])] = 1
-            intervals = torch.tensor([truth.pr_ms or float("nan"), truth.qrs_ms, truth.qt_ms])
-            out.append((torch.from_numpy(np.ascontiguousarray(ecg.signal, dtype=np.float32)),
-                        list(ecg.leads), y, truth.hr_bpm, beats, intervals))
-        return out
-
-    train, test = items("train", train_patients), items(held_out, test_patients)
-    w = enc.lead_emb.weight
-    head = torch.nn.Linear(enc.cfg.d_model, len(STATEMENTS) + 4).to(w.device, w.dtype)  # + HR, PR, QRS, QT
-    beat_head = torch.nn.Linear(enc.cfg.d_model, len(BEAT_CHANNELS)).to(w.device, w.dtype)
-    # PACs and PVCs fill under 2 % of tokens: weigh each channel's positives up to its negatives
-    # (capped), or the head learns to never say "A" or "V"
-    positives = torch.cat([t[4] for t in train]).mean(0)
-    beat_weight = ((1 - positives) / positives.clamp(min=1e-3)).clamp(1, 50)
-    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters(), *beat_head.parameters()], lr=lr)
-
-    def predict(batch):  # -> statement logits (B, S), HR bpm (B,), PR/QRS/QT ms (B, 3), beat logits [(n, 5)]
-        tokens = enc([b[0] for b in batch], [b[1] for b in batch])
-        out = head(torch.stack([t.mean(0) for t in tokens])).float().cpu()
-        beats = [beat_head(t).float().cpu() for t in tokens]
-        # around typical values: HR 80 bpm, PR 160 ms, QRS 100 ms, QT 400 ms
-        return out[:, :-4], 80 + 30 * out[:, -4], torch.tensor([160., 100., 400.]) + 50 * out[:, -3:], beats
-
-    def test_scores():
-        enc.eval()
-        with torch.no_grad():
-            preds = [predict(test[i:i + 64]) for i in range(0, len(test), 64)]
-        enc.train()
-        P = torch.cat([p[0] for p in preds]) > 0
-        Y = torch.stack([t[2] for t in test]) > 0
-        bp = torch.cat([b for p in preds for b in p[3]]) > 0
-        by = torch.cat([t[4] for t in test]) > 0
-        last_beat_f1[:] = [2 * (bp & by)[:, c].sum().item() / max(1, bp[:, c].sum().item() + by[:, c].sum().item())
-                           for c in range(len(BEAT_CHANNELS))]
-        hr_err = (torch.cat([p[1] for p in preds]) - torch.tensor([t[3] for t in test])).abs().mean()
-        return P, Y, 2 * (P & Y).sum().item() / (P.sum().item() + Y.sum().item()), hr_err.item()
-
-    last_beat_f1 = [0.0] * len(BEAT_CHANNELS)
-    say = print if verbose else (lambda *a, **k: None)
-    say(f"encoder probe: {len(train)} training ECGs, {len(test)} {held_out} ECGs, "
-        f"{sum(p.numel() for p in enc.parameters()) / 1e6:.2f}M encoder parameters")
-    rng, t0 = np.random.default_rng(seed), time.time()
-    for step in tqdm(range(1, steps + 1), desc=desc, leave=False, disable=not bar):
-        batch = [train[i] for i in rng.integers(len(train), size=batch_size)]
-        logits, hr, ms, beats = predict(batch)
-        y = torch.stack([b[2] for b in batch])
-        hr_true = torch.tensor([b[3] for b in batch], dtype=torch.float32)
-        ms_true = torch.stack([b[5] for b in batch])
-        known = ~ms_true.isnan()  # no PR without P waves
-        loss = (F.binary_cross_entropy_with_logits(logits, y) + F.smooth_l1_loss(hr, hr_true) / 30
-                + F.smooth_l1_loss(ms[known], ms_true[known]) / 50
-                + F.binary_cross_entropy_with_logits(torch.cat(beats), torch.cat([b[4] for b in batch]),
-                                                     pos_weight=beat_weight))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % eval_every == 0 or step == steps:
-            P, Y, f1, hr_mae = test_scores()
-            if verbose:
-                tqdm.write(f"step {step:5d}  loss {loss.item():.3f}  statement micro F1 {f1:.3f}  "
-                           f"HR MAE {hr_mae:.1f} bpm  beat-token F1 " + " ".join(
-                               f"{c} {v:.2f}" for c, v in zip(BEAT_CHANNELS, last_beat_f1)) +
-                           f"  ({time.time() - t0:.0f} s)")
-    tp, fp, fn = (P & Y).sum(0), (P & ~Y).sum(0), (~P & Y).sum(0)
-    for i, name in enumerate(STATEMENTS):
-        say(f"  {name:<36} n={int(Y[:, i].sum()):3d}  F1 {2 * tp[i] / max(1, 2 * tp[i] + fp[i] + fn[i]):.2f}")
-    if save:
-        save_encoder_weights(enc, save, enc.cfg)
-        say(f"encoder saved to {save} (python train.py --encoder_init {save})")
-    return f1, hr_mae
-
-
-def warm_up_encoder(cfg, encoder, out, log, rank):
-    """Before the curriculum, on synthetic data: the encoder alone, with a linear head on its
-    pooled tokens, learns the report statements and the heart rate straight from the
-    generator's ground truth (fit_encoder_to_truth). Through the LLM's loss alone the
-    encoder learned so slowly that the default model never read the ECG (README, "The default
-    run"). The result is kept as out_dir/encoder_warmup.safetensors; a run that finds the file
-    loads it instead of training again. Every DDP rank trains the same copy (same seed); DDP
-    broadcasts rank 0's weights anyway."""
-    path = out / "encoder_warmup.safetensors"
-    if path.exists():
+def warm_up_encoder(cfg, encoder, out, log, rank, image_encoder=None):
+    """Before the curriculum, on synthetic data: the encoder alone (and the image encoder,
+    with --images) learns the generator's ground truth through small linear heads
+    (warmup.fit_encoder_to_truth: statements, HR/PR/QRS/QT, and where each kind of beat is).
+    Through the LLM's loss alone the encoder learned so slowly that the default model never
+    read the ECG (README, "The default run"). The result is kept as
+    out_dir/encoder_warmup.safetensors (and image_warmup.safetensors); a run that finds
+    them loads them instead of training again. Every DDP rank trains the same copy (same
+    seed); DDP broadcasts rank 0's weights anyway."""
+    path, image_path = out / "encoder_warmup.safetensors", out / "image_warmup.safetensors"
+    if path.exists() and (image_encoder is None or image_path.exists()):
         load_encoder_weights(encoder, str(path))
+        if image_encoder is not None:
+            load_encoder_weights(image_encoder, str(image_path))
         return
-    f1, hr_mae = fit_encoder_to_truth(cfg.encoder_warmup_steps, cfg.stage1_lr, cfg.batch_size, cfg.train_patients,
-                                      cfg.val_patients, eval_every=cfg.encoder_warmup_steps, seed=cfg.seed,
-                                      save=str(path) if rank == 0 else None, encoder=encoder, held_out="val",
-                                      verbose=False, desc="encoder warm-up", bar=rank == 0)
-    log({"event": "encoder_warmup", "steps": cfg.encoder_warmup_steps, "val_statement_f1": f1, "val_hr_mae": hr_mae})
+    r = fit_encoder_to_truth(cfg.encoder_warmup_steps, cfg.stage1_lr, cfg.batch_size, cfg.train_patients,
+                             cfg.val_patients, eval_every=cfg.encoder_warmup_steps, seed=cfg.seed,
+                             save=str(path) if rank == 0 else None, encoder=encoder, held_out="val",
+                             verbose=False, desc="encoder warm-up", bar=rank == 0, image_encoder=image_encoder)
+    if image_encoder is not None and rank == 0:
+        save_encoder_weights(image_encoder, str(out / "image_warmup.safetensors"), image_encoder.cfg)
+    names = {"f1": "statement_f1", "hr_mae": "hr_mae", "beat_f1": "beat_f1", "image_f1": "image_statement_f1",
+             "image_hr_mae": "image_hr_mae"}
+    log({"event": "encoder_warmup", "steps": cfg.encoder_warmup_steps, **{f"val_{names[k]}": v for k, v in r.items()}})
     if rank == 0:
-        print(f"encoder warm-up: {cfg.encoder_warmup_steps} steps, validation statement F1 {f1:.3f}, "
-              f"HR MAE {hr_mae:.1f} bpm")
+        image = f"; image encoder F1 {r['image_f1']:.3f}, HR MAE {r['image_hr_mae']:.1f} bpm" if "image_f1" in r else ""
+        print(f"encoder warm-up: {cfg.encoder_warmup_steps} steps, validation statement F1 {r['f1']:.3f}, "
+              f"HR MAE {r['hr_mae']:.1f} bpm{image}")
 
 
 # -----------------------------------------------------------------------------
@@ -744,7 +646,7 @@ def train(cfg):
         data = load_data(cfg, log)
     model = build_model(cfg, build_tokenizer(cfg, data, rank), device, env.dtype)
     if cfg.encoder_warmup_steps and not (cfg.data or cfg.encoder_init or resume_from):
-        warm_up_encoder(cfg, model.encoder, out, log, rank)
+        warm_up_encoder(cfg, model.encoder, out, log, rank, model.image_encoder)
     if cfg.grad_checkpoint:
         checkpoint_activations(model.llm)
     if cfg.compile:

@@ -277,4 +277,5 @@ def test_images_train_every_modality_and_are_scored_apart(tmp_path):
     assert not torch.equal(back.image_encoder.pos_emb, start.image_encoder.pos_emb)
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     scores = next(r for r in log if r.get("event") == "test")["scores"]
-    assert {"report", "report [image]", "report [both]", "grounded [image]", "grounded [both]"} <= set(scores)
+    assert {f"{task} [{m}]" for task in ("report", "grounded") for m in ("signal", "image", "both")} <= set(scores)
+    assert scores["report [signal]"]["n"] == scores["report [image]"]["n"] == scores["report [both]"]["n"]
