@@ -100,7 +100,7 @@ class Config:
     encoder_layers: int = 0  # override the preset's depth (0: keep)
     encoder_init: str = ""  # encoder weights to start from (safetensors with config, e.g. eval.py probe-encoder --save)
     images: bool = False  # GEM's image modality: report + grounded rows also from paper printouts (synthetic)
-    encoder_warmup_steps: int = 800  # synthetic data: first the encoder alone learns statements + HR (0: off)
+    encoder_warmup_steps: int = 1600  # synthetic data: first the encoder alone learns statements + HR (0: off)
     lora_targets: str = "q_proj,k_proj"  # LLM linears that get LoRA (anyECG: q_proj,k_proj)
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
