@@ -103,6 +103,8 @@ def holter_rows(root, dataset, clips=10, long_clips=5, long_seconds=(10.0, 60.0)
 
 
 def record_location_rows(path, name, dataset, rng, clips, long_clips, long_seconds, not_found, prefix):
+    """The localization rows of one record (see holter_rows); only its header and `atr`
+    file are read, never its samples."""
     import wfdb
     header = wfdb.rdheader(str(path))
     ann = wfdb.rdann(str(path), "atr")

@@ -100,7 +100,7 @@ class Config:
     encoder_layers: int = 0  # override the preset's depth (0: keep)
     encoder_init: str = ""  # encoder weights to start from (safetensors with config, e.g. eval.py probe-encoder --save)
     images: bool = False  # GEM's image modality: report + grounded rows also from paper printouts (synthetic)
-    encoder_warmup_steps: int = 1600  # synthetic data: first the encoder alone learns statements + HR (0: off)
+    encoder_warmup_steps: int = 1600  # synthetic data: first the encoder alone learns the ground truth (warmup.py; 0: off)
     lora_targets: str = "q_proj,k_proj"  # LLM linears that get LoRA (anyECG: q_proj,k_proj)
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
@@ -321,9 +321,9 @@ def load_real_data(cfg, log):
 
 
 def example(split, i, model, text_only):
-    """Row i -> token ids, loss labels and ECGs (None if its record cannot be read or the
-    example does not fit the context). Text
-    only (stage 0): the question and the answer as plain text, loss on every token."""
+    """Row i -> token ids, loss labels, ECGs and images (None if its record cannot be read
+    or the example does not fit the context). Text only (stage 0): the question and the
+    answer as plain text, loss on every token."""
     key = (i, text_only)
     ex = split.cache.get(key)
     if ex is not None and (text_only or split.keep_ecgs):
@@ -336,19 +336,19 @@ def example(split, i, model, text_only):
         ex = split.cache[key] = {"input_ids": ids, "labels": [-100] + ids[1:], "ecgs": []}
         return ex
     try:
-        ecgs = split.ecgs_of(row)
+        inputs = split.ecgs_of(row)   # its ECGs (and paper images, for image rows)
     except (OSError, ValueError) as e:   # missing, truncated or unreadable record: load_ecg names it
         split.bad[i] = str(e)
         return None
     if ex is None:
-        ex = make_example(row, ecgs, model.tokenizer, model.encoder.num_tokens,
+        ex = make_example(row, inputs, model.tokenizer, model.encoder.num_tokens,
                           model.image_encoder.num_tokens if model.image_encoder else 0)
         if len(ex["input_ids"]) > model.max_seq_len:  # e.g. a long clip: skipped like an unreadable record
             split.bad[i] = f"{len(ex['input_ids'])} tokens exceed max_seq_len={model.max_seq_len}"
             return None
         split.cache[key] = ex if split.keep_ecgs else {k: v for k, v in ex.items() if k not in ("ecgs", "images")}
         return ex
-    return dict(ex, ecgs=[x for x in ecgs if not is_image(x)], images=[x for x in ecgs if is_image(x)])
+    return dict(ex, ecgs=[x for x in inputs if not is_image(x)], images=[x for x in inputs if is_image(x)])
 
 
 def examples(split, indices, model, text_only):
@@ -365,10 +365,11 @@ def micro_batch(cfg, split, probs, model, stage, step, micro):
     DDP rank simply takes its own micro indices. `bucket_steps` consecutive steps share one
     pool of rows sorted by length, each step one slice of it: similar lengths, less padding."""
     k, B = cfg.bucket_steps, cfg.batch_size
-    if split.pool and stage.index and step % k == 0:  # start reading the next pool's records now:
-        nxt = np.random.default_rng([cfg.seed, stage.index, step // k + 1, micro])  # they load while
+    if split.pool and stage.index and step % k == 0:
+        # real data: start reading the next pool's records now, so they load while this pool trains
+        nxt = np.random.default_rng([cfg.seed, stage.index, step // k + 1, micro])
         split.ecgs_of.prefetch([split.rows[i] for i in nxt.choice(len(split.rows), k * B, p=probs)], split.pool)
-    rng = np.random.default_rng([cfg.seed, stage.index, step // k, micro])  # this pool trains
+    rng = np.random.default_rng([cfg.seed, stage.index, step // k, micro])
     pool = examples(split, rng.choice(len(split.rows), k * B, p=probs), model, stage.index == 0)
     while None in pool:  # unreadable records: draw others (the same rows always fail, so resume is exact)
         if len(split.bad) == len(split.rows):
