@@ -11,7 +11,7 @@ Read top to bottom:
                      min-max scaling, and `prepare_ecg`, which brings a record to model rate.
   4. Localization    the anyECG answer rule ("Duration: 1.3s-2.9s") and its parser.
   5. anyECG rows     `load_rows` for anyECG JSON files (bad rows skipped and counted) and
-                     `load_row_ecgs` to fetch the ECG(s) a row names.
+                     `RowECGReader` to fetch the ECG(s) a row names, lazily, cached.
   6. Chat template   `encode_chat` (token ids + loss labels) and `collate` (padding).
   7. Plotting        `plot_ecg_svg`: an SVG on ECG paper, written by hand.
 The generator is in synth.py; the tasks and the synthetic dataset built from it in tasks.py.
@@ -439,6 +439,9 @@ def row_problem(row):
     if not (isinstance(paths, str) and paths) and not (
             isinstance(paths, list) and paths and all(isinstance(p, str) and p for p in paths)):
         return "field 'ecg_path' missing or not a path / non-empty list of paths"
+    if row.get("modality", "signal") != "signal":
+        return (f"modality {row['modality']!r}: rows read from a paper image are built only for synthetic data "
+                "(train.py --images); a file's rows are read as signals")
     if row["task"] in ("location", "location_long"):
         for key, kind in _LOCATION_FIELDS.items():
             if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
@@ -542,11 +545,6 @@ def try_read_clip(args):
             return read_clip(*args)
     except (OSError, ValueError):
         return None
-
-
-def load_row_ecgs(row, root, fs=100):
-    """The ECG(s) a row names (RowECGReader without a cache)."""
-    return RowECGReader(root, fs, cache_size=0)(row)
 
 
 def clip_record(rec, start, end, name="ECG"):

@@ -751,8 +751,8 @@ def bench_main(argv):
     b = sub.add_parser("speed", help="bench-llm + bench-encoder (tiny) in one table against the design's targets")
     _llm_bench_args(b)
     b.add_argument("--durations", default="10,60,600,3600", help="encoder: ECG seconds, comma-separated")
-    b = sub.add_parser("probe-encoder", help="encoder + linear head on the synthetic ground truth: "
-                                             "how fast the encoder learns statements and HR")
+    b = sub.add_parser("probe-encoder", help="encoder + linear heads on the synthetic ground truth: "
+                                             "how fast it learns statements, HR and beat positions")
     b.add_argument("--steps", type=int, default=400)
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--batch-size", type=int, default=16)

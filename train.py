@@ -3,8 +3,9 @@ train.py — the curriculum that turns a language model and an ECG encoder into 
 
 The stages (each with its own task mix, trainable parts, learning rate and number of steps):
 
-  warm-up  encoder    synthetic data only: the encoder alone, with a linear head, learns the
-                      report statements and the heart rate from the generator's ground truth.
+  warm-up  encoder    synthetic data only: the encoder alone, with small linear heads, learns
+                      the generator's ground truth: statements, HR/PR/QRS/QT, where each beat
+                      is (warmup.py).
   stage 0  language   only when the LLM is built from scratch: the tiny LLM learns to write by
                       predicting the task text (questions and answers, no ECG).
   stage 1  report     ECG encoder + projector learn to write reports.
@@ -18,7 +19,7 @@ the ECG at all (in the measured default run, its scores equalled those with the 
 
 Run it:
 
-  python train.py                                  # synthetic ECGs, tiny LLM from scratch, CPU ~17 min
+  python train.py                                  # synthetic ECGs, tiny LLM from scratch, CPU ~13 min
   python train.py --stage1_steps 300 --out_dir runs/a   # any config field is a flag
   python train.py --config my.json                 # the same fields as JSON (data, never executed)
   python train.py --resume                          # continue from the newest checkpoint in out_dir
@@ -533,7 +534,7 @@ def rows_per_task(rows, n, seed=0):
 
 def blanked(ecgs_of):
     """The ablation: the same ECG shapes and leads, every sample zero; images blank paper."""
-    from data import ECGRecord, is_image
+    from data import ECGRecord
     return lambda row: [np.full_like(e, 255) if is_image(e) else ECGRecord(np.zeros_like(e.signal), e.fs, e.leads)
                         for e in ecgs_of(row)]
 
@@ -573,13 +574,12 @@ def warm_up_encoder(cfg, encoder, out, log, rank, image_encoder=None):
                              save=str(path) if rank == 0 else None, encoder=encoder, held_out="val",
                              verbose=False, desc="encoder warm-up", bar=rank == 0, image_encoder=image_encoder)
     if image_encoder is not None and rank == 0:
-        save_encoder_weights(image_encoder, str(out / "image_warmup.safetensors"), image_encoder.cfg)
-    names = {"f1": "statement_f1", "hr_mae": "hr_mae", "beat_f1": "beat_f1", "image_f1": "image_statement_f1",
-             "image_hr_mae": "image_hr_mae"}
-    log({"event": "encoder_warmup", "steps": cfg.encoder_warmup_steps, **{f"val_{names[k]}": v for k, v in r.items()}})
+        save_encoder_weights(image_encoder, str(image_path), image_encoder.cfg)
+    log({"event": "encoder_warmup", "steps": cfg.encoder_warmup_steps, **{f"val_{k}": v for k, v in r.items()}})
     if rank == 0:
-        image = f"; image encoder F1 {r['image_f1']:.3f}, HR MAE {r['image_hr_mae']:.1f} bpm" if "image_f1" in r else ""
-        print(f"encoder warm-up: {cfg.encoder_warmup_steps} steps, validation statement F1 {r['f1']:.3f}, "
+        image = (f"; image encoder F1 {r['image_statement_f1']:.3f}, HR MAE {r['image_hr_mae']:.1f} bpm"
+                 if "image_statement_f1" in r else "")
+        print(f"encoder warm-up: {cfg.encoder_warmup_steps} steps, validation statement F1 {r['statement_f1']:.3f}, "
               f"HR MAE {r['hr_mae']:.1f} bpm{image}")
 
 

@@ -91,7 +91,8 @@ def fit_encoder_to_truth(steps=400, lr=1e-3, batch_size=16, train_patients=500, 
     `held_out` split: statement micro F1 and HR MAE (and per-token beat F1 when verbose).
     `encoder`: train this one in place (train.py's warm-up) instead of a new tiny one;
     `save`: write the trained ECG encoder there (train.py --encoder_init starts from it).
-    -> {"f1", "hr_mae"} (+ "image_f1", "image_hr_mae" with an image encoder)."""
+    -> {"statement_f1", "hr_mae", "beat_f1"} (+ "image_statement_f1", "image_hr_mae" with
+    an image encoder)."""
     from tqdm import tqdm
     torch.manual_seed(seed)
     enc = encoder if encoder is not None else ECGEncoder(EncoderConfig.tiny(**encoder_kw))
@@ -126,12 +127,12 @@ def fit_encoder_to_truth(steps=400, lr=1e-3, batch_size=16, train_patients=500, 
             bp, by = torch.cat([b for o in outs for b in o[1]]) > 0, torch.cat([it.beats for it in test]) > 0
             beat_f1 = [2 * (bp & by)[:, c].sum().item() / max(1, bp[:, c].sum().item() + by[:, c].sum().item())
                        for c in range(len(BEAT_CHANNELS))]
-            result = {"f1": f1, "hr_mae": hr_mae, "beat_f1": beat_f1, "P": P, "Y": Y}
+            result = {"statement_f1": f1, "hr_mae": hr_mae, "beat_f1": beat_f1, "P": P, "Y": Y}
             with_image = [it for it in test if it.image is not None]
             if image_encoder is not None and with_image:
                 image_encoder.eval()
                 out = torch.cat([image_forward(with_image[i:i + 32]) for i in range(0, len(with_image), 32)])
-                result["image_f1"], result["image_hr_mae"], _, _ = scores(out, with_image)
+                result["image_statement_f1"], result["image_hr_mae"], _, _ = scores(out, with_image)
                 image_encoder.train()
         enc.train()
         return result
@@ -154,8 +155,9 @@ def fit_encoder_to_truth(steps=400, lr=1e-3, batch_size=16, train_patients=500, 
         opt.step()
         if step % eval_every == 0 or step == steps:
             r = evaluate()
-            image = f"  image: F1 {r['image_f1']:.3f} HR MAE {r['image_hr_mae']:.1f}" if "image_f1" in r else ""
-            say_now(f"step {step:5d}  loss {loss.item():.3f}  statement micro F1 {r['f1']:.3f}  HR MAE "
+            image = (f"  image: F1 {r['image_statement_f1']:.3f} HR MAE {r['image_hr_mae']:.1f}"
+                     if "image_statement_f1" in r else "")
+            say_now(f"step {step:5d}  loss {loss.item():.3f}  statement micro F1 {r['statement_f1']:.3f}  HR MAE "
                 f"{r['hr_mae']:.1f} bpm  beat-token F1 " + " ".join(
                     f"{c} {v:.2f}" for c, v in zip(BEAT_CHANNELS, r["beat_f1"])) + image +
                 f"  ({time.time() - t0:.0f} s)")

@@ -19,7 +19,7 @@ import data
 import synth
 from tasks import build_synthetic_dataset
 from data import (BEAT_NAMES, STANDARD_LEADS, ECGRecord, collate, encode_chat, load_ecg,
-                  load_row_ecgs, load_rows, localization_answer, parse_localization, plot_ecg_svg, prepare_ecg,
+                  RowECGReader, load_rows, localization_answer, parse_localization, plot_ecg_svg, prepare_ecg,
                   resample)
 
 PHYSIONET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "physionet"
@@ -263,11 +263,13 @@ def test_load_rows_skips_and_counts_malformed(tmp_path):
     good = {"question": "q", "answer": "a", "ecg_path": "p1", "dataset": "d", "task": "report"}
     rows = [good, {**good, "answer": None}, {k: v for k, v in good.items() if k != "question"},
             {**good, "ecg_path": []}, {**good, "task": "location", "abnormal_type": "V", "ecg_start": 0},
-            {**good, "ecg_path": ["p1", "p2"], "task": "multi"}, "not a row"]
+            {**good, "ecg_path": ["p1", "p2"], "task": "multi"}, "not a row", {**good, "modality": "image"},
+            {**good, "modality": "signal"}]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
-    with pytest.warns(UserWarning, match=r"rows\.json: skipped 5 of 7 malformed rows \(row 1: .*answer.*row 2.*question"):
+    with pytest.warns(UserWarning, match=r"rows\.json: skipped 6 of 9 malformed rows \(row 1: .*answer.*row 2.*question"
+                                         r".*row 7: modality 'image'.*synthetic data"):
         out = load_rows(tmp_path / "rows.json")
-    assert [r["ecg_path"] for r in out] == [["p1"], ["p1", "p2"]], "paths normalised to lists"
+    assert [r["ecg_path"] for r in out] == [["p1"], ["p1", "p2"], ["p1"]], "paths normalised to lists"
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
         load_rows(tmp_path / "bad.json")
@@ -346,7 +348,7 @@ def test_dataset_written_to_disk_reads_back(tmp_path):
     rows = load_rows(json_path)
     assert len(rows) == len(ds.rows)
     for row in rows:
-        from_disk = load_row_ecgs(row, tmp_path)
+        from_disk = RowECGReader(tmp_path, cache_size=0)(row)
         in_memory = ds.ecgs(row)
         assert [e.leads for e in from_disk] == [e.leads for e in in_memory]
         assert np.abs(from_disk[0].signal - in_memory[0].signal).max() < 0.01, "16-bit quantisation only"

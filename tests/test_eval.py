@@ -310,11 +310,11 @@ def test_probe_encoder_runs_and_scores_in_range():
     from ecg_encoder import ImageEncoder, ImageEncoderConfig
     from warmup import fit_encoder_to_truth
     r = fit_encoder_to_truth(steps=3, train_patients=4, test_patients=3, eval_every=3)
-    assert 0.0 <= r["f1"] <= 1.0 and 0.0 <= r["hr_mae"] < 200.0 and len(r["beat_f1"]) == 5
+    assert 0.0 <= r["statement_f1"] <= 1.0 and 0.0 <= r["hr_mae"] < 200.0 and len(r["beat_f1"]) == 5
     img = ImageEncoder(ImageEncoderConfig(height=32, width=64, d_model=16, n_layers=1, n_heads=2))
     before = img.pos_emb.detach().clone()
     r = fit_encoder_to_truth(steps=2, train_patients=6, test_patients=6, eval_every=2, image_encoder=img, seed=1)
-    assert 0.0 <= r["image_f1"] <= 1.0 and not torch.equal(before, img.pos_emb)    # the image encoder learned
+    assert 0.0 <= r["image_statement_f1"] <= 1.0 and not torch.equal(before, img.pos_emb)    # the image encoder learned
 
 
 def test_speed_mode_gathers_every_figure_in_one_table(capsys):
