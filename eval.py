@@ -278,6 +278,19 @@ def score_rows(rows, preds):
             for name, pairs in groups.items()}
 
 
+def prior_answers(train_rows, rows):
+    """What a model that never looks at the ECG can score: for each row, the most frequent
+    training answer to the same question (same task, same wording), else the task's most
+    frequent answer. Scored like a model's answers, this is the chance level that the
+    ECG-blanked ablation should fall to."""
+    by_question, by_task = {}, {}
+    for r in train_rows:
+        by_question.setdefault((r["task"], r["question"]), Counter())[r["answer"]] += 1
+        by_task.setdefault(r["task"], Counter())[r["answer"]] += 1
+    guesses = [by_question.get((r["task"], r["question"])) or by_task.get(r["task"]) for r in rows]
+    return [c.most_common(1)[0][0] if c else "" for c in guesses]
+
+
 def headline(s):
     """One task's scores -> 'name value' pairs for the table."""
     if "iou_micro" in s:

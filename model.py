@@ -744,11 +744,13 @@ class ECGChat(nn.Module):
         return generate(self.llm, ids, mask, inputs_embeds=x, max_new_tokens=max_new_tokens,
                         tokenizer=self.tokenizer, **sampling)
 
-    def set_trainable(self, encoder=True, projector=True, llm=False, lora=True):
+    def set_trainable(self, encoder=True, projector=True, llm=False, lora=True, image_encoder=None):
         """Freeze or unfreeze each part (the curriculum's stages differ only in this). The
-        image encoder and projector, if any, follow the ECG encoder and projector."""
+        image encoder follows the ECG encoder unless image_encoder says otherwise; the image
+        projector follows the projector."""
+        image_encoder = encoder if image_encoder is None else image_encoder
         for module, on in [(self.encoder, encoder), (self.projector, projector),
-                           (self.image_encoder, encoder), (self.image_projector, projector)]:
+                           (self.image_encoder, image_encoder), (self.image_projector, projector)]:
             for p in module.parameters() if module is not None else []:
                 p.requires_grad_(on)
         for name, p in self.llm.named_parameters():

@@ -29,6 +29,7 @@ Run it:
                                                    # several files; realdata.py builds them)
   python train.py --encoder_init enc.safetensors   # start from a saved encoder, e.g. one warmed up by
                                                    # python eval.py probe-encoder --save enc.safetensors
+  python train.py --images --image_init CLIP_DIR    # GEM: paper printouts too, read by a frozen CLIP tower
   torchrun --nproc_per_node 4 train.py ...          # DDP: one process per GPU (gloo on CPU)
 
 The run writes out_dir/log.jsonl (every figure), out_dir/checkpoints/step_N/ (resumable:
@@ -62,9 +63,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from data import RowECGReader, collate, encode_chat, is_image, load_rows, make_example
-from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, load_encoder_config,
-                         load_encoder_weights, save_encoder_weights)
-from eval import evaluate as evaluate_rows, print_table
+from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, clip_vision_config,
+                         load_clip_vision, load_encoder_config, load_encoder_weights, save_encoder_weights)
+from eval import evaluate as evaluate_rows, print_table, prior_answers, score_rows
 from model import LLM, ECGChat, LLMConfig, Tokenizer, add_lora, lora_layers, train_tokenizer
 from warmup import fit_encoder_to_truth
 
@@ -101,7 +102,8 @@ class Config:
     encoder_layers: int = 0  # override the preset's depth (0: keep)
     encoder_init: str = ""  # encoder weights to start from (safetensors with config, e.g. eval.py probe-encoder --save)
     images: bool = False  # GEM's image modality: report + grounded rows also from paper printouts (synthetic)
-    encoder_warmup_steps: int = 1600  # synthetic data: first the encoder alone learns the ground truth (warmup.py; 0: off)
+    image_init: str = ""  # with --images: a Hugging Face CLIP folder (GEM: clip-vit-large-patch14-336), kept frozen
+    encoder_warmup_steps: int = 2400  # synthetic data: first the encoder alone learns the ground truth (warmup.py; 0: off)
     lora_targets: str = "q_proj,k_proj"  # LLM linears that get LoRA (anyECG: q_proj,k_proj)
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
@@ -114,15 +116,15 @@ class Config:
     stage1_steps: int = 250  # report stage steps
     stage1_lr: float = 1e-3  # stage 1 peak learning rate
     stage1_tasks: str = "report"  # stage 1 task mix
-    stage1_train: str = "encoder,projector,llm"  # stage 1 trainable parts (--llm: encoder,projector)
+    stage1_train: str = "projector,llm"  # stage 1 trainable parts (+ encoder when not pretrained; --llm: anyECG's)
     stage2_steps: int = 250  # localization stage steps
     stage2_lr: float = 1e-3  # stage 2 peak learning rate
     stage2_tasks: str = "report,location:2,location_long:4"  # stage 2 task mix
-    stage2_train: str = "encoder,projector,llm"  # stage 2 trainable parts (--llm: + lora)
-    stage3_steps: int = 600  # all-task stage steps
+    stage2_train: str = "projector,llm"  # stage 2 trainable parts (+ encoder when not pretrained; --llm: anyECG's)
+    stage3_steps: int = 900  # all-task stage steps
     stage3_lr: float = 1e-3  # stage 3 peak learning rate
     stage3_tasks: str = "all"  # stage 3 task mix
-    stage3_train: str = "encoder,projector,llm"  # stage 3 trainable parts (--llm: + lora)
+    stage3_train: str = "projector,llm"  # stage 3 trainable parts (+ encoder when not pretrained; --llm: anyECG's)
     # optimization
     batch_size: int = 16  # examples per micro-batch (per process)
     bucket_steps: int = 8  # steps drawn from one length-sorted pool of rows (1: no length grouping)
@@ -153,6 +155,12 @@ class Config:
 ANYECG = dict(stage1_lr=1e-4, stage2_lr=1e-4, stage3_lr=1e-4, weight_decay=1e-4, beta2=0.999, encoder="base",
               stage1_train="encoder,projector", stage2_train="encoder,projector,lora",
               stage3_train="encoder,projector,lora")
+# An encoder that nothing trained before the curriculum (real data, or the warm-up turned
+# off, and no --encoder_init) must learn in the stages. A warmed-up or pretrained one stays
+# frozen by default, as GEM keeps its encoders: training it further through the LLM's loss
+# was no better (report F1 0.773 trained vs 0.806 frozen, README) and made steps 2x slower.
+UNTRAINED_ENCODER = dict(stage1_train="encoder,projector,llm", stage2_train="encoder,projector,llm",
+                         stage3_train="encoder,projector,llm")
 
 
 def _field_help():
@@ -209,7 +217,8 @@ def parse_config(argv=None):
                 raise _unknown_key(k, path)
             from_file[k] = _type(next(f for f in fields(Config) if f.name == k))(v)
     merged = {**from_file, **given}
-    preset = ANYECG if merged.get("llm") else {}
+    pretrained = merged.get("encoder_init") or not (merged.get("data") or merged.get("encoder_warmup_steps", 1) == 0)
+    preset = ANYECG if merged.get("llm") else {} if pretrained else UNTRAINED_ENCODER
     return Config(**{**preset, **merged})
 
 
@@ -261,7 +270,8 @@ def prepare_stage(model, stage, cfg):
     if "lora" in stage.train and not lora_layers(model.llm):
         add_lora(model.llm, [t.strip() for t in cfg.lora_targets.split(",")], cfg.lora_r, cfg.lora_alpha,
                  cfg.lora_dropout)
-    model.set_trainable(**{part: part in stage.train for part in ("encoder", "projector", "llm", "lora")})
+    model.set_trainable(**{part: part in stage.train for part in ("encoder", "projector", "llm", "lora")},
+                        image_encoder=False if cfg.image_init else None)  # GEM keeps CLIP frozen
 
 # -----------------------------------------------------------------------------
 # data: rows in anyECG format + a function that fetches a row's ECGs
@@ -293,7 +303,7 @@ def load_data(cfg, log):
     for split, n in [("train", cfg.train_patients), ("val", cfg.val_patients), ("test", cfg.test_patients)]:
         ds = build_synthetic_dataset(n, seed=cfg.seed, split=split)
         if cfg.images:  # printouts drawn at exactly the image encoder's input width
-            add_image_rows(ds, ImageEncoderConfig.tiny().width / WIDTH_MM)
+            add_image_rows(ds, image_config(cfg).width / WIDTH_MM)
         out[split] = Split(ds.rows, ds.ecgs)
         log({"event": "data", "split": split, "patients": n, "rows": len(ds.rows)})
     return out
@@ -425,8 +435,16 @@ def build_model(cfg, tok, device, dtype):
         over = {k: v for k, v in [("d_model", cfg.encoder_dim), ("n_layers", cfg.encoder_layers)] if v}
         encoder = ECGEncoder(getattr(EncoderConfig, cfg.encoder)(**over))
     encoder = encoder.to(device, dtype)
-    image_encoder = ImageEncoder(ImageEncoderConfig.tiny()).to(device, dtype) if cfg.images else None
+    image_encoder = None
+    if cfg.images:
+        image_encoder = load_clip_vision(cfg.image_init) if cfg.image_init else ImageEncoder(image_config(cfg))
+        image_encoder = image_encoder.to(device, dtype)
     return ECGChat(llm, encoder, tok, cfg.max_seq_len, image_encoder)
+
+
+def image_config(cfg):
+    """The image encoder's shape: the tiny ViT trained here, or the pretrained CLIP tower's."""
+    return clip_vision_config(cfg.image_init) if cfg.image_init else ImageEncoderConfig.tiny()
 
 
 def make_optimizer(model, cfg, lr):
@@ -635,6 +653,8 @@ def train(cfg):
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
+    if cfg.image_init and not cfg.images:
+        raise ValueError("--image_init is the image encoder of --images; add --images")
     if cfg.llm:  # fail before the data is built if the folder is not a Llama-family checkpoint
         from model import checkpoint_files, read_hf_config
         read_hf_config(cfg.llm), checkpoint_files(cfg.llm)
@@ -647,7 +667,8 @@ def train(cfg):
         data = load_data(cfg, log)
     model = build_model(cfg, build_tokenizer(cfg, data, rank), device, env.dtype)
     if cfg.encoder_warmup_steps and not (cfg.data or cfg.encoder_init or resume_from):
-        warm_up_encoder(cfg, model.encoder, out, log, rank, model.image_encoder)
+        # a pretrained CLIP tower is not warmed up: it stays as loaded, as in GEM
+        warm_up_encoder(cfg, model.encoder, out, log, rank, None if cfg.image_init else model.image_encoder)
     if cfg.grad_checkpoint:
         checkpoint_activations(model.llm)
     if cfg.compile:
@@ -743,7 +764,7 @@ def train(cfg):
             print_table(scores)
 
     if rank == 0:
-        finish(cfg, model, data["test"], log)
+        finish(cfg, model, data["test"], data["train"].rows, log)
     if data["train"].pool:
         data["train"].pool.shutdown(cancel_futures=True)
     if env.ddp:
@@ -752,8 +773,9 @@ def train(cfg):
     return losses
 
 
-def finish(cfg, model, test, log):
-    """Held-out evaluation, the ECG-blanked ablation, and the model folder for generate/eval.py."""
+def finish(cfg, model, test, train_rows, log):
+    """Held-out evaluation, the ECG-blanked ablation, the chance level (no model: the most
+    frequent training answer to each question), and the model folder for generate/eval.py."""
     model.save(Path(cfg.out_dir) / "model")
     rows = rows_per_task(test.rows, cfg.test_rows)
     for name, ecgs_of in [("test", test.ecgs_of), ("test_ecg_blanked", blanked(test.ecgs_of))]:
@@ -765,6 +787,10 @@ def finish(cfg, model, test, log):
         with open(Path(cfg.out_dir) / f"{name}_predictions.jsonl", "w") as f:
             for p in preds:
                 f.write(json.dumps(p) + "\n")
+    scores = score_rows(rows, prior_answers(train_rows, rows))
+    log({"event": "test_prior", "scores": scores})
+    print(f"\ntest_prior: chance level, the most frequent training answer to each question ({len(rows)} rows)")
+    print_table(scores)
     print(f"\nmodel saved to {Path(cfg.out_dir) / 'model'} (python generate.py --ckpt {Path(cfg.out_dir) / 'model'} ...)")
 
 

@@ -52,7 +52,10 @@ def test_unknown_config_key_lists_close_matches(tmp_path):
     anyecg = train.parse_config(["--llm", "x"])  # anyECG's recipe with --llm: frozen LLM, then LoRA
     assert (anyecg.stage1_lr, anyecg.stage1_train, anyecg.stage3_train) == (1e-4, "encoder,projector",
                                                                             "encoder,projector,lora")
-    assert "llm" in train.parse_config([]).stage1_train  # the tiny LLM from scratch trains whole
+    assert train.parse_config([]).stage1_train == "projector,llm"  # the tiny LLM trains whole, the warmed-up encoder stays
+    for argv in (["--data", "rows.json"], ["--encoder_warmup_steps", "0"]):  # no warm-up: the stages train the encoder
+        assert train.parse_config(argv).stage3_train == "encoder,projector,llm"
+    assert train.parse_config(["--data", "rows.json", "--encoder_init", "e.safetensors"]).stage3_train == "projector,llm"
     assert train.parse_config(["--llm", "x", "--stage1_train", "llm"]).stage1_train == "llm"  # flags win
     with pytest.raises(ValueError, match="unknown task 'locaton'"):
         train.curriculum(replace(cfg, stage2_tasks="locaton"))
@@ -279,3 +282,27 @@ def test_images_train_every_modality_and_are_scored_apart(tmp_path):
     scores = next(r for r in log if r.get("event") == "test")["scores"]
     assert {f"{task} [{m}]" for task in ("report", "grounded") for m in ("signal", "image", "both")} <= set(scores)
     assert scores["report [signal]"]["n"] == scores["report [image]"]["n"] == scores["report [both]"]["n"]
+
+
+def test_images_with_a_pretrained_clip_tower_keep_it_frozen(tmp_path):
+    """--image_init: GEM's setup, the image encoder is a pretrained CLIP vision tower that
+    no stage trains (its projector does learn); the saved model loads it back."""
+    transformers = pytest.importorskip("transformers")
+    from ecg_encoder import load_clip_vision
+    clip_cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=56, patch_size=14)
+    transformers.CLIPVisionModel(clip_cfg).save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match="add --images"):
+        train.train(tiny(tmp_path / "run", image_init=str(tmp_path / "clip")))
+    cfg = tiny(tmp_path / "run", images=True, image_init=str(tmp_path / "clip"), train_patients=6, test_rows=0,
+               stage0_steps=1, stage2_steps=1, stage3_steps=2, stage1_tasks="report", batch_size=6)
+    train.train(cfg)
+    back = ECGChat.load(tmp_path / "run" / "model")
+    loaded = load_clip_vision(tmp_path / "clip")
+    assert back.image_encoder.cfg.clip
+    for name, p in loaded.state_dict().items():
+        assert torch.equal(p, back.image_encoder.state_dict()[name]), name
+    start = train.build_model(cfg, back.tokenizer, torch.device("cpu"), torch.float32)
+    assert not torch.equal(back.image_projector.fc1.weight, start.image_projector.fc1.weight)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "report [image]" in next(r for r in log if r.get("event") == "test")["scores"]
