@@ -19,7 +19,7 @@ the ECG at all (in the measured default run, its scores equalled those with the 
 
 Run it:
 
-  python train.py                                  # synthetic ECGs, tiny LLM from scratch, CPU ~13 min
+  python train.py                                  # synthetic ECGs, tiny LLM from scratch, CPU ~14 min
   python train.py --stage1_steps 300 --out_dir runs/a   # any config field is a flag
   python train.py --config my.json                 # the same fields as JSON (data, never executed)
   python train.py --resume                          # continue from the newest checkpoint in out_dir

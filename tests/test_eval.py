@@ -330,3 +330,14 @@ def test_speed_mode_gathers_every_figure_in_one_table(capsys):
                         "mixed batch: windowed vs zero-padded time"]
     assert all(isinstance(met, bool) for *_, met in table)
     assert "mixed batch: windowed vs zero-padded time" in capsys.readouterr().out
+
+
+def test_prior_answers_is_the_most_frequent_training_answer_per_question():
+    from eval import prior_answers
+    train = [{"task": "ecgqa", "question": "Rhythm?", "answer": a} for a in ("AF", "sinus", "sinus")] + \
+            [{"task": "ecgqa", "question": "QT?", "answer": "normal"},
+             {"task": "report", "question": "Report.", "answer": "Report: Normal ECG"}]
+    rows = [{"task": "ecgqa", "question": "Rhythm?"}, {"task": "ecgqa", "question": "QT?"},
+            {"task": "ecgqa", "question": "Never asked in training?"}, {"task": "multi", "question": "x"}]
+    # the same wording -> its most frequent answer; unseen wording -> the task's; unseen task -> ""
+    assert prior_answers(train, rows) == ["sinus", "normal", "sinus", ""]

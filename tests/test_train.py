@@ -282,6 +282,8 @@ def test_images_train_every_modality_and_are_scored_apart(tmp_path):
     scores = next(r for r in log if r.get("event") == "test")["scores"]
     assert {f"{task} [{m}]" for task in ("report", "grounded") for m in ("signal", "image", "both")} <= set(scores)
     assert scores["report [signal]"]["n"] == scores["report [image]"]["n"] == scores["report [both]"]["n"]
+    prior = next(r for r in log if r.get("event") == "test_prior")["scores"]  # the chance level, same groups
+    assert set(prior) == set(scores) - {"skipped"}
 
 
 def test_images_with_a_pretrained_clip_tower_keep_it_frozen(tmp_path):
