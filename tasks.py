@@ -198,16 +198,13 @@ def ecgqa_comparison_row(paths, truths, rng, consecutive):
             "question_type": f"{prefix}-{kind}"}
 
 
-MULTI_KINDS = ("per_ecg_report", "new_findings", "resolved_findings", "first_appearance", "hr_trend", "rhythm_change")
-
-
-def multi_row(paths, truths, days, rng, kind=None):
-    """2-6 ECGs of one patient over time; short answers that can be checked exactly.
-    kind: one of MULTI_KINDS (None: drawn at random)."""
+def multi_row(paths, truths, days, rng):
+    """2-6 ECGs of one patient over time; short answers that can be checked exactly."""
     pool = set(askable(truths))
     seen = [[s for s in findings_of(t) if s in pool] for t in truths]
     span = f"These {len(truths)} ECGs of one patient were recorded over {days[-1] - days[0]} days. "
-    kind = kind or str(rng.choice(MULTI_KINDS))
+    kind = str(rng.choice(["per_ecg_report", "new_findings", "resolved_findings", "first_appearance",
+                           "hr_trend", "rhythm_change"]))
     if kind == "per_ecg_report":
         q = "What are the key findings in each ECG report?"
         a = " ".join(f"ECG{k + 1}: {', '.join(t.statements)}." for k, t in enumerate(truths))
@@ -314,15 +311,14 @@ class SyntheticDataset:
 
 
 def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, max_visits=4,
-                            long_share=0.1, max_long_s=60.0, fs=100, multi_per_patient=3):
+                            long_share=0.1, max_long_s=60.0, fs=100):
     """The one call train.py needs: `n_patients` simulated people -> SyntheticDataset.
 
     Per patient: 1 visit (half of them) or 2..max_visits visits over time (max 6); each
     visit a 10 s record in a random lead set and native rate, with a report, a grounded
     interpretation, ECG-QA questions, and (mostly for patients with ectopy or a block) a
     10 s localization clip. Some patients add a long clip (20 s .. max_long_s); patients
-    with several visits add multi-ECG questions (`multi_per_patient` different kinds) and
-    comparison questions.
+    with several visits add multi-ECG and comparison questions.
     split: "train", "val" or "test". The test split always uses TEST_SEED, so it is fixed
     across runs, and patients of different splits come from disjoint seed streams."""
     if split not in SPLIT_CODES:
@@ -348,9 +344,8 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
             length = float(rng.uniform(20, max_long_s)) if max_long_s > 20 else max_long_s
             rows.append(_location_clip(specs, f"synth/{split}/{patient.pid}/long", visits[-1][1], length, rng,
                                        "location_long", holter=True))
-        if n_visits >= 2 and "multi" in tasks:  # several questions on the same series: comparing is what they share
-            for kind in rng.choice(MULTI_KINDS, size=multi_per_patient, replace=False):
-                rows.append(multi_row(visit_paths, visit_truths, [d for d, _, _ in visits], rng, str(kind)))
+        if n_visits >= 2 and "multi" in tasks:
+            rows.append(multi_row(visit_paths, visit_truths, [d for d, _, _ in visits], rng))
         if n_visits >= 2 and "ecgqa" in tasks:
             k = int(rng.integers(n_visits - 1))
             rows.append(ecgqa_comparison_row(visit_paths[k:k + 2], visit_truths[k:k + 2], rng, consecutive=True))

@@ -303,10 +303,6 @@ def test_dataset_has_every_task_and_valid_rows(dataset):
     assert n_reduced / len(dataset.specs) > 0.3, "home-style reduced-lead records are a first-class share"
     multi = [r for r in dataset.rows if r["task"] == "multi"]
     assert multi and all(2 <= len(r["ecg_path"]) <= 6 for r in multi)
-    kinds_per_series = {}
-    for r in multi:  # each series of ECGs is asked 3 different kinds of question
-        kinds_per_series.setdefault(tuple(r["ecg_path"]), []).append(r["question_type"])
-    assert all(len(k) == len(set(k)) == 3 for k in kinds_per_series.values())
     for r in dataset.rows:
         if r["task"] == "report":
             assert r["answer"].startswith("Report: ")
