@@ -115,7 +115,7 @@ class Config:
     stage0_train: str = "llm"  # stage 0 trainable parts
     stage1_steps: int = 250  # report stage steps
     stage1_lr: float = 1e-3  # stage 1 peak learning rate
-    stage1_tasks: str = "report,grounded"  # stage 1 task mix (grounded: GEM's report with its measurements)
+    stage1_tasks: str = "report"  # stage 1 task mix
     stage1_train: str = "projector,llm"  # stage 1 trainable parts (+ encoder when not pretrained; --llm: anyECG's)
     stage2_steps: int = 250  # localization stage steps
     stage2_lr: float = 1e-3  # stage 2 peak learning rate
