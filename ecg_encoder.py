@@ -1,5 +1,7 @@
 """
 The ECG encoder and the projector into the LLM: any length, any lead set, several ECGs.
+Below them, the image encoder for paper printouts (GEM's second modality): a small ViT, or
+a pretrained CLIP vision tower loaded by `load_clip_vision`.
 
 Design in one paragraph. Each lead is cut on its own into patches of `patch_size`
 samples (anyECG-style), so a token is (one lead, one stretch of time). A token's
@@ -453,9 +455,9 @@ def load_clip_vision(path, **overrides):
     g = int(math.isqrt(pos.shape[0] - 1))
     grid = (cfg.height // cfg.patch_size, cfg.width // cfg.patch_size)
     if grid != (g, g):  # resample the position grid, keep the class token's
-        patches = pos[1:].T.reshape(1, d, g, g).float()
-        patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
-        pos = torch.cat([pos[:1], patches.reshape(d, -1).T.to(pos.dtype)])
+        patches = pos[1:].T.reshape(1, d, g, g).float()                              # (1, d, g, g)
+        patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)  # (1, d, h, w)
+        pos = torch.cat([pos[:1], patches.reshape(d, -1).T.to(pos.dtype)])            # (1 + h*w, d)
     ours = {"patch_proj.weight": take("embeddings.patch_embedding.weight"), "pos_emb": pos,
             "cls_token": take("embeddings.class_embedding"),
             "ln_pre.weight": take("pre_layrnorm.weight"), "ln_pre.bias": take("pre_layrnorm.bias"),

@@ -155,10 +155,9 @@ class Config:
 ANYECG = dict(stage1_lr=1e-4, stage2_lr=1e-4, stage3_lr=1e-4, weight_decay=1e-4, beta2=0.999, encoder="base",
               stage1_train="encoder,projector", stage2_train="encoder,projector,lora",
               stage3_train="encoder,projector,lora")
-# An encoder that nothing trained before the curriculum (real data, or the warm-up turned
-# off, and no --encoder_init) must learn in the stages. A warmed-up or pretrained one stays
-# frozen by default, as GEM keeps its encoders: training it further through the LLM's loss
-# was no better (report F1 0.773 trained vs 0.806 frozen, README) and made steps 2x slower.
+# An encoder nothing trained before the curriculum (real data or no warm-up, no --encoder_init)
+# learns in the stages. A warmed-up or pretrained one stays frozen, as GEM keeps its encoders:
+# training it on through the LLM's loss was no better (README) and made steps 2x slower.
 UNTRAINED_ENCODER = dict(stage1_train="encoder,projector,llm", stage2_train="encoder,projector,llm",
                          stage3_train="encoder,projector,llm")
 
