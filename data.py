@@ -1,39 +1,59 @@
 """
-data.py — everything between an ECG file (or the synthetic generator) and a token batch.
+data.py — ECG records and the files they come from. The ground floor: it imports nothing of the project.
 
 Read top to bottom:
-  1. Lead names      canonical names I, II, III, aVR, aVL, aVF, V1-V6 and the aliases
-                     real files use (MLII, D3, lower case, a lone "ECG", ...).
-  2. Reading ECGs    `load_ecg` for WFDB records (any format wfdb reads, multi-file
-                     records), .npy and .csv -> ECGRecord(signal mV (leads, samples), fs,
-                     leads). Bad files fail with one error naming the file and the problem.
-  3. Cleaning        NaN/Inf repair, flat/empty leads, resampling (numpy FFT, anti-aliased),
-                     min-max scaling, and `prepare_ecg`, which brings a record to model rate.
-  4. Localization    the anyECG answer rule ("Duration: 1.3s-2.9s") and its parser.
-  5. anyECG rows     `load_rows` for anyECG JSON files (bad rows skipped and counted) and
-                     `RowECGReader` to fetch the ECG(s) a row names, lazily, cached.
-  6. Chat template   `encode_chat` (token ids + loss labels) and `collate` (padding).
-  7. Plotting        `plot_ecg_svg`: an SVG on ECG paper, written by hand.
-The generator is in synth.py; the tasks and the synthetic dataset built from it in tasks.py.
+  1. Records      `ECGRecord` (mV (leads, samples), fs, leads), lead and task names, `atomic_write` (every file write).
+  2. Lead names   the aliases real files use (MLII, D3, lower case, a lone "ECG", ...).
+  3. Reading      `load_ecg`: WFDB records (any format, multi-file ones), .npy, .csv; one clear error per bad file.
+  4. Cleaning     flat/empty leads, NaN/Inf repair, FFT resampling, `prepare_ecg` (as the model reads it), `cut_ecg`.
+  5. Localization the anyECG answer rule ("Duration: 1.3s-2.9s"), interval merging, the parser.
+  6. anyECG rows  `load_rows` (bad rows skipped and counted) and `RowECGReader` (a row's ECG(s), lazily, cached).
 """
 import json
 import math
 import os
 import re
+import tempfile
 import warnings
 from collections import OrderedDict
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from synth import STANDARD_LEADS, STATEMENTS, ECGRecord
+# --------------------------------------------------------------------------- 1. records
 
-__all__ = ["STANDARD_LEADS", "STATEMENTS", "ECGRecord", "load_ecg", "prepare_ecg", "resample",
-           "localization_answer", "parse_localization", "load_rows", "RowECGReader",
-           "encode_chat", "collate", "plot_ecg_svg"]
+STANDARD_LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+TASKS = ("report", "location", "location_long", "ecgqa", "multi", "grounded")   # the tasks nanoECG trains
+LOCATION_TASKS = ("location", "location_long")   # rows that name a clip [ecg_start, ecg_end) of their record
 
-# --------------------------------------------------------------------------- 1. lead names
+
+class ECGRecord(NamedTuple):
+    signal: np.ndarray  # (leads, samples) float32, millivolts
+    fs: float           # samples per second
+    leads: list         # lead names, canonical where known
+
+
+def atomic_write(path, content):
+    """Write `content` (str, bytes, or a function that writes the path it is given) to `path` through a temp file in
+    the same folder and one rename: a crash leaves the old file or the new one, never half of either."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            Path(tmp).write_bytes(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)   # only still there if something failed
+    return path
+
+
+# --------------------------------------------------------------------------- 2. lead names
 
 _ALIASES = {   # lower-case, spaces/dashes/underscores removed -> canonical
     **{a: "I" for a in ["i", "di", "d1", "mli", "ml1", "leadi"]},
@@ -48,15 +68,13 @@ OTHER_CHANNELS = {"vx", "vy", "vz", "x", "y", "z", "bp", "abp", "art", "resp", "
 
 def canonical_lead(name):
     """Canonical 12-lead name for `name`, or None when it is not one (Frank X/Y/Z, BP, ...)."""
-    key = re.sub(r"[\s\-_]", "", str(name)).lower()
-    return _ALIASES.get(key)
+    return _ALIASES.get(re.sub(r"[\s\-_]", "", str(name)).lower())
 
 
 def normalise_leads(names, source=""):
-    """Canonical names for a record's channels. A lone channel called "ECG" is lead I
-    (anyECG's rule); several "ECG" channels stay unnamed leads. Channels that are not
-    ECG leads keep their own name. A second channel mapping to the same lead gets a
-    suffix (e.g. "II_2") so nothing is silently overwritten."""
+    """Canonical names for a record's channels; non-ECG channels keep their own name. A lone "ECG" channel is lead I
+    (anyECG's rule), several stay unnamed leads; a second channel mapping to the same lead gets a suffix ("II_2") so
+    nothing is silently overwritten."""
     if len(names) == 1 and str(names[0]).strip().lower() == "ecg":
         return ["I"]
     out, unknown = [], []
@@ -74,7 +92,7 @@ def normalise_leads(names, source=""):
     return out
 
 
-# --------------------------------------------------------------------------- 2. reading ECGs
+# --------------------------------------------------------------------------- 3. reading ECGs
 
 _WFDB_BYTES = {"8": 1, "16": 2, "24": 3, "32": 4, "61": 2, "80": 1, "160": 2, "212": 1.5, "310": 4 / 3, "311": 4 / 3}
 _WFDB_FLAC = {"508", "516", "524"}
@@ -84,27 +102,25 @@ _TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "v": 1e3, "nu": 1.0, "": 1.0}
 def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, start=None, end=None):
     """Read an ECG file -> ECGRecord(signal float32 (leads, samples) in mV, fs, lead names).
 
-    path: a WFDB record (name with or without .hea/.dat; multi-file records such as PTB's
-    .dat + .xyz are read whole), a .npy array or a .csv table.
+    path: a WFDB record (with or without .hea/.dat; multi-file records such as PTB's .dat + .xyz are read whole),
+    a .npy array or a .csv table.
     leads: pick and order these canonical leads (error if one is missing).
     drop_unknown: drop channels that are not ECG leads I..V6.
-    fs, lead_names: needed for .npy; fs also for .csv without a time column;
-    lead_names overrides the names stored in any file.
-    start, end: read only samples [start, end) (WFDB reads just that part of the file, so a
-    10 s clip of a 24 h Holter costs what a 10 s record does).
-    All-NaN and flat leads are dropped with a warning; partly missing samples are
-    interpolated with a warning (see repair_nonfinite)."""
+    fs, lead_names: needed for .npy; fs also for .csv without a time column; lead_names overrides stored names.
+    start, end: read only samples [start, end) (WFDB reads just that part of the file, so a 10 s clip of a 24 h
+    Holter costs what a 10 s record does).
+    All-NaN and flat leads are dropped, partly missing samples interpolated (repair_nonfinite), with a warning."""
     path = str(path)
     suffix = Path(path).suffix.lower()
-    if suffix == ".npy":
-        signal, fs, names = _read_npy(path, fs, lead_names)
-    elif suffix == ".csv":
-        signal, fs, names = _read_csv(path, fs, lead_names)
+    if suffix in (".npy", ".csv"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        signal, fs, names = (_read_npy if suffix == ".npy" else _read_csv)(path, fs, lead_names)
+        if start is not None or end is not None:
+            signal = signal[:, _clip(path, signal.shape[1], start, end)]
     else:
         signal, fs, names = _read_wfdb(path[:-4] if suffix in (".hea", ".dat", ".xyz") else path, lead_names,
                                        start, end)
-    if suffix in (".npy", ".csv") and (start is not None or end is not None):
-        signal = signal[:, _clip_bounds(path, signal.shape[1], start, end)]
     if signal.shape[1] == 0:
         raise ValueError(f"{path}: record has zero samples")
     if not (fs and fs > 0):
@@ -125,18 +141,18 @@ def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, sta
     return ECGRecord(np.ascontiguousarray(signal, dtype=np.float32), float(fs), names)
 
 
-def _clip_bounds(path, n, start, end):
+def _clip(name, n, start, end):
+    """Slice [start, end) of a record of n samples (None: its start / end); an error naming `name` if not inside."""
     start, end = 0 if start is None else int(start), n if end is None else int(end)
     if not 0 <= start < end <= n:
-        raise ValueError(f"{path}: clip [{start}, {end}) is outside the record's {n} samples")
+        raise ValueError(f"{name}: clip [{start}, {end}) is outside the record's {n} samples")
     return slice(start, end)
 
 
 def _read_wfdb(record, lead_names, start=None, end=None):
-    """One pass of wfdb over header and samples: parsing a header costs more than reading a
-    10 s record, so it is parsed once. When wfdb fails or returns fewer samples than asked,
-    _diagnose_wfdb parses the header again to say precisely what is wrong."""
-    import wfdb
+    """One pass of wfdb over header and samples: parsing a header costs more than reading a 10 s record, so it is
+    parsed once. When wfdb fails or returns fewer samples than asked, _diagnose_wfdb says precisely what is wrong."""
+    import wfdb   # imported here: it pulls in pandas, seconds that `import data` should not cost
     header = record + ".hea"
     if not os.path.isfile(header):
         raise FileNotFoundError(f"{header}: no such WFDB header (record '{record}')")
@@ -162,7 +178,8 @@ def _read_wfdb(record, lead_names, start=None, end=None):
 
 
 def _diagnose_wfdb(record, start, end):
-    """Raise the clear error for a record wfdb could not read, if one of the usual causes."""
+    """Raise the clear error for a record wfdb could not read, if one of the usual causes: a bad header, a signal
+    file missing, short or in an unknown format (wfdb's own errors for these are cryptic), a clip outside the record."""
     import wfdb
     header = record + ".hea"
     try:
@@ -171,14 +188,6 @@ def _diagnose_wfdb(record, start, end):
         raise ValueError(f"{header}: cannot parse WFDB header ({type(e).__name__}: {e})") from None
     if not h.n_sig or not h.sig_len:
         raise ValueError(f"{header}: record has zero samples or no signals")
-    _check_wfdb_files(record, h)
-    _clip_bounds(record, h.sig_len, start, end)
-
-
-def _check_wfdb_files(record, h):
-    """Every signal file must exist and hold sig_len samples -- wfdb's own errors for a
-    short file or an unknown format are cryptic, so check first and say what is wrong."""
-    folder = os.path.dirname(record)
     spf = h.samps_per_frame or [1] * h.n_sig
     offsets = h.byte_offset or [None] * h.n_sig
     for fname in dict.fromkeys(h.file_name):
@@ -187,7 +196,7 @@ def _check_wfdb_files(record, h):
         if unknown:
             raise ValueError(f"{record}.hea: unsupported WFDB storage format(s) {unknown} for {fname}; "
                              f"known: {sorted(_WFDB_BYTES) + sorted(_WFDB_FLAC)}")
-        path = os.path.join(folder, fname)
+        path = os.path.join(os.path.dirname(record), fname)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: signal file named in {record}.hea is missing")
         if any(h.fmt[i] in _WFDB_FLAC for i in mine):
@@ -198,11 +207,10 @@ def _check_wfdb_files(record, h):
         if size < need:
             raise ValueError(f"{path}: truncated, {size} bytes but the header promises {h.sig_len} samples "
                              f"x {len(mine)} signals = {need} bytes")
+    _clip(record, h.sig_len, start, end)
 
 
 def _read_npy(path, fs, lead_names):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
     if fs is None or lead_names is None:
         raise ValueError(f"{path}: a .npy file stores no sampling rate or lead names; "
                          "pass load_ecg(path, fs=..., lead_names=[...])")
@@ -222,8 +230,6 @@ def _read_npy(path, fs, lead_names):
 
 def _read_csv(path, fs, lead_names):
     """Header row = lead names; an optional time column (seconds) gives the rate."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
     with open(path, newline="") as f:
         header = [h.strip() for h in f.readline().strip().split(",")]
         try:
@@ -251,12 +257,11 @@ def _check_names(names, n, source):
         raise ValueError(f"{source}: {n} signals but {len(names)} lead names {list(names)}")
 
 
-# --------------------------------------------------------------------------- 3. cleaning
+# --------------------------------------------------------------------------- 4. cleaning
 
 def drop_unusable_leads(signal, leads, source=""):
-    """Drop leads that carry nothing -- all NaN, or flat (a disconnected electrode, or a
-    zero-filled missing lead) -- with a warning. Dropped leads become *absent* leads, which
-    the encoder handles; keeping a flat line would tell the model 'this lead reads 0 mV'."""
+    """Drop leads that carry nothing -- all NaN, or flat (a disconnected electrode, a zero-filled missing lead) -- with
+    a warning. They become *absent* leads, which the encoder handles; a flat line would say 'this lead reads 0 mV'."""
     finite = np.isfinite(signal)
     all_nan = ~finite.any(axis=1)
     masked = np.where(finite, signal, np.nan)
@@ -273,9 +278,8 @@ def drop_unusable_leads(signal, leads, source=""):
 
 
 def repair_nonfinite(signal, leads=None, source=""):
-    """Replace NaN/Inf samples by linear interpolation between the finite neighbours
-    (held constant at the ends), with a warning that counts them. Interpolation, not 0,
-    because a lead with a baseline offset would get a spike at every 0."""
+    """Replace NaN/Inf samples by linear interpolation between finite neighbours (held constant at the ends), with a
+    warning that counts them. Interpolation, not 0: a lead with a baseline offset would get a spike at every 0."""
     bad = ~np.isfinite(signal)
     if not bad.any():
         return signal
@@ -290,18 +294,14 @@ def repair_nonfinite(signal, leads=None, source=""):
 
 
 def resample(signal, fs_in, fs_out):
-    """Resample (leads, samples) from fs_in to fs_out Hz with numpy FFTs only.
-
-    The spectrum is cut (or zero-padded) at the lower Nyquist rate, which is the ideal
-    anti-aliasing filter, with a short raised-cosine taper to limit ringing. To avoid the
-    wrap-around an FFT assumes, each lead is first extended by an odd reflection of about
-    a second at each end; pads are chosen so every sample time maps exactly. Content near
-    the Nyquist rate can still leave a small transient in the last few output samples."""
+    """Resample (leads, samples) from fs_in to fs_out Hz with numpy FFTs: the spectrum is cut (or zero-padded) at the
+    lower Nyquist rate, the ideal anti-aliasing filter, with a short raised-cosine taper against ringing. Against the
+    wrap-around an FFT assumes, each lead is first extended by an odd reflection of ~1 s at each end; pads are chosen
+    so every sample time maps exactly. Content near Nyquist can leave a small transient in the last output samples."""
     signal = np.asarray(signal, dtype=np.float64)
     if fs_in == fs_out:
         return signal.copy()
-    ratio = Fraction(fs_out / fs_in).limit_denominator(10000)              # fs_out/fs_in = up/down
-    up, down = ratio.numerator, ratio.denominator
+    up, down = Fraction(fs_out / fs_in).limit_denominator(10000).as_integer_ratio()   # fs_out/fs_in = up/down
     n = signal.shape[-1]
     n_out = int(math.ceil(n * up / down))
     # ~1 s of reflection, a whole number of `down`-sample periods so output times stay exact
@@ -325,24 +325,14 @@ def _reflect_pad(x, pad):
     """Odd reflection about the end samples: continues level and slope, so no step."""
     if pad == 0:
         return x
-    left = 2 * x[..., :1] - x[..., pad:0:-1]
-    right = 2 * x[..., -1:] - x[..., -2:-pad - 2:-1]
-    return np.concatenate([left, x, right], axis=-1)
-
-
-def minmax_scale(signal):
-    """Each lead to [-1, 1] (anyECG's scaling; nanoECG's encoder reads mV instead). Flat -> 0."""
-    lo, hi = signal.min(axis=-1, keepdims=True), signal.max(axis=-1, keepdims=True)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    return np.where(hi > lo, (signal - lo) / span * 2 - 1, 0.0).astype(np.float32)
+    return np.concatenate([2 * x[..., :1] - x[..., pad:0:-1], x, 2 * x[..., -1:] - x[..., -2:-pad - 2:-1]], axis=-1)
 
 
 MIN_FS, MAX_FS = 50.0, 10000.0
 
 
 def prepare_ecg(record, fs=100, name="ECG", max_seconds=None):
-    """A record as the model wants it: only the 12 standard leads (others dropped with a
-    warning), in standard order, finite, resampled to `fs`. Errors name `name`."""
+    """A record for the model: standard leads only (others dropped, warned), in standard order, finite, at `fs`."""
     signal, fs_in, leads = record
     if not MIN_FS <= fs_in <= MAX_FS:
         raise ValueError(f"{name}: sampling rate {fs_in:g} Hz is outside {MIN_FS:g}-{MAX_FS:g} Hz")
@@ -363,45 +353,51 @@ def prepare_ecg(record, fs=100, name="ECG", max_seconds=None):
     return ECGRecord(resample(signal, fs_in, fs).astype(np.float32), float(fs), leads)
 
 
-# --------------------------------------------------------------------------- 4. localization
+def cut_ecg(rec, start, end, name="ECG"):
+    """Samples [start, end) of a record (None: its start / its end); an error naming `name` if not inside it."""
+    return ECGRecord(rec.signal[:, _clip(name, rec.signal.shape[1], start, end)], rec.fs, rec.leads)
+
+
+# --------------------------------------------------------------------------- 5. localization
 
 MITBIH_BEATS = set("NLRBAaJSVrFejnE/fQ?")   # beat annotations; rhythm '+', noise '~' etc. are not
-BEAT_NAMES = {
-    "A": "Atrial premature beat",
-    "V": "Premature ventricular contraction",
-    "L": "Left bundle branch block beat",
-    "R": "Right bundle branch block beat",
-    "S": "Supraventricular premature or ectopic beat (atrial or nodal)",
-}
+BEAT_NAMES = {"A": "Atrial premature beat", "V": "Premature ventricular contraction",
+              "L": "Left bundle branch block beat", "R": "Right bundle branch block beat",
+              "S": "Supraventricular premature or ectopic beat (atrial or nodal)"}
+
+
+def merge_intervals(spans):
+    """[(a, b), ...] -> their union as sorted, disjoint (a, b) spans; touching spans merge."""
+    out = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
 
 
 def localization_intervals(beat_samples, beat_symbols, start, end, fs, symbol):
-    """anyECG's rule, unrounded: every beat of type `symbol` in the clip [start, end)
-    spans from the previous beat annotation to the next one (anywhere in the record --
-    the clip edge only clips), in seconds from the clip start, clipped to
-    [0, clip length]; overlapping or touching spans merge. -> [[a, b], ...]"""
-    samples = np.asarray(beat_samples, dtype=np.int64)
-    symbols = np.asarray(beat_symbols, dtype=str)
+    """anyECG's rule, unrounded: every beat of type `symbol` in the clip [start, end) spans from the previous beat
+    annotation to the next one (anywhere in the record -- the clip edge only clips), in seconds from the clip start,
+    clipped to [0, clip length]; overlapping or touching spans merge. -> [(a, b), ...]"""
+    samples, symbols = np.asarray(beat_samples, dtype=np.int64), np.asarray(beat_symbols, dtype=str)
     is_beat = np.isin(symbols, list(MITBIH_BEATS))
     samples, symbols = samples[is_beat], symbols[is_beat]
     order = np.argsort(samples, kind="stable")
     samples, symbols = samples[order], symbols[order]
     length = (end - start) / fs
-    merged = []
+    spans = []
     for i in np.nonzero((symbols == symbol) & (samples >= start) & (samples < end))[0]:
         prev = samples[i - 1] if i > 0 else start
         nxt = samples[i + 1] if i + 1 < len(samples) else end
-        a, b = max(0.0, (prev - start) / fs), min(length, (nxt - start) / fs)
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return merged
+        spans.append((max(0.0, (prev - start) / fs), min(length, (nxt - start) / fs)))
+    return merge_intervals(spans)
 
 
 def localization_answer(beat_samples, beat_symbols, start, end, fs, symbol):
-    """The anyECG answer text: 'Duration: 1.3s-2.9s, 6.1s-7.7s' (one decimal, as printed
-    by '%.1f') or 'No Premature ventricular contraction Found'."""
+    """The anyECG answer text: 'Duration: 1.3s-2.9s, 6.1s-7.7s' (one decimal, as printed by '%.1f') or
+    'No Premature ventricular contraction Found'."""
     if symbol not in BEAT_NAMES:
         raise ValueError(f"unknown beat symbol {symbol!r}; known: {sorted(BEAT_NAMES)}")
     spans = localization_intervals(beat_samples, beat_symbols, start, end, fs, symbol)
@@ -418,12 +414,10 @@ def parse_localization(text):
     None when nothing in it can be read (the metric scores that as 0)."""
     if re.search(r"\bno\b.*\bfound\b", text, re.IGNORECASE | re.DOTALL):
         return []
-    spans = [(float(a), float(b)) for a, b in _SPAN.findall(text)]
-    spans = [(a, b) for a, b in spans if b >= a]
-    return spans or None
+    return [(float(a), float(b)) for a, b in _SPAN.findall(text) if float(b) >= float(a)] or None
 
 
-# --------------------------------------------------------------------------- 5. anyECG rows
+# --------------------------------------------------------------------------- 6. anyECG rows
 
 _LOCATION_FIELDS = {"abnormal_type": str, "ecg_start": int, "ecg_end": int}
 
@@ -442,7 +436,7 @@ def row_problem(row):
     if row.get("modality", "signal") != "signal":
         return (f"modality {row['modality']!r}: rows read from a paper image are built only for synthetic data "
                 "(train.py --images); a file's rows are read as signals")
-    if row["task"] in ("location", "location_long"):
+    if row["task"] in LOCATION_TASKS:
         for key, kind in _LOCATION_FIELDS.items():
             if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
                 return f"location row needs {key!r} as {kind.__name__}"
@@ -452,9 +446,8 @@ def row_problem(row):
 
 
 def load_rows(path):
-    """Read an anyECG JSON file (a list of rows). Malformed rows are skipped, counted and
-    named in one warning; `ecg_path` is normalised to a list (a single string becomes
-    [string]) so multi-ECG rows and single ones are handled the same way."""
+    """Read an anyECG JSON file (a list of rows). Malformed rows are skipped, counted and named in one warning;
+    `ecg_path` becomes a list (a single string -> [string]) so multi-ECG rows and single ones are handled alike."""
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -465,19 +458,12 @@ def load_rows(path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    rows, skipped = [], []
-    for i, row in enumerate(data):
-        problem = row_problem(row)
-        if problem:
-            skipped.append((i, problem))
-            continue
-        row = dict(row)
-        row["ecg_path"] = [row["ecg_path"]] if isinstance(row["ecg_path"], str) else list(row["ecg_path"])
-        rows.append(row)
+    problems = [row_problem(row) for row in data]
+    rows = [dict(row, ecg_path=row_paths(row)) for row, problem in zip(data, problems) if not problem]
+    skipped = [(i, problem) for i, problem in enumerate(problems) if problem]
     if skipped:
-        shown = "; ".join(f"row {i}: {p}" for i, p in skipped[:10])
-        warnings.warn(f"{path}: skipped {len(skipped)} of {len(data)} malformed rows ({shown}"
-                      f"{' ...' if len(skipped) > 10 else ''})")
+        shown = "; ".join(f"row {i}: {p}" for i, p in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        warnings.warn(f"{path}: skipped {len(skipped)} of {len(data)} malformed rows ({shown})")
     return rows
 
 
@@ -486,11 +472,10 @@ def row_paths(row):
 
 
 class RowECGReader:
-    """The ECG(s) anyECG rows name, read lazily from `root`, clipped to [ecg_start, ecg_end)
-    on localization rows, prepared for the model. Only the last `cache_size` prepared
-    records are kept (an LRU cache), so a dataset of any size streams from disk.
-    `prefetch` starts reading records in parallel in a pool of processes (most of a read is
-    wfdb parsing the header in Python, which threads would serialise on the GIL)."""
+    """The ECG(s) anyECG rows name, read lazily from `root`, clipped to [ecg_start, ecg_end) on localization rows,
+    prepared for the model. Only the last `cache_size` prepared records are kept (an LRU cache), so a dataset of any
+    size streams from disk. `prefetch` reads records in parallel in a pool of processes (most of a read is wfdb
+    parsing the header in Python, which threads would serialise on the GIL)."""
 
     def __init__(self, root, fs=100, cache_size=1024):
         self.root, self.fs, self.cache_size = str(root or ""), fs, cache_size
@@ -499,7 +484,7 @@ class RowECGReader:
         self.reads = 0
 
     def keys(self, row):
-        clip = row.get("task") in ("location", "location_long")
+        clip = row.get("task") in LOCATION_TASKS
         return [(rel, row["ecg_start"] if clip else None, row["ecg_end"] if clip else None) for rel in row_paths(row)]
 
     def __call__(self, row):
@@ -522,9 +507,8 @@ class RowECGReader:
         return rec
 
     def prefetch(self, rows, pool):
-        """Start reading the records of `rows` that are neither cached nor on their way, in
-        the worker processes of `pool`; get() waits for them. Returns at once, so the
-        reads overlap with whatever the caller does next (a training step)."""
+        """Start reading the records of `rows` that are neither cached nor on their way, in the worker processes of
+        `pool`; get() waits for them. Returns at once, so the reads overlap with what the caller does next."""
         todo = [k for k in dict.fromkeys(k for row in rows for k in self.keys(row))
                 if k not in self.cache and k not in self.pending]
         for key in todo[:self.cache_size]:
@@ -545,170 +529,3 @@ def try_read_clip(args):
             return read_clip(*args)
     except (OSError, ValueError):
         return None
-
-
-def clip_record(rec, start, end, name="ECG"):
-    if not 0 <= start < end <= rec.signal.shape[1]:
-        raise ValueError(f"{name}: clip [{start}, {end}) is outside the record's {rec.signal.shape[1]} samples")
-    return ECGRecord(rec.signal[:, start:end], rec.fs, rec.leads)
-
-
-# --------------------------------------------------------------------------- 6. chat template
-# <bos><|user|><ecg><ecg_token>...</ecg><img><img_token>...</img>question<|end|><|assistant|>answer<|end|>
-# One <ecg>...</ecg> block per ECG, in order, then one <img>...</img> block per paper-ECG
-# image (GEM puts both token sets together), all before the first user text. Loss only on
-# what the assistant says (its answer and the <|end|> closing it); everything else -100.
-
-def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False, image_token_counts=()):
-    """turns: [("user", text), ("assistant", text), ...]; ecg_token_counts: placeholder
-    tokens per ECG (encoder.num_tokens); image_token_counts: per image (image encoder's
-    num_tokens). -> (input_ids, labels), two equal-length lists.
-    add_generation_prompt: end with <|assistant|> for the model to continue (generation)."""
-    from model import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, IMG_END, IMG_START, IMG_TOKEN, USER
-    names = [ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN] + (
-        [IMG_START, IMG_END, IMG_TOKEN] if image_token_counts else [])
-    special = {t: tokenizer.encode(t) for t in names}
-    bad = {t: ids for t, ids in special.items() if len(ids) != 1}
-    if bad:
-        raise ValueError(f"tokenizer does not encode special tokens as single ids: {bad}")
-    sid = {t: ids[0] for t, ids in special.items()}
-    block_ids = [i for n in ecg_token_counts for i in [sid[ECG_START]] + [sid[ECG_TOKEN]] * int(n) + [sid[ECG_END]]]
-    block_ids += [i for n in image_token_counts for i in [sid[IMG_START]] + [sid[IMG_TOKEN]] * int(n) + [sid[IMG_END]]]
-    ids, labels = [tokenizer.bos_id], [-100]
-    placed = not block_ids
-    for role, text in turns:
-        if role == "user":
-            part = [sid[USER]] + ([] if placed else block_ids) + tokenizer.encode(text) + [sid[END_TURN]]
-            placed = True
-            ids, labels = ids + part, labels + [-100] * len(part)
-        elif role == "assistant":
-            answer = tokenizer.encode(text) + [sid[END_TURN]]
-            ids += [sid[ASSISTANT]] + answer
-            labels += [-100] + answer
-        else:
-            raise ValueError(f"turn role must be 'user' or 'assistant', got {role!r}")
-    if not placed:
-        raise ValueError("the ECG and image blocks go before the first user message, but there is no user turn")
-    if add_generation_prompt:
-        ids, labels = ids + [sid[ASSISTANT]], labels + [-100]
-    return ids, labels
-
-
-def is_image(x):
-    """A row's inputs are ECGRecords and, for GEM-style rows, paper-ECG images (uint8 RGB)."""
-    return isinstance(x, np.ndarray) and x.ndim == 3 and x.dtype == np.uint8
-
-
-def make_example(row, inputs, tokenizer, num_tokens, image_tokens=0):
-    """One training example from an anyECG row and its inputs: prepared ECGs and paper-ECG
-    images. num_tokens: samples -> placeholder count (the encoder's num_tokens);
-    image_tokens: placeholders per image (the image encoder's num_tokens)."""
-    ecgs, images = [x for x in inputs if not is_image(x)], [x for x in inputs if is_image(x)]
-    counts = [num_tokens(rec.signal.shape[1]) for rec in ecgs]
-    ids, labels = encode_chat(tokenizer, [("user", row["question"]), ("assistant", row["answer"])], counts,
-                              image_token_counts=[image_tokens] * len(images))
-    return {"input_ids": ids, "labels": labels, "ecgs": ecgs, "images": images}
-
-
-def collate(examples, pad_id):
-    """Right-pad a list of examples -> {"input_ids" (B, T), "labels" (B, T) with -100 on
-    padding, "ecgs": per example [(signal tensor (L, N), leads), ...], "images": per
-    example [uint8 image (H, W, 3), ...]}."""
-    import torch
-    T = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), T), -100, dtype=torch.long)
-    for b, e in enumerate(examples):
-        ids[b, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        labels[b, :len(e["labels"])] = torch.tensor(e["labels"])
-    ecgs = [[(torch.from_numpy(np.ascontiguousarray(r.signal, dtype=np.float32)), list(r.leads)) for r in e["ecgs"]]
-            for e in examples]
-    images = [[torch.from_numpy(im) for im in e.get("images", [])] for e in examples]
-    return {"input_ids": ids, "labels": labels, "ecgs": ecgs, "images": images}
-
-
-# --------------------------------------------------------------------------- 7. plotting
-# ECG paper: 25 mm/s and 10 mm/mV, small squares 1 mm (0.04 s, 0.1 mV), large ones 5 mm.
-
-_PX_PER_MM = 4.0
-
-
-def plot_ecg_svg(signal, fs, leads, path, intervals=None, title=None):
-    """Write an SVG of `signal` (leads, samples) in mV: one row per lead on ECG paper,
-    time in seconds below, optional shaded `intervals` [(start_s, end_s), ...].
-    Records longer than 20 s are compressed in time to stay ~2000 px wide, and each
-    pixel column is drawn as its min-max so QRS peaks never vanish."""
-    signal = np.asarray(signal, dtype=np.float64)
-    n_leads, n = signal.shape
-    duration = n / fs
-    mm_per_s = 25.0 if duration <= 20 else 500.0 / duration
-    baseline = np.nanmedian(signal, axis=1, keepdims=True)
-    above, below = _extent(signal - baseline)                              # mV, over all leads
-    row_mm = min(45.0, 10 * (above + below) + 4)
-    left = max(14.0, 2.6 * max(len(str(x)) for x in leads) + 4)             # room for the labels, mm
-    top, bottom = 8.0 if title else 2.0, 8.0
-    width_mm, height_mm = left + duration * mm_per_s + 6, top + n_leads * row_mm + bottom
-    px = _PX_PER_MM
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width_mm * px:.0f}" height="{height_mm * px:.0f}" '
-           f'viewBox="0 0 {width_mm * px:.0f} {height_mm * px:.0f}" font-family="sans-serif">',
-           '<rect width="100%" height="100%" fill="#fffafa"/>']
-    x0, y0, y1 = left * px, top * px, (top + n_leads * row_mm) * px
-    out += _paper_grid(x0, y0, duration * mm_per_s * px, y1 - y0, mm_per_s)
-    for a, b in intervals or []:
-        out.append(f'<rect x="{x0 + a * mm_per_s * px:.1f}" y="{y0:.1f}" width="{(b - a) * mm_per_s * px:.1f}" '
-                   f'height="{y1 - y0:.1f}" fill="#ff9900" fill-opacity="0.25"/>')
-    for i, lead in enumerate(leads):
-        zero = y0 + (i * row_mm + 2 + 10 * above) * px                     # this lead's baseline
-        out.append(f'<text x="{2 * px:.1f}" y="{zero + 4:.1f}" font-size="14" font-weight="bold">{lead}</text>')
-        out.append(_trace(signal[i] - baseline[i], fs, x0, zero, mm_per_s * px, 10 * px))
-    step = 1 if duration <= 20 else 10 ** math.floor(math.log10(duration / 4))
-    for s in np.arange(0, duration + 1e-9, step):
-        out.append(f'<text x="{x0 + s * mm_per_s * px:.1f}" y="{y1 + 5 * px:.1f}" font-size="12" '
-                   f'text-anchor="middle">{s:g} s</text>')
-    if title:
-        out.append(f'<text x="{x0:.1f}" y="{5.5 * px:.1f}" font-size="15">{_xml(title)}</text>')
-    out.append("</svg>")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(out))
-    return str(path)
-
-
-def _extent(x):
-    """How far the leads reach above and below their baselines (robust: 0.1 % clipped), mV."""
-    x = np.nan_to_num(x)
-    return (max(0.3, float(np.percentile(x, 99.9, axis=1).max())),
-            max(0.3, float(-np.percentile(x, 0.1, axis=1).min())))
-
-
-def _paper_grid(x0, y0, w, h, mm_per_s):
-    """Pink small squares (when wide enough to see) under red 5 mm squares."""
-    px, lines = _PX_PER_MM, []
-    for mm, colour, width in [(1, "#f6c6c6", 0.5), (5, "#e88a8a", 1.0)]:
-        if mm == 1 and mm_per_s < 10:
-            continue
-        xs = np.arange(0, w + 1e-6, mm * px * (mm_per_s / 25 if mm_per_s < 25 else 1))
-        ys = np.arange(0, h + 1e-6, mm * px)
-        d = "".join(f"M{x0 + x:.1f} {y0:.1f}v{h:.1f}" for x in xs) + "".join(f"M{x0:.1f} {y0 + y:.1f}h{w:.1f}" for y in ys)
-        lines.append(f'<path d="{d}" stroke="{colour}" stroke-width="{width}" fill="none"/>')
-    return lines
-
-
-def _trace(x, fs, x0, mid, px_per_s, px_per_mv):
-    """One lead as a polyline around y = mid; min-max per pixel when dense."""
-    x = np.nan_to_num(x)
-    t = np.arange(len(x)) / fs
-    if len(x) / (t[-1] * px_per_s + 1) > 2:                                 # > 2 samples per pixel
-        col = (t * px_per_s).astype(np.int64)
-        starts = np.r_[0, np.nonzero(np.diff(col))[0] + 1]
-        lo, hi = np.minimum.reduceat(x, starts), np.maximum.reduceat(x, starts)
-        t = np.repeat(col[starts] / px_per_s, 2)
-        x = np.stack([lo, hi], axis=1).ravel()
-    pts = " ".join(f"{x0 + a * px_per_s:.1f},{mid - b * px_per_mv:.1f}" for a, b in zip(t, x))
-    return f'<polyline points="{pts}" fill="none" stroke="#111" stroke-width="1.1" stroke-linejoin="round"/>'
-
-
-def _xml(text):
-    # escape markup, and drop the control characters XML 1.0 forbids (a model's answer, used as
-    # a title, may hold them)
-    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "", str(text))
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

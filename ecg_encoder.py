@@ -1,35 +1,28 @@
 """
-The ECG encoder and the projector into the LLM: any length, any lead set, several ECGs.
-Below them, the image encoder for paper printouts (GEM's second modality): a small ViT, or
-a pretrained CLIP vision tower loaded by `load_clip_vision`.
+ecg_encoder.py — the ECG encoder and the projector into the LLM: any length, any lead set, several ECGs. Below
+them, the image encoder for paper printouts (GEM's second modality): a small ViT, or a pretrained CLIP vision
+tower loaded by `load_clip_vision`.
 
-Design in one paragraph. Each lead is cut on its own into patches of `patch_size`
-samples (anyECG-style), so a token is (one lead, one stretch of time). A token's
-embedding is the patch's shape and amplitude + a learned embedding of its lead name +
-a fixed sinusoidal code of its ABSOLUTE start time in seconds. Absent leads make no
-tokens at all: they cost nothing and cannot be mistaken for a flat lead. Attention is
-local to windows of `window_s` seconds: every lead and patch inside one window attends
-to every other, nothing crosses a window border, so cost and memory are linear in
-duration and an hour-long Holter encodes on a laptop. To spend no attention on padding,
-the windows of all ECGs in a batch are grouped by shape (n_leads, n_patches) and each
-group runs as one dense (B, T, C) batch through `F.scaled_dot_product_attention` (full
-10 s windows of a 12-lead ECG batch together, a short last window joins its own small
-group); `packed="nested"` instead packs every window into one nested jagged tensor
-(SDPA's variable-length path). At the output the present leads are averaged per patch
-(the token count does not depend on the lead count), consecutive patches are
-average-pooled to `tokens_per_second`, and the absolute time code is added again so the
-LLM can read "at 12.3 s" off a token. The encoder never min-max scales a lead (anyECG
-does): amplitude in mV is diagnostic (low voltage, ST shift), so signals are only
-clamped to +-`max_abs_mv`. A patch enters as its samples minus its mean, still in mV,
-with that mean and its std alongside: subtracting the mean removes baseline wander, and
-nothing rescales the patch, because a per-patch LayerNorm (anyECG) would blow the noise
-of a flat stretch up to the size of a QRS complex (it also learned slower: HR error 10.4
-vs 7.7 bpm after 400 steps of a direct-supervision probe).
+Design in one paragraph. Each lead is cut on its own into patches of `patch_size` samples (anyECG-style), so a token
+is (one lead, one stretch of time); its embedding is the patch's shape and amplitude + a learned embedding of its lead
+name + a fixed sinusoidal code of its ABSOLUTE start time in seconds. Absent leads make no tokens: they cost nothing
+and cannot be mistaken for a flat lead. Attention is local to windows of `window_s` seconds (every lead and patch in a
+window attends to every other, nothing crosses a window border), so cost and memory are linear in duration and an
+hour-long Holter encodes on a laptop. To spend no attention on padding, the windows of a batch are grouped by shape
+(n_leads, n_patches) and each group runs as one dense (B, T, C) batch through `F.scaled_dot_product_attention` (full
+10 s windows of 12-lead ECGs together, a short last window in a small group of its own); `packed="nested"` instead
+packs every window into one nested jagged tensor (SDPA's variable-length path). At the output the present leads are
+averaged per patch (the token count does not depend on the lead count), consecutive patches are average-pooled to
+`tokens_per_second`, and the absolute time code is added again so the LLM can read "at 12.3 s" off a token.
+
+Why no min-max scaling (anyECG scales each lead to [-1, 1]): amplitude in mV is diagnostic (low voltage, ST
+shift), so signals are only clamped to +-`max_abs_mv`. Why no per-patch LayerNorm (anyECG has one): it would blow
+the noise of a flat stretch up to the size of a QRS complex. A patch enters as its samples minus its mean (which
+removes baseline wander), still in mV, with that mean and its std alongside.
 """
 
 import json
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,16 +33,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-LEADS_12 = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+from data import STANDARD_LEADS, atomic_write
 
-# -----------------------------------------------------------------------------
-# config
+# --------------------------------------------------------------------------- config
 
 
 @dataclass
 class EncoderConfig:
     fs: int = 100                   # model sampling rate (Hz); resampling happens in data.py
-    leads: tuple = LEADS_12         # the lead vocabulary the encoder was built for
+    leads: tuple = tuple(STANDARD_LEADS)  # the lead vocabulary the encoder was built for
     patch_size: int = 50            # samples per token per lead (50 @ 100 Hz = 0.5 s)
     window_s: float = 10.0          # attention span; nothing attends across windows
     tokens_per_second: float = 2.0  # output rate per ECG, whatever its lead count
@@ -64,14 +56,12 @@ class EncoderConfig:
     def __post_init__(self):
         self.leads = tuple(self.leads)  # a list from JSON becomes a tuple again
         assert self.d_model % self.n_heads == 0 and self.d_model % 2 == 0
-        # windows and output tokens must both be whole numbers of patches, so that no
-        # output token straddles two windows (windows stay independent)
+        # windows and output tokens are whole numbers of patches: no output token straddles two windows
         assert self.patches_per_window * self.patch_size == round(self.window_s * self.fs), \
             "window_s must be a whole number of patches"
         assert abs(self.pool * self.tokens_per_second - self.fs / self.patch_size) < 1e-9, \
             "tokens_per_second must divide the patch rate fs / patch_size"
-        assert self.patches_per_window % self.pool == 0, \
-            "a window must hold a whole number of output tokens"
+        assert self.patches_per_window % self.pool == 0, "a window must hold a whole number of output tokens"
 
     @property
     def patch_s(self):  # seconds per patch
@@ -91,30 +81,15 @@ class EncoderConfig:
 
     @classmethod
     def base(cls, **kw):  # ViT-Base like anyECG: 2 s patches, 5 tokens per 10 s
-        kw = dict(patch_size=200, tokens_per_second=0.5, d_model=768, n_layers=12,
-                  n_heads=12) | kw
-        return cls(**kw)
+        return cls(**(dict(patch_size=200, tokens_per_second=0.5, d_model=768, n_layers=12, n_heads=12) | kw))
 
 
-# -----------------------------------------------------------------------------
-# building blocks
-
-
-def time_encoding(t_s, d, min_period_s, max_period_s):
-    """Sinusoidal code of absolute time in seconds, (N,) -> (N, d).
-    Periods are geometric from min_period_s (twice the patch length, so neighbouring
-    patches differ) to max_period_s (hours), so both sub-second and hour scales are readable.
-    No learned table: any duration works. Computed in float64: sin(2*pi*3600/1) in
-    float32 would already lose the sub-second digits."""
-    periods = torch.logspace(math.log10(min_period_s), math.log10(max_period_s), d // 2,
-                             dtype=torch.float64, device=t_s.device)
-    angle = 2 * math.pi * t_s.double()[:, None] / periods  # (N, d/2)
-    return torch.cat([angle.sin(), angle.cos()], dim=-1)  # (N, d), float64
+# --------------------------------------------------------------------------- building blocks
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. Works on a dense (B, T, C) batch or on a nested
-    jagged tensor (B, j, C); in both, attention stays inside each row (= one window)."""
+    """Pre-norm transformer block on a dense (B, T, C) batch or a nested jagged tensor (B, j, C); in both,
+    attention stays inside each row (= one window)."""
 
     def __init__(self, cfg, act=nn.GELU):
         super().__init__()
@@ -123,16 +98,14 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), act(),
-                                 nn.Linear(cfg.mlp_ratio * d, d))
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), act(), nn.Linear(cfg.mlp_ratio * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
     def attention(self, x):
         # .contiguous(): the jagged SDPA path needs each of q, k, v in its own storage
         q, k, v = (t.contiguous().unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
                    for t in self.qkv(x).chunk(3, dim=-1))  # 3 x (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).flatten(-2))  # (B, T, C)
 
     def forward(self, x):
@@ -151,8 +124,7 @@ class Projector(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-# -----------------------------------------------------------------------------
-# the encoder
+# --------------------------------------------------------------------------- the encoder
 
 
 class ECGEncoder(nn.Module):
@@ -170,7 +142,6 @@ class ECGEncoder(nn.Module):
         self.ln_f = nn.LayerNorm(d)
 
     # --- lengths, known before encoding (the chat template places placeholders) ---
-
     def num_patches(self, n_samples):
         return -(-n_samples // self.cfg.patch_size)  # ceil: the last patch is zero-padded
 
@@ -186,20 +157,24 @@ class ECGEncoder(nn.Module):
         """Longest ECG whose output fits into n_tokens."""
         return n_tokens / self.cfg.tokens_per_second
 
-    def _time(self, n, spacing_s):  # time code of n tokens spaced spacing_s apart, (n, C)
-        t = torch.arange(n, dtype=torch.float64) * spacing_s  # on CPU: MPS has no float64
-        code = time_encoding(t, self.cfg.d_model, 2 * self.cfg.patch_s, self.cfg.max_period_s)
+    def _time(self, n, spacing_s):
+        """Sinusoidal code of the absolute start times of n tokens spaced spacing_s apart, (n, C). Periods are
+        geometric from twice the patch length (so neighbouring patches differ) to max_period_s (hours), so both
+        sub-second and hour scales are readable. No learned table: any duration works. Computed in float64 (on
+        the CPU: MPS has none): sin(2*pi*3600/1) in float32 would already lose the sub-second digits."""
+        t = torch.arange(n, dtype=torch.float64) * spacing_s  # (n,)
+        periods = torch.logspace(math.log10(2 * self.cfg.patch_s), math.log10(self.cfg.max_period_s),
+                                 self.cfg.d_model // 2, dtype=torch.float64, device=t.device)
+        angle = 2 * math.pi * t[:, None] / periods  # (n, C/2)
         w = self.lead_emb.weight
-        return code.to(w.device, w.dtype)
+        return torch.cat([angle.sin(), angle.cos()], dim=-1).to(w.device, w.dtype)  # (n, C)
 
     # --- input checks and patch embedding ---
-
     def _check(self, i, x, names):
         if x.ndim != 2:
             raise ValueError(f"ECG {i}: expected (n_leads, n_samples), got shape {tuple(x.shape)}")
         if len(names) != x.shape[0]:
-            raise ValueError(f"ECG {i}: {x.shape[0]} signal rows but {len(names)} lead names "
-                             f"{list(names)}")
+            raise ValueError(f"ECG {i}: {x.shape[0]} signal rows but {len(names)} lead names {list(names)}")
         if len(set(names)) != len(names):
             raise ValueError(f"ECG {i}: duplicate lead names {list(names)}")
         for name in names:
@@ -207,9 +182,8 @@ class ECGEncoder(nn.Module):
                 raise ValueError(f"ECG {i}: unknown lead {name!r}; this encoder knows "
                                  f"{list(self.cfg.leads)} (normalise names in data.py)")
         if x.shape[1] < self.cfg.patch_size:
-            raise ValueError(f"ECG {i}: {x.shape[1]} samples is shorter than one patch; the "
-                             f"minimum is {self.cfg.patch_size} samples "
-                             f"({self.cfg.patch_s:g} s at {self.cfg.fs} Hz)")
+            raise ValueError(f"ECG {i}: {x.shape[1]} samples is shorter than one patch; the minimum is "
+                             f"{self.cfg.patch_size} samples ({self.cfg.patch_s:g} s at {self.cfg.fs} Hz)")
         if not torch.isfinite(x).all():
             raise ValueError(f"ECG {i}: signal contains NaN or Inf (repair it in data.py first)")
 
@@ -249,11 +223,10 @@ class ECGEncoder(nn.Module):
         return x / count[None, :, None]
 
     # --- forward ---
-
     def forward(self, signals, leads, packed="dense"):
-        """signals: list of (n_leads_i, n_samples_i) tensors in mV at cfg.fs;
-        leads: list of lead-name lists. Returns a list of (num_tokens(n_samples_i), d_model).
-        packed: "dense" (group equal-shape windows) or "nested" (one jagged batch)."""
+        """signals: list of (n_leads_i, n_samples_i) tensors in mV at cfg.fs; leads: list of lead-name lists.
+        Returns a list of (num_tokens(n_samples_i), d_model). packed: "dense" (group equal-shape windows) or
+        "nested" (one jagged batch)."""
         assert packed in ("dense", "nested"), packed
         if len(signals) != len(leads):
             raise ValueError(f"{len(signals)} signals but {len(leads)} lead-name lists")
@@ -289,9 +262,9 @@ class ECGEncoder(nn.Module):
         return outs
 
     def _run_nested(self, chunks):
-        """Every window as one row of a nested jagged tensor: SDPA's variable-length path,
-        meant for CUDA (FlashAttention varlen). On CPU torch falls back to a loop over the
-        windows, several times slower than _run_dense (see `python eval.py bench-encoder`)."""
+        """Every window as one row of a nested jagged tensor: SDPA's variable-length path, meant for CUDA
+        (FlashAttention varlen). On CPU torch falls back to a loop over the windows, several times slower
+        than _run_dense (see `python bench.py encoder`)."""
         wins = [(L, w) for _, L, c in chunks for w in c.unbind(0)]
         x = torch.nested.as_nested_tensor([w for _, w in wins], layout=torch.jagged)  # (W, j, C)
         with warnings.catch_warnings():  # torch's CPU fallback warns "prototype stage"
@@ -302,12 +275,7 @@ class ECGEncoder(nn.Module):
         return [torch.cat([next(ys) for _ in range(c.shape[0])]) for _, _, c in chunks]
 
 
-# -----------------------------------------------------------------------------
-# context-length guard
-
-
-# -----------------------------------------------------------------------------
-# the image encoder: GEM's second modality, a 12-lead paper printout (paper.py)
+# --------------------------------------------------------------------------- the image encoder (GEM's second modality)
 
 
 @dataclass
@@ -322,8 +290,7 @@ class ImageEncoderConfig:
     n_heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.0
-    clip: bool = False         # CLIP's layout (load_clip_vision): a class token, a LayerNorm before
-                               # the blocks, no patch bias, quick-GELU
+    clip: bool = False         # CLIP's layout (load_clip_vision): class token, ln_pre, no patch bias, quick-GELU
     pixel_mean: tuple = (0.5, 0.5, 0.5)  # pixels/255 are normalised per channel with these;
     pixel_std: tuple = (0.5, 0.5, 0.5)   # the defaults map paper white to +1 and ink to -1
 
@@ -345,10 +312,9 @@ class ImageEncoderConfig:
 
 
 class ImageEncoder(nn.Module):
-    """enc(images) -> (B, num_tokens, d_model). images: a list of uint8 RGB arrays or
-    tensors (H, W, 3) of any size (a rendered printout, a scan, a photo); each is resized
-    to the config's size. A plain ViT: 16 x 16 patches, learned positions, the same
-    pre-norm blocks and SDPA attention as the ECG encoder, then the patch grid pooled to
+    """enc(images) -> (B, num_tokens, d_model). images: a list of uint8 RGB arrays or tensors (H, W, 3) of any
+    size (a rendered printout, a scan, a photo); each is resized to the config's size. A plain ViT: 16 x 16
+    patches, learned positions, the ECG encoder's pre-norm blocks, then the patch grid pooled to
     out_rows x out_cols tokens in reading order (row by row)."""
 
     def __init__(self, cfg: ImageEncoderConfig):
@@ -407,8 +373,8 @@ class QuickGELU(nn.Module):  # CLIP's activation: x * sigmoid(1.702 x)
 
 
 def clip_vision_config(path, **overrides):
-    """The ImageEncoderConfig (clip=True) of a Hugging Face CLIP folder's config.json (a
-    CLIPModel's vision_config, or a CLIPVisionModel's own), with overrides applied."""
+    """The ImageEncoderConfig (clip=True) of a Hugging Face CLIP folder's config.json (a CLIPModel's
+    vision_config, or a CLIPVisionModel's own), with overrides applied."""
     folder = Path(path)
     try:
         raw = json.loads((folder / "config.json").read_text())
@@ -429,12 +395,11 @@ def clip_vision_config(path, **overrides):
 
 
 def load_clip_vision(path, **overrides):
-    """A pretrained CLIP vision tower (GEM's image encoder is CLIP ViT-L/336) from a Hugging
-    Face folder: config.json + model.safetensors of a CLIPModel or CLIPVisionModel. Our
-    ImageEncoder with clip=True is the same network: q, k, v are fused into one matrix, and
-    the final LayerNorm is CLIP's post_layernorm, applied to every patch token. overrides go
-    to ImageEncoderConfig: height/width other than the checkpoint's image size resample the
-    position grid (bicubic), e.g. to keep a printout's 2:1 shape; n_layers below the
+    """A pretrained CLIP vision tower (GEM's image encoder is CLIP ViT-L/336) from a Hugging Face folder:
+    config.json + model.safetensors of a CLIPModel or CLIPVisionModel. Our ImageEncoder with clip=True is the
+    same network: q, k, v are fused into one matrix, and the final LayerNorm is CLIP's post_layernorm, applied
+    to every patch token. overrides go to ImageEncoderConfig: height/width other than the checkpoint's image
+    size resample the position grid (bicubic), e.g. to keep a printout's 2:1 shape; n_layers below the
     checkpoint's keeps the first blocks; out_rows/out_cols set the pooled token grid."""
     folder, cfg = Path(path), clip_vision_config(path, **overrides)
     d = cfg.d_model
@@ -459,9 +424,9 @@ def load_clip_vision(path, **overrides):
         patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)  # (1, d, h, w)
         pos = torch.cat([pos[:1], patches.reshape(d, -1).T.to(pos.dtype)])            # (1 + h*w, d)
     ours = {"patch_proj.weight": take("embeddings.patch_embedding.weight"), "pos_emb": pos,
-            "cls_token": take("embeddings.class_embedding"),
-            "ln_pre.weight": take("pre_layrnorm.weight"), "ln_pre.bias": take("pre_layrnorm.bias"),
-            "ln_f.weight": take("post_layernorm.weight"), "ln_f.bias": take("post_layernorm.bias")}
+            "cls_token": take("embeddings.class_embedding"), "ln_pre.weight": take("pre_layrnorm.weight"),
+            "ln_pre.bias": take("pre_layrnorm.bias"), "ln_f.weight": take("post_layernorm.weight"),
+            "ln_f.bias": take("post_layernorm.bias")}
     for i in range(cfg.n_layers):
         hf, me = f"encoder.layers.{i}.", f"blocks.{i}."
         for part in ("weight", "bias"):
@@ -475,45 +440,45 @@ def load_clip_vision(path, **overrides):
 
 
 def check_fits(encoder, n_samples, max_seq_len, n_text_tokens=0):
-    """Raise a clear error if ECGs of these lengths (samples) plus n_text_tokens do not
-    fit into an LLM context of max_seq_len. Returns the number of ECG tokens."""
+    """Raise a clear error if ECGs of these lengths (samples) plus n_text_tokens do not fit into an LLM
+    context of max_seq_len. Returns the number of ECG tokens."""
     n_ecg = sum(encoder.num_tokens(n) for n in n_samples)
     if n_ecg + n_text_tokens > max_seq_len:
         cfg = encoder.cfg
         secs = ", ".join(f"{n / cfg.fs:g}" for n in n_samples)
         room = max(0, max_seq_len - n_text_tokens)
-        raise ValueError(
-            f"ECG(s) of {secs} s need {n_ecg} tokens at {cfg.tokens_per_second:g} tokens/s, "
-            f"plus {n_text_tokens} text tokens; the LLM context allows {max_seq_len} "
-            f"(room for about {encoder.max_seconds(room):g} s of ECG). Lower "
-            f"--ecg-tokens-per-second or raise --max-seq-len.")
+        raise ValueError(f"ECG(s) of {secs} s need {n_ecg} tokens at {cfg.tokens_per_second:g} tokens/s, plus "
+                         f"{n_text_tokens} text tokens; the LLM context allows {max_seq_len} (room for about "
+                         f"{encoder.max_seconds(room):g} s of ECG). Lower --ecg-tokens-per-second or raise "
+                         "--max-seq-len.")
     return n_ecg
 
 
-# -----------------------------------------------------------------------------
-# weights: safetensors, written atomically, loaded with errors that name the keys
+# --------------------------------------------------------------------------- weights: safetensors
 
 
 def save_encoder_weights(module, path, cfg=None):
-    """Save any module's state (encoder, projector, or a wrapper of both). The config, if
-    given, goes into the file's metadata as JSON (data, never code)."""
+    """Save any module's state (encoder, projector, or a wrapper of both). The config, if given, goes into
+    the file's metadata as JSON (data, never code)."""
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     meta = {"config": json.dumps(asdict(cfg))} if cfg is not None else None
-    tmp = f"{path}.tmp"
-    save_file(state, tmp, metadata=meta)
-    os.replace(tmp, path)  # a crash never leaves a half-written file at `path`
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def load_encoder_weights(module, path):
     """Load a safetensors file into module; any mismatch is one error naming the keys."""
-    state = load_file(path)
+    return load_state(module, load_file(str(path)), path)
+
+
+def load_state(module, state, source):
+    """Load `state` into `module`, or raise one error naming `source` and every missing,
+    unexpected or differently shaped key."""
     own = module.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not match {type(module).__name__}:"
+        raise ValueError(f"{source} does not match {type(module).__name__}:"
                          f"\n  missing keys: {missing}\n  unexpected keys: {unexpected}"
                          f"\n  shape mismatches: {shapes}")
     module.load_state_dict(state)
@@ -522,7 +487,7 @@ def load_encoder_weights(module, path):
 
 def load_encoder_config(path):
     """The EncoderConfig that save_encoder_weights(..., cfg) stored in the file."""
-    if not os.path.isfile(path):
+    if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such encoder weights file")
     try:
         with safe_open(path, "pt") as f:

@@ -1,33 +1,29 @@
 """
 model.py — the language side of nanoECG, in one file, read top to bottom:
 
-  1. Tokenizer      sentencepiece + *added* special tokens (<ecg>, </ecg>, the ECG
-                    placeholder, chat-turn markers) that get ids after the base vocabulary
-                    and are never split; `train_tokenizer` makes a new one from text.
-  2. LLM            a Llama-family decoder written from scratch: RMSNorm, rotate-half RoPE
-                    (with rope_scaling: linear, llama3), grouped-query attention through
-                    F.scaled_dot_product_attention, SwiGLU, optional tied embeddings, and a
-                    static KV cache for decoding.
-  3. Checkpoints    `LLM.from_pretrained(dir)` reads a Hugging Face folder (config.json +
-                    model.safetensors or a sharded index), memory-mapped, built on the meta
-                    device so a 7B model never exists twice in memory; `save_pretrained`
-                    writes the same format back. LLaVA-style folders (LLM keys under a prefix,
-                    vision/ECG tower keys beside them) load too.
-  4. LoRA           a low-rank adapter around nn.Linear, with merge/unmerge.
-  5. ECGChat        tokenizer + LLM + ECG encoder + projector: ECG tokens are written into
-                    the embeddings of each ECG's placeholder block (nanoVLM-style splicing);
-                    loss on assistant tokens; generation; save/load as one folder.
+  1. Tokenizer    sentencepiece + *added* special tokens (ids after the base vocabulary, never split);
+                  `train_tokenizer` makes a new one from text.
+  2. LLM          a Llama-family decoder written from scratch: RMSNorm, rotate-half RoPE (rope_scaling: linear,
+                  llama3), grouped-query attention via F.scaled_dot_product_attention, SwiGLU, optional tied
+                  embeddings, and a static KV cache for decoding.
+  3. Checkpoints  `LLM.from_pretrained(dir)` reads a Hugging Face folder (config.json + model.safetensors or a
+                  sharded index) memory-mapped into a meta-device model, so a 7B model never exists twice in
+                  memory; `save_pretrained` writes the same format back. LLaVA-style folders load too.
+  4. LoRA         a low-rank adapter around nn.Linear, with merge/unmerge.
+  5. Sampling     `generate`: left-padded prompts, prefilled once, then decoded token by token through the KV
+                  cache (greedy, temperature, top-k, top-p), with stop tokens, stop strings and streaming.
+The ECG side (encoder, splicing, the chat format) is in ecg_encoder.py and chat.py.
 
-Module and parameter names follow Hugging Face's Llama (embed_tokens, layers.N.self_attn.q_proj,
-...), so loading a checkpoint is a matter of stripping a prefix, not renaming keys, and no Q/K
-permutation is needed because RoPE here uses the same rotate-half layout as transformers.
+Module and parameter names follow Hugging Face's Llama (embed_tokens, layers.N.self_attn.q_proj, ...), so
+loading a checkpoint is a matter of stripping a prefix, not renaming keys, and no Q/K permutation is needed
+because RoPE here uses the same rotate-half layout as transformers. A left-padded batch gives exactly the
+tokens each prompt gives alone: padding is masked out of attention and RoPE positions are counted over real
+tokens only (LLM.forward).
 """
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -35,32 +31,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ecg_encoder import ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, Projector, check_fits
+from data import atomic_write
 
-# -----------------------------------------------------------------------------
-# 1. Tokenizer
-
-# Added tokens, appended after the base vocabulary in this order.
-ECG_START = "<ecg>"          # opens one ECG's block of placeholders
-ECG_END = "</ecg>"           # closes it
-ECG_TOKEN = "<ecg_token>"    # placeholder: its embedding is overwritten by one projected ECG token
-USER = "<|user|>"            # chat-turn markers
-ASSISTANT = "<|assistant|>"
-END_TURN = "<|end|>"
-IMG_START, IMG_END, IMG_TOKEN = "<img>", "</img>", "<img_token>"   # the same, for a paper-ECG image
-SPECIAL_TOKENS = [ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN, IMG_START, IMG_END, IMG_TOKEN]
+# --------------------------------------------------------------------------- 1. Tokenizer
 
 
 class Tokenizer:
-    """sentencepiece model + added special tokens.
+    """sentencepiece model + added special tokens. Ordinary text is encoded exactly as sentencepiece (and so
+    Llama-2 / TinyLlama / Vicuna's tokenizer) encodes it, dummy-prefix space included. Text holding special-token
+    strings is cut around them: each piece between them is encoded on its own (the "legacy" behaviour of the
+    Llama tokenizer in transformers) and each special token becomes one id."""
 
-    Ordinary text is encoded exactly as sentencepiece (and so Llama-2 / TinyLlama / Vicuna's
-    tokenizer) encodes it, dummy-prefix space included. Text holding special-token strings is
-    cut around them; each piece between them is encoded on its own (the "legacy" behaviour of
-    the Llama tokenizer in transformers) and each special token becomes one id.
-    """
-
-    def __init__(self, path, special_tokens=SPECIAL_TOKENS):
+    def __init__(self, path, special_tokens=()):
         import sentencepiece as spm
         path = Path(path)
         model_file = path / "tokenizer.model" if path.is_dir() else path
@@ -69,21 +51,19 @@ class Tokenizer:
         self.model_file = model_file
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.base_vocab_size = self.sp.get_piece_size()
-        # added tokens saved beside the model (Hugging Face's added_tokens.json format), then
-        # any requested special token not yet there, each with the next free id.
+        # added_tokens.json saved beside the model (Hugging Face's format), then new special tokens at the next free id
         self.added = {}
         added_file = model_file.parent / "added_tokens.json"
         if added_file.is_file():
             self.added = {str(k): int(v) for k, v in json.loads(added_file.read_text()).items()}
         for token in special_tokens:
             if token not in self.added:
-                self.added[token] = max([self.base_vocab_size - 1, *self.added.values()]) + 1
+                self.added[token] = self.vocab_size
         self.id_to_added = {i: t for t, i in self.added.items()}
         # longest first, so that a token which is a prefix of another never wins
         alternatives = sorted(self.added, key=len, reverse=True)
         self.split_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
-        self.bos_id = self.sp.bos_id()
-        self.eos_id = self.sp.eos_id()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         # Llama's model has no pad piece; padding positions are masked, so any id works: use unk.
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
 
@@ -109,9 +89,8 @@ class Tokenizer:
         for i in ids:
             i = int(i)
             if i in self.id_to_added or i >= self.base_vocab_size:
-                out.append(self.sp.decode(run))
+                out += [self.sp.decode(run), self.id_to_added.get(i, "")]
                 run = []
-                out.append(self.id_to_added.get(i, ""))
             else:
                 run.append(i)
         out.append(self.sp.decode(run))
@@ -121,33 +100,30 @@ class Tokenizer:
         """Write tokenizer.model + added_tokens.json into out_dir (Hugging Face file names)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(out_dir / "tokenizer.model", self.model_file.read_bytes())
-        _atomic_write_bytes(out_dir / "added_tokens.json", json.dumps(self.added, indent=1).encode())
+        atomic_write(out_dir / "tokenizer.model", self.model_file.read_bytes())
+        atomic_write(out_dir / "added_tokens.json", json.dumps(self.added, indent=1))
 
 
-def train_tokenizer(texts, out_dir, vocab_size=2000, special_tokens=SPECIAL_TOKENS):
-    """Train a Llama-style BPE sentencepiece model on an iterable of strings.
-
-    Same choices as Llama's tokenizer: BPE, byte fallback (no unknown characters), digits
-    split one by one, no normalisation (so decode(encode(x)) == x), a dummy-prefix space.
-    """
+def train_tokenizer(texts, out_dir, vocab_size=2000, special_tokens=()):
+    """Train a Llama-style BPE sentencepiece model on an iterable of strings, with Llama's choices: byte
+    fallback (no unknown characters), digits split one by one, no normalisation (so decode(encode(x)) == x),
+    a dummy-prefix space."""
     import sentencepiece as spm
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(out_dir / "tokenizer"),
-        vocab_size=vocab_size, model_type="bpe", character_coverage=1.0, byte_fallback=True,
-        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, max_sentence_length=1 << 16, num_threads=2, minloglevel=2)
+        sentence_iterator=iter(texts), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=1 << 16,
+        num_threads=2, minloglevel=2)
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
     (out_dir / "added_tokens.json").unlink(missing_ok=True)
     tok = Tokenizer(out_dir / "tokenizer.model", special_tokens)
     tok.save(out_dir)
     return tok
 
-# -----------------------------------------------------------------------------
-# 2. The LLM
+# --------------------------------------------------------------------------- 2. The LLM
 
 
 @dataclass
@@ -193,8 +169,7 @@ def rope_inv_freq(cfg):
     if kind == "linear":  # position / factor, folded into the frequencies
         return inv_freq / scaling["factor"]
     if kind == "llama3":
-        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band
-        # in between interpolated smoothly.
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly
         factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
@@ -299,15 +274,12 @@ class Block(nn.Module):
 
 def attention_mask_for(attention_mask, T, start_pos):
     """The one boolean mask (B, 1, T, S) SDPA gets when padding or a cache needs it, else None.
-
-    attention_mask: (B, S) with 1 for real tokens and 0 for padding, covering every key so far
-    (the cached ones and the T new ones). Query t sits at slot start_pos + t.
-    """
+    attention_mask: (B, S) with 1 for real tokens and 0 for padding, covering every key so far (the cached
+    ones and the T new ones). Query t sits at slot start_pos + t."""
     if attention_mask is None or bool(attention_mask.all()):
         if start_pos in (None, 0) or T == 1:
             return None  # is_causal (T > 1) or attend to everything cached (T == 1)
-        S = start_pos + T
-        attention_mask = torch.ones(1, S, dtype=torch.bool)
+        attention_mask = torch.ones(1, start_pos + T, dtype=torch.bool)
     S = attention_mask.shape[1]
     device = attention_mask.device
     q_slot = (start_pos or 0) + torch.arange(T, device=device)
@@ -359,11 +331,9 @@ class LLM(nn.Module):
     def forward(self, idx=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
                 start_pos=None, last_only=False):
         """Token ids (B, T) or embeddings (B, T, C) -> logits (B, T, V) (or (B, 1, V) if last_only).
-
-        attention_mask (B, S): 1 = real token, 0 = padding, over all keys (cache + new).
-        start_pos: with a KV cache set up, the cache slot of the first new token; None = no cache.
-        position_ids (B, T): RoPE positions; by default counted over real tokens, so a
-        left-padded prompt gets the same positions it would get alone.
+        attention_mask (B, S): 1 = real token, 0 = padding, over all keys (cache + new). start_pos: with a KV
+        cache set up, the cache slot of the first new token; None = no cache. position_ids (B, T): RoPE positions;
+        by default counted over real tokens, so a left-padded prompt gets the same positions it would get alone.
         """
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds        # (B, T, C)
         B, T, _ = x.shape
@@ -409,10 +379,47 @@ class LLM(nn.Module):
         self.config.vocab_size = new_size
         return self
 
-    # ---- checkpoints (section 3)
+    # ---- checkpoints (the helpers are in section 3)
     @classmethod
     def from_pretrained(cls, hf_dir, dtype=None, device=None):
-        return load_pretrained(cls, hf_dir, dtype, device)
+        """A Hugging Face checkpoint folder -> LLM, built on the meta device, the weights assigned as they are read."""
+        from safetensors import safe_open
+        cfg = read_hf_config(hf_dir)
+        files = checkpoint_files(hf_dir)
+        with torch.device("meta"):  # no memory is allocated: the weights are assigned as they are read
+            model = cls(cfg)
+        expected = model.state_dict()
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        key_file = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                key_file.update({k: f for k in sf.keys()})
+        prefix, head_key = _llm_prefix(key_file, hf_dir)
+        to_ckpt = {k: head_key if k == "lm_head.weight" else prefix + k for k in expected}
+        missing = [c for c in to_ckpt.values() if c not in key_file]
+        if missing:
+            raise ValueError(f"{hf_dir}: checkpoint lacks keys {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                             f"({len(missing)} missing) that config.json implies")
+        state, handles = {}, {}
+        try:
+            for name, ckpt_key in to_ckpt.items():
+                f = key_file[ckpt_key]
+                if f not in handles:
+                    handles[f] = safe_open(str(f), framework="pt", device=str(device or "cpu")).__enter__()
+                t = handles[f].get_tensor(ckpt_key)  # memory-mapped read of one tensor
+                if tuple(t.shape) != tuple(expected[name].shape):
+                    raise ValueError(f"{f}: key {ckpt_key} has shape {tuple(t.shape)}, config.json implies "
+                                     f"{tuple(expected[name].shape)}")
+                state[name] = t.to(dtype) if dtype is not None else t
+        finally:
+            for h in handles.values():
+                h.__exit__(None, None, None)
+        model.load_state_dict(state, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(cfg).to(model.embed_tokens.weight.device)  # buffers are not in the checkpoint
+        return model.eval()
 
     def save_pretrained(self, out_dir):
         save_pretrained(self, out_dir)
@@ -422,8 +429,7 @@ def _grow_rows(w, n):
     extra = w.float().mean(0, keepdim=True).to(w.dtype).expand(n - w.shape[0], -1)
     return torch.cat([w, extra], 0)
 
-# -----------------------------------------------------------------------------
-# 3. Hugging Face checkpoints
+# --------------------------------------------------------------------------- 3. Hugging Face checkpoints
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "llava", "llava_llama"}
 
@@ -439,8 +445,7 @@ def read_hf_config(hf_dir):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     raw = raw.get("text_config") or raw
-    model_type = raw.get("model_type", "")
-    archs = raw.get("architectures") or []
+    model_type, archs = raw.get("model_type", ""), raw.get("architectures") or []
     if model_type not in SUPPORTED_MODEL_TYPES and not any("Llama" in a or "Mistral" in a for a in archs):
         raise ValueError(f"{path}: model_type={model_type!r} architectures={archs} is not a "
                          f"Llama-family model (supported model_type: {sorted(SUPPORTED_MODEL_TYPES)})")
@@ -479,51 +484,9 @@ def checkpoint_files(hf_dir):
     raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def load_pretrained(cls, hf_dir, dtype=None, device=None):
-    from safetensors import safe_open
-    cfg = read_hf_config(hf_dir)
-    files = checkpoint_files(hf_dir)
-    with torch.device("meta"):  # no memory is allocated: the weights are assigned as they are read
-        model = cls(cfg)
-    expected = model.state_dict()
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    key_file = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            key_file.update({k: f for k in sf.keys()})
-    prefix, head_key = _llm_prefix(key_file, hf_dir)
-    to_ckpt = {k: head_key if k == "lm_head.weight" else prefix + k for k in expected}
-    missing = [c for c in to_ckpt.values() if c not in key_file]
-    if missing:
-        raise ValueError(f"{hf_dir}: checkpoint lacks keys {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                         f"({len(missing)} missing) that config.json implies")
-    state, handles = {}, {}
-    try:
-        for name, ckpt_key in to_ckpt.items():
-            f = key_file[ckpt_key]
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt", device=str(device or "cpu")).__enter__()
-            t = handles[f].get_tensor(ckpt_key)  # memory-mapped read of one tensor
-            if tuple(t.shape) != tuple(expected[name].shape):
-                raise ValueError(f"{f}: key {ckpt_key} has shape {tuple(t.shape)}, config.json implies "
-                                 f"{tuple(expected[name].shape)}")
-            state[name] = t.to(dtype) if dtype is not None else t
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    p = model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg).to(p.device)  # buffers are not in the checkpoint
-    return model.eval()
-
-
 def _llm_prefix(key_file, hf_dir):
-    """Where the LLM's keys sit: '' for our own files, 'model.' for LlamaForCausalLM, or e.g.
-    'language_model.model.' / 'model.language_model.' in LLaVA-style folders, whose other keys
-    (vision tower, ECG tower, projector) are ignored."""
+    """Where the LLM's keys sit: '' for our own files, 'model.' for LlamaForCausalLM, or e.g. 'language_model.model.'
+    / 'model.language_model.' in LLaVA-style folders, whose other keys (vision/ECG tower, projector) are ignored."""
     embeds = [k for k in key_file if k.endswith("embed_tokens.weight")]
     if len(embeds) != 1:
         raise ValueError(f"{hf_dir}: expected one '*embed_tokens.weight' key, found {embeds or 'none'}")
@@ -537,55 +500,36 @@ def hf_state_dict(model):
     state = {}
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if pname.startswith("lora_"):
+            key = f"{name}.{pname}"
+            if pname.startswith("lora_") or (key == "lm_head.weight" and model.config.tie_word_embeddings):
                 continue
             if isinstance(module, LoRALinear) and pname == "weight":
                 p = module.merged_weight()
-            key = f"{name}.{pname}"
-            if key == "lm_head.weight":
-                if model.config.tie_word_embeddings:
-                    continue
-                state[key] = p
-            else:
-                state["model." + key] = p
+            state[key if key == "lm_head.weight" else "model." + key] = p
     return state
 
 
 def save_pretrained(model, out_dir, extra_tensors=None, extra_config=None):
     """config.json + model.safetensors in Hugging Face's LlamaForCausalLM layout, written atomically.
-
-    extra_tensors / extra_config let the ECG-chat model store its encoder and projector in the
-    same file and config (LLaVA style): transformers and from_pretrained still read the LLM."""
+    extra_tensors / extra_config let the ECG-chat model store its encoder and projector in the same file and
+    config (LLaVA style): transformers and from_pretrained still read the LLM."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = asdict(model.config)
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype=dtype, **(extra_config or {}))
-    tensors = {**hf_state_dict(model), **(extra_tensors or {})}
-    tmp = out_dir / "model.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "model.safetensors")
-    _atomic_write_bytes(out_dir / "config.json", json.dumps(cfg, indent=2).encode())
+    tensors = {k: v.detach().contiguous().cpu() for k, v in {**hf_state_dict(model), **(extra_tensors or {})}.items()}
+    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out_dir / "config.json", json.dumps(cfg, indent=2))
 
-
-def _atomic_write_bytes(path, data):
-    # temp file in the same folder + rename: a crash leaves the old file or the new, never half
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-# -----------------------------------------------------------------------------
-# 4. LoRA
+# --------------------------------------------------------------------------- 4. LoRA
 
 
 class LoRALinear(nn.Module):
-    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W, b frozen from the base layer.
-
-    It keeps the base layer's `weight` and `bias` under the same names, so a LoRA-wrapped model
-    still loads and saves plain checkpoints; B starts at zero, so wrapping changes nothing.
-    """
+    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W, b frozen from the base layer. The base layer's
+    `weight` and `bias` keep their names, so a LoRA-wrapped model still loads and saves plain checkpoints;
+    B starts at zero, so wrapping changes nothing."""
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0):
         super().__init__()
@@ -640,185 +584,83 @@ def add_lora(model, targets=("q_proj", "k_proj"), r=8, alpha=16, dropout=0.1):
 def lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
-# -----------------------------------------------------------------------------
-# 5. The ECG-chat model
+# --------------------------------------------------------------------------- 5. Sampling
 
 
-class ECGChat(nn.Module):
-    """An LLM that reads ECGs. A prompt holds, per ECG, `<ecg>` + `<ecg_token>` x n + `</ecg>`
-    (data.encode_chat writes it, n = encoder.num_tokens(samples)); the embeddings of the n
-    placeholders are overwritten by that ECG's projected encoder tokens, in order.
-    With an image encoder (GEM's second modality), paper-ECG images enter the same way
-    through `<img>` + `<img_token>` x n + `</img>` blocks, placed after the ECG blocks."""
-
-    def __init__(self, llm, encoder, tokenizer, max_seq_len=None, image_encoder=None):
-        super().__init__()
-        self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
-        w = llm.embed_tokens.weight
-        self.projector = Projector(encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
-        self.image_encoder = image_encoder
-        self.image_projector = None if image_encoder is None else Projector(
-            image_encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
-        if tokenizer.vocab_size > llm.config.vocab_size:
-            llm.resize_vocab(tokenizer.vocab_size)  # room for the added special tokens
-        self.ecg_token_id = tokenizer.added[ECG_TOKEN]
-        self.img_token_id = tokenizer.added.get(IMG_TOKEN)
-        self.max_seq_len = max_seq_len or llm.config.max_position_embeddings
-
-    def stop_ids(self):
-        return (self.tokenizer.eos_id, self.tokenizer.added[END_TURN])
-
-    def check_fits(self, ecg_samples, n_text_tokens=0):
-        """ECG lengths (samples) + text must fit the context: a clear error otherwise."""
-        return check_fits(self.encoder, ecg_samples, self.max_seq_len, n_text_tokens)
-
-    def encode_ecgs(self, ecgs):
-        """[(signal (L, N) in mV, lead names), ...] -> [(n_tokens_i, C_llm), ...]"""
-        if not ecgs:
-            return []
-        signals, leads = zip(*ecgs)
-        return [self.projector(t) for t in self.encoder(list(signals), list(leads))]
-
-    def encode_images(self, images):
-        """[uint8 RGB (H, W, 3), ...] -> [(n_tokens, C_llm), ...]"""
-        if not images:
-            return []
-        if self.image_encoder is None:
-            raise ValueError("images given, but this model has no image encoder")
-        return list(self.image_projector(self.image_encoder(images)))
-
-    def embed(self, input_ids, ecgs, images=None):
-        """Text embeddings with every placeholder block overwritten by its ECG's (or image's)
-        tokens. input_ids (B, T); ecgs, images: per sample a list, in prompt order."""
-        x = self.llm.embed_tokens(input_ids)                                        # (B, T, C)
-        x = self._splice(x, input_ids == self.ecg_token_id, ecgs, self.encode_ecgs, "ECG", ECG_TOKEN)
-        if self.img_token_id is not None:
-            images = [[] for _ in range(input_ids.shape[0])] if images is None else images
-            x = self._splice(x, input_ids == self.img_token_id, images, self.encode_images, "image", IMG_TOKEN)
-        return x
-
-    def _splice(self, x, slots, inputs, encode, kind, placeholder):
-        """Overwrite the `slots` (B, T) of x with the encoded inputs, sample by sample."""
-        if len(inputs) != x.shape[0]:
-            raise ValueError(f"{x.shape[0]} prompts but {kind} lists for {len(inputs)}")
-        tokens = encode([e for sample in inputs for e in sample])                   # [(n_i, C)]
-        counts = iter(len(t) for t in tokens)
-        for b, sample in enumerate(inputs):
-            blocks, want = _run_lengths(slots[b].tolist()), [next(counts) for _ in sample]
-            if blocks != want:
-                raise ValueError(f"prompt {b}: placeholder blocks of {blocks} {placeholder}s but its "
-                                 f"{len(sample)} {kind}(s) give {want} tokens; build the prompt with "
-                                 "data.encode_chat and the encoder's num_tokens")
-        if not tokens:
-            return x
-        # masked_scatter fills the True slots in row-major order: sample by sample, and within
-        # a sample block by block, which is exactly the order of the flattened input list.
-        return x.masked_scatter(slots[..., None], torch.cat(tokens).to(x.dtype))
-
-    def forward(self, input_ids, ecgs, labels=None, attention_mask=None, images=None):
-        """-> logits (B, T, V), and with labels (-100 = no loss) the mean next-token loss.
-        Right-padded training batches need no attention_mask (causal attention never lets a
-        real token see the padding after it)."""
-        if input_ids.shape[1] > self.max_seq_len:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={self.max_seq_len}")
-        logits = self.llm(inputs_embeds=self.embed(input_ids, ecgs, images), attention_mask=attention_mask)
-        if labels is None:
-            return logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return logits, loss
-
-    @torch.no_grad()
-    def generate(self, prompts, ecgs, max_new_tokens=256, images=None, **sampling):
-        """prompts: token-id lists (from data.encode_chat); ecgs: per prompt, [(signal, leads)];
-        images: per prompt, [uint8 RGB image]. The ECGs and images are encoded once; the KV
-        cache carries them through decoding."""
-        from generate import generate, left_pad
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.max_seq_len:
-            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds "
-                             f"max_seq_len={self.max_seq_len}; shorten the ECG or lower max_new_tokens")
-        device = self.llm.embed_tokens.weight.device
-        ids, mask = left_pad(prompts, self.tokenizer.pad_id)
-        x = self.embed(ids.to(device), ecgs, images)
-        sampling.setdefault("stop_ids", self.stop_ids())
-        return generate(self.llm, ids, mask, inputs_embeds=x, max_new_tokens=max_new_tokens,
-                        tokenizer=self.tokenizer, **sampling)
-
-    def set_trainable(self, encoder=True, projector=True, llm=False, lora=True, image_encoder=None):
-        """Freeze or unfreeze each part (the curriculum's stages differ only in this). The
-        image encoder follows the ECG encoder unless image_encoder says otherwise; the image
-        projector follows the projector."""
-        image_encoder = encoder if image_encoder is None else image_encoder
-        for module, on in [(self.encoder, encoder), (self.projector, projector),
-                           (self.image_encoder, image_encoder), (self.image_projector, projector)]:
-            for p in module.parameters() if module is not None else []:
-                p.requires_grad_(on)
-        for name, p in self.llm.named_parameters():
-            p.requires_grad_(lora if ".lora_" in name else llm)
-
-    # ---- one folder: config.json + model.safetensors + tokenizer, LLaVA-style
-    def save(self, out_dir):
-        """The LLM part is a plain Hugging Face Llama (LoRA merged) that transformers reads;
-        encoder and projector sit beside it under ecg_encoder.* / ecg_projector.*."""
-        extra = {f"{prefix}{k}": v for prefix, module in self._parts() for k, v in module.state_dict().items()}
-        nanoecg = {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len}
-        if self.image_encoder is not None:
-            nanoecg["image_encoder"] = asdict(self.image_encoder.cfg)
-        save_pretrained(self.llm, out_dir, extra_tensors=extra, extra_config={"nanoecg": nanoecg})
-        self.tokenizer.save(out_dir)
-
-    def _parts(self):
-        """(weight-name prefix, module) of everything beside the LLM in the checkpoint."""
-        parts = [("ecg_encoder.", self.encoder), ("ecg_projector.", self.projector)]
-        if self.image_encoder is not None:
-            parts += [("img_encoder.", self.image_encoder), ("img_projector.", self.image_projector)]
-        return parts
-
-    @classmethod
-    def load(cls, ckpt_dir, dtype=None, device=None):
-        from safetensors import safe_open
-        d = Path(ckpt_dir)
-        for name in ("config.json", "model.safetensors", "tokenizer.model"):
-            if not (d / name).is_file():
-                raise FileNotFoundError(f"{d / name}: missing; a nanoECG checkpoint folder holds config.json, "
-                                        "model.safetensors and tokenizer.model")
-        raw = json.loads((d / "config.json").read_text())
-        if "nanoecg" not in raw:
-            raise ValueError(f"{d / 'config.json'}: no 'nanoecg' section, so this is a plain LLM "
-                             "checkpoint, not an ECG-chat model (train one with train.py --llm {d})")
-        llm = LLM.from_pretrained(d, dtype=dtype, device=device)
-        encoder = ECGEncoder(EncoderConfig(**raw["nanoecg"]["encoder"]))
-        image_cfg = raw["nanoecg"].get("image_encoder")
-        image_encoder = ImageEncoder(ImageEncoderConfig(**image_cfg)) if image_cfg else None
-        model = cls(llm, encoder, Tokenizer(d), raw["nanoecg"].get("max_seq_len"), image_encoder)
-        for module in (model.encoder, model.image_encoder):
-            if module is not None:
-                module.to(llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
-        with safe_open(str(d / "model.safetensors"), framework="pt") as f:
-            for prefix, module in model._parts():
-                want = module.state_dict()
-                missing = [prefix + k for k in want if prefix + k not in f.keys()]
-                if missing:
-                    raise ValueError(f"{d / 'model.safetensors'}: missing keys {missing[:5]} "
-                                     f"({len(missing)} in all) that config.json's encoder implies")
-                state = {k: f.get_tensor(prefix + k) for k in want}
-                bad = [f"{prefix}{k}: file {tuple(v.shape)} vs model {tuple(want[k].shape)}"
-                       for k, v in state.items() if v.shape != want[k].shape]
-                if bad:
-                    raise ValueError(f"{d / 'model.safetensors'}: shape mismatch {bad}")
-                module.load_state_dict(state)
-        return model.eval()
+def left_pad(prompts, pad_id):
+    """list of token-id lists -> ids (B, T) and attention_mask (B, T), 1 on real tokens."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        if p:
+            ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[b, T - len(p):] = 1
+    return ids, mask
 
 
-def _run_lengths(flags):
-    """[0,1,1,0,1] -> [2, 1]: lengths of the runs of True values."""
-    runs, n = [], 0
-    for f in flags:
-        if f:
-            n += 1
-        elif n:
-            runs.append(n)
-            n = 0
-    if n:
-        runs.append(n)
-    return runs
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> next token ids (B,). temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # keep the smallest set of most likely tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p                          # mass before this token already enough
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(llm, input_ids, attention_mask=None, *, inputs_embeds=None, max_new_tokens=64,
+             temperature=0.0, top_k=None, top_p=None, stop_ids=(), stop_strings=(), tokenizer=None,
+             on_text=None, generator=None):
+    """Continue a (left-padded) batch of prompts. Returns the new tokens of each row, cut before the stop token /
+    stop string. input_ids (B, T), attention_mask (B, T); inputs_embeds (B, T, C) replaces the embeddings of
+    input_ids for the prompt (the ECG-chat model passes prompts with ECG tokens spliced in). stop_strings need
+    a tokenizer. on_text(row, text) is called with each piece of new text."""
+    B, T = input_ids.shape
+    device = llm.embed_tokens.weight.device
+    input_ids = input_ids.to(device)
+    attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(device)
+    llm.setup_cache(B, T + max_new_tokens)
+    try:
+        logits = llm(input_ids if inputs_embeds is None else None, inputs_embeds=inputs_embeds,
+                     attention_mask=attention_mask, start_pos=0, last_only=True)[:, -1]   # (B, V)
+        new, done, printed = [[] for _ in range(B)], [False] * B, [""] * B  # printed: text already streamed per row
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)           # (B,)
+            for b in range(B):
+                if done[b]:
+                    continue
+                tok = int(nxt[b])
+                if tok in stop_ids:
+                    done[b] = True
+                    continue
+                new[b].append(tok)
+                if tokenizer is not None and (on_text or stop_strings):
+                    text = tokenizer.decode(new[b])
+                    hit = [text.index(s) for s in stop_strings if s in text]
+                    if hit:
+                        done[b] = True
+                        text = text[:min(hit)]
+                    if on_text and len(text) > len(printed[b]) and not text.endswith("\ufffd"):
+                        on_text(b, text[len(printed[b]):])
+                        printed[b] = text
+            if all(done) or step == max_new_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            logits = llm(nxt[:, None], attention_mask=attention_mask, start_pos=T + step)[:, -1]
+    finally:
+        llm.clear_cache()
+    if stop_strings and tokenizer is not None:
+        for row in new:  # drop trailing tokens until the decoded text no longer contains a stop string
+            while row and any(s in tokenizer.decode(row) for s in stop_strings):
+                row.pop()
+    return new

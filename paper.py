@@ -1,23 +1,23 @@
 """
-paper.py — 12-lead ECGs as paper printouts: the image modality of GEM.
-
-Most ECGs in clinicians' hands exist only on paper or as a PDF. This file draws a signal the
-way a cart prints it, roughens the picture the way a scan or a phone photo does, and reads
-the user's own images.
+paper.py — ECGs drawn on ECG paper: an SVG of any record for people to look at, and the standard 12-lead printout
+as an image, the input of GEM's image modality. Numpy only. Most ECGs in clinicians' hands exist only on paper or as
+a PDF: this file draws a signal the way a cart prints it, roughens the picture the way a scan or a phone photo does,
+and reads the user's own images.
 
 Read top to bottom:
-  1. Layout       the standard printout: 25 mm/s, 10 mm/mV, a 3 x 4 grid of 2.5 s lead
-                  segments (I aVR V1 V4 / II aVL V2 V5 / III aVF V3 V6) and a 10 s lead II
-                  rhythm strip, on a pink millimetre grid with a 1 mV calibration pulse.
-  2. Rendering    `render_ecg(signal, fs, leads, px_per_mm)` -> uint8 image (H, W, 3): numpy
-                  only, the trace rasterised column by column, labels from a tiny bitmap font.
+  1. Layout       the standard printout: 25 mm/s, 10 mm/mV, a 3 x 4 grid of 2.5 s lead segments (I aVR V1 V4 /
+                  II aVL V2 V5 / III aVF V3 V6), a 10 s lead II rhythm strip, a pink mm grid, a 1 mV calibration pulse.
+  2. Rendering    `render_ecg` -> uint8 image (H, W, 3): traces rasterised column by column, a tiny bitmap font.
   3. Degradation  `degrade(image, rng)`: rotation, blur, noise, crop, colour shift.
-  4. Files        `write_png` (zlib, no dependency) and `read_image` (PNG/JPEG through Pillow,
-                  an optional dependency; PDFs: convert a page to PNG first, see README).
-Run `python paper.py out.png [--degrade]` to draw a synthetic 12-lead record.
+  4. Files        `write_png` (zlib, no dependency), `read_image` (PNG/JPEG through Pillow, an optional dependency).
+  5. SVG          `plot_ecg_svg`: any record, any length, one row per lead, intervals shaded (`generate.py --plot`).
+`python synth.py --printout out.png [--degrade]` draws a synthetic record with this file.
 """
+import math
+import re
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 
@@ -29,8 +29,7 @@ RHYTHM_LEAD = "II"
 SEGMENT_S = 2.5                       # each grid cell shows 2.5 s; four cells make the 10 s
 LEFT, RIGHT, TOP, BOTTOM = 12.0, 4.0, 6.0, 4.0   # margins; the calibration pulse sits in LEFT
 ROW_MM = 32.0                         # row pitch: +-1.6 mV around each baseline before rows overlap
-WIDTH_MM = LEFT + 4 * SEGMENT_S * MM_PER_S + RIGHT
-HEIGHT_MM = TOP + 4 * ROW_MM + BOTTOM
+WIDTH_MM, HEIGHT_MM = LEFT + 4 * SEGMENT_S * MM_PER_S + RIGHT, TOP + 4 * ROW_MM + BOTTOM
 PINK_MINOR, PINK_MAJOR, INK = (250, 218, 218), (238, 150, 150), (20, 20, 30)
 
 
@@ -49,15 +48,11 @@ def panels():
 
 
 def render_ecg(signal, fs, leads, px_per_mm=2.0, seconds=10.0):
-    """Signal (leads, samples) in mV -> a printout image (H, W, 3) uint8.
-
-    The first `seconds` (10) are drawn; a shorter record leaves the rest of its cells blank,
-    and so does a lead the record lacks (reduced-lead records). Every trace starts at t = 0
-    of its cell's time window, so a sample at time t of lead L lands at
-    x = x0 + (t - t0) * 25 mm/s, y = baseline - v * 10 mm/mV."""
+    """Signal (leads, samples) in mV -> a printout image (H, W, 3) uint8. The first `seconds` (10) are drawn; a shorter
+    record leaves the rest of its cells blank, and so does a lead the record lacks (reduced-lead records). A sample at
+    time t of lead L lands in L's cell for [t0, t1) at x = x0 + (t - t0) * 25 mm/s, y = baseline - v * 10 mm/mV."""
     signal = np.asarray(signal, dtype=np.float64)
-    h, w = int(round(HEIGHT_MM * px_per_mm)), int(round(WIDTH_MM * px_per_mm))
-    img = paper(h, w, px_per_mm)
+    img = paper(int(round(HEIGHT_MM * px_per_mm)), int(round(WIDTH_MM * px_per_mm)), px_per_mm)
     thick = max(1, int(round(px_per_mm * 0.4)))
     for lead, row, t0, t1, x0 in panels():
         y0 = baseline_mm(row) * px_per_mm
@@ -69,11 +64,10 @@ def render_ecg(signal, fs, leads, px_per_mm=2.0, seconds=10.0):
                 draw_trace(img, x, y, thick)
         draw_text(img, lead, int((x0 + 1.5) * px_per_mm), int(y0 - 0.55 * ROW_MM * px_per_mm + 2 * px_per_mm),
                   scale=max(1, int(round(px_per_mm * 0.6))))
-    for row in range(4):   # 1 mV x 0.2 s calibration pulse in the left margin of every row
-        y0 = baseline_mm(row) * px_per_mm
-        t = np.array([0, 2, 2, 7, 7, 9]) * px_per_mm + 1.5 * px_per_mm
-        v = np.array([0, 0, 10, 10, 0, 0]) * px_per_mm
-        draw_polyline(img, t, y0 - v, thick)
+    t = np.array([0, 2, 2, 7, 7, 9]) * px_per_mm + 1.5 * px_per_mm   # 1 mV x 0.2 s calibration pulse,
+    v = np.array([0, 0, 10, 10, 0, 0]) * px_per_mm                    # in the left margin of every row
+    for row in range(4):
+        draw_polyline(img, t, baseline_mm(row) * px_per_mm - v, thick)
     return img
 
 
@@ -89,9 +83,8 @@ def paper(h, w, px_per_mm):
 
 
 def draw_trace(img, x, y, thick=1):
-    """Rasterise a trace sampled at (x, y) px: for every pixel column it crosses, ink from
-    the lowest to the highest value of the trace within that column (plus the line joining
-    neighbours), so a steep QRS stays a solid stroke at any resolution."""
+    """Rasterise a trace sampled at (x, y) px: every pixel column it crosses is inked from the lowest to the highest
+    value of the trace within it (plus the lines joining neighbours), so a steep QRS stays solid at any resolution."""
     h, w, _ = img.shape
     cols = np.floor(x).astype(int)
     lo, hi = np.minimum(y[:-1], y[1:]), np.maximum(y[:-1], y[1:])    # each segment's vertical extent
@@ -137,9 +130,8 @@ def draw_text(img, text, x, y, scale=1):
 
 
 def degrade(img, rng, rotate_deg=3.0, blur=1.0, noise=8.0, crop=0.03, colour=0.08):
-    """A printout as a scan or a phone photo sees it, for training: a small rotation, blur,
-    pixel noise, a random crop of the margins (resized back) and a colour cast. Each
-    strength is the largest value drawn; 0 turns that degradation off."""
+    """A printout as a scan or a phone photo sees it, for training: a small rotation, blur, pixel noise, a random crop
+    of the margins (resized back) and a colour cast. Each strength is the largest value drawn; 0 turns it off."""
     x = img.astype(np.float32)
     if rotate_deg:
         x = rotate(x, rng.uniform(-rotate_deg, rotate_deg))
@@ -165,8 +157,7 @@ def rotate(x, degrees):
     sy = cy + (yy - cy) * np.cos(a) - (xx - cx) * np.sin(a)
     sx = cx + (yy - cy) * np.sin(a) + (xx - cx) * np.cos(a)
     out = bilinear(x, sy, sx)
-    outside = (sy < 0) | (sy > h - 1) | (sx < 0) | (sx > w - 1)
-    out[outside] = 255
+    out[(sy < 0) | (sy > h - 1) | (sx < 0) | (sx > w - 1)] = 255
     return out
 
 
@@ -191,8 +182,7 @@ def gaussian_blur(x, sigma):
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k /= k.sum()
     for axis in (0, 1):   # separable: rows, then columns; edges repeat
-        pad = [(r, r) if a == axis else (0, 0) for a in range(3)]
-        xp = np.pad(x, pad, mode="edge")
+        xp = np.pad(x, [(r, r) if a == axis else (0, 0) for a in range(3)], mode="edge")
         x = sum(k[i] * np.take(xp, np.arange(i, i + x.shape[axis]), axis=axis) for i in range(len(k)))
     return x
 
@@ -206,16 +196,13 @@ def write_png(img, path):
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    with open(path, "wb") as f:
-        f.write(png)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
 def read_image(path):
-    """A PNG or JPEG photo / scan of a printout -> RGB uint8 (H, W, 3). Needs Pillow, which
-    the project does not require: `pip install pillow`. A PDF: convert the page first
-    (e.g. `pdftoppm -png -r 150 ecg.pdf page`)."""
+    """A PNG or JPEG photo / scan of a printout -> RGB uint8 (H, W, 3). Needs Pillow, which the project does not
+    require: `pip install pillow`. A PDF: convert the page first (e.g. `pdftoppm -png -r 150 ecg.pdf page`)."""
     if str(path).lower().endswith(".pdf"):
         raise ValueError(f"{path}: a PDF; convert the page to PNG first (pdftoppm -png -r 150 {path} page)")
     try:
@@ -229,16 +216,85 @@ def read_image(path):
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
-if __name__ == "__main__":
-    import argparse
+# --------------------------------------------------------------------------- 5. SVG
+# The same paper for people to look at: small squares 1 mm (0.04 s, 0.1 mV), large ones 5 mm.
 
-    from synth import make_patient, synth_ecg
-    p = argparse.ArgumentParser(description="Draw a synthetic 12-lead record as a paper printout (PNG).")
-    p.add_argument("out", nargs="?", default="ecg_paper.png")
-    p.add_argument("--px-per-mm", type=float, default=3.0, help="resolution (3 px/mm: 800 x 414 px)")
-    p.add_argument("--degrade", action="store_true", help="as a scan or phone photo would see it")
-    args = p.parse_args()
-    rec, truth = synth_ecg(make_patient(11), 10.0, 500.0, seed=11)   # PACs, PVCs, RBBB, right axis
-    img = render_ecg(rec.signal, rec.fs, list(rec.leads), px_per_mm=args.px_per_mm)
-    write_png(degrade(img, np.random.default_rng(0)) if args.degrade else img, args.out)
-    print(f"wrote {args.out}: {', '.join(truth.statements)}")
+_PX_PER_MM = 4.0
+
+
+def plot_ecg_svg(signal, fs, leads, path, intervals=None, title=None):
+    """Write an SVG of `signal` (leads, samples) in mV: one row per lead on ECG paper, time in seconds below, optional
+    shaded `intervals` [(start_s, end_s), ...]. Records longer than 20 s are compressed in time to stay ~2000 px wide,
+    and each pixel column is drawn as its min-max so QRS peaks never vanish."""
+    signal = np.asarray(signal, dtype=np.float64)
+    n_leads, n = signal.shape
+    duration = n / fs
+    mm_per_s = 25.0 if duration <= 20 else 500.0 / duration
+    baseline = np.nanmedian(signal, axis=1, keepdims=True)
+    above, below = _extent(signal - baseline)                              # mV, over all leads
+    row_mm = min(45.0, 10 * (above + below) + 4)
+    left = max(14.0, 2.6 * max(len(str(x)) for x in leads) + 4)             # room for the labels, mm
+    top, bottom = 8.0 if title else 2.0, 8.0
+    width_mm, height_mm = left + duration * mm_per_s + 6, top + n_leads * row_mm + bottom
+    px = _PX_PER_MM
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width_mm * px:.0f}" height="{height_mm * px:.0f}" '
+           f'viewBox="0 0 {width_mm * px:.0f} {height_mm * px:.0f}" font-family="sans-serif">',
+           '<rect width="100%" height="100%" fill="#fffafa"/>']
+    x0, y0, y1 = left * px, top * px, (top + n_leads * row_mm) * px
+    out += _paper_grid(x0, y0, duration * mm_per_s * px, y1 - y0, mm_per_s)
+    for a, b in intervals or []:
+        out.append(f'<rect x="{x0 + a * mm_per_s * px:.1f}" y="{y0:.1f}" width="{(b - a) * mm_per_s * px:.1f}" '
+                   f'height="{y1 - y0:.1f}" fill="#ff9900" fill-opacity="0.25"/>')
+    for i, lead in enumerate(leads):
+        zero = y0 + (i * row_mm + 2 + 10 * above) * px                     # this lead's baseline
+        out.append(f'<text x="{2 * px:.1f}" y="{zero + 4:.1f}" font-size="14" font-weight="bold">{lead}</text>')
+        out.append(_trace(signal[i] - baseline[i], fs, x0, zero, mm_per_s * px, 10 * px))
+    step = 1 if duration <= 20 else 10 ** math.floor(math.log10(duration / 4))
+    for s in np.arange(0, duration + 1e-9, step):
+        out.append(f'<text x="{x0 + s * mm_per_s * px:.1f}" y="{y1 + 5 * px:.1f}" font-size="12" '
+                   f'text-anchor="middle">{s:g} s</text>')
+    if title:
+        out.append(f'<text x="{x0:.1f}" y="{5.5 * px:.1f}" font-size="15">{_xml(title)}</text>')
+    out.append("</svg>")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(out))
+    return str(path)
+
+
+def _extent(x):
+    """How far the leads reach above and below their baselines (robust: 0.1 % clipped), mV."""
+    x = np.nan_to_num(x)
+    return (max(0.3, float(np.percentile(x, 99.9, axis=1).max())),
+            max(0.3, float(-np.percentile(x, 0.1, axis=1).min())))
+
+
+def _paper_grid(x0, y0, w, h, mm_per_s):
+    """Pink small squares (when wide enough to see) under red 5 mm squares."""
+    px, lines = _PX_PER_MM, []
+    for mm, colour, width in [(1, "#f6c6c6", 0.5), (5, "#e88a8a", 1.0)]:
+        if mm == 1 and mm_per_s < 10:
+            continue
+        xs = np.arange(0, w + 1e-6, mm * px * (mm_per_s / 25 if mm_per_s < 25 else 1))
+        ys = np.arange(0, h + 1e-6, mm * px)
+        d = "".join(f"M{x0 + x:.1f} {y0:.1f}v{h:.1f}" for x in xs) + "".join(f"M{x0:.1f} {y0 + y:.1f}h{w:.1f}" for y in ys)
+        lines.append(f'<path d="{d}" stroke="{colour}" stroke-width="{width}" fill="none"/>')
+    return lines
+
+
+def _trace(x, fs, x0, mid, px_per_s, px_per_mv):
+    """One lead as a polyline around y = mid; min-max per pixel when dense."""
+    x = np.nan_to_num(x)
+    t = np.arange(len(x)) / fs
+    if len(x) / (t[-1] * px_per_s + 1) > 2:                                 # > 2 samples per pixel
+        col = (t * px_per_s).astype(np.int64)
+        starts = np.r_[0, np.nonzero(np.diff(col))[0] + 1]
+        lo, hi = np.minimum.reduceat(x, starts), np.maximum.reduceat(x, starts)
+        t, x = np.repeat(col[starts] / px_per_s, 2), np.stack([lo, hi], axis=1).ravel()
+    pts = " ".join(f"{x0 + a * px_per_s:.1f},{mid - b * px_per_mv:.1f}" for a, b in zip(t, x))
+    return f'<polyline points="{pts}" fill="none" stroke="#111" stroke-width="1.1" stroke-linejoin="round"/>'
+
+
+def _xml(text):
+    # escape markup, and drop the control characters XML 1.0 forbids (a model's answer, used as a title, may hold them)
+    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "", str(text))
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

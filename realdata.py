@@ -1,32 +1,26 @@
 """
 realdata.py — downloaded databases -> anyECG-format training rows, with one command each.
 
-The anyECG-chat release ships its rows but not the code that built them; this file is that
-code, so the rows can be rebuilt from the databases (and built for databases it left out).
-Every builder returns (rows, skipped): rows in anyECG format (data.py section 5), each with a
-"split" field (train / val / test) fixed per patient or record, so that no patient lands in
-two splits; skipped lists the records or lines that could not be used and why.
+The anyECG-chat release ships its rows but not the code that built them; this file is that code, so the rows can be
+rebuilt from the databases (and built for databases it left out). Every builder returns (rows, skipped): rows in
+anyECG format (data.py, "anyECG rows"), each with a "split" field (train / val / test) fixed per patient or record,
+so that no patient lands in two splits; skipped lists the records or lines that could not be used and why.
 
 Read top to bottom:
-  1. Holter localization  MIT-BIH Arrhythmia, European ST-T, MIT-BIH ST Change: 10 s and
-                          long clips cut around the beats of each record's `atr` file, asked
-                          about a beat type present ("Duration: ...") or absent ("No ... Found").
-  2. PTB-XL               report rows from ptbxl_database.csv (SCP statements or free text);
-                          strat_fold 9 / 10 are validation / test, as PTB-XL recommends.
-  3. MIMIC-IV-ECG         report rows from machine_measurements.csv, and multi-ECG rows from
-                          each patient's serial ECGs in time order.
+  1. Holter localization  MIT-BIH Arrhythmia, European ST-T, MIT-BIH ST Change: 10 s and long clips around the
+                          annotated beats, asking for a beat type present ("Duration: ...") or absent ("No ... Found").
+  2. PTB-XL               report rows from ptbxl_database.csv; strat_fold 9 / 10 -> val / test, as PTB-XL recommends.
+  3. MIMIC-IV-ECG         report rows from machine_measurements.csv, multi-ECG rows from each patient's serial ECGs.
   4. ECG-QA               its PTB-XL question files -> ecgqa rows.
-  5. Command line         python realdata.py {mitdb,edb,stdb,ptbxl,mimic,ecgqa} --root DIR
-                          --out rows.json; `python realdata.py bench` measures reading speed.
-Training streams the records these rows name (data.RowECGReader + parallel reads in train.py).
+  5. Command line         python realdata.py {mitdb,edb,stdb,ptbxl,mimic,ecgqa} --root DIR --out rows.json
+Training streams the records these rows name (data.RowECGReader + parallel reads in train.py); how fast
+they read: `python bench.py read`.
 """
 import argparse
 import ast
 import csv
 import json
-import os
 import sys
-import time
 import zlib
 from collections import Counter, defaultdict
 from datetime import datetime
@@ -34,15 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data import BEAT_NAMES, MITBIH_BEATS, localization_answer
+from data import BEAT_NAMES, MITBIH_BEATS, atomic_write, localization_answer
 from tasks import BRIEF, LOCATION_QUESTIONS, REPORT_QUESTIONS
 
 HOLTER_DATASETS = {"mitdb": "mit_bih_arrhythmia", "edb": "european_st_t", "stdb": "mit_bih_st_change"}
 
 
 def split_of(key, val=0.1, test=0.1):
-    """The split of a patient or record id: always the same for the same id (crc32, not
-    Python's salted hash), about 10 % validation and 10 % test."""
+    """A patient or record id -> its split, fixed by crc32 (not Python's salted hash): ~10 % val, ~10 % test."""
     u = zlib.crc32(str(key).encode()) / 2 ** 32
     return "test" if u < test else "val" if u < test + val else "train"
 
@@ -55,21 +48,12 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def write_rows(rows, path):
-    """Temp file + rename, so an interrupted build never leaves half a file."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(rows, f, indent=0)
-    os.replace(f"{path}.tmp", path)
-
-
 def with_prefix(path, prefix):
     """ecg_path relative to a shared root: `--prefix mitdb/` -> "mitdb/100"."""
     return prefix + path if prefix else path
 
+
 # --------------------------------------------------------------------------- 1. Holter localization
-
-
 def record_names(root):
     """A PhysioNet database's records: its RECORDS file, else every .hea below root."""
     root = Path(root)
@@ -84,13 +68,11 @@ def record_names(root):
 
 def holter_rows(root, dataset, clips=10, long_clips=5, long_seconds=(10.0, 60.0), not_found=0.25, seed=0,
                 records=None, prefix=""):
-    """Localization rows from the beat annotations (`atr`) of every record under root.
-
-    For each beat type of BEAT_NAMES a record has: `clips` 10 s clips (task "location")
-    and `long_clips` clips of long_seconds (task "location_long"), each placed at random
-    around a random beat of that type. Then "not found" rows, `not_found` of all rows:
-    random clips asked about a type they do not contain. Every answer is
-    data.localization_answer, so it follows anyECG's rule exactly."""
+    """Localization rows from the beat annotations (`atr`) of every record under root. For each beat type of
+    BEAT_NAMES a record has: `clips` 10 s clips (task "location") and `long_clips` clips of long_seconds (task
+    "location_long"), each placed at random around a random beat of that type. Then "not found" rows, `not_found` of
+    all rows: random clips asked about a type they do not contain. Every answer is data.localization_answer, so it
+    follows anyECG's rule exactly."""
     rng = np.random.default_rng(seed)
     rows, skipped = [], []
     for name in records or record_names(root):
@@ -103,8 +85,7 @@ def holter_rows(root, dataset, clips=10, long_clips=5, long_seconds=(10.0, 60.0)
 
 
 def record_location_rows(path, name, dataset, rng, clips, long_clips, long_seconds, not_found, prefix):
-    """The localization rows of one record (see holter_rows); only its header and `atr`
-    file are read, never its samples."""
+    """One record's localization rows (see holter_rows); only its header and `atr` file are read, never its samples."""
     import wfdb
     header = wfdb.rdheader(str(path))
     ann = wfdb.rdann(str(path), "atr")
@@ -129,20 +110,17 @@ def record_location_rows(path, name, dataset, rng, clips, long_clips, long_secon
                 beat = int(rng.choice(at))       # the clip [start, start + length) holds this beat
                 start = int(rng.integers(max(0, beat - length + 1), min(beat, n - length) + 1))
                 out.append(row(start, length, symbol, task))
-    n_absent = round(max(len(out), clips) * not_found / (1 - not_found))
-    for _ in range(n_absent):
+    for _ in range(round(max(len(out), clips) * not_found / (1 - not_found))):   # the "not found" rows
         task = "location" if rng.random() < 0.6 else "location_long"
         length = min(n, int(round((10.0 if task == "location" else rng.uniform(*long_seconds)) * fs)))
         start = int(rng.integers(0, n - length + 1))
-        inside = set(symbols[(beats >= start) & (beats < start + length)])
-        absent = sorted(set(BEAT_NAMES) - inside)
+        absent = sorted(set(BEAT_NAMES) - set(symbols[(beats >= start) & (beats < start + length)]))
         if absent:
             out.append(row(start, length, str(rng.choice(absent)), task))
     return out
 
+
 # --------------------------------------------------------------------------- 2. PTB-XL
-
-
 def ptbxl_path(ecg_id, rate=500):
     """PTB-XL's file layout: records500/05000/05942_hr (500 Hz) or records100/05000/05942_lr."""
     return f"records{rate}/{ecg_id // 1000 * 1000:05d}/{ecg_id:05d}_{'hr' if rate == 500 else 'lr'}"
@@ -189,11 +167,9 @@ def ptbxl_rows(root, rate=500, report="statements", seed=0, prefix=""):
                      "split": "val" if fold == 9 else "test" if fold == 10 else "train"})
     return rows, skipped
 
+
 # --------------------------------------------------------------------------- 3. MIMIC-IV-ECG
-# MIMIC-IV-ECG stores the limb leads as I, II, III, aVR, aVF, aVL. Nothing here or in
-# data.prepare_ecg goes by position: leads are read by the names in each header.
-
-
+# MIMIC-IV-ECG orders its limb leads I, II, III, aVR, aVF, aVL; here and in data.prepare_ecg leads go by header name.
 def mimic_path(subject_id, study_id):
     """MIMIC-IV-ECG's layout: files/p1000/p10000032/s40689238/40689238."""
     return f"files/p{str(subject_id)[:4]}/p{subject_id}/s{study_id}/{study_id}"
@@ -206,15 +182,13 @@ def mimic_statements(r):
 
 
 def mimic_rows(root, multi_per_patient=2, max_ecgs=3, seed=0, prefix=""):
-    """A report row per ECG with a machine report, and for every patient with several
-    ECGs, `multi_per_patient` multi-ECG rows over 2..max_ecgs consecutive ECGs in time
-    order: the findings of each ("ECG1: ... ECG2: ..."), or which findings are new /
-    no longer present (answers checkable exactly from the reports)."""
+    """A report row per ECG with a machine report, and for every patient with several ECGs, `multi_per_patient`
+    multi-ECG rows over 2..max_ecgs consecutive ECGs in time order: the findings of each ("ECG1: ... ECG2: ..."),
+    or which findings are new / no longer present (answers checkable exactly from the reports)."""
     rng = np.random.default_rng(seed)
     root = Path(root)
-    paths = {}
-    if (root / "record_list.csv").is_file():
-        paths = {r["study_id"]: r["path"] for r in read_csv(root / "record_list.csv")}
+    listed = root / "record_list.csv"   # optional; without it, paths follow mimic_path
+    paths = {r["study_id"]: r["path"] for r in read_csv(listed)} if listed.is_file() else {}
     rows, skipped, by_patient = [], [], defaultdict(list)
     for k, r in enumerate(read_csv(root / "machine_measurements.csv")):
         try:
@@ -258,9 +232,8 @@ def mimic_multi_row(ecgs, rng, split):
     return {"question": q, "answer": a, "ecg_path": [p for _, p, _ in ecgs], "dataset": "mimic", "task": "multi",
             "question_type": kind, "split": split}
 
+
 # --------------------------------------------------------------------------- 4. ECG-QA
-
-
 ECGQA_SPLITS = {"train": "train", "valid": "val", "val": "val", "test": "test"}
 
 
@@ -273,15 +246,13 @@ def ecgqa_files(root):
 
 
 def ecgqa_rows(root, rate=500, prefix=""):
-    """ECG-QA's PTB-XL questions (a file, or a folder such as ecgqa/ptbxl/paraphrased with
-    train/valid/test subfolders) -> ecgqa rows; the answer list is joined with ", " and the
-    split is the subfolder's (ECG-QA's own split)."""
+    """ECG-QA's PTB-XL questions (a file, or a folder such as ecgqa/ptbxl/paraphrased with train/valid/test
+    subfolders) -> ecgqa rows; the answer list is joined with ", " and the split is the subfolder's (ECG-QA's own)."""
     rows, skipped = [], []
     for path in ecgqa_files(root):
         split = next((ECGQA_SPLITS[p] for p in reversed(path.parts[:-1]) if p in ECGQA_SPLITS), "train")
         try:
-            with open(path) as f:
-                items = json.load(f)
+            items = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             skipped.append(f"{path}: {type(e).__name__}: {e}")
             continue
@@ -299,14 +270,13 @@ def ecgqa_rows(root, rate=500, prefix=""):
                          "question_type": kind, "template_id": q.get("template_id"), "split": split})
     return rows, skipped
 
-# --------------------------------------------------------------------------- 5. command line
 
+# --------------------------------------------------------------------------- 5. command line
 EPILOG = """examples:
   python realdata.py mitdb --root ~/physionet/mitdb --out data/mitdb.json
   python realdata.py ptbxl --root ~/physionet/ptb-xl --out data/ptbxl.json --rate 100
   python realdata.py mimic --root ~/physionet/mimic-iv-ecg --out data/mimic.json
   python realdata.py ecgqa --root ~/ecgqa/ptbxl/paraphrased --out data/ecgqa.json
-  python realdata.py bench --workers 1,2,4          # records/s reading PTB-XL-sized records
 then: python train.py --data data/mitdb.json --ecg_root ~/physionet/mitdb
 Several files share one --ecg_root when built with --prefix (e.g. --prefix mitdb/)."""
 
@@ -327,60 +297,19 @@ def build(args):
         print(f"skipped {len(skipped)} records or lines in all", file=sys.stderr)
     if not rows:
         raise SystemExit(f"{args.root}: no rows could be built ({len(skipped)} skipped)")
-    write_rows(rows, args.out)
+    atomic_write(args.out, json.dumps(rows, indent=0))   # an interrupted build never leaves half a file
     counts = Counter((r["task"], r["split"]) for r in rows)
     print(f"{args.out}: {len(rows)} rows")
     for task in sorted({t for t, _ in counts}):
         print(f"  {task:14s} " + "  ".join(f"{s} {counts[task, s]}" for s in ("train", "val", "test")))
 
 
-def bench(args):
-    """Records/s reading PTB-XL-sized records (12 leads, 10 s, 500 Hz, 16-bit WFDB) from
-    local disk through the training reader (data.RowECGReader: read, resample to 100 Hz),
-    in the main process (1) and with N reader processes, as train.py reads a batch."""
-    import multiprocessing
-    import tempfile
-    from concurrent.futures import ProcessPoolExecutor
-
-    import wfdb
-
-    from data import RowECGReader
-    from synth import STANDARD_LEADS
-    with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        for k in range(args.records):
-            wfdb.wrsamp(f"r{k:05d}", fs=500, units=["mV"] * 12, sig_name=list(STANDARD_LEADS),
-                        p_signal=rng.normal(0, 0.3, (5000, 12)), fmt=["16"] * 12, adc_gain=[1000.0] * 12,
-                        baseline=[0] * 12, write_dir=tmp)
-        rows = [{"ecg_path": f"r{k:05d}", "task": "report"} for k in range(args.records)]
-        print(f"{args.records} records of 12 leads x 10 s at 500 Hz, read and resampled to 100 Hz "
-              f"({os.cpu_count()} CPUs)")
-        print("| reader processes | records/s | ms per batch of 16 |\n|---|---|---|")
-        for workers in [int(w) for w in args.workers.split(",")]:
-            reader = RowECGReader(tmp, 100, cache_size=args.records)
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
-            if pool:
-                list(pool.map(abs, range(workers)))                          # start the workers first
-            t = time.perf_counter()
-            for i in range(0, args.records, 16):                             # batch by batch, as in training
-                if pool:
-                    reader.prefetch(rows[i:i + 16], pool)
-                for row in rows[i:i + 16]:
-                    reader(row)
-            dt = time.perf_counter() - t
-            assert reader.reads == args.records
-            if pool:
-                pool.shutdown()
-            print(f"| {workers} | {args.records / dt:.0f} | {16 * dt / args.records * 1000:.1f} |")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="realdata.py", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", choices=[*HOLTER_DATASETS, "ptbxl", "mimic", "ecgqa", "bench"],
+    p.add_argument("source", choices=[*HOLTER_DATASETS, "ptbxl", "mimic", "ecgqa"],
                    help="mitdb / edb / stdb: MIT-BIH Arrhythmia / European ST-T / MIT-BIH ST Change "
-                        "localization; ptbxl, mimic: reports (+ multi-ECG for mimic); ecgqa: ECG-QA questions; "
-                        "bench: reading speed")
+                        "localization; ptbxl, mimic: reports (+ multi-ECG for mimic); ecgqa: ECG-QA questions")
     p.add_argument("--root", help="the database's top folder (ecgqa: a question file or folder)")
     p.add_argument("--out", default="rows.json", help="anyECG-format JSON written here")
     p.add_argument("--prefix", default="", help="put before every ecg_path (to share one --ecg_root)")
@@ -397,12 +326,7 @@ def main(argv=None):
     g = p.add_argument_group("mimic")
     g.add_argument("--multi-per-patient", type=int, default=2, help="multi-ECG rows per patient with several ECGs")
     g.add_argument("--max-ecgs", type=int, default=3, help="most ECGs in one multi-ECG row")
-    g = p.add_argument_group("bench")
-    g.add_argument("--records", type=int, default=400, help="records written and read")
-    g.add_argument("--workers", default="1,2,4", help="reader process counts to time")
     args = p.parse_args(argv)
-    if args.source == "bench":
-        return bench(args)
     if not args.root:
         p.error(f"{args.source} needs --root (the database's top folder)")
     if not 0 <= args.not_found < 1:

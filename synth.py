@@ -1,21 +1,17 @@
 """
 synth.py — a synthetic 12-lead ECG generator with exact ground truth.
 
-The heart is modelled as one electrical dipole, a 3-D vector that sweeps through a
-fixed sequence of waves every beat (P, then the QRS components, then ST and T). Every
-lead is that vector projected onto the lead's direction, so the limb-lead identities
-(III = II - I, aVR = -(I+II)/2, aVL = I - II/2, aVF = II - I/2) hold by construction.
+The heart is one electrical dipole, a 3-D vector that sweeps through a fixed sequence of waves every beat
+(P, the QRS components, ST, T). Every lead is that vector projected onto the lead's direction, so the
+limb-lead identities (III = II - I, aVR = -(I+II)/2, aVL = I - II/2, aVF = II - I/2) hold by construction.
+Each wave is a smooth bump with compact support, so the PR, QRS and QT a record claims are exactly the ones
+drawn in its samples. Rhythms (sinus with heart-rate variability, AF, flutter, PACs, PVCs) decide *when*
+beats happen; beat types (normal, LBBB, RBBB, PAC, PVC) decide *what* each beat looks like. Noise (baseline
+wander, mains hum, muscle noise) is added per electrode, so the limb-lead identities survive it too.
 
-Each wave is a smooth bump with compact support, so its onset and offset are exact:
-the PR, QRS and QT a record claims are the ones drawn in its samples. Rhythms
-(sinus with heart-rate variability, atrial fibrillation, atrial flutter, PACs, PVCs)
-decide *when* beats happen; beat types (normal, LBBB, RBBB, PAC, PVC) decide *what*
-each beat looks like. Noise (baseline wander, mains hum, muscle noise) is added per
-electrode, so the limb-lead identities survive it too.
-
-Reading order: leads -> wave shapes -> patients -> beat morphology -> rhythms ->
-rendering -> noise -> ground truth and report statements -> `synth_ecg` -> patients
-over time. Coordinates: x = patient's left, y = towards the feet, z = anterior.
+Reading order: leads -> wave shapes -> patients -> beat morphology -> rhythms -> rendering -> noise ->
+ground truth and report statements -> `synth_ecg` -> patients over time.
+Coordinates: x = patient's left, y = towards the feet, z = anterior.
 """
 import dataclasses
 import math
@@ -24,37 +20,26 @@ from typing import NamedTuple
 
 import numpy as np
 
-# --------------------------------------------------------------------------- records
-# ECGRecord lives here (the lowest layer) and data.py re-exports it.
+from data import STANDARD_LEADS, ECGRecord
+from paper import degrade, plot_ecg_svg, render_ecg, write_png
 
-STANDARD_LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
-LIMB_LEADS = STANDARD_LEADS[:6]
-CHEST_LEADS = STANDARD_LEADS[6:]
-
-
-class ECGRecord(NamedTuple):
-    signal: np.ndarray  # (leads, samples) float32, millivolts
-    fs: float           # samples per second
-    leads: list         # lead names, canonical where known
+LIMB_LEADS, CHEST_LEADS = STANDARD_LEADS[:6], STANDARD_LEADS[6:]
 
 
 # --------------------------------------------------------------------------- leads
-# Lead I looks along +x, lead II 60 degrees below it (Einthoven's triangle); the other
-# limb leads follow from these two. Chest leads use Dower's transform from the
-# vectorcardiogram (Dower et al. 1980, with Frank's posterior Z flipped to anterior):
-# V1 looks right-anterior, V6 left-lateral, and V2-V4 are large because they sit close.
+# Lead I looks along +x, lead II 60 degrees below it (Einthoven's triangle); the other limb leads follow
+# from these two. Chest leads use Dower's transform from the vectorcardiogram (Dower et al. 1980, with
+# Frank's posterior Z flipped to anterior): V1 looks right-anterior, V6 left-lateral, and V2-V4 are large
+# because they sit close.
 
 _CHEST_VECTORS = {"V1": (-0.515, 0.157, 0.917), "V2": (0.044, 0.164, 1.387), "V3": (0.882, 0.098, 1.277),
                   "V4": (1.213, 0.127, 0.601), "V5": (1.125, 0.127, 0.086), "V6": (0.831, 0.076, -0.230)}
 
 
 def _lead_vectors():
-    lead_i = np.array([1.0, 0.0, 0.0])
-    lead_ii = np.array([0.5, math.sqrt(3) / 2, 0.0])
-    vectors = {
-        "I": lead_i, "II": lead_ii, "III": lead_ii - lead_i,
-        "aVR": -(lead_i + lead_ii) / 2, "aVL": lead_i - lead_ii / 2, "aVF": lead_ii - lead_i / 2,
-    }
+    lead_i, lead_ii = np.array([1.0, 0.0, 0.0]), np.array([0.5, math.sqrt(3) / 2, 0.0])
+    vectors = {"I": lead_i, "II": lead_ii, "III": lead_ii - lead_i,
+               "aVR": -(lead_i + lead_ii) / 2, "aVL": lead_i - lead_ii / 2, "aVF": lead_ii - lead_i / 2}
     return vectors | {name: np.array(v) for name, v in _CHEST_VECTORS.items()}
 
 
@@ -64,13 +49,10 @@ LEAD_VECTORS = _lead_vectors()   # name -> (3,) projection vector
 # --------------------------------------------------------------------------- wave shapes
 
 def bump(u, peak_at=0.5, power=2.0):
-    """Smooth hump on u in [0, 1], zero outside, peak 1 at u = peak_at.
-
-    sin(pi * u**g)**power with g chosen so the peak lands at peak_at; power > 1 makes
-    the ends flat (so onset/offset are where the wave really starts and stops)."""
+    """Smooth hump on u in [0, 1], zero outside, peak 1 at u = peak_at: sin(pi * u**g)**power with g chosen so
+    the peak lands at peak_at; power > 1 makes the ends flat (so onset/offset are where the wave really is)."""
     g = math.log(0.5) / math.log(peak_at)
-    inside = (u > 0) & (u < 1)
-    out = np.zeros_like(u)
+    inside, out = (u > 0) & (u < 1), np.zeros_like(u)
     out[inside] = np.sin(np.pi * u[inside] ** g) ** power
     return out
 
@@ -139,19 +121,14 @@ def _pick(rng, options, probs):
 
 
 def make_patient(seed, findings=None, pid=None):
-    """A random simulated person. `seed` is an int or np.random.Generator.
-
-    findings=None draws findings at realistic-ish rates; a set of names from FINDINGS
-    forces exactly those (e.g. {"af", "lbbb"}). Values are drawn with margins away from
-    the report thresholds (HR 60/100, PR 200, QRS 120, QTc 470, axis -30/90), so every
-    label the record carries is unambiguous."""
+    """A random simulated person; `seed` is an int or np.random.Generator. findings=None draws findings at
+    realistic-ish rates; a set of FINDINGS names forces exactly those (e.g. {"af", "lbbb"}). Values keep margins
+    from the report thresholds (HR 60/100, PR 200, QRS 120, QTc 470, axis -30/90), so every label is unambiguous."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     f = set(findings) if findings is not None else _draw_findings(rng)
-    unknown = f - set(FINDINGS)
-    if unknown:
+    if unknown := f - set(FINDINGS):
         raise ValueError(f"unknown findings {sorted(unknown)}; known: {FINDINGS}")
-    clash = [(a, b) for a, b in _NOT_TOGETHER if a in f and b in f]
-    if clash:
+    if clash := [(a, b) for a, b in _NOT_TOGETHER if a in f and b in f]:
         raise ValueError(f"findings {clash} are not simulated together")
     u = rng.uniform
     rhythm = "af" if "af" in f else "flutter" if "flutter" in f else "sinus"
@@ -161,25 +138,18 @@ def make_patient(seed, findings=None, pid=None):
     conduction = "lbbb" if "lbbb" in f else "rbbb" if "rbbb" in f else "normal"
     qrs = u(135, 170) if conduction == "lbbb" else u(128, 160) if conduction == "rbbb" else u(78, 104)
     pr = u(220, 320) if "avb1" in f else u(130, 188)
-    st = "none"
-    if "st_elev" in f:
-        st = _pick(rng, ["elev_inferior", "elev_anterior", "elev_lateral"], [0.4, 0.4, 0.2])
-    elif "st_depr" in f:
-        st = "depr"
+    st = (_pick(rng, ["elev_inferior", "elev_anterior", "elev_lateral"], [0.4, 0.4, 0.2]) if "st_elev" in f
+          else "depr" if "st_depr" in f else "none")
     axis = u(-75, -45) if "lad" in f else u(105, 150) if "rad" in f else u(-5, 75)
     return Patient(
-        pid=pid or f"p{int(rng.integers(1e9)):09d}", morph_seed=int(rng.integers(2**31)),
-        age=int(u(20, 90)), sex=_pick(rng, ["male", "female"], [0.5, 0.5]),
-        rhythm=rhythm, hr_bpm=round(float(hr), 1), hrv=u(0.015, 0.05),
-        pr_ms=round(pr), p_ms=round(min(u(85, 110), pr - 35)), qrs_ms=round(qrs),
-        qtc_ms=round(u(490, 560) if "long_qt" in f else u(385, 445)), axis_deg=round(axis),
-        conduction=conduction,
+        pid=pid or f"p{int(rng.integers(1e9)):09d}", morph_seed=int(rng.integers(2**31)), age=int(u(20, 90)),
+        sex=_pick(rng, ["male", "female"], [0.5, 0.5]), rhythm=rhythm, hr_bpm=round(float(hr), 1),
+        hrv=u(0.015, 0.05), pr_ms=round(pr), p_ms=round(min(u(85, 110), pr - 35)), qrs_ms=round(qrs),
+        qtc_ms=round(u(490, 560) if "long_qt" in f else u(385, 445)), axis_deg=round(axis), conduction=conduction,
         pac_per_min=u(4, 14) if "pac" in f else 0.0, pvc_per_min=u(4, 14) if "pvc" in f else 0.0,
         st=st, st_mv=u(0.15, 0.35) if st != "none" else 0.0,
         t_inv=_pick(rng, ["diffuse", "inferior", "anterior"], [0.4, 0.3, 0.3]) if "t_inv" in f else "none",
-        low_voltage="low_voltage" in f, flutter_rate=u(260, 330),
-        flutter_ratio=_pick(rng, [2, 4, 0], [0.4, 0.4, 0.2]),
-    )
+        low_voltage="low_voltage" in f, flutter_rate=u(260, 330), flutter_ratio=_pick(rng, [2, 4, 0], [0.4, 0.4, 0.2]))
 
 
 def _draw_findings(rng):
@@ -204,9 +174,9 @@ def _draw_findings(rng):
 
 
 # --------------------------------------------------------------------------- beat morphology
-# Times are seconds relative to QRS onset. Each QRS is a few overlapping bumps whose
-# directions rotate like the real activation front: septum (right, anterior), apex,
-# free wall (left, inferior), base (up, back). Bundle branch blocks reorder and slow it.
+# Times are seconds relative to QRS onset. Each QRS is a few overlapping bumps whose directions rotate like
+# the real activation front: septum (right, anterior), apex, free wall (left, inferior), base (up, back).
+# Bundle branch blocks reorder and slow it.
 
 def _frontal(angle_deg, size, z=0.0):
     a = math.radians(angle_deg)
@@ -231,10 +201,8 @@ def _qrs_waves(p, q):
 def _t_vector(p, rng):
     """Direction of the T wave: concordant with the QRS unless a finding says otherwise."""
     t = _frontal(np.clip(p.axis_deg, 15, 60) + rng.uniform(-10, 10), rng.uniform(0.25, 0.4), 0.12)
-    if p.conduction == "lbbb":
-        return np.array([-0.25, -0.05, 0.35])      # secondary, discordant
-    if p.conduction == "rbbb":
-        return np.array([0.2, 0.2, -0.2])           # inverted in V1-V2 only
+    if p.conduction != "normal":   # LBBB: secondary, discordant; RBBB: inverted in V1-V2 only
+        return np.array([-0.25, -0.05, 0.35] if p.conduction == "lbbb" else [0.2, 0.2, -0.2])
     if p.t_inv == "diffuse":
         return -t
     if p.t_inv == "inferior":
@@ -279,11 +247,9 @@ def limb_qrs_p2p(qrs_waves):
 
 
 def beat_waves(p, qt_s):
-    """Wave lists for every beat type of patient `p`, keyed by MIT-BIH symbol.
-
-    Keys: the dominant supraventricular beat ('N', 'L' or 'R'), 'A' (PAC: early beat
-    with a differently shaped P), 'V' (PVC: wide, bizarre, discordant T, no P), and
-    'p' (a lone sinus P wave, drawn when a PVC hides the sinus beat it replaced)."""
+    """Wave lists for every beat type of patient `p`, keyed by MIT-BIH symbol: the dominant supraventricular
+    beat ('N', 'L' or 'R'), 'A' (PAC: early beat with a differently shaped P), 'V' (PVC: wide, bizarre,
+    discordant T, no P), and 'p' (a lone sinus P wave, drawn when a PVC hides the sinus beat it replaced)."""
     rng = np.random.default_rng(p.morph_seed)
     q, pr, p_dur = p.qrs_ms / 1000, p.pr_ms / 1000, p.p_ms / 1000
     qrs = [w._replace(vector=_jitter(w.vector, rng)) for w in _qrs_waves(p, q)]
@@ -309,9 +275,8 @@ def _pvc_waves(rng, qt_s):
     main = _frontal(rng.choice([-60.0, 100.0]) + rng.uniform(-20, 20), rng.uniform(1.4, 2.2),
                     rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0))
     second = _jitter(main, rng, 0.6) * 0.4
-    t_end = max(qt_s + 0.06, q + 0.2)
     return [Wave("QRS", 0.0, 0.72 * q, main, 0.5, 2.5), Wave("QRS", 0.4 * q, q, second, 0.5, 2.5),
-            Wave("T", q + 0.03, t_end, -0.3 * main, 0.55, 2.0)]
+            Wave("T", q + 0.03, max(qt_s + 0.06, q + 0.2), -0.3 * main, 0.55, 2.0)]
 
 
 def r_peak_offset(waves):
@@ -321,8 +286,8 @@ def r_peak_offset(waves):
 
 
 # --------------------------------------------------------------------------- rhythms
-# Each returns QRS-onset times (s) and beat kinds ("main", "A", "V"), plus the times of
-# lone sinus P waves hidden by PVCs.
+# Each returns QRS-onset times (s) and beat kinds ("main", "A", "V"), plus the times of lone sinus P waves
+# hidden by PVCs.
 
 def qt_seconds(p):
     """QT from QTc by Bazett (QT = QTc * sqrt(RR)), kept long enough to fit QRS + ST + T."""
@@ -342,13 +307,10 @@ def sinus_times(p, duration, rng):
 
 
 def place_ectopics(p, sinus, rng):
-    """Replace some sinus beats by PACs / PVCs.
-
-    PVC: comes early (55-72 % of the RR) and leaves the sinus node alone, so the next
-    sinus beat is on time -- a fully compensatory pause (the hidden sinus P still fires).
-    PAC: comes early too but resets the sinus node, so the next sinus beat follows one
-    cycle after the PAC and every later beat shifts earlier -- a non-compensatory pause.
-    Ectopics are never the first two beats, the last one, or adjacent to each other."""
+    """Replace some sinus beats by PACs / PVCs (never the first two beats, the last one, or two in a row).
+    A PVC comes early (55-72 % of the RR) and leaves the sinus node alone: the next sinus beat is on time, a
+    fully compensatory pause (the hidden sinus P still fires). A PAC comes early too but resets the sinus node:
+    the next sinus beat follows one cycle after it and every later beat shifts earlier, a non-compensatory pause."""
     n = len(sinus)
     rr = np.diff(sinus, prepend=sinus[0] - 60 / p.hr_bpm)            # (beats,) RR before each beat
     per_beat = np.array([p.pvc_per_min, p.pac_per_min]) * rr.mean() / 60
@@ -365,8 +327,7 @@ def place_ectopics(p, sinus, rng):
     pac = np.nonzero(kind == "A")[0]
     shift[pac + 1] = times[pac] + rr[pac] - sinus[pac + 1]
     total_shift = np.cumsum(shift)
-    hidden_p = (sinus + total_shift)[kind == "V"]
-    return times + total_shift, kind, hidden_p
+    return times + total_shift, kind, (sinus + total_shift)[kind == "V"]   # last: the hidden sinus P waves
 
 
 def af_times(p, duration, rng):
@@ -389,8 +350,7 @@ def flutter_times(p, duration, rng):
 
 
 def early_pvcs(p, onsets, rng):
-    """PVCs without a sinus rhythm to pause against (AF, flutter): a random beat comes
-    at 60 % of its RR instead. -> (onsets, kinds)"""
+    """PVCs without a sinus rhythm to pause against (AF, flutter): a random beat comes at 60 % of its RR instead."""
     kinds = np.full(len(onsets), "main", dtype=object)
     if len(onsets) > 3:
         kinds[2:-1][rng.random(len(onsets) - 3) < p.pvc_per_min / p.hr_bpm] = "V"
@@ -410,8 +370,7 @@ def render_beats(onsets, waves, fs, n, scale=None):
         return out
     scale = np.ones(len(onsets)) if scale is None else scale
     for w in waves:
-        start = onsets + w.start                                     # (beats,)
-        width = w.end - w.start
+        start, width = onsets + w.start, w.end - w.start             # start: (beats,)
         idx = np.ceil(start * fs).astype(np.int64)[:, None] + np.arange(int(math.ceil(width * fs)) + 1)
         u = (idx / fs - start[:, None]) / width                      # (beats, wave samples)
         amp = w.shape(u) * scale[:, None]
@@ -430,8 +389,7 @@ def flutter_waves(p, phase0, n, fs):
 
 def fibrillation_waves(n, fs, rng):
     """Fibrillatory baseline: 3 drifting 4-9 Hz oscillations, largest in V1 and inferior leads."""
-    coarse_t = np.arange(0, n / fs + 1.0, 0.5)
-    t = np.arange(n) / fs
+    coarse_t, t = np.arange(0, n / fs + 1.0, 0.5), np.arange(n) / fs
     total = np.zeros(n)
     for _ in range(3):
         freq = np.interp(t, coarse_t, rng.uniform(4.5, 8.5) + np.cumsum(rng.normal(0, 0.15, len(coarse_t))).clip(-2, 2))
@@ -448,8 +406,7 @@ DEFAULT_NOISE = {"baseline": 0.08, "hum": 0.01, "emg": 0.01}   # mV at noise=1.0
 def noise_levels(noise):
     """noise=0 clean, a float scales DEFAULT_NOISE, a dict sets kinds in mV (others 0)."""
     if isinstance(noise, dict):
-        unknown = set(noise) - set(DEFAULT_NOISE)
-        if unknown:
+        if unknown := set(noise) - set(DEFAULT_NOISE):
             raise ValueError(f"unknown noise kinds {sorted(unknown)}; known: {sorted(DEFAULT_NOISE)}")
         return {k: float(noise.get(k, 0.0)) for k in DEFAULT_NOISE}
     return {k: v * float(noise) for k, v in DEFAULT_NOISE.items()}
@@ -457,8 +414,7 @@ def noise_levels(noise):
 
 def electrode_noise(n, fs, levels, rng, mains_hz):
     """Noise on one recorded channel: baseline wander + mains hum + bursty muscle noise."""
-    t = np.arange(n) / fs
-    out = np.zeros(n)
+    t, out = np.arange(n) / fs, np.zeros(n)
     if levels["baseline"]:
         for f in [rng.uniform(0.15, 0.35), rng.uniform(0.03, 0.1), rng.uniform(0.05, 0.5)]:
             out += levels["baseline"] * rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * f * t + rng.uniform(0, 6.3))
@@ -498,8 +454,7 @@ STATEMENTS = [   # every statement the generator can produce, in report order
     "Premature atrial contractions", "Premature ventricular contractions", "1st degree A-V block",
     "Left bundle branch block", "Right bundle branch block", "Left axis deviation", "Right axis deviation",
     "Low QRS voltages", "ST elevation", "ST depression", "T wave inversion", "Prolonged QT interval",
-    "Normal ECG", "Normal ECG except for rate", "Borderline ECG", "Abnormal ECG",
-]
+    "Normal ECG", "Normal ECG except for rate", "Borderline ECG", "Abnormal ECG"]
 BORDERLINE = {"Premature atrial contractions", "1st degree A-V block", "Left axis deviation", "Right axis deviation"}
 _T_UPRIGHT_LEADS = ["I", "II", "V3", "V4", "V5", "V6"]   # where a normal T is always upright
 
@@ -511,17 +466,14 @@ def frontal_axis(qrs_waves):
 
 
 def sees_frontal_plane(leads):
-    """Any two limb leads span the frontal plane (none are parallel), so axis and
-    limb-lead voltage can be read; one limb lead cannot tell them."""
+    """Any two limb leads span the frontal plane (none are parallel), so axis and limb-lead voltage can be read."""
     return len(set(leads) & set(LIMB_LEADS)) >= 2
 
 
 def report_statements(p, waves, hr, symbols, leads):
-    """Statements a machine reader would print for this record, given the leads it has.
-
-    Limb-lead findings (axis, low voltage) need two limb leads; ST/T findings need a
-    lead that shows them. Rhythm, rate, ectopy, blocks and QT are visible in any lead.
-    Ends with an overall verdict: Normal / Normal except for rate / Borderline / Abnormal."""
+    """Statements a machine reader would print for this record, given the leads it has, ending with an overall
+    verdict. Limb-lead findings (axis, low voltage) need two limb leads; ST/T findings need a lead that shows
+    them. Rhythm, rate, ectopy, blocks and QT are visible in any lead."""
     main = waves[next(k for k in waves if k in "NLR")]
     qrs = waves_of(main, "QRS")
     s = [{"af": "Atrial fibrillation", "flutter": "Atrial flutter"}.get(p.rhythm)
@@ -542,25 +494,19 @@ def report_statements(p, waves, hr, symbols, leads):
         t = waves_of(main, "T")[0].vector
         s += ["T wave inversion"] if any(LEAD_VECTORS[x] @ t <= -0.05 for x in leads if x in _T_UPRIGHT_LEADS) else []
     s += ["Prolonged QT interval"] if p.qtc_ms > 470 else []
-    findings = set(s[1:])
-    if s[0] == "Sinus rhythm" and not findings:
-        return s + ["Normal ECG"]
-    if s[0] in ("Sinus bradycardia", "Sinus tachycardia") and not findings:
-        return s + ["Normal ECG except for rate"]
-    if s[0].startswith("Sinus") and findings <= BORDERLINE:
-        return s + ["Borderline ECG"]
-    return s + ["Abnormal ECG"]
+    findings, sinus = set(s[1:]), s[0].startswith("Sinus")
+    if sinus and not findings:
+        return s + ["Normal ECG" if s[0] == "Sinus rhythm" else "Normal ECG except for rate"]
+    return s + ["Borderline ECG" if sinus and findings <= BORDERLINE else "Abnormal ECG"]
 
 
 # --------------------------------------------------------------------------- the generator
 
 def synth_ecg(patient, duration_s=10.0, fs=500.0, leads=None, noise=1.0, seed=0, mains_hz=50.0):
-    """Simulate one recording of `patient`. Returns (ECGRecord, Truth).
-
-    leads: any subset of STANDARD_LEADS (default all 12), in the order wanted.
-    noise: 0 for a clean record, a float to scale DEFAULT_NOISE, or a dict in mV.
-    Same (patient, arguments, seed) -> identical bytes. Each recorded channel draws its
-    noise from its own stream, so lead II of a 12-lead record equals a lead-II-only one."""
+    """Simulate one recording of `patient` -> (ECGRecord, Truth); the same (patient, arguments, seed) give
+    identical bytes. leads: any subset of STANDARD_LEADS (default all 12), in the order wanted. noise: 0 for a
+    clean record, a float to scale DEFAULT_NOISE, or a dict in mV. Each recorded channel draws its noise from
+    its own stream, so lead II of a 12-lead record equals a lead-II-only one."""
     leads = list(STANDARD_LEADS if leads is None else leads)
     bad = [x for x in leads if x not in LEAD_VECTORS]
     if bad or not leads:
@@ -610,41 +556,31 @@ def synth_ecg(patient, duration_s=10.0, fs=500.0, leads=None, noise=1.0, seed=0,
 def _project(dipole, leads, levels, fs, seed, mains_hz):
     """(leads, samples) float32. Only I, II and V1-V6 are 'recorded' (with their own
     noise); III, aVR, aVL, aVF are computed from I and II as an ECG machine does."""
-    n = dipole.shape[1]
-    recorded = {}
+    n, recorded = dipole.shape[1], {}
     for name in ["I", "II"] + CHEST_LEADS:
         if name in leads or (name in ("I", "II") and set(leads) & {"III", "aVR", "aVL", "aVF"}):
             rng = np.random.default_rng([seed, 100 + STANDARD_LEADS.index(name)])
             recorded[name] = LEAD_VECTORS[name] @ dipole + electrode_noise(n, fs, levels, rng, mains_hz)
-    derived = {}
     if "I" in recorded and "II" in recorded:
         i, ii = recorded["I"], recorded["II"]
-        derived = {"III": ii - i, "aVR": -(i + ii) / 2, "aVL": i - ii / 2, "aVF": ii - i / 2}
-    both = {**recorded, **derived}
-    return np.stack([both[name] for name in leads]).astype(np.float32)
-
-
-def _st_vector(waves):
-    st = waves_of(waves, "ST")
-    return st[0].vector if st else np.zeros(3)
+        recorded |= {"III": ii - i, "aVR": -(i + ii) / 2, "aVL": i - ii / 2, "aVF": ii - i / 2}
+    return np.stack([recorded[name] for name in leads]).astype(np.float32)
 
 
 def _measure(p, waves, qt_s, beat_samples, beat_symbols, leads, fs, duration_s):
     """Ground truth: intervals are the construction's own (exact by compact support);
     HR comes from the annotated beats; QTc by Bazett from the mean RR."""
     main = waves[next(k for k in waves if k in "NLR")]
-    if len(beat_samples) >= 2:
-        hr = 60 * fs * (len(beat_samples) - 1) / (beat_samples[-1] - beat_samples[0])
-    else:
-        hr = p.hr_bpm
-    qt_ms = qt_s * 1000
+    n = len(beat_samples)
+    hr = 60 * fs * (n - 1) / (beat_samples[-1] - beat_samples[0]) if n >= 2 else p.hr_bpm
+    qt_ms, st = qt_s * 1000, next((w.vector for w in main if w.kind == "ST"), np.zeros(3))
     statements = report_statements(p, waves, hr, beat_symbols, leads)
     return Truth(
         beat_samples=beat_samples, beat_symbols=beat_symbols, rhythm=statements[0].lower(),
         hr_bpm=round(float(hr), 1), pr_ms=float(p.pr_ms) if p.rhythm == "sinus" else None,
         qrs_ms=float(p.qrs_ms), qt_ms=round(qt_ms), qtc_ms=round(qt_ms / math.sqrt(60 / hr)),
         axis_deg=round(frontal_axis(waves_of(main, "QRS"))), statements=statements,
-        lead_st_mv={x: round(float(LEAD_VECTORS[x] @ st), 2) for x in leads for st in [_st_vector(main)]},
+        lead_st_mv={x: round(float(LEAD_VECTORS[x] @ st), 2) for x in leads},
         lead_t_mv={x: round(float(LEAD_VECTORS[x] @ waves_of(main, "T")[0].vector), 2) for x in leads},
         leads=list(leads), fs=float(fs), duration_s=float(duration_s))
 
@@ -679,10 +615,8 @@ def event_allowed(p, event):
 
 
 def patient_history(patient, n_visits, seed, change_prob=0.7):
-    """Serial ECG visits of one person: [(day, patient_at_that_visit, event_or_None), ...].
-
-    Day 0 is the first visit; each later visit is 1-1500 days on, and with probability
-    `change_prob` one allowed event from EVENTS happens before it."""
+    """Serial ECG visits of one person: [(day, patient_at_that_visit, event_or_None), ...]. Day 0 is the first
+    visit; each later one is 1-1500 days on and, with probability `change_prob`, follows one allowed EVENTS event."""
     rng = np.random.default_rng(seed)
     visits, day, p = [(0, patient, None)], 0, patient
     for _ in range(n_visits - 1):
@@ -698,13 +632,9 @@ def patient_history(patient, n_visits, seed, change_prob=0.7):
 # --------------------------------------------------------------------------- a look at it
 
 def gallery(path="docs/synthetic_ecgs.svg"):
-    """Draw a few records on one sheet: a normal 12-lead, then rhythm strips of AF,
-    PVCs, LBBB, RBBB and flutter (`python synth.py [out.svg]`)."""
-    from data import plot_ecg_svg
-    rows, labels = [], []
+    """One sheet: a normal 12-lead record, then rhythm strips of AF, PVCs, LBBB, RBBB and flutter."""
     rec, truth = synth_ecg(dataclasses.replace(make_patient(1, findings=set()), axis_deg=45), 10, 500, noise=0.4, seed=1)
-    rows += list(rec.signal)
-    labels += rec.leads
+    rows, labels = list(rec.signal), list(rec.leads)
     strips = [({"af"}, "II", "AF"), ({"pvc"}, "II", "PVC"), ({"lbbb"}, "V1", "LBBB"), ({"lbbb"}, "I", "LBBB"),
               ({"rbbb"}, "V1", "RBBB"), ({"flutter"}, "II", "flutter")]
     for k, (findings, lead, name) in enumerate(strips):
@@ -718,6 +648,23 @@ def gallery(path="docs/synthetic_ecgs.svg"):
     return plot_ecg_svg(np.stack(rows), 500, labels, path, title=title)
 
 
+def printout(path="ecg_paper.png", px_per_mm=3.0, degraded=False):
+    """Patient 11 (PACs, PVCs, RBBB, right axis) as a paper printout PNG (paper.render_ecg),
+    optionally as a scan or a phone photo would see it (paper.degrade)."""
+    rec, truth = synth_ecg(make_patient(11), 10.0, 500.0, seed=11)
+    img = render_ecg(rec.signal, rec.fs, list(rec.leads), px_per_mm=px_per_mm)
+    write_png(degrade(img, np.random.default_rng(0)) if degraded else img, path)
+    return f"{path}: {', '.join(truth.statements)}"
+
+
 if __name__ == "__main__":
-    import sys
-    print(gallery(*sys.argv[1:2]))
+    import argparse
+    p = argparse.ArgumentParser(description="Draw synthetic ECGs: a gallery (SVG), or with --printout one "
+                                            "12-lead record as a paper printout (PNG).")
+    p.add_argument("out", nargs="?", help="output file (default docs/synthetic_ecgs.svg, or ecg_paper.png)")
+    p.add_argument("--printout", action="store_true", help="a 12-lead paper printout PNG instead of the gallery")
+    p.add_argument("--px-per-mm", type=float, default=3.0, help="printout resolution (3 px/mm: 800 x 414 px)")
+    p.add_argument("--degrade", action="store_true", help="the printout as a scan or phone photo would see it")
+    args = p.parse_args()
+    print(printout(args.out or "ecg_paper.png", args.px_per_mm, args.degrade) if args.printout
+          else gallery(args.out or "docs/synthetic_ecgs.svg"))

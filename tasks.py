@@ -1,14 +1,13 @@
 """
 tasks.py — the anyECG / GEM tasks, and the synthetic dataset the default run trains on.
 
-  1. Task builders   question templates (about 10-18 paraphrases per task) and the rows of
-                     every task: report, location, location_long, ecgqa (verify / choose /
-                     query, single and comparison), multi (2-6 serial ECGs), grounded (GEM).
-  2. Synthetic data  `build_synthetic_dataset`: seeded patients -> rows + ECGs, with a
-                     held-out test split disjoint by patient. Synthetic ECGs live in memory,
-                     keyed by a path like "synth/train/tr0-00012/v2_loc"; the dataset
-                     regenerates them from their spec (same seed -> same bytes) or writes
-                     them as WFDB records + JSON so any anyECG tool can read them.
+  1. Task builders   question templates (about 10-18 paraphrases per task) and the rows of every task: report,
+                     location, location_long, ecgqa (verify / choose / query, single and comparison), multi
+                     (2-6 serial ECGs), grounded (GEM).
+  2. Synthetic data  `build_synthetic_dataset`: seeded patients -> rows + ECGs, with a held-out test split
+                     disjoint by patient. Synthetic ECGs live in memory, keyed by a path like
+                     "synth/train/tr0-00012/v2_loc"; the dataset regenerates them from their spec (same seed ->
+                     same bytes) or writes them as WFDB records + JSON so any anyECG tool can read them.
 Rows are plain dicts in the anyECG format (see data.py for reading such files).
 """
 import functools
@@ -19,8 +18,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data import BEAT_NAMES, clip_record, localization_answer, prepare_ecg, row_paths
-from synth import STANDARD_LEADS, STATEMENTS, Patient, make_patient, patient_history, sees_frontal_plane, synth_ecg
+from data import (BEAT_NAMES, LOCATION_TASKS, STANDARD_LEADS, TASKS, cut_ecg, localization_answer, prepare_ecg,
+                  row_paths)
+from paper import render_ecg
+from synth import STATEMENTS, Patient, make_patient, patient_history, sees_frontal_plane, synth_ecg
 
 # --------------------------------------------------------------------------- 1. task builders
 # Question paraphrases per task (the location ones are anyECG's own wording).
@@ -32,8 +33,7 @@ REPORT_QUESTIONS = [
     "Read this ECG and report your findings.", "What is the report for this recording?",
     "Write the diagnostic statements for this ECG.", "I need the report for this ECG tracing.",
     "Summarise this ECG as a clinical report.", "What does this ECG show? Give the report.",
-    "Report on this ECG, please.", "Produce the interpretation report for this ECG.",
-]
+    "Report on this ECG, please.", "Produce the interpretation report for this ECG."]
 LOCATION_QUESTIONS = [
     "Locate the {name} on this ECG for me, please.", "Examine this ECG and point out where the {name} is located.",
     "Where should I look to find the {name} on this ECG?", "Can you locate the {name} on this ECG?",
@@ -43,8 +43,7 @@ LOCATION_QUESTIONS = [
     "Where is the {name} located in this ECG?", "Can you show me where the {name} occurred on this ECG?",
     "Help me find where the {name} shows up on this ECG.", "Check this ECG and tell me where the {name} appears.",
     "Determine where the {name} is located on this electrocardiogram.",
-    "I need to find the {name} on this ECG; where should I look?",
-]
+    "I need to find the {name} on this ECG; where should I look?"]
 GROUNDED_QUESTIONS = [
     "Interpret this ECG step by step: measure it first, then reason, then give the diagnosis.",
     "What are the measured features of this ECG, and what do they tell you?",
@@ -56,8 +55,7 @@ GROUNDED_QUESTIONS = [
     "Analyse this ECG and justify each finding with a measurement.",
     "Can you interpret this ECG and show the evidence for each finding?",
     "Describe the key measurements of this ECG and the resulting interpretation.",
-    "Read this ECG systematically (rate, rhythm, intervals, axis, ST-T) and diagnose it.",
-]
+    "Read this ECG systematically (rate, rhythm, intervals, axis, ST-T) and diagnose it."]
 BRIEF = " Please answer briefly."
 VERDICTS = {"Normal ECG", "Normal ECG except for rate", "Borderline ECG", "Abnormal ECG"}
 # findings any single lead shows (rhythm, ectopy, blocks, QT); the others need more leads
@@ -73,8 +71,7 @@ def findings_of(truth):
 
 
 def askable(truths):
-    """Findings a question may ask about: all of them on 12-lead records, only the
-    lead-independent ones if any of the ECGs is a reduced-lead record."""
+    """Findings a question may ask about: all on 12-lead records, only lead-independent ones if any ECG has fewer."""
     full = all(len(t.leads) == 12 for t in truths)
     return [s for s in STATEMENTS if s not in VERDICTS and (full or s in LEAD_INDEPENDENT)]
 
@@ -97,10 +94,9 @@ def location_row(path, truth, start, end, symbol, rng, task="location"):
 def grounded_answer(truth):
     """GEM-style: measurements -> reasoning -> diagnosis, every finding tied to a number."""
     t, found = truth, set(truth.statements)
-    frontal = sees_frontal_plane(t.leads)
     pr = f"{t.pr_ms:.0f} ms" if t.pr_ms is not None else "n/a"
     m = f"Heart rate: {t.hr_bpm:.0f} bpm, PR: {pr}, QRS: {t.qrs_ms:.0f} ms, QT/QTc: {t.qt_ms:.0f}/{t.qtc_ms:.0f} ms"
-    m += f", Axis: {t.axis_deg:.0f}°" if frontal else ""
+    m += f", Axis: {t.axis_deg:.0f}°" if sees_frontal_plane(t.leads) else ""
     why = []
     if "Atrial fibrillation" in found:
         why.append("Irregularly irregular RR intervals with no P waves and a fibrillatory baseline: atrial fibrillation.")
@@ -149,8 +145,7 @@ def ecgqa_single_row(path, t, rng):
     have = set(findings_of(t))
     kind = str(rng.choice(["verify", "choose", "query"]))
     if kind == "verify":
-        pool = askable([t])
-        s = str(rng.choice(sorted(have))) if have and rng.random() < 0.5 else str(rng.choice(pool))
+        s = str(rng.choice(sorted(have))) if have and rng.random() < 0.5 else str(rng.choice(askable([t])))
         q, a, tid = f"Does this ECG show {s.lower()}?", "yes" if s in have else "no", 1
     elif kind == "choose":
         options = [("Is the QRS complex of this ECG narrow or wide?", "wide" if t.qrs_ms >= 120 else "narrow", 20),
@@ -193,9 +188,8 @@ def ecgqa_comparison_row(paths, truths, rng, consecutive):
                 ("Which findings are present in the second ECG but absent in the first ECG?",
                  listing([s for s in second if s not in first])),
                 ("Which findings do both ECGs share?", listing([s for s in first if s in second]))][rng.integers(3)]
-    prefix = "comparison_consecutive" if consecutive else "comparison_irrelevant"
     return {"question": q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "ecgqa",
-            "question_type": f"{prefix}-{kind}"}
+            "question_type": f"comparison_{'consecutive' if consecutive else 'irrelevant'}-{kind}"}
 
 
 def multi_row(paths, truths, days, rng):
@@ -261,35 +255,26 @@ class SyntheticDataset:
         self._images = functools.lru_cache(maxsize=512)(self._rendered)
         self.px_per_mm = None   # set by add_image_rows
 
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        """-> (row, [ECGRecord at model rate, ...]) for row i."""
-        row = self.rows[i]
-        return row, self.ecgs(row)
-
     def record(self, path):
         """(ECGRecord at native rate, Truth) of one synthetic path."""
         return self.specs[path].generate()
 
-    def ecgs(self, row):
-        """The row's inputs: its ECGs at model rate, or for rows of modality "image" / "both"
-        the paper printout of its record (with "both": the ECG, then the image)."""
-        clip = (row["ecg_start"], row["ecg_end"]) if row["task"] in ("location", "location_long") else None
+    def inputs(self, row):
+        """The row's model inputs: its ECGs at model rate, or for rows of modality "image" /
+        "both" the paper printout of its record (with "both": the ECG, then the image)."""
+        clip = (row["ecg_start"], row["ecg_end"]) if row["task"] in LOCATION_TASKS else None
         modality = row.get("modality", "signal")
         signals = [self._cache(p, clip) for p in row_paths(row)] if modality != "image" else []
         return signals + ([self._images(p) for p in row_paths(row)] if modality != "signal" else [])
 
     def _rendered(self, path):
-        from paper import render_ecg
         rec, _ = self.record(path)
         return render_ecg(rec.signal, rec.fs, list(rec.leads), px_per_mm=self.px_per_mm)
 
     def _prepared(self, path, clip):
         rec, _ = self.record(path)
         if clip:
-            rec = clip_record(rec, *clip, name=path)
+            rec = cut_ecg(rec, *clip, name=path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return prepare_ecg(rec, self.fs, name=path)
@@ -314,16 +299,15 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
                             long_share=0.1, max_long_s=60.0, fs=100):
     """The one call train.py needs: `n_patients` simulated people -> SyntheticDataset.
 
-    Per patient: 1 visit (half of them) or 2..max_visits visits over time (max 6); each
-    visit a 10 s record in a random lead set and native rate, with a report, a grounded
-    interpretation, ECG-QA questions, and (mostly for patients with ectopy or a block) a
-    10 s localization clip. Some patients add a long clip (20 s .. max_long_s); patients
-    with several visits add multi-ECG and comparison questions.
-    split: "train", "val" or "test". The test split always uses TEST_SEED, so it is fixed
-    across runs, and patients of different splits come from disjoint seed streams."""
+    Per patient: 1 visit (half of them) or 2..max_visits visits over time (max 6); each visit a 10 s record in a
+    random lead set and native rate, with a report, a grounded interpretation, ECG-QA questions, and (mostly for
+    patients with ectopy or a block) a 10 s localization clip. Some patients add a long clip (20 s ..
+    max_long_s); patients with several visits add multi-ECG and comparison questions.
+    split: "train", "val" or "test". The test split always uses TEST_SEED, so it is fixed across runs, and
+    patients of different splits come from disjoint seed streams."""
     if split not in SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
-    tasks = set(tasks or ("report", "location", "location_long", "ecgqa", "multi", "grounded"))
+    tasks = set(tasks or TASKS)
     seed = TEST_SEED if split == "test" else seed
     rows, specs, previous = [], {}, None
     for i in range(n_patients):
@@ -337,7 +321,9 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
             truth = _add_spec(specs, path, p, 10.0, rng)
             visit_paths.append(path)
             visit_truths.append(truth)
-            rows += [r for r in _visit_rows(path, truth, rng) if r["task"] in tasks]
+            visit_rows = [report_row(path, truth, rng), grounded_row(path, truth, rng)]
+            visit_rows += [ecgqa_single_row(path, truth, rng) for _ in range(int(rng.integers(1, 3)))]
+            rows += [r for r in visit_rows if r["task"] in tasks]
             if "location" in tasks and rng.random() < _location_chance(p):
                 rows.append(_location_clip(specs, f"{path}_loc", p, 10.0, rng, "location"))
         if "location_long" in tasks and rng.random() < long_share:
@@ -359,10 +345,9 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
 
 
 def add_image_rows(ds, px_per_mm):
-    """GEM's second modality: every report and grounded row of a 12-lead record is marked
-    "modality": "signal" and gets two copies, one answered from the paper printout alone
-    ("image") and one from the signal and the printout together ("both"), so the three can
-    be scored on the same records. Printouts are rendered at px_per_mm on demand."""
+    """GEM's second modality: every report and grounded row of a 12-lead record is marked "modality": "signal"
+    and gets two copies, one answered from the paper printout alone ("image") and one from the signal and the
+    printout together ("both"), so the three can be scored on the same records. Printouts render on demand."""
     ds.px_per_mm = px_per_mm
     originals = [r for r in ds.rows if r["task"] in ("report", "grounded") and len(ds.specs[r["ecg_path"][0]].leads) == 12]
     for r in originals:
@@ -373,19 +358,12 @@ def add_image_rows(ds, px_per_mm):
 
 def _add_spec(specs, path, patient, duration, rng, holter=False):
     """Draw a lead set, rate, noise level and seed for a record; store the spec; -> Truth."""
-    if holter:
-        leads = [("II", "V5"), ("II", "V1"), ("I",), ("II",)][rng.integers(4)]
-    else:
-        leads = LEAD_SETS[rng.choice(len(LEAD_SETS), p=[s for _, s in LEAD_SETS])][0]
+    leads = ([("II", "V5"), ("II", "V1"), ("I",), ("II",)][rng.integers(4)] if holter
+             else LEAD_SETS[rng.choice(len(LEAD_SETS), p=[s for _, s in LEAD_SETS])][0])
     spec = RecordSpec(patient, duration, float(rng.choice(NATIVE_FS)), tuple(leads),
                       float(rng.uniform(0.2, 1.5)), int(rng.integers(2**31)))
     specs[path] = spec
     return spec.generate()[1]
-
-
-def _visit_rows(path, truth, rng):
-    rows = [report_row(path, truth, rng), grounded_row(path, truth, rng)]
-    return rows + [ecgqa_single_row(path, truth, rng) for _ in range(int(rng.integers(1, 3)))]
 
 
 def _location_chance(p):
@@ -395,9 +373,8 @@ def _location_chance(p):
 
 
 def _location_clip(specs, path, patient, length, rng, task, holter=False):
-    """A clip [start, end) inside a slightly longer record, so that the beats just outside
-    the clip decide its edge spans as in anyECG; asks for a beat type present in the
-    clip (70 %; PACs/PVCs before L/R beats) or for one that is absent."""
+    """A clip [start, end) inside a slightly longer record, so the beats just outside it decide its edge spans as in
+    anyECG; asks for a beat type present in the clip (70 %; PACs/PVCs before L/R beats) or an absent one."""
     before, after = rng.uniform(0, 3, 2)
     truth = _add_spec(specs, path, patient, round(before + length + after, 2), rng, holter)
     start = int(round(before * truth.fs))

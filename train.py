@@ -1,59 +1,47 @@
 """
 train.py — the curriculum that turns a language model and an ECG encoder into an ECG chat model.
 
-The stages (each with its own task mix, trainable parts, learning rate and number of steps):
+  warm-up  encoder    synthetic data only: the encoder alone, with small linear heads, learns the
+                      generator's truth (warmup.py); then it stays frozen, as GEM keeps its encoders
+  stage 0  language   only for an LLM built from scratch: it learns to write the task text (no ECG)
+  stage 1  report     the projector (and the LLM) learn to write reports from the ECG
+  stage 2  localize   + localization (10 s and long clips)
+  stage 3  all        reports, localization, ECG-QA, multi-ECG comparison, grounded answers
 
-  warm-up  encoder    synthetic data only: the encoder alone, with small linear heads, learns
-                      the generator's ground truth: statements, HR/PR/QRS/QT, where each beat
-                      is (warmup.py).
-  stage 0  language   only when the LLM is built from scratch: the tiny LLM learns to write by
-                      predicting the task text (questions and answers, no ECG).
-  stage 1  report     ECG encoder + projector learn to write reports.
-  stage 2  localize   + localization (10 s and long clips).
-  stage 3  all        every task: reports, localization, ECG-QA, multi-ECG comparison, grounded.
+What trains in stages 1-3 depends on the LLM. A pretrained LLM (--llm) follows anyECG: frozen in
+stage 1, LoRA on q_proj and k_proj from stage 2. The tiny LLM built from scratch has only read the
+task text, so it is fine-tuned whole: frozen, it cannot learn to read what the projector hands it.
+An encoder that nothing trained before the curriculum (real data, no warm-up) trains in every stage.
 
-What trains in stages 1-3 depends on the LLM. A pretrained LLM (--llm) follows anyECG: frozen
-in stage 1, LoRA on q_proj and k_proj from stage 2. The tiny LLM built from scratch has only
-read the task text, so it is fine-tuned whole in every stage: frozen, it never learned to read
-the ECG at all (in the measured default run, its scores equalled those with the ECG blanked).
-
-Run it:
-
-  python train.py                                  # synthetic ECGs, tiny LLM from scratch, CPU ~14 min
+  python train.py                                  # synthetic ECGs, tiny LLM from scratch, CPU
   python train.py --stage1_steps 300 --out_dir runs/a   # any config field is a flag
   python train.py --config my.json                 # the same fields as JSON (data, never executed)
-  python train.py --resume                          # continue from the newest checkpoint in out_dir
-  python train.py --llm path/to/TinyLlama --encoder base   # a Hugging Face Llama: anyECG's recipe,
-                                                           # stage 0 skipped (lr 1e-4, wd 1e-4)
-  python train.py --data rows.json --ecg_root DIR  # anyECG-format rows and WFDB records (comma list:
-                                                   # several files; realdata.py builds them)
-  python train.py --encoder_init enc.safetensors   # start from a saved encoder, e.g. one warmed up by
-                                                   # python eval.py probe-encoder --save enc.safetensors
-  python train.py --images --image_init CLIP_DIR    # GEM: paper printouts too, read by a frozen CLIP tower
-  torchrun --nproc_per_node 4 train.py ...          # DDP: one process per GPU (gloo on CPU)
+  python train.py --resume                         # continue from the newest checkpoint in out_dir
+  python train.py --llm path/to/TinyLlama --encoder base   # a Hugging Face Llama: anyECG's recipe
+  python train.py --data rows.json --ecg_root DIR  # anyECG-format rows (realdata.py builds them)
+  python train.py --encoder_init enc.safetensors   # start from a saved encoder (warmup.py --save)
+  python train.py --images --image_init CLIP_DIR   # GEM: paper printouts too, read by a frozen CLIP tower
+  torchrun --nproc_per_node 4 train.py ...         # DDP: one process per GPU (gloo on CPU)
 
-The run writes out_dir/log.jsonl (every figure), out_dir/checkpoints/step_N/ (resumable:
-weights with LoRA unmerged, optimizer, RNG and sampler state, all safetensors + JSON), and
-at the end out_dir/model/, the folder that generate.py and eval.py take as --ckpt.
+It writes out_dir/log.jsonl (every figure), out_dir/checkpoints/step_N/ (weights, optimizer, RNG
+states; safetensors + JSON) and at the end out_dir/model/, which generate.py and eval.py take.
 """
 
 import argparse
 import contextlib
 import difflib
-import inspect
 import json
 import math
 import multiprocessing
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,120 +49,134 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
+from tqdm import tqdm
 
-from data import RowECGReader, collate, encode_chat, is_image, load_rows, make_example
+from chat import SPECIAL_TOKENS, ECGChat
+from data import TASKS, ECGRecord, RowECGReader, atomic_write, load_rows
 from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, clip_vision_config,
                          load_clip_vision, load_encoder_config, load_encoder_weights, save_encoder_weights)
-from eval import evaluate as evaluate_rows, print_table, prior_answers, score_rows
-from model import LLM, ECGChat, LLMConfig, Tokenizer, add_lora, lora_layers, train_tokenizer
-from warmup import fit_encoder_to_truth
+from eval import evaluate, print_table, prior_answers, score_rows
+from model import LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, train_tokenizer
+from paper import WIDTH_MM
+from tasks import add_image_rows, build_synthetic_dataset
+from warmup import WarmupConfig, fit_encoder_to_truth
 
-ALL_TASKS = ("report", "location", "location_long", "ecgqa", "multi", "grounded")
+# --------------------------------------------------------------------------- config: every field is a flag
 
-# -----------------------------------------------------------------------------
-# config: every field is a command-line flag (--name value); its comment is its --help
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
-    out_dir: str = "out"  # where log.jsonl, checkpoints/ and model/ go
-    seed: int = 1337  # model init and the batch stream
-    device: str = "auto"  # auto | cpu | cuda
+    out_dir: str = arg("out", "where log.jsonl, checkpoints/ and model/ go")
+    seed: int = arg(1337, "model init and the batch stream")
+    device: str = arg("auto", "auto | cpu | cuda")
     # data: synthetic unless --data is given
-    data: str = ""  # anyECG-format JSON of training rows (empty: synthetic ECGs)
-    ecg_root: str = ""  # folder the rows' ecg_path values are relative to
-    test_data: str = ""  # anyECG-format JSON evaluated at the end (synthetic: the held-out split)
-    workers: int = 4  # processes reading records in parallel (real data; 0 or 1: in the main process)
-    ecg_cache: int = 1024  # prepared records kept in memory (real data; the rest streams from disk)
-    train_patients: int = 1000  # synthetic patients for training (about 9 rows each)
-    val_patients: int = 40  # synthetic patients for validation loss and the in-training eval
-    test_patients: int = 50  # synthetic patients of the fixed held-out test split
+    data: str = arg("", "anyECG-format JSON of training rows (empty: synthetic ECGs)")
+    ecg_root: str = arg("", "folder the rows' ecg_path values are relative to")
+    test_data: str = arg("", "anyECG-format JSON evaluated at the end (synthetic: the held-out split)")
+    workers: int = arg(4, "processes reading records in parallel (real data; 0 or 1: in the main process)")
+    ecg_cache: int = arg(1024, "prepared records kept in memory (real data; the rest streams from disk)")
+    train_patients: int = arg(1000, "synthetic patients for training (about 9 rows each)")
+    val_patients: int = arg(40, "synthetic patients for validation loss and the in-training eval")
+    test_patients: int = arg(50, "synthetic patients of the fixed held-out test split")
     # model
-    llm: str = ""  # Hugging Face Llama folder; empty: a tiny LLM from scratch (+ stage 0)
-    vocab_size: int = 1000  # sentencepiece vocabulary trained on the task text (from scratch)
-    dim: int = 192  # tiny LLM width
-    n_layers: int = 4  # tiny LLM depth
-    n_heads: int = 4  # tiny LLM attention heads
-    n_kv_heads: int = 2  # tiny LLM key/value heads (grouped-query attention)
-    max_seq_len: int = 512  # context length (text + ECG tokens)
-    encoder: str = "tiny"  # ECG encoder preset: tiny | base (anyECG's ViT-Base shape)
-    encoder_dim: int = 0  # override the preset's width (0: keep)
-    encoder_layers: int = 0  # override the preset's depth (0: keep)
-    encoder_init: str = ""  # encoder weights to start from (safetensors with config, e.g. eval.py probe-encoder --save)
-    images: bool = False  # GEM's image modality: report + grounded rows also from paper printouts (synthetic)
-    image_init: str = ""  # with --images: a Hugging Face CLIP folder (GEM: clip-vit-large-patch14-336), kept frozen
-    encoder_warmup_steps: int = 2400  # synthetic data: first the encoder alone learns the ground truth (warmup.py; 0: off)
-    lora_targets: str = "q_proj,k_proj"  # LLM linears that get LoRA (anyECG: q_proj,k_proj)
-    lora_r: int = 8  # LoRA rank
-    lora_alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
-    lora_dropout: float = 0.1  # dropout on the LoRA input
+    llm: str = arg("", "Hugging Face Llama folder; empty: a tiny LLM from scratch (+ stage 0)")
+    vocab_size: int = arg(1000, "sentencepiece vocabulary trained on the task text (from scratch)")
+    dim: int = arg(192, "tiny LLM width")
+    n_layers: int = arg(4, "tiny LLM depth")
+    n_heads: int = arg(4, "tiny LLM attention heads")
+    n_kv_heads: int = arg(2, "tiny LLM key/value heads (grouped-query attention)")
+    max_seq_len: int = arg(512, "context length (text + ECG tokens)")
+    encoder: str = arg("tiny", "ECG encoder preset: tiny | base (anyECG's ViT-Base shape)")
+    encoder_dim: int = arg(0, "override the preset's width (0: keep)")
+    encoder_layers: int = arg(0, "override the preset's depth (0: keep)")
+    encoder_init: str = arg("", "encoder weights to start from (safetensors with config: warmup.py --save)")
+    images: bool = arg(False, "GEM's image modality: report + grounded rows also from paper printouts")
+    image_init: str = arg("", "with --images: a Hugging Face CLIP folder, kept frozen (GEM: CLIP ViT-L/336)")
+    encoder_warmup_steps: int = arg(2400, "synthetic data: first the encoder alone learns the truth (0: off)")
+    encoder_warmup_lr: float = arg(1e-3, "learning rate of the encoder warm-up")
+    lora_targets: str = arg("q_proj,k_proj", "LLM linears that get LoRA (anyECG: q_proj,k_proj)")
+    lora_r: int = arg(8, "LoRA rank")
+    lora_alpha: float = arg(16.0, "LoRA scale numerator (scale = alpha / r)")
+    lora_dropout: float = arg(0.1, "dropout on the LoRA input")
     # curriculum. tasks: comma list of task[:weight] or "all"; train: parts of encoder,projector,llm,lora
-    stage0_steps: int = 500  # language pretraining steps (skipped with --llm)
-    stage0_lr: float = 2e-3  # stage 0 peak learning rate
-    stage0_tasks: str = "all"  # stage 0 text comes from these tasks
-    stage0_train: str = "llm"  # stage 0 trainable parts
-    stage1_steps: int = 250  # report stage steps
-    stage1_lr: float = 1e-3  # stage 1 peak learning rate
-    stage1_tasks: str = "report"  # stage 1 task mix
-    stage1_train: str = "projector,llm"  # stage 1 trainable parts (+ encoder when not pretrained; --llm: anyECG's)
-    stage2_steps: int = 250  # localization stage steps
-    stage2_lr: float = 1e-3  # stage 2 peak learning rate
-    stage2_tasks: str = "report,location:2,location_long:4"  # stage 2 task mix
-    stage2_train: str = "projector,llm"  # stage 2 trainable parts (+ encoder when not pretrained; --llm: anyECG's)
-    stage3_steps: int = 900  # all-task stage steps
-    stage3_lr: float = 1e-3  # stage 3 peak learning rate
-    stage3_tasks: str = "all"  # stage 3 task mix
-    stage3_train: str = "projector,llm"  # stage 3 trainable parts (+ encoder when not pretrained; --llm: anyECG's)
+    stage0_steps: int = arg(500, "language pretraining steps (skipped with --llm)")
+    stage0_lr: float = arg(2e-3, "stage 0 peak learning rate")
+    stage0_tasks: str = arg("all", "stage 0 text comes from these tasks")
+    stage0_train: str = arg("llm", "stage 0 trainable parts")
+    stage1_steps: int = arg(250, "report stage steps")
+    stage1_lr: float = arg(1e-3, "stage 1 peak learning rate")
+    stage1_tasks: str = arg("report", "stage 1 task mix")
+    stage1_train: str = arg("projector,llm", "stage 1 trainable parts (+ encoder if untrained; --llm: anyECG's)")
+    stage2_steps: int = arg(250, "localization stage steps")
+    stage2_lr: float = arg(1e-3, "stage 2 peak learning rate")
+    stage2_tasks: str = arg("report,location:2,location_long:4", "stage 2 task mix")
+    stage2_train: str = arg("projector,llm", "stage 2 trainable parts (as stage 1)")
+    stage3_steps: int = arg(900, "all-task stage steps")
+    stage3_lr: float = arg(1e-3, "stage 3 peak learning rate")
+    stage3_tasks: str = arg("all", "stage 3 task mix")
+    stage3_train: str = arg("projector,llm", "stage 3 trainable parts (as stage 1)")
     # optimization
-    batch_size: int = 16  # examples per micro-batch (per process)
-    bucket_steps: int = 8  # steps drawn from one length-sorted pool of rows (1: no length grouping)
-    grad_accum: int = 1  # micro-batches per optimizer step, over all processes
-    weight_decay: float = 0.01  # AdamW decay on matrices (never on norms and biases)
-    beta2: float = 0.99  # AdamW beta2
-    warmup_frac: float = 0.1  # linear warmup, share of each stage's steps
-    min_lr_frac: float = 0.1  # cosine decays to this share of the peak
-    grad_clip: float = 1.0  # clip the global gradient norm (0: off)
-    max_nan_steps: int = 3  # stop (checkpoint kept) after this many non-finite steps in a row
-    dtype: str = "auto"  # weights: auto (fp32, bf16 for --llm on CUDA) | float32 | bfloat16
-    compile: bool = False  # torch.compile the LLM
-    grad_checkpoint: bool = False  # recompute LLM activations in backward (less memory)
+    batch_size: int = arg(16, "examples per micro-batch (per process)")
+    bucket_steps: int = arg(8, "steps drawn from one length-sorted pool of rows (1: no length grouping)")
+    grad_accum: int = arg(1, "micro-batches per optimizer step, over all processes")
+    weight_decay: float = arg(0.01, "AdamW decay on matrices (never on norms and biases)")
+    beta2: float = arg(0.99, "AdamW beta2")
+    warmup_frac: float = arg(0.1, "linear warmup, share of each stage's steps")
+    min_lr_frac: float = arg(0.1, "cosine decays to this share of the peak")
+    grad_clip: float = arg(1.0, "clip the global gradient norm (0: off)")
+    max_nan_steps: int = arg(3, "stop (checkpoint kept) after this many non-finite steps in a row")
+    dtype: str = arg("auto", "weights: auto (fp32, bf16 for --llm on CUDA) | float32 | bfloat16")
+    compile: bool = arg(False, "torch.compile the LLM")
+    grad_checkpoint: bool = arg(False, "recompute LLM activations in backward (less memory)")
     # logging, evaluation, checkpoints
-    log_interval: int = 10  # steps between log lines
-    eval_interval: int = 200  # steps between validation losses
-    eval_batches: int = 4  # micro-batches per validation loss
-    gen_eval_rows: int = 4  # val rows per task generated at each stage's end (0: off)
-    test_rows: int = 0  # cap on held-out rows per task at the end (0: all)
-    max_new_tokens: int = 256  # generation budget in evaluation
-    ckpt_interval: int = 500  # steps between checkpoints (and one at each stage end)
-    keep_ckpts: int = 2  # checkpoint folders kept
-    resume: bool = False  # continue from the newest checkpoint in out_dir
-    stop_after: int = 0  # stop (checkpoint written) after this many steps in this run (0: never)
+    log_interval: int = arg(10, "steps between log lines")
+    eval_interval: int = arg(200, "steps between validation losses")
+    eval_batches: int = arg(4, "micro-batches per validation loss")
+    gen_eval_rows: int = arg(4, "val rows per task generated at each stage's end (0: off)")
+    test_rows: int = arg(0, "cap on held-out rows per task at the end (0: all)")
+    max_new_tokens: int = arg(256, "generation budget in evaluation")
+    ckpt_interval: int = arg(500, "steps between checkpoints (and one at each stage end)")
+    keep_ckpts: int = arg(2, "checkpoint folders kept")
+    resume: bool = arg(False, "continue from the newest checkpoint in out_dir")
+    stop_after: int = arg(0, "stop (checkpoint written) after this many steps in this run (0: never)")
 
 
 # anyECG's recipe, applied when --llm is given (explicit flags still win)
 ANYECG = dict(stage1_lr=1e-4, stage2_lr=1e-4, stage3_lr=1e-4, weight_decay=1e-4, beta2=0.999, encoder="base",
               stage1_train="encoder,projector", stage2_train="encoder,projector,lora",
               stage3_train="encoder,projector,lora")
-# An encoder nothing trained before the curriculum (real data or no warm-up, no --encoder_init)
-# learns in the stages. A warmed-up or pretrained one stays frozen, as GEM keeps its encoders:
-# training it on through the LLM's loss was no better (README) and made steps 2x slower.
+# An encoder that nothing trained before the curriculum learns in the stages (see encoder_pretrained)
 UNTRAINED_ENCODER = dict(stage1_train="encoder,projector,llm", stage2_train="encoder,projector,llm",
                          stage3_train="encoder,projector,llm")
 
 
-def _field_help():
-    src = inspect.getsource(Config)
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, re.M))
+def warms_up_encoder(cfg):
+    """Does the run start with the encoder warm-up? Only on synthetic data (it needs the
+    generator's truth), and not when --encoder_init brings an encoder already trained."""
+    return bool(cfg.encoder_warmup_steps) and not cfg.data and not cfg.encoder_init
+
+
+def encoder_pretrained(cfg):
+    """Is the encoder trained before the curriculum (warmed up, or --encoder_init)? Such an
+    encoder stays frozen in the stages: training it on through the LLM's loss gives it little
+    it did not have and doubles the cost of a step. Otherwise the stages train it."""
+    return bool(cfg.encoder_init) or warms_up_encoder(cfg)
 
 
 def _bool(s):
-    if isinstance(s, bool):
-        return s
-    if str(s).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(s).lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+             "off": False}.get(str(s).lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+    return value
+
+
+def _type(f):
+    return _bool if f.type is bool else f.type
 
 
 def _unknown_key(key, source):
@@ -185,15 +187,15 @@ def _unknown_key(key, source):
 
 
 def parse_config(argv=None):
-    """defaults < --llm preset < --config file.json < command-line flags."""
-    helps, types = _field_help(), {f.name: f.type for f in fields(Config)}
+    """defaults < preset (--llm: anyECG's; an untrained encoder: trained in every stage)
+    < --config file.json < command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON file of config fields (read as data)")
     for f in fields(Config):
         flags = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
-        h = f"{helps.get(f.name, '')} (default: {f.default})"
-        if types[f.name] in (bool, "bool"):
+        h = f"{f.metadata['help']} (default: {f.default})"
+        if _type(f) is _bool:
             p.add_argument(*flags, dest=f.name, type=_bool, nargs="?", const=True, help=h)
         else:
             p.add_argument(*flags, dest=f.name, type=_type(f), help=h)
@@ -202,31 +204,28 @@ def parse_config(argv=None):
         raise _unknown_key(u.split("=")[0].lstrip("-"), "command line") if u.startswith("--") else \
             ValueError(f"command line: unexpected argument {u!r}")
     given = vars(args)
-    from_file = {}
-    if "config" in given:
-        path = given.pop("config")
-        try:
-            from_file = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read config JSON ({e})") from None
-        if not isinstance(from_file, dict):
-            raise ValueError(f"{path}: expected a JSON object of config fields")
-        for k, v in from_file.items():
-            if k not in types:
-                raise _unknown_key(k, path)
-            from_file[k] = _type(next(f for f in fields(Config) if f.name == k))(v)
+    from_file = read_config_file(given.pop("config")) if "config" in given else {}
     merged = {**from_file, **given}
-    pretrained = merged.get("encoder_init") or not (merged.get("data") or merged.get("encoder_warmup_steps", 1) == 0)
-    preset = ANYECG if merged.get("llm") else {} if pretrained else UNTRAINED_ENCODER
+    first = Config(**merged)
+    preset = ANYECG if first.llm else {} if encoder_pretrained(first) else UNTRAINED_ENCODER
     return Config(**{**preset, **merged})
 
 
-def _type(f):
-    t = {"int": int, "float": float, "str": str, "bool": _bool}.get(f.type, f.type)
-    return _bool if t is bool else t
+def read_config_file(path):
+    """A JSON object of config fields, each converted to its field's type (never executed)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read config JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object of config fields")
+    kinds = {f.name: f for f in fields(Config)}
+    for k in raw:
+        if k not in kinds:
+            raise _unknown_key(k, path)
+    return {k: _type(kinds[k])(v) for k, v in raw.items()}
 
-# -----------------------------------------------------------------------------
-# the curriculum
+# --------------------------------------------------------------------------- the curriculum
 
 
 @dataclass
@@ -243,9 +242,9 @@ def parse_tasks(spec):
     out = {}
     for item in spec.split(","):
         name, _, w = item.strip().partition(":")
-        for t in (ALL_TASKS if name == "all" else [name]):
-            if t not in ALL_TASKS:
-                raise ValueError(f"unknown task {t!r} in {spec!r}; tasks: {', '.join(ALL_TASKS)}")
+        for t in (TASKS if name == "all" else [name]):
+            if t not in TASKS:
+                raise ValueError(f"unknown task {t!r} in {spec!r}; tasks: {', '.join(TASKS)}")
             out[t] = float(w or 1)
     return out
 
@@ -272,18 +271,18 @@ def prepare_stage(model, stage, cfg):
     model.set_trainable(**{part: part in stage.train for part in ("encoder", "projector", "llm", "lora")},
                         image_encoder=False if cfg.image_init else None)  # GEM keeps CLIP frozen
 
-# -----------------------------------------------------------------------------
-# data: rows in anyECG format + a function that fetches a row's ECGs
+# --------------------------------------------------------------------------- data: anyECG rows and their inputs
 
 
 class Split:
-    """Rows and the function that fetches a row's ECGs. Synthetic splits keep whole examples
-    in memory (`keep_ecgs`); real data keeps only the token ids and reads the ECGs again
-    through the reader's LRU cache, so a dataset of any size streams from disk. A row whose
-    record cannot be read is skipped for good and counted in `bad`."""
+    """Rows and the function that fetches a row's inputs (ECGRecords, paper images).
+    Synthetic splits keep whole examples in memory (`keep_inputs`); real data keeps only the
+    token ids and reads the ECGs again through the reader's LRU cache, so a dataset of any
+    size streams from disk. A row that cannot be used is skipped for good, its reason in `bad`."""
 
-    def __init__(self, rows, ecgs_of, keep_ecgs=True, pool=None):
-        self.rows, self.ecgs_of, self.keep_ecgs, self.pool, self.cache, self.bad = rows, ecgs_of, keep_ecgs, pool, {}, {}
+    def __init__(self, rows, inputs_of, keep_inputs=True, pool=None):
+        self.rows, self.inputs_of, self.keep_inputs, self.pool = rows, inputs_of, keep_inputs, pool
+        self.cache, self.bad = {}, {}
 
     def weights(self, tasks, required=True):
         """Sampling probability of each row under a stage's task weights (None: no such rows)."""
@@ -296,14 +295,12 @@ class Split:
 def load_data(cfg, log):
     if cfg.data:
         return load_real_data(cfg, log)
-    from paper import WIDTH_MM
-    from tasks import add_image_rows, build_synthetic_dataset
     out = {}
     for split, n in [("train", cfg.train_patients), ("val", cfg.val_patients), ("test", cfg.test_patients)]:
         ds = build_synthetic_dataset(n, seed=cfg.seed, split=split)
         if cfg.images:  # printouts drawn at exactly the image encoder's input width
             add_image_rows(ds, image_config(cfg).width / WIDTH_MM)
-        out[split] = Split(ds.rows, ds.ecgs)
+        out[split] = Split(ds.rows, ds.inputs)
         log({"event": "data", "split": split, "patients": n, "rows": len(ds.rows)})
     return out
 
@@ -327,45 +324,43 @@ def load_real_data(cfg, log):
     # worker processes, spawned (safe next to CUDA and threads), that read records in parallel
     pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) if cfg.workers > 1 else None
     log({"event": "splits", "train": len(train), "val": len(val), "test": len(test)})
-    return {name: Split(r, reader, keep_ecgs=False, pool=pool) for name, r in [("train", train), ("val", val), ("test", test)]}
+    return {name: Split(r, reader, keep_inputs=False, pool=pool) for name, r in [("train", train), ("val", val),
+                                                                                ("test", test)]}
 
 
 def example(split, i, model, text_only):
-    """Row i -> token ids, loss labels, ECGs and images (None if its record cannot be read
-    or the example does not fit the context). Text only (stage 0): the question and the
-    answer as plain text, loss on every token."""
+    """Row i -> {"input_ids", "labels", "inputs"} (None if its record cannot be read or the
+    example does not fit the context). Text only (stage 0): the question and the answer as
+    plain text, no inputs, the loss on every token."""
     key = (i, text_only)
     ex = split.cache.get(key)
-    if ex is not None and (text_only or split.keep_ecgs):
+    if ex is not None and (text_only or split.keep_inputs):
         return ex
     if i in split.bad and not text_only:
         return None
     row = split.rows[i]
-    if text_only:
-        ids, _ = encode_chat(model.tokenizer, [("user", row["question"]), ("assistant", row["answer"])], [])
-        ex = split.cache[key] = {"input_ids": ids, "labels": [-100] + ids[1:], "ecgs": []}
-        return ex
+    turns = [("user", row["question"]), ("assistant", row["answer"])]
     try:
-        inputs = split.ecgs_of(row)   # its ECGs (and paper images, for image rows)
-    except (OSError, ValueError) as e:   # missing, truncated or unreadable record: load_ecg names it
+        if text_only:
+            ids, _ = model.prompt(turns, [])
+            ex = split.cache[key] = {"input_ids": ids, "labels": [-100] + ids[1:], "inputs": []}
+            return ex
+        inputs = split.inputs_of(row)   # its ECGs (and paper images, for image rows)
+        if ex is None:
+            ids, labels = model.prompt(turns, inputs)
+            ex = {"input_ids": ids, "labels": labels}
+            split.cache[key] = dict(ex, inputs=inputs) if split.keep_inputs else ex   # real data: only the ids stay
+    except (OSError, ValueError) as e:   # a missing or unreadable record (load_ecg names it), or too long
         split.bad[i] = str(e)
         return None
-    if ex is None:
-        ex = make_example(row, inputs, model.tokenizer, model.encoder.num_tokens,
-                          model.image_encoder.num_tokens if model.image_encoder else 0)
-        if len(ex["input_ids"]) > model.max_seq_len:  # e.g. a long clip: skipped like an unreadable record
-            split.bad[i] = f"{len(ex['input_ids'])} tokens exceed max_seq_len={model.max_seq_len}"
-            return None
-        split.cache[key] = ex if split.keep_ecgs else {k: v for k, v in ex.items() if k not in ("ecgs", "images")}
-        return ex
-    return dict(ex, ecgs=[x for x in inputs if not is_image(x)], images=[x for x in inputs if is_image(x)])
+    return dict(ex, inputs=inputs)
 
 
 def examples(split, indices, model, text_only):
     """example() for many rows; with a pool of reader processes, their records are first
     read in parallel into the reader's cache."""
     if split.pool and not text_only:
-        split.ecgs_of.prefetch([split.rows[i] for i in indices if i not in split.bad], split.pool)
+        split.inputs_of.prefetch([split.rows[i] for i in indices if i not in split.bad], split.pool)
     return [example(split, int(i), model, text_only) for i in indices]
 
 
@@ -378,10 +373,10 @@ def micro_batch(cfg, split, probs, model, stage, step, micro):
     if split.pool and stage.index and step % k == 0:
         # real data: start reading the next pool's records now, so they load while this pool trains
         nxt = np.random.default_rng([cfg.seed, stage.index, step // k + 1, micro])
-        split.ecgs_of.prefetch([split.rows[i] for i in nxt.choice(len(split.rows), k * B, p=probs)], split.pool)
+        split.inputs_of.prefetch([split.rows[i] for i in nxt.choice(len(split.rows), k * B, p=probs)], split.pool)
     rng = np.random.default_rng([cfg.seed, stage.index, step // k, micro])
     pool = examples(split, rng.choice(len(split.rows), k * B, p=probs), model, stage.index == 0)
-    while None in pool:  # unreadable records: draw others (the same rows always fail, so resume is exact)
+    while None in pool:  # unusable rows: draw others (the same rows always fail, so resume is exact)
         if len(split.bad) == len(split.rows):
             raise RuntimeError(f"no record of the {len(split.rows)} rows could be read; first error: "
                                f"{next(iter(split.bad.values()))}")
@@ -392,30 +387,34 @@ def micro_batch(cfg, split, probs, model, stage, step, micro):
     return collate(pool[j * B:(j + 1) * B], model.tokenizer.pad_id)
 
 
-def to_device(batch, device):
-    """-> input_ids, labels, {"ecgs": ..., "images": ...}: the model's inputs beside the text."""
-    ecgs = [[(s.to(device), leads) for s, leads in sample] for sample in batch["ecgs"]]
-    images = [[im.to(device) for im in sample] for sample in batch["images"]]
-    return batch["input_ids"].to(device), batch["labels"].to(device), {"ecgs": ecgs, "images": images}
+def collate(examples, pad_id):
+    """Right-pad examples -> {"input_ids" (B, T), "labels" (B, T) with -100 on padding,
+    "inputs": each example's ECGRecords and images}."""
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)                      # (B, T)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)                     # (B, T)
+    for b, e in enumerate(examples):
+        ids[b, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        labels[b, :len(e["labels"])] = torch.tensor(e["labels"])
+    return {"input_ids": ids, "labels": labels, "inputs": [e["inputs"] for e in examples]}
 
 
-def ecg_seconds(batch, fs):
-    return sum(s.shape[1] for sample in batch["ecgs"] for s, _ in sample) / fs
+def ecg_seconds(batch):
+    return sum(x.signal.shape[1] / x.fs for sample in batch["inputs"] for x in sample if isinstance(x, ECGRecord))
 
-# -----------------------------------------------------------------------------
-# model, optimizer, schedule
+# --------------------------------------------------------------------------- model, optimizer, schedule
 
 
 def build_tokenizer(cfg, data, rank):
     if cfg.llm:
-        return Tokenizer(cfg.llm)
+        return Tokenizer(cfg.llm, SPECIAL_TOKENS)
     tok_dir = Path(cfg.out_dir) / "tokenizer"
     if rank == 0 and not (tok_dir / "tokenizer.model").is_file():
         train_tokenizer((t for r in data["train"].rows for t in (r["question"], r["answer"])), tok_dir,
-                        cfg.vocab_size)
+                        cfg.vocab_size, SPECIAL_TOKENS)
     if dist.is_initialized():
         dist.barrier()  # the other ranks read the file rank 0 wrote
-    return Tokenizer(tok_dir)
+    return Tokenizer(tok_dir, SPECIAL_TOKENS)
 
 
 def build_model(cfg, tok, device, dtype):
@@ -469,8 +468,7 @@ def checkpoint_activations(llm):
     for block in llm.layers:
         block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(block.forward)
 
-# -----------------------------------------------------------------------------
-# checkpoints: one folder per save, written in a temp folder and renamed into place
+# --------------------------------------------------------------------------- checkpoints
 
 
 def save_checkpoint(cfg, model, opt, state):
@@ -525,87 +523,13 @@ def load_checkpoint(path, model, opt):
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     return meta
 
-# -----------------------------------------------------------------------------
-# evaluation (the metrics live in eval.py)
+# --------------------------------------------------------------------------- the phases of a run
+# set-up, warm-up, stages (each step: forward/backward, update, logging, checkpoint), final evaluation, teardown
 
 
-def evaluate(model, rows, ecgs_of, cfg):
-    was = model.training
-    model.eval()
-    try:
-        return evaluate_rows(model, rows, ecgs_of, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
-    finally:
-        model.train(was)
-
-
-def rows_per_task(rows, n, seed=0):
-    """At most n rows of each task (0: all), in a fixed order."""
-    if not n:
-        return rows
-    rng, out = np.random.default_rng(seed), []
-    for t in ALL_TASKS:
-        mine = [r for r in rows if r["task"] == t]
-        out += [mine[i] for i in sorted(rng.permutation(len(mine))[:n])]
-    return out
-
-
-def blanked(ecgs_of):
-    """The ablation: the same ECG shapes and leads, every sample zero; images blank paper."""
-    from data import ECGRecord
-    return lambda row: [np.full_like(e, 255) if is_image(e) else ECGRecord(np.zeros_like(e.signal), e.fs, e.leads)
-                        for e in ecgs_of(row)]
-
-
-@torch.no_grad()
-def val_loss(cfg, model, split, probs, stage, device, ctx):
-    model.eval()
-    losses = []
-    for j in range(cfg.eval_batches):  # fixed batches: no stage has 10**9 steps
-        ids, labels, inputs = to_device(micro_batch(cfg, split, probs, model, stage, 10**9 + j, 0), device)
-        with ctx:
-            losses.append(model(ids, labels=labels, **inputs)[1].item())
-    model.train()
-    return float(np.mean(losses))
-
-# -----------------------------------------------------------------------------
-# encoder warm-up: the encoder alone learns the synthetic truth (the loop is in warmup.py)
-
-
-def warm_up_encoder(cfg, encoder, out, log, rank, image_encoder=None):
-    """Before the curriculum, on synthetic data: the encoder alone (and the image encoder,
-    with --images) learns the generator's ground truth through small linear heads
-    (warmup.fit_encoder_to_truth: statements, HR/PR/QRS/QT, and where each kind of beat is).
-    Through the LLM's loss alone the encoder learned so slowly that the default model never
-    read the ECG (README, "The default run"). The result is kept as
-    out_dir/encoder_warmup.safetensors (and image_warmup.safetensors); a run that finds
-    them loads them instead of training again. Every DDP rank trains the same copy (same
-    seed); DDP broadcasts rank 0's weights anyway."""
-    path, image_path = out / "encoder_warmup.safetensors", out / "image_warmup.safetensors"
-    if path.exists() and (image_encoder is None or image_path.exists()):
-        load_encoder_weights(encoder, str(path))
-        if image_encoder is not None:
-            load_encoder_weights(image_encoder, str(image_path))
-        return
-    r = fit_encoder_to_truth(cfg.encoder_warmup_steps, cfg.stage1_lr, cfg.batch_size, cfg.train_patients,
-                             cfg.val_patients, eval_every=cfg.encoder_warmup_steps, seed=cfg.seed,
-                             save=str(path) if rank == 0 else None, encoder=encoder, held_out="val",
-                             verbose=False, desc="encoder warm-up", bar=rank == 0, image_encoder=image_encoder)
-    if image_encoder is not None and rank == 0:
-        save_encoder_weights(image_encoder, str(image_path), image_encoder.cfg)
-    log({"event": "encoder_warmup", "steps": cfg.encoder_warmup_steps, **{f"val_{k}": v for k, v in r.items()}})
-    if rank == 0:
-        image = (f"; image encoder F1 {r['image_statement_f1']:.3f}, HR MAE {r['image_hr_mae']:.1f} bpm"
-                 if "image_statement_f1" in r else "")
-        print(f"encoder warm-up: {cfg.encoder_warmup_steps} steps, validation statement F1 {r['statement_f1']:.3f}, "
-              f"HR MAE {r['hr_mae']:.1f} bpm{image}")
-
-
-# -----------------------------------------------------------------------------
-# the training loop
-
-
-def setup_env(cfg):
-    """Process group (under torchrun), device, weight dtype and autocast context."""
+def setup(cfg):
+    """Process group (under torchrun), device, weight dtype, autocast context, the log, and
+    the checkpoint to resume from. Fails early on a bad --image_init or --llm folder."""
     ddp = "RANK" in os.environ
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if ddp:
@@ -619,31 +543,6 @@ def setup_env(cfg):
     dtype = {"auto": torch.bfloat16 if cuda and cfg.llm else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    return SimpleNamespace(ddp=ddp, rank=rank, world=world, device=device, dtype=dtype, ctx=ctx)
-
-
-def forward_backward(cfg, env, train_model, model, split, probs, stage, step):
-    """Accumulate the gradients of this process's micro-batches of one step.
-    -> (mean loss, text tokens, ECG seconds); gradients are averaged over processes only
-    at the last micro-batch (no_sync before it)."""
-    n = cfg.grad_accum // env.world
-    loss_sum, n_tok, n_ecg_s = torch.zeros((), device=env.device), 0, 0.0
-    for m in range(n):
-        batch = micro_batch(cfg, split, probs, model, stage, step, env.rank + m * env.world)
-        n_tok += int((batch["input_ids"] != model.tokenizer.pad_id).sum())
-        n_ecg_s += ecg_seconds(batch, model.encoder.cfg.fs)
-        ids, labels, inputs = to_device(batch, env.device)
-        sync = not env.ddp or m == n - 1
-        with env.ctx, (contextlib.nullcontext() if sync else train_model.no_sync()):
-            _, loss = train_model(ids, labels=labels, **inputs)
-            (loss / n).backward()
-        loss_sum += loss.detach() / n
-    return loss_sum, n_tok, n_ecg_s
-
-
-def train(cfg):
-    env = setup_env(cfg)
-    rank, world, device, ctx = env.rank, env.world, env.device, env.ctx
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -655,147 +554,277 @@ def train(cfg):
     if cfg.image_init and not cfg.images:
         raise ValueError("--image_init is the image encoder of --images; add --images")
     if cfg.llm:  # fail before the data is built if the folder is not a Llama-family checkpoint
-        from model import checkpoint_files, read_hf_config
         read_hf_config(cfg.llm), checkpoint_files(cfg.llm)
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise FileNotFoundError(f"{out / 'checkpoints'}: --resume given but no checkpoint there")
     log({"event": "config", **asdict(cfg), "world_size": world, "resume_from": str(resume_from or "")})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore" if rank else "default")
-        data = load_data(cfg, log)
-    model = build_model(cfg, build_tokenizer(cfg, data, rank), device, env.dtype)
-    if cfg.encoder_warmup_steps and not (cfg.data or cfg.encoder_init or resume_from):
-        # a pretrained CLIP tower is not warmed up: it stays as loaded, as in GEM
-        warm_up_encoder(cfg, model.encoder, out, log, rank, None if cfg.image_init else model.image_encoder)
-    if cfg.grad_checkpoint:
-        checkpoint_activations(model.llm)
-    if cfg.compile:
-        model.llm.compile()
-    stages = curriculum(cfg)
-    start = json.loads((resume_from / "state.json").read_text()) if resume_from else None
-    global_step, steps_this_run, losses = 0, 0, []
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, device=device, dtype=dtype, ctx=ctx, out=out, log=log,
+                           resume_from=resume_from)
 
-    for stage in stages:
-        prepare_stage(model, stage, cfg)  # LoRA structure must exist before loading a later stage
-        if start and stage.index < start["stage"]:
-            global_step += stage.steps
-            continue
-        model.train()
-        opt = make_optimizer(model, cfg, stage.lr)
-        step = 0
-        if start and stage.index == start["stage"]:
-            meta = load_checkpoint(resume_from, model, opt)
-            step, global_step = meta["step"], meta["global_step"]
-            if rank == 0:
-                print(f"resumed from {resume_from} (stage {stage.index}, step {step})")
-        start = None
-        train_model = torch.nn.parallel.DistributedDataParallel(model) if env.ddp else model
-        split, probs = data["train"], data["train"].weights(stage.tasks)
-        val_probs = data["val"].weights(stage.tasks, required=False)
-        from tqdm import tqdm
-        bar = tqdm(total=stage.steps, initial=step, desc=f"stage {stage.index} {stage.name}", disable=rank > 0)
-        n_bad, t0, n_tok, n_ecg_s, n_unread = 0, time.time(), 0, 0.0, len(split.bad)
-        while step < stage.steps:
+
+def warm_up_encoder(cfg, model, env):
+    """Before the curriculum, on synthetic data: the encoder alone (and the image encoder,
+    with --images, unless it is a pretrained CLIP tower, which stays as loaded, as in GEM)
+    learns the generator's ground truth (warmup.py). The result is kept as
+    out_dir/encoder_warmup.safetensors (and image_warmup.safetensors); a run that finds
+    them loads them instead of training again. Every DDP rank trains the same copy (same
+    seed); DDP broadcasts rank 0's weights anyway."""
+    encoder, image_encoder = model.encoder, None if cfg.image_init else model.image_encoder
+    path, image_path = env.out / "encoder_warmup.safetensors", env.out / "image_warmup.safetensors"
+    if path.exists() and (image_encoder is None or image_path.exists()):
+        load_encoder_weights(encoder, str(path))
+        if image_encoder is not None:
+            load_encoder_weights(image_encoder, str(image_path))
+        return
+    steps = cfg.encoder_warmup_steps
+    wcfg = WarmupConfig(steps, cfg.encoder_warmup_lr, cfg.batch_size, cfg.train_patients, cfg.val_patients,
+                        eval_every=steps, seed=cfg.seed, held_out="val")
+    r = fit_encoder_to_truth(encoder, wcfg, image_encoder, desc="encoder warm-up" if env.rank == 0 else None,
+                             report=False)
+    if env.rank == 0:
+        save_encoder_weights(encoder, str(path), encoder.cfg)
+        if image_encoder is not None:
+            save_encoder_weights(image_encoder, str(image_path), image_encoder.cfg)
+    env.log({"event": "encoder_warmup", "steps": steps, **{f"val_{k}": v for k, v in r.items()}})
+    if env.rank == 0:
+        image = (f"; image encoder F1 {r['image_statement_f1']:.3f}, HR MAE {r['image_hr_mae']:.1f} bpm"
+                 if "image_statement_f1" in r else "")
+        print(f"encoder warm-up: {steps} steps, validation statement F1 {r['statement_f1']:.3f}, "
+              f"HR MAE {r['hr_mae']:.1f} bpm{image}")
+
+
+def forward_backward(cfg, env, train_model, model, split, probs, stage, step):
+    """Accumulate the gradients of this process's micro-batches of one step.
+    -> (mean loss, text tokens, ECG seconds); gradients are averaged over processes only
+    at the last micro-batch (no_sync before it)."""
+    n = cfg.grad_accum // env.world
+    loss_sum, n_tok, n_ecg_s = torch.zeros((), device=env.device), 0, 0.0
+    for m in range(n):
+        batch = micro_batch(cfg, split, probs, model, stage, step, env.rank + m * env.world)
+        n_tok += int((batch["input_ids"] != model.tokenizer.pad_id).sum())
+        n_ecg_s += ecg_seconds(batch)
+        ids, labels = batch["input_ids"].to(env.device), batch["labels"].to(env.device)     # (B, T) each
+        sync = not env.ddp or m == n - 1
+        with env.ctx, (contextlib.nullcontext() if sync else train_model.no_sync()):
+            _, loss = train_model(ids, batch["inputs"], labels=labels)
+            (loss / n).backward()
+        loss_sum += loss.detach() / n
+    return loss_sum, n_tok, n_ecg_s
+
+
+def update(cfg, env, model, opt, loss_sum):
+    """Clip, average loss and gradient norm over processes, and step the optimizer if both
+    are finite (a non-finite step is skipped: the weights stay as they were).
+    -> (loss, gradient norm, finite)"""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                          cfg.grad_clip or float("inf"))
+    stats = torch.stack([loss_sum, norm.to(loss_sum)])                                  # (2,)
+    if env.ddp:
+        dist.all_reduce(stats)  # mean loss over processes; any non-finite value spreads
+        stats /= env.world
+    loss, norm = stats.tolist()
+    finite = math.isfinite(loss) and math.isfinite(norm)
+    if finite:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, norm, finite
+
+
+@torch.no_grad()
+def val_loss(cfg, model, split, probs, stage, env):
+    model.eval()
+    losses = []
+    for j in range(cfg.eval_batches):  # fixed batches: no stage has 10**9 steps
+        batch = micro_batch(cfg, split, probs, model, stage, 10**9 + j, 0)
+        with env.ctx:
+            losses.append(model(batch["input_ids"].to(env.device), batch["inputs"],
+                                labels=batch["labels"].to(env.device))[1].item())
+    model.train()
+    return float(np.mean(losses))
+
+
+class Meter:
+    """Tokens and ECG-seconds trained on since the last log line, and the time it took."""
+
+    def __init__(self):
+        self.t0, self.tokens, self.ecg_s = time.time(), 0, 0.0
+
+    def rates(self, world):
+        dt = time.time() - self.t0
+        out = {"tok_per_s": self.tokens * world / dt, "ecg_s_per_s": self.ecg_s * world / dt}
+        self.__init__()
+        return out
+
+
+def run_stage(cfg, env, model, data, stage, progress):
+    """The steps of one stage, from progress.step on: forward/backward, update, logging,
+    validation loss, checkpoints. -> True when --stop_after ends the run here."""
+    opt = make_optimizer(model, cfg, stage.lr)
+    if progress.resume_stage == stage.index:   # the checkpoint of this stage: weights, optimizer, RNG
+        meta = load_checkpoint(env.resume_from, model, opt)
+        progress.step, progress.global_step = meta["step"], meta["global_step"]
+        if env.rank == 0:
+            print(f"resumed from {env.resume_from} (stage {stage.index}, step {progress.step})")
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if env.ddp else model
+    split, probs = data["train"], data["train"].weights(stage.tasks)
+    val_probs = data["val"].weights(stage.tasks, required=False)
+    bar = tqdm(total=stage.steps, initial=progress.step, desc=f"stage {stage.index} {stage.name}", disable=env.rank > 0)
+    meter, n_bad, n_unread = Meter(), 0, len(split.bad)
+    try:
+        while progress.step < stage.steps:
+            step = progress.step
             lr = lr_at(step, stage, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
             loss_sum, tok, ecg_s = forward_backward(cfg, env, train_model, model, split, probs, stage, step)
-            n_tok, n_ecg_s = n_tok + tok, n_ecg_s + ecg_s
-            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                  cfg.grad_clip or float("inf"))
-            stats = torch.stack([loss_sum, norm.to(loss_sum)])
-            if env.ddp:
-                dist.all_reduce(stats)  # mean loss over processes; any non-finite value spreads
-                stats /= world
-            loss_val, norm_val = stats.tolist()
-            finite = math.isfinite(loss_val) and math.isfinite(norm_val)
-            if finite:
-                opt.step()
-                n_bad = 0
-            else:  # skip the update: the weights stay as they were, the batch stream moves on
-                n_bad += 1
-                log({"event": "nan", "stage": stage.index, "step": step, "loss": str(loss_val), "in_a_row": n_bad})
+            meter.tokens, meter.ecg_s = meter.tokens + tok, meter.ecg_s + ecg_s
+            loss, norm, finite = update(cfg, env, model, opt, loss_sum)
+            n_bad = 0 if finite else n_bad + 1
+            if not finite:
+                env.log({"event": "nan", "stage": stage.index, "step": step, "loss": str(loss), "in_a_row": n_bad})
                 bar.write(f"stage {stage.index} step {step}: non-finite loss or gradient, step skipped")
-            opt.zero_grad(set_to_none=True)
+            state = {"stage": stage.index, "step": step, "global_step": progress.global_step}
             if n_bad >= cfg.max_nan_steps:
-                state = {"stage": stage.index, "step": step, "global_step": global_step}
-                path = save_checkpoint(cfg, model, opt, state) if rank == 0 else None
+                path = save_checkpoint(cfg, model, opt, state) if env.rank == 0 else None
                 raise FloatingPointError(f"{n_bad} non-finite steps in a row at stage {stage.index} step {step}; "
                                          f"the last good weights are kept in {path}")
-            step, global_step, steps_this_run = step + 1, global_step + 1, steps_this_run + 1
-            losses += [loss_val] if finite else []
+            progress.advance(loss if finite else None)
             bar.update(1)
+            step = progress.step
             if finite and (step % cfg.log_interval == 0 or step == stage.steps):
-                dt = time.time() - t0
-                rec = {"stage": stage.index, "step": step, "global_step": global_step, "loss": loss_val,
-                       "lr": lr, "grad_norm": norm_val, "tok_per_s": n_tok * world / dt,
-                       "ecg_s_per_s": n_ecg_s * world / dt}
-                log(rec)
-                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{rec['tok_per_s']:.0f}",
-                                ecg_s_s=f"{rec['ecg_s_per_s']:.0f}")
-                t0, n_tok, n_ecg_s = time.time(), 0, 0.0
-            if len(split.bad) > n_unread:  # rows whose record could not be read: skipped, counted, named
-                new = list(split.bad.items())[n_unread:]
-                log({"event": "skipped_rows", "total": len(split.bad), "new": [f"row {i}: {e}" for i, e in new]})
-                bar.write(f"{len(split.bad)} rows skipped so far: unreadable or too long (latest: {new[-1][1]})")
-                n_unread = len(split.bad)
-            if rank == 0 and (step % cfg.eval_interval == 0 or step == stage.steps) and cfg.eval_batches \
+                rec = {"stage": stage.index, "step": step, "global_step": progress.global_step, "loss": loss,
+                       "lr": lr, "grad_norm": norm, **meter.rates(env.world)}
+                env.log(rec)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tok_per_s']:.0f}", ecg_s_s=f"{rec['ecg_s_per_s']:.0f}")
+            n_unread = report_skipped(split, n_unread, env, bar)
+            if env.rank == 0 and (step % cfg.eval_interval == 0 or step == stage.steps) and cfg.eval_batches \
                     and val_probs is not None:
-                v = val_loss(cfg, model, data["val"], val_probs, stage, device, ctx)
-                log({"stage": stage.index, "step": step, "global_step": global_step, "val_loss": v})
+                v = val_loss(cfg, model, data["val"], val_probs, stage, env)
+                env.log({"stage": stage.index, "step": step, "global_step": progress.global_step, "val_loss": v})
                 bar.write(f"stage {stage.index} step {step}: val loss {v:.4f}")
-            state = {"stage": stage.index, "step": step, "global_step": global_step}
-            stop = cfg.stop_after and steps_this_run >= cfg.stop_after
-            if rank == 0 and (step % cfg.ckpt_interval == 0 or step == stage.steps or stop):
-                save_checkpoint(cfg, model, opt, state)
+            stop = bool(cfg.stop_after) and progress.steps_this_run >= cfg.stop_after
+            if env.rank == 0 and (step % cfg.ckpt_interval == 0 or step == stage.steps or stop):
+                save_checkpoint(cfg, model, opt, {"stage": stage.index, "step": step,
+                                                  "global_step": progress.global_step})
             if stop:
-                bar.close()
-                if env.ddp:
-                    dist.barrier()
-                    dist.destroy_process_group()
-                return losses
+                return True
+    finally:
         bar.close()
-        if rank == 0 and cfg.gen_eval_rows and stage.index > 0:
+    return False
+
+
+def report_skipped(split, n_unread, env, bar):
+    """Rows that could not be used since the last call (unreadable record, too long): logged
+    and named. -> how many are known now."""
+    if len(split.bad) > n_unread:
+        new = list(split.bad.items())[n_unread:]
+        env.log({"event": "skipped_rows", "total": len(split.bad), "new": [f"row {i}: {e}" for i, e in new]})
+        bar.write(f"{len(split.bad)} rows skipped so far: unreadable or too long (latest: {new[-1][1]})")
+    return len(split.bad)
+
+
+@dataclass
+class Progress:
+    """Where the run is: the step within the current stage, the step over all stages, the
+    steps this process has run (for --stop_after), the finite losses so far."""
+    step: int = 0
+    global_step: int = 0
+    steps_this_run: int = 0
+    losses: list = field(default_factory=list)
+    resume_stage: int | None = None   # the stage the checkpoint resumed from is in
+
+    def advance(self, loss):
+        self.step, self.global_step, self.steps_this_run = self.step + 1, self.global_step + 1, self.steps_this_run + 1
+        if loss is not None:
+            self.losses.append(loss)
+
+
+def run_stages(cfg, env, model, data):
+    """Every stage of the curriculum, a resumed run skipping the finished ones.
+    -> (losses, True when the run was stopped early by --stop_after)."""
+    progress = Progress()
+    if env.resume_from:
+        progress.resume_stage = json.loads((env.resume_from / "state.json").read_text())["stage"]
+    for stage in curriculum(cfg):
+        prepare_stage(model, stage, cfg)  # LoRA structure must exist before loading a later stage
+        if progress.resume_stage is not None and stage.index < progress.resume_stage:
+            progress.global_step += stage.steps
+            continue
+        model.train()
+        progress.step = 0
+        if run_stage(cfg, env, model, data, stage, progress):
+            return progress.losses, True
+        progress.resume_stage = None
+        if env.rank == 0 and cfg.gen_eval_rows and stage.index > 0:
             rows = rows_per_task([r for r in data["val"].rows if r["task"] in stage.tasks], cfg.gen_eval_rows)
-            scores, _ = evaluate(model, rows, data["val"].ecgs_of, cfg)
-            log({"event": "gen_eval", "stage": stage.index, "scores": scores})
+            scores, _ = evaluate(model, rows, data["val"].inputs_of, cfg.batch_size, cfg.max_new_tokens)
+            env.log({"event": "gen_eval", "stage": stage.index, "scores": scores})
             print_table(scores)
-
-    if rank == 0:
-        finish(cfg, model, data["test"], data["train"].rows, log)
-    if data["train"].pool:
-        data["train"].pool.shutdown(cancel_futures=True)
-    if env.ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-    return losses
+    return progress.losses, False
 
 
-def finish(cfg, model, test, train_rows, log):
+def rows_per_task(rows, n, seed=0):
+    """At most n rows of each task (0: all), in a fixed order."""
+    if not n:
+        return rows
+    rng, out = np.random.default_rng(seed), []
+    for t in TASKS:
+        mine = [r for r in rows if r["task"] == t]
+        out += [mine[i] for i in sorted(rng.permutation(len(mine))[:n])]
+    return out
+
+
+def finish(cfg, model, data, log):
     """Held-out evaluation, the ECG-blanked ablation, the chance level (no model: the most
     frequent training answer to each question), and the model folder for generate/eval.py."""
     model.save(Path(cfg.out_dir) / "model")
-    rows = rows_per_task(test.rows, cfg.test_rows)
-    for name, ecgs_of in [("test", test.ecgs_of), ("test_ecg_blanked", blanked(test.ecgs_of))]:
+    test, rows = data["test"], rows_per_task(data["test"].rows, cfg.test_rows)
+    for name, ablate in [("test", False), ("test_ecg_blanked", True)]:
         t0 = time.time()
-        scores, preds = evaluate(model, rows, ecgs_of, cfg)
+        scores, preds = evaluate(model, rows, test.inputs_of, cfg.batch_size, cfg.max_new_tokens, ablate_ecg=ablate)
         log({"event": name, "scores": scores, "seconds": time.time() - t0})
         print(f"\n{name} ({len(rows)} rows, {time.time() - t0:.0f} s)")
         print_table(scores)
-        with open(Path(cfg.out_dir) / f"{name}_predictions.jsonl", "w") as f:
-            for p in preds:
-                f.write(json.dumps(p) + "\n")
-    scores = score_rows(rows, prior_answers(train_rows, rows))
+        atomic_write(Path(cfg.out_dir) / f"{name}_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+    scores = score_rows(rows, prior_answers(data["train"].rows, rows))
     log({"event": "test_prior", "scores": scores})
     print(f"\ntest_prior: chance level, the most frequent training answer to each question ({len(rows)} rows)")
     print_table(scores)
     print(f"\nmodel saved to {Path(cfg.out_dir) / 'model'} (python generate.py --ckpt {Path(cfg.out_dir) / 'model'} ...)")
 
 
+def train(cfg):
+    """One run, phase by phase. -> the finite training losses, step by step."""
+    env = setup(cfg)                                                            # set-up
+    data, ok = None, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if env.rank else "default")
+            data = load_data(cfg, env.log)
+        model = build_model(cfg, build_tokenizer(cfg, data, env.rank), env.device, env.dtype)
+        if warms_up_encoder(cfg) and not env.resume_from:                       # warm-up
+            warm_up_encoder(cfg, model, env)
+        if cfg.grad_checkpoint:
+            checkpoint_activations(model.llm)
+        if cfg.compile:
+            model.llm.compile()
+        losses, stopped = run_stages(cfg, env, model, data)                      # stages
+        if env.rank == 0 and not stopped:                                       # final evaluation
+            finish(cfg, model, data, env.log)
+        ok = True
+        return losses
+    finally:                                                                    # teardown
+        if data and data["train"].pool:
+            data["train"].pool.shutdown(cancel_futures=True)
+        if env.ddp:
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     try:
-        cfg = parse_config()
-        train(cfg)
+        train(parse_config())
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -1,32 +1,52 @@
 """
 warmup.py — the encoders alone, taught the synthetic ground truth directly.
 
-train.py runs this before the curriculum (the encoder warm-up), and `eval.py probe-encoder`
-runs it as a benchmark of how fast an encoder learns. Through the LLM's next-token loss
-alone the ECG encoder learned so slowly that the default model never read the ECG (README,
-"The default run"). With small linear heads on its tokens and the generator's exact truth
-as targets, it learns in minutes. The heads are thrown away afterwards; the encoder keeps
-what it learned.
+train.py runs this before the curriculum (the encoder warm-up), and `python warmup.py` runs it
+on its own as a probe of how fast an encoder learns. Why it exists: through the LLM's
+next-token loss alone, the encoder gets a weak and late signal (the answers are templated, so
+the language prior explains most tokens), and a tiny model trained that way answers the same
+with the ECG as without it. With small linear heads on its tokens and the generator's exact
+truth as targets, the encoder learns in minutes. The heads are thrown away afterwards; the
+encoder keeps what it learned.
 
   on the mean of an ECG's tokens   the report statements (multi-label), HR, PR, QRS, QT
   on every ECG token               is a beat (any, A, V, L, R) annotated in its time span?
                                    (what localization needs: where each beat is)
   on the mean of an image's tokens the same statements and measurements, from the paper
                                    printout of each 12-lead record (train.py --images)
+
+    python warmup.py [--steps 400] [--train-patients 500] [--save enc.safetensors]
 """
+import argparse
 import time
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from data import STATEMENTS
 from ecg_encoder import ECGEncoder, EncoderConfig, save_encoder_weights
+from paper import WIDTH_MM, render_ecg
+from synth import STATEMENTS
+from tasks import build_synthetic_dataset
 
 BEAT_CHANNELS = ("beat", "A", "V", "L", "R")  # per-token targets
 TYPICAL = torch.tensor([80.0, 160.0, 100.0, 400.0])  # HR bpm, PR, QRS, QT ms: the heads predict offsets
 SCALE = torch.tensor([30.0, 50.0, 50.0, 50.0])
+
+
+@dataclass
+class WarmupConfig:
+    steps: int = 400
+    lr: float = 1e-3
+    batch_size: int = 16
+    train_patients: int = 500   # synthetic patients to learn from (their 10 s records)
+    test_patients: int = 50     # patients of the held-out split it is scored on
+    eval_every: int = 100
+    seed: int = 0
+    held_out: str = "test"      # the split scored: "test" (a probe), "val" (train.py's warm-up)
 
 
 class Item(NamedTuple):
@@ -40,14 +60,12 @@ class Item(NamedTuple):
 
 def make_items(split, n_patients, seed, encoder, image_encoder=None):
     """One Item per 10 s record of n_patients synthetic patients (their report rows)."""
-    from paper import WIDTH_MM, render_ecg
-    from tasks import build_synthetic_dataset
     ds = build_synthetic_dataset(n_patients, seed=seed, split=split, tasks=["report"])
     token_s = 1 / encoder.cfg.tokens_per_second
     out = []
     for row in ds.rows:
         rec, truth = ds.record(row["ecg_path"][0])
-        ecg = ds.ecgs(row)[0]
+        ecg = ds.inputs(row)[0]
         y = torch.zeros(len(STATEMENTS))
         y[[STATEMENTS.index(s) for s in truth.statements]] = 1
         beats = torch.zeros(encoder.num_tokens(ecg.signal.shape[1]), len(BEAT_CHANNELS))
@@ -62,6 +80,30 @@ def make_items(split, n_patients, seed, encoder, image_encoder=None):
         out.append(Item(torch.from_numpy(np.ascontiguousarray(ecg.signal, dtype=np.float32)), list(ecg.leads), y,
                         measures, beats, image))
     return out
+
+
+class Heads(torch.nn.Module):
+    """The linear heads the warm-up trains on the encoders' tokens, then throws away."""
+
+    def __init__(self, encoder, image_encoder=None):
+        super().__init__()
+        w = encoder.lead_emb.weight
+        self.pooled = torch.nn.Linear(encoder.cfg.d_model, len(STATEMENTS) + 4).to(w.device, w.dtype)
+        self.beats = torch.nn.Linear(encoder.cfg.d_model, len(BEAT_CHANNELS)).to(w.device, w.dtype)
+        if image_encoder is not None:
+            self.image = torch.nn.Linear(image_encoder.cfg.d_model, len(STATEMENTS) + 4).to(w.device, w.dtype)
+
+
+def ecg_outputs(encoder, heads, items):
+    """-> pooled-head outputs (B, S + 4), per-token beat logits [(n, 5), ...]"""
+    tokens = encoder([it.signal for it in items], [it.leads for it in items])
+    return (heads.pooled(torch.stack([t.mean(0) for t in tokens])).float().cpu(),
+            [heads.beats(t).float().cpu() for t in tokens])
+
+
+def image_outputs(image_encoder, heads, items):
+    """-> pooled-head outputs (B, S + 4) from the items' paper printouts"""
+    return heads.image(image_encoder([it.image for it in items]).mean(1)).float().cpu()
 
 
 def pooled_loss(out, items):
@@ -83,89 +125,100 @@ def scores(out, items):
     return 2 * (P & Y).sum().item() / max(1, P.sum().item() + Y.sum().item()), hr_mae, P, Y
 
 
-def fit_encoder_to_truth(steps=400, lr=1e-3, batch_size=16, train_patients=500, test_patients=50,
-                         eval_every=100, seed=0, save=None, encoder=None, held_out="test", verbose=True,
-                         desc="encoder probe", bar=True, image_encoder=None, **encoder_kw):
-    """Train the ECG encoder (and, if given, the image encoder) with linear heads on the
-    synthetic ground truth; see the file's docstring for the targets. Scores on the
-    `held_out` split: statement micro F1 and HR MAE (and per-token beat F1 when verbose).
-    `encoder`: train this one in place (train.py's warm-up) instead of a new tiny one;
-    `save`: write the trained ECG encoder there (train.py --encoder_init starts from it).
-    -> {"statement_f1", "hr_mae", "beat_f1"} (+ "image_statement_f1", "image_hr_mae" with
-    an image encoder)."""
-    from tqdm import tqdm
-    torch.manual_seed(seed)
-    enc = encoder if encoder is not None else ECGEncoder(EncoderConfig.tiny(**encoder_kw))
-    train = make_items("train", train_patients, seed, enc, image_encoder)
-    test = make_items(held_out, test_patients, seed, enc, image_encoder)
-    w = enc.lead_emb.weight
-    head = torch.nn.Linear(enc.cfg.d_model, len(STATEMENTS) + 4).to(w.device, w.dtype)
-    beat_head = torch.nn.Linear(enc.cfg.d_model, len(BEAT_CHANNELS)).to(w.device, w.dtype)
-    params = [*enc.parameters(), *head.parameters(), *beat_head.parameters()]
+@torch.no_grad()
+def evaluate(encoder, image_encoder, heads, test):
+    """Scores on held-out items: statement micro F1, HR MAE, per-channel beat-token F1, and
+    the image head's F1 and HR MAE when there is one (P, Y: the statement predictions)."""
+    encoder.eval()
+    outs = [ecg_outputs(encoder, heads, test[i:i + 64]) for i in range(0, len(test), 64)]
+    f1, hr_mae, P, Y = scores(torch.cat([o[0] for o in outs]), test)
+    bp, by = torch.cat([b for o in outs for b in o[1]]) > 0, torch.cat([it.beats for it in test]) > 0
+    beat_f1 = [2 * (bp & by)[:, c].sum().item() / max(1, bp[:, c].sum().item() + by[:, c].sum().item())
+               for c in range(len(BEAT_CHANNELS))]
+    result = {"statement_f1": f1, "hr_mae": hr_mae, "beat_f1": beat_f1, "P": P, "Y": Y}
+    with_image = [it for it in test if it.image is not None]
+    if image_encoder is not None and with_image:
+        image_encoder.eval()
+        out = torch.cat([image_outputs(image_encoder, heads, with_image[i:i + 32])
+                         for i in range(0, len(with_image), 32)])
+        result["image_statement_f1"], result["image_hr_mae"], _, _ = scores(out, with_image)
+        image_encoder.train()
+    encoder.train()
+    return result
+
+
+def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe", report=True):
+    """Train `encoder` (and `image_encoder`, if given) in place with linear heads on the
+    synthetic ground truth; see the file's docstring for the targets. desc: the progress
+    bar's name (None: no bar); report: print scores as it goes and a per-statement table.
+    -> {"statement_f1", "hr_mae", "beat_f1"} on cfg.held_out (+ "image_statement_f1",
+    "image_hr_mae" with an image encoder)."""
+    torch.manual_seed(cfg.seed)
+    train = make_items("train", cfg.train_patients, cfg.seed, encoder, image_encoder)
+    test = make_items(cfg.held_out, cfg.test_patients, cfg.seed, encoder, image_encoder)
+    heads = Heads(encoder, image_encoder)
+    params = [*encoder.parameters(), *heads.pooled.parameters(), *heads.beats.parameters()]
     if image_encoder is not None:
-        image_head = torch.nn.Linear(image_encoder.cfg.d_model, len(STATEMENTS) + 4).to(w.device, w.dtype)
-        params += [*image_encoder.parameters(), *image_head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr)
+        params += [*image_encoder.parameters(), *heads.image.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
     # PACs and PVCs fill under 2 % of tokens: weigh each channel's positives up to its
     # negatives (capped), or the head learns never to say "A" or "V"
     positives = torch.cat([it.beats for it in train]).mean(0)
     beat_weight = ((1 - positives) / positives.clamp(min=1e-3)).clamp(1, 50)
-
-    def ecg_forward(items):  # -> pooled-head outputs (B, S + 4), per-token beat logits [(n, 5)]
-        tokens = enc([it.signal for it in items], [it.leads for it in items])
-        return (head(torch.stack([t.mean(0) for t in tokens])).float().cpu(),
-                [beat_head(t).float().cpu() for t in tokens])
-
-    def image_forward(items):  # -> pooled-head outputs (B, S + 4) from the printouts
-        return image_head(image_encoder([it.image for it in items]).mean(1)).float().cpu()
-
-    def evaluate():
-        enc.eval()
-        with torch.no_grad():
-            outs = [ecg_forward(test[i:i + 64]) for i in range(0, len(test), 64)]
-            f1, hr_mae, P, Y = scores(torch.cat([o[0] for o in outs]), test)
-            bp, by = torch.cat([b for o in outs for b in o[1]]) > 0, torch.cat([it.beats for it in test]) > 0
-            beat_f1 = [2 * (bp & by)[:, c].sum().item() / max(1, bp[:, c].sum().item() + by[:, c].sum().item())
-                       for c in range(len(BEAT_CHANNELS))]
-            result = {"statement_f1": f1, "hr_mae": hr_mae, "beat_f1": beat_f1, "P": P, "Y": Y}
-            with_image = [it for it in test if it.image is not None]
-            if image_encoder is not None and with_image:
-                image_encoder.eval()
-                out = torch.cat([image_forward(with_image[i:i + 32]) for i in range(0, len(with_image), 32)])
-                result["image_statement_f1"], result["image_hr_mae"], _, _ = scores(out, with_image)
-                image_encoder.train()
-        enc.train()
-        return result
-
-    say = print if verbose else (lambda *a, **k: None)
-    say_now = tqdm.write if verbose else say     # under the progress bar
-    say(f"encoder probe: {len(train)} training ECGs, {len(test)} {held_out} ECGs, "
-        f"{sum(p.numel() for p in enc.parameters()) / 1e6:.2f}M encoder parameters")
-    rng, t0 = np.random.default_rng(seed), time.time()
-    for step in tqdm(range(1, steps + 1), desc=desc, leave=False, disable=not bar):
-        batch = [train[i] for i in rng.integers(len(train), size=batch_size)]
-        out, beats = ecg_forward(batch)
+    if report:
+        print(f"{desc}: {len(train)} training ECGs, {len(test)} {cfg.held_out} ECGs, "
+              f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M encoder parameters")
+    rng, t0, r = np.random.default_rng(cfg.seed), time.time(), None
+    for step in tqdm(range(1, cfg.steps + 1), desc=desc, leave=False, disable=desc is None):
+        batch = [train[i] for i in rng.integers(len(train), size=cfg.batch_size)]
+        out, beats = ecg_outputs(encoder, heads, batch)
         loss = pooled_loss(out, batch) + F.binary_cross_entropy_with_logits(
             torch.cat(beats), torch.cat([it.beats for it in batch]), pos_weight=beat_weight)
         with_image = [it for it in batch if it.image is not None]
         if image_encoder is not None and with_image:
-            loss = loss + pooled_loss(image_forward(with_image), with_image)
+            loss = loss + pooled_loss(image_outputs(image_encoder, heads, with_image), with_image)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % eval_every == 0 or step == steps:
-            r = evaluate()
-            image = (f"  image: F1 {r['image_statement_f1']:.3f} HR MAE {r['image_hr_mae']:.1f}"
-                     if "image_statement_f1" in r else "")
-            say_now(f"step {step:5d}  loss {loss.item():.3f}  statement micro F1 {r['statement_f1']:.3f}  HR MAE "
-                f"{r['hr_mae']:.1f} bpm  beat-token F1 " + " ".join(
-                    f"{c} {v:.2f}" for c, v in zip(BEAT_CHANNELS, r["beat_f1"])) + image +
-                f"  ({time.time() - t0:.0f} s)")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            r = evaluate(encoder, image_encoder, heads, test)
+            if report:
+                tqdm.write(f"step {step:5d}  loss {loss.item():.3f}  {summary(r)}  ({time.time() - t0:.0f} s)")
+    r = r or evaluate(encoder, image_encoder, heads, test)
     P, Y = r.pop("P"), r.pop("Y")
-    tp, fp, fn = (P & Y).sum(0), (P & ~Y).sum(0), (~P & Y).sum(0)
-    for i, name in enumerate(STATEMENTS):
-        say(f"  {name:<36} n={int(Y[:, i].sum()):3d}  F1 {2 * tp[i] / max(1, 2 * tp[i] + fp[i] + fn[i]):.2f}")
-    if save:
-        save_encoder_weights(enc, save, enc.cfg)
-        say(f"encoder saved to {save} (python train.py --encoder_init {save})")
+    if report:
+        tp, fp, fn = (P & Y).sum(0), (P & ~Y).sum(0), (~P & Y).sum(0)
+        for i, name in enumerate(STATEMENTS):
+            print(f"  {name:<36} n={int(Y[:, i].sum()):3d}  F1 {2 * tp[i] / max(1, 2 * tp[i] + fp[i] + fn[i]):.2f}")
     return r
+
+
+def summary(r):
+    """One line of an evaluate() result."""
+    image = f"  image: F1 {r['image_statement_f1']:.3f} HR MAE {r['image_hr_mae']:.1f}" if "image_hr_mae" in r else ""
+    beats = " ".join(f"{c} {v:.2f}" for c, v in zip(BEAT_CHANNELS, r["beat_f1"]))
+    return f"statement micro F1 {r['statement_f1']:.3f}  HR MAE {r['hr_mae']:.1f} bpm  beat-token F1 {beats}{image}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The encoder alone on the synthetic ground truth: how fast it learns "
+                                            "statements, HR and beat positions (train.py's warm-up loop).")
+    for name, default in vars(WarmupConfig()).items():
+        if name != "held_out":
+            p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    p.add_argument("--d-model", type=int, default=128, help="encoder width")
+    p.add_argument("--layers", type=int, default=4, help="encoder depth")
+    p.add_argument("--save", help="write the trained encoder (safetensors) for train.py --encoder_init")
+    args = p.parse_args(argv)
+    cfg = WarmupConfig(**{k: getattr(args, k) for k in vars(WarmupConfig()) if k != "held_out"})
+    torch.manual_seed(cfg.seed)
+    encoder = ECGEncoder(EncoderConfig.tiny(d_model=args.d_model, n_layers=args.layers))
+    result = fit_encoder_to_truth(encoder, cfg)
+    if args.save:
+        save_encoder_weights(encoder, args.save, encoder.cfg)
+        print(f"encoder saved to {args.save} (python train.py --encoder_init {args.save})")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 """
 Tests of data.py: reading real and broken ECG files, cleaning and resampling, the anyECG
 localization rule on MIT-BIH record 100, anyECG rows, the synthetic task builders, the
-chat template and its loss mask, and the SVG plot.
+and the chat template and its loss mask.
 
 Real records are read in place from ../shared/data/physionet (never copied here); the
 tests that need them skip with a reason when that folder is absent.
@@ -9,7 +9,6 @@ tests that need them skip with a reason when that folder is absent.
 import json
 import math
 import warnings
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,11 @@ import pytest
 
 import data
 import synth
+from chat import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, SPECIAL_TOKENS, USER, _run_lengths, encode_chat
+from data import (BEAT_NAMES, STANDARD_LEADS, ECGRecord, RowECGReader, load_ecg, load_rows, localization_answer,
+                  parse_localization, prepare_ecg, resample)
+from model import train_tokenizer
 from tasks import build_synthetic_dataset
-from data import (BEAT_NAMES, STANDARD_LEADS, ECGRecord, collate, encode_chat, load_ecg,
-                  RowECGReader, load_rows, localization_answer, parse_localization, plot_ecg_svg, prepare_ecg,
-                  resample)
 
 PHYSIONET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "physionet"
 needs_physionet = pytest.mark.skipif(not (PHYSIONET / "100.hea").is_file(),
@@ -228,11 +228,6 @@ def test_resample_anti_aliases_and_keeps_ramps():
     assert np.array_equal(resample(np.ones((1, 50)), 100, 100), np.ones((1, 50)))
 
 
-def test_minmax_scale():
-    x = np.array([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]])
-    assert np.allclose(data.minmax_scale(x), [[-1, 1, 0], [0, 0, 0]])
-
-
 # ----------------------------------------------------------------------------- localization rule
 
 def test_localization_rule_edges_merging_and_wording():
@@ -306,14 +301,14 @@ def test_dataset_has_every_task_and_valid_rows(dataset):
     for r in dataset.rows:
         if r["task"] == "report":
             assert r["answer"].startswith("Report: ")
-            assert all(s in data.STATEMENTS for s in r["answer"][8:].split(", "))
+            assert all(s in synth.STATEMENTS for s in r["answer"][8:].split(", "))
         if r["task"] == "ecgqa":
             assert r["question"].endswith("Please answer briefly.") and r["question_type"]
 
 
 def test_dataset_answers_match_the_ecgs(dataset):
     for row in dataset.rows[:80]:
-        ecgs = dataset.ecgs(row)
+        ecgs = dataset.inputs(row)
         assert all(e.fs == 100 and np.isfinite(e.signal).all() for e in ecgs)
         rec, truth = dataset.record(row["ecg_path"][0])
         if row["task"] in ("location", "location_long"):
@@ -332,7 +327,7 @@ def test_dataset_is_deterministic_and_test_split_is_held_out(dataset):
     again = build_synthetic_dataset(40, seed=3)
     assert json.dumps(again.rows) == json.dumps(dataset.rows)
     row = dataset.rows[0]
-    assert dataset.ecgs(row)[0].signal.tobytes() == again.ecgs(row)[0].signal.tobytes()
+    assert dataset.inputs(row)[0].signal.tobytes() == again.inputs(row)[0].signal.tobytes()
     other = build_synthetic_dataset(40, seed=4)
     assert json.dumps(other.rows) != json.dumps(dataset.rows)
     test_a, test_b = build_synthetic_dataset(15, seed=3, split="test"), build_synthetic_dataset(15, seed=9, split="test")
@@ -349,7 +344,7 @@ def test_dataset_written_to_disk_reads_back(tmp_path):
     assert len(rows) == len(ds.rows)
     for row in rows:
         from_disk = RowECGReader(tmp_path, cache_size=0)(row)
-        in_memory = ds.ecgs(row)
+        in_memory = ds.inputs(row)
         assert [e.leads for e in from_disk] == [e.leads for e in in_memory]
         assert np.abs(from_disk[0].signal - in_memory[0].signal).max() < 0.01, "16-bit quantisation only"
 
@@ -358,13 +353,11 @@ def test_dataset_written_to_disk_reads_back(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from model import train_tokenizer
     texts = [r["question"] + " " + r["answer"] for r in build_synthetic_dataset(10, seed=1).rows] * 3
-    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=400)
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=400, special_tokens=SPECIAL_TOKENS)
 
 
 def test_encode_chat_blocks_and_loss_mask(tokenizer):
-    from model import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, USER
     q, a = "Does this ECG show atrial fibrillation?", "yes"
     ids, labels = encode_chat(tokenizer, [("user", q), ("assistant", a)], [3, 5])
     text = f"{USER}{ECG_START}{ECG_TOKEN * 3}{ECG_END}{ECG_START}{ECG_TOKEN * 5}{ECG_END}{q}{END_TURN}{ASSISTANT}{a}{END_TURN}"
@@ -376,12 +369,10 @@ def test_encode_chat_blocks_and_loss_mask(tokenizer):
     end = tokenizer.added[END_TURN]
     assert labels[-1] == end and labels[ids.index(end)] == -100, "the user's <|end|> carries no loss"
     # blocks are consecutive runs of placeholders, in ECG order: what ECGChat checks
-    from model import _run_lengths
     assert _run_lengths([i == tokenizer.added[ECG_TOKEN] for i in ids]) == [3, 5]
 
 
 def test_encode_chat_multi_turn_and_generation_prompt(tokenizer):
-    from model import ASSISTANT
     turns = [("user", "Report?"), ("assistant", "Report: Sinus rhythm"), ("user", "Rate?"), ("assistant", "fast")]
     ids, labels = encode_chat(tokenizer, turns, [2])
     target = tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100])
@@ -390,35 +381,3 @@ def test_encode_chat_multi_turn_and_generation_prompt(tokenizer):
     assert prompt[-1] == tokenizer.added[ASSISTANT] and ids[:len(prompt)] == prompt, "prompt is a prefix"
     with pytest.raises(ValueError, match="role"):
         encode_chat(tokenizer, [("system", "x")], [])
-
-
-def test_collate_right_pads(tokenizer, dataset):
-    examples = [data.make_example(row, dataset.ecgs(row), tokenizer, lambda n: math.ceil(n / 50))
-                for row in dataset.rows[:3]]
-    batch = collate(examples, tokenizer.pad_id)
-    lengths = [len(e["input_ids"]) for e in examples]
-    assert batch["input_ids"].shape == (3, max(lengths))
-    for b, n in enumerate(lengths):
-        assert (batch["input_ids"][b, n:] == tokenizer.pad_id).all() and (batch["labels"][b, n:] == -100).all()
-        assert batch["input_ids"][b, :n].tolist() == examples[b]["input_ids"]
-    signal, leads = batch["ecgs"][0][0]
-    assert signal.dtype.is_floating_point and signal.shape[0] == len(leads)
-
-
-# ----------------------------------------------------------------------------- plotting
-
-def test_plot_ecg_svg(tmp_path):
-    rec, truth = synth.synth_ecg(synth.make_patient(1, findings={"pvc"}), 10, 500, seed=1)
-    path = plot_ecg_svg(rec.signal, rec.fs, rec.leads, tmp_path / "p.svg", intervals=[(1.0, 2.5)], title="a < b")
-    root = ET.parse(path).getroot()
-    polylines = root.findall("{http://www.w3.org/2000/svg}polyline")
-    assert len(polylines) == 12
-    assert any(r.get("fill") == "#ff9900" for r in root.iter("{http://www.w3.org/2000/svg}rect"))
-    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
-    assert "V6" in texts and "10 s" in texts and "a < b" in texts
-    # control characters (an untrained model's answer as a title) must not break the XML
-    odd = plot_ecg_svg(rec.signal, rec.fs, rec.leads, tmp_path / "odd.svg", title="ST\x01 up\x1b & <down>")
-    assert "ST up & <down>" in [t.text for t in ET.parse(odd).getroot().iter("{http://www.w3.org/2000/svg}text")]
-    long, _ = synth.synth_ecg(synth.make_patient(2), 3600, 250, leads=["II"], seed=1)
-    big = Path(plot_ecg_svg(long.signal, long.fs, long.leads, tmp_path / "long.svg"))
-    assert big.stat().st_size < 1_000_000, "an hour is drawn min-max per pixel, not sample by sample"

@@ -1,4 +1,4 @@
-"""Tests for the ECG-chat model in model.py: splicing ECG tokens into placeholder blocks,
+"""Tests for the ECG-chat model in chat.py: splicing ECG tokens into placeholder blocks,
 gradients and freezing, the context guard, save/load, and generation with ECGs."""
 
 import json
@@ -6,9 +6,11 @@ import json
 import pytest
 import torch
 
+from chat import (ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, IMG_END, IMG_START, SPECIAL_TOKENS, USER,
+                  ECGChat, encode_chat)
+from data import ECGRecord
 from ecg_encoder import ECGEncoder, EncoderConfig
-from model import (ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, LLM, USER, ECGChat, LLMConfig,
-                   add_lora, train_tokenizer)
+from model import LLM, LLMConfig, add_lora, train_tokenizer
 
 TEXT = ["Report: Sinus rhythm, Normal ECG", "Duration: 1.3s-2.9s", "Is there atrial fibrillation? yes",
         "Which ECG shows a longer QT? the second"] * 30
@@ -16,7 +18,7 @@ TEXT = ["Report: Sinus rhythm, Normal ECG", "Duration: 1.3s-2.9s", "Is there atr
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return train_tokenizer(TEXT, tmp_path_factory.mktemp("tok"), vocab_size=300)
+    return train_tokenizer(TEXT, tmp_path_factory.mktemp("tok"), vocab_size=300, special_tokens=SPECIAL_TOKENS)
 
 
 def make_chat(tok, seed=0, max_seq_len=512):
@@ -29,11 +31,11 @@ def make_chat(tok, seed=0, max_seq_len=512):
 
 def ecg(seconds, leads=("I", "II"), seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(len(leads), int(seconds * 100), generator=g) * 0.5, list(leads)
+    return ECGRecord(torch.randn(len(leads), int(seconds * 100), generator=g) * 0.5, 100.0, list(leads))
 
 
 def prompt_ids(tok, model, ecgs, question="What rhythm?"):
-    blocks = "".join(ECG_START + ECG_TOKEN * model.encoder.num_tokens(s.shape[1]) + ECG_END for s, _ in ecgs)
+    blocks = "".join(ECG_START + ECG_TOKEN * model.encoder.num_tokens(e.signal.shape[1]) + ECG_END for e in ecgs)
     return tok.encode(f"{USER}\n{blocks}\n{question}{END_TURN}\n{ASSISTANT}\n", bos=True)
 
 
@@ -46,7 +48,7 @@ def test_three_ecgs_each_block_holds_its_own_tokens(tok):
         slots = (ids[0] == model.ecg_token_id).nonzero().flatten().tolist()
         start = 0
         for e in ecgs:
-            alone = model.projector(model.encoder([e[0]], [e[1]])[0])          # this ECG encoded by itself
+            alone = model.projector(model.encoder([e.signal], [e.leads])[0])   # this ECG encoded by itself
             pos = slots[start:start + len(alone)]
             assert (x[0, pos] - alone).abs().max() <= 1e-5
             # the block is delimited by <ecg> ... </ecg>
@@ -179,26 +181,24 @@ def image(seed, h=40, w=90):
 
 
 def test_image_and_ecg_tokens_each_land_in_their_own_block_in_order(tok):
-    from data import encode_chat
-    from model import IMG_END, IMG_START
     model = make_image_chat(tok)
     n_img = model.image_encoder.num_tokens
     samples = [([ecg(10, seed=1), ecg(6, ("II",), seed=2)], [image(3)]),   # both modalities
                ([], [image(4), image(5, 80, 60)]),                          # images only, two sizes
                ([ecg(8, seed=6)], [])]                                       # signal only
-    prompts = [encode_chat(tok, [("user", "What rhythm?")], [model.encoder.num_tokens(s.shape[1]) for s, _ in e],
+    prompts = [encode_chat(tok, [("user", "What rhythm?")], [model.encoder.num_tokens(x.signal.shape[1]) for x in e],
                            add_generation_prompt=True, image_token_counts=[n_img] * len(im))[0] for e, im in samples]
     T = max(map(len, prompts))
     ids = torch.tensor([p + [tok.pad_id] * (T - len(p)) for p in prompts])
     with torch.no_grad():
-        x = model.embed(ids, [e for e, _ in samples], [im for _, im in samples])
+        x = model.embed(ids, [e + im for e, im in samples])
         for b, (ecgs, images) in enumerate(samples):
             row = ids[b].tolist()
             ecg_slots = [i for i, t in enumerate(row) if t == model.ecg_token_id]
             img_slots = [i for i, t in enumerate(row) if t == model.img_token_id]
             assert not ecg_slots or not img_slots or max(ecg_slots) < min(img_slots)   # ECG blocks first
             start = 0
-            for s, leads in ecgs:
+            for s, _, leads in ecgs:
                 alone = model.projector(model.encoder([s], [leads])[0])            # this ECG by itself
                 assert (x[b, ecg_slots[start:start + len(alone)]] - alone).abs().max() <= 1e-5
                 start += len(alone)
@@ -213,7 +213,6 @@ def test_image_and_ecg_tokens_each_land_in_their_own_block_in_order(tok):
 
 
 def test_image_model_saves_loads_and_a_missing_image_is_a_clear_error(tok, tmp_path):
-    from data import encode_chat
     model = make_image_chat(tok)
     ecgs, images = [ecg(10, seed=1)], [image(3)]
     ids = torch.tensor([encode_chat(tok, [("user", "What rhythm?")], [model.encoder.num_tokens(1000)],
@@ -221,8 +220,8 @@ def test_image_model_saves_loads_and_a_missing_image_is_a_clear_error(tok, tmp_p
     model.save(tmp_path / "ckpt")
     back = ECGChat.load(tmp_path / "ckpt")
     with torch.no_grad():
-        assert torch.allclose(model(ids, [ecgs], images=[images]), back(ids, [ecgs], images=[images]), atol=1e-5)
+        assert torch.allclose(model(ids, [ecgs + images]), back(ids, [ecgs + images]), atol=1e-5)
     with pytest.raises(ValueError, match=r"placeholder blocks of \[8\] <img_token>s but its 0 image"):
         model(ids, [ecgs])
     with pytest.raises(ValueError, match="no image encoder"):
-        make_chat(tok)(ids, [ecgs], images=[images])
+        make_chat(tok)(ids, [ecgs + images])

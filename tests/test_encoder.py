@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.utils import flop_counter
 
-from ecg_encoder import (LEADS_12, ECGEncoder, EncoderConfig, Projector, check_fits,
-                         load_encoder_config, load_encoder_weights, save_encoder_weights)
+from data import STANDARD_LEADS
+from ecg_encoder import (ECGEncoder, EncoderConfig, Projector, check_fits, load_encoder_config, load_encoder_weights,
+                         save_encoder_weights)
 
 FS = 100  # the tiny preset's rate; the tests state expectations in seconds and samples
 
@@ -35,11 +36,11 @@ def maxdiff(a, b):
 # --- batch invariance --------------------------------------------------------
 
 MIXED = [  # (leads, seconds): lengths not multiples of the window, various lead sets
-    (list(LEADS_12), 23.7),
+    (list(STANDARD_LEADS), 23.7),
     (["II"], 65.43),
     (["I", "V1"], 8.0),
-    (list(LEADS_12), 10.0),
-    (list(LEADS_12), 37.3),
+    (list(STANDARD_LEADS), 10.0),
+    (list(STANDARD_LEADS), 37.3),
     (["V5", "II", "aVF"], 0.55),
 ]
 
@@ -73,8 +74,8 @@ def test_dropping_a_lead_is_not_zeroing_it():
     zeroed = x.clone()
     zeroed[6] = 0.0  # V1 flat
     keep = [i for i in range(12) if i != 6]
-    t_zeroed = encode(enc, [zeroed], [list(LEADS_12)])[0]
-    t_dropped = encode(enc, [x[keep]], [[LEADS_12[i] for i in keep]])[0]
+    t_zeroed = encode(enc, [zeroed], [list(STANDARD_LEADS)])[0]
+    t_dropped = encode(enc, [x[keep]], [[STANDARD_LEADS[i] for i in keep]])[0]
     assert t_zeroed.shape == t_dropped.shape  # output count does not depend on lead count
     assert maxdiff(t_zeroed, t_dropped) > 1e-2
 
@@ -100,7 +101,7 @@ def test_one_lead_costs_less_than_twelve():
     def flops(n_leads):
         mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu}
         with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as fc:
-            encode(enc, [ecg(n_leads, 10, seed=3)], [list(LEADS_12[:n_leads])])
+            encode(enc, [ecg(n_leads, 10, seed=3)], [list(STANDARD_LEADS[:n_leads])])
         return fc.get_total_flops()
 
     one, twelve = flops(1), flops(12)
@@ -169,7 +170,7 @@ def test_gradient_reaches_every_parameter():
     torch.manual_seed(0)
     enc = ECGEncoder(EncoderConfig.tiny(dropout=0.1)).train()
     proj = Projector(enc.cfg.d_model, 48)
-    out = enc([ecg(12, 12.5, 10), ecg(1, 3, 11)], [list(LEADS_12), ["aVR"]])
+    out = enc([ecg(12, 12.5, 10), ecg(1, 3, 11)], [list(STANDARD_LEADS), ["aVR"]])
     loss = proj(torch.cat(out)).pow(2).mean()
     loss.backward()
     for name, p in list(enc.named_parameters()) + list(proj.named_parameters()):

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import generate
+from chat import SPECIAL_TOKENS, ECGChat
 from data import BEAT_NAMES, ECGRecord
 from ecg_encoder import ECGEncoder, EncoderConfig
-from model import LLM, ECGChat, LLMConfig, train_tokenizer
+from model import LLM, LLMConfig, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PHYSIONET = ROOT.parent / "shared" / "data" / "physionet"
@@ -28,7 +29,7 @@ TEXT = ["Report: Sinus rhythm, Normal ECG", "Duration: 1.3s-2.9s, 6.1s-7.7s", "y
 def ckpt(tmp_path_factory):
     """An untrained tiny ECGChat saved as a checkpoint folder: its answers are noise."""
     d = tmp_path_factory.mktemp("gen")
-    tok = train_tokenizer(TEXT, d / "tok", vocab_size=400)
+    tok = train_tokenizer(TEXT, d / "tok", vocab_size=400, special_tokens=SPECIAL_TOKENS)
     torch.manual_seed(0)
     llm = LLM(LLMConfig(vocab_size=tok.base_vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)).init_weights()

@@ -1,4 +1,4 @@
-"""Tests for model.py and generate.py's core: parity with transformers, the tokenizer,
+"""Tests for model.py: parity with transformers, the tokenizer,
 KV-cache decoding, left-padded batching, LoRA, and clear errors on bad checkpoints."""
 
 import json
@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from generate import generate, left_pad, sample_next
-from model import (ECG_TOKEN, END_TURN, LLM, SPECIAL_TOKENS, USER, LLMConfig, LoRALinear, Tokenizer,
-                   add_lora, lora_layers, train_tokenizer)
+from chat import ECG_TOKEN, END_TURN, SPECIAL_TOKENS, USER
+from model import (LLM, LLMConfig, LoRALinear, Tokenizer, add_lora, generate, left_pad, lora_layers, sample_next,
+                   train_tokenizer)
 
 transformers = pytest.importorskip("transformers")
 
@@ -127,7 +127,7 @@ TEXT = ["Report: Sinus rhythm, Left bundle branch block, Abnormal ECG",
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return train_tokenizer(TEXT, tmp_path_factory.mktemp("tok"), vocab_size=400)
+    return train_tokenizer(TEXT, tmp_path_factory.mktemp("tok"), vocab_size=400, special_tokens=SPECIAL_TOKENS)
 
 
 def test_tokenizer_matches_sentencepiece_on_ordinary_text(tok):

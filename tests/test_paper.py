@@ -1,14 +1,18 @@
 """Tests for paper.py: a known square pulse lands on the pixels the 25 mm/s, 10 mm/mV layout
-says, the PNG writer round-trips, and degradations keep the picture's size and type."""
+says, the PNG writer round-trips, degradations keep the picture's size and type, and the SVG
+plot is valid XML with a trace per lead."""
 
 import struct
+import xml.etree.ElementTree as ET
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import paper
-from paper import INK, LEFT, MM_PER_MV, MM_PER_S, SEGMENT_S, baseline_mm, degrade, render_ecg, write_png
+import synth
+from paper import INK, LEFT, MM_PER_MV, MM_PER_S, SEGMENT_S, baseline_mm, degrade, plot_ecg_svg, render_ecg, write_png
 
 TWELVE = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 PX = 4.0   # px per mm
@@ -86,3 +90,20 @@ def test_read_image_needs_pillow_or_reads_the_png(tmp_path):
             paper.read_image(tmp_path / "a.png")
         return
     assert np.array_equal(paper.read_image(tmp_path / "a.png"), img)
+
+
+def test_plot_ecg_svg(tmp_path):
+    rec, truth = synth.synth_ecg(synth.make_patient(1, findings={"pvc"}), 10, 500, seed=1)
+    path = plot_ecg_svg(rec.signal, rec.fs, rec.leads, tmp_path / "p.svg", intervals=[(1.0, 2.5)], title="a < b")
+    root = ET.parse(path).getroot()
+    polylines = root.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(polylines) == 12
+    assert any(r.get("fill") == "#ff9900" for r in root.iter("{http://www.w3.org/2000/svg}rect"))
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert "V6" in texts and "10 s" in texts and "a < b" in texts
+    # control characters (an untrained model's answer as a title) must not break the XML
+    odd = plot_ecg_svg(rec.signal, rec.fs, rec.leads, tmp_path / "odd.svg", title="ST\x01 up\x1b & <down>")
+    assert "ST up & <down>" in [t.text for t in ET.parse(odd).getroot().iter("{http://www.w3.org/2000/svg}text")]
+    long, _ = synth.synth_ecg(synth.make_patient(2), 3600, 250, leads=["II"], seed=1)
+    big = Path(plot_ecg_svg(long.signal, long.fs, long.leads, tmp_path / "long.svg"))
+    assert big.stat().st_size < 1_000_000, "an hour is drawn min-max per pixel, not sample by sample"

@@ -8,13 +8,15 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train
-from model import ECGChat
+from chat import ECGChat
+from data import ECGRecord
 from tasks import build_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,11 +92,11 @@ def test_each_stage_lowers_the_loss_and_leaves_frozen_parts_bit_identical(setup)
         assert frozen and trained
         opt = train.make_optimizer(model, cfg, 1e-2)
         batch = train.micro_batch(cfg, data["train"], data["train"].weights(stage.tasks), model, stage, 0, 0)
-        ids, labels, inputs = train.to_device(batch, "cpu")
+        ids, labels, inputs = batch["input_ids"], batch["labels"], batch["inputs"]
         torch.manual_seed(0)
         losses = []
         for _ in range(8):
-            _, loss = model(ids, labels=labels, **inputs)
+            _, loss = model(ids, inputs, labels=labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -114,10 +116,27 @@ def test_stage0_is_text_only_and_stage1_sees_ecgs(setup):
     s0, s1 = train.curriculum(cfg)[:2]
     b0 = train.micro_batch(cfg, data["train"], data["train"].weights(s0.tasks), model, s0, 0, 0)
     b1 = train.micro_batch(cfg, data["train"], data["train"].weights(s1.tasks), model, s1, 0, 0)
-    assert all(e == [] for e in b0["ecgs"]) and all(len(e) >= 1 for e in b1["ecgs"])
+    assert all(e == [] for e in b0["inputs"]) and all(len(e) >= 1 for e in b1["inputs"])
     real = b0["input_ids"] != model.tokenizer.pad_id
     assert torch.equal(b0["labels"][:, 1:] != -100, real[:, 1:])  # stage 0: loss on every token but <bos>
     assert (b1["labels"] != -100).sum() < (b1["input_ids"] != model.tokenizer.pad_id).sum() / 2  # answers only
+
+
+def test_collate_right_pads_and_keeps_each_examples_inputs(setup):
+    cfg, data, model = setup
+    rows = data["train"].rows[:3]
+    examples = [dict(zip(("input_ids", "labels"), model.prompt([("user", r["question"]), ("assistant", r["answer"])],
+                                                             data["train"].inputs_of(r))), inputs=data["train"].inputs_of(r))
+                for r in rows]
+    batch = train.collate(examples, model.tokenizer.pad_id)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert len(set(lengths)) > 1 and batch["input_ids"].shape == (3, max(lengths))
+    for b, n in enumerate(lengths):
+        assert (batch["input_ids"][b, n:] == model.tokenizer.pad_id).all() and (batch["labels"][b, n:] == -100).all()
+        assert batch["input_ids"][b, :n].tolist() == examples[b]["input_ids"]
+        assert batch["labels"][b, :n].tolist() == examples[b]["labels"]
+    assert batch["inputs"] == [e["inputs"] for e in examples] and isinstance(batch["inputs"][0][0], ECGRecord)
+    assert train.ecg_seconds(batch) == sum(x.signal.shape[1] / x.fs for e in examples for x in e["inputs"])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -222,8 +241,8 @@ def test_anyecg_file_with_malformed_rows_and_missing_records_trains_and_counts_t
     assert event["skipped"] == 2 and event["rows"] == len(rows) - 2
     assert next(r for r in log if r.get("event") == "splits")["val"] == 3
     skipped = [x for r in log if r.get("event") == "skipped_rows" for x in r["new"]]
-    assert any("gone/rec" in x for x in skipped) and any("exceed max_seq_len" in x for x in skipped)
-    assert all("gone/rec" in x or "exceed max_seq_len" in x for x in skipped)
+    assert any("gone/rec" in x for x in skipped) and any("context allows" in x for x in skipped)
+    assert all("gone/rec" in x or "context allows" in x for x in skipped)
     assert (tmp_path / "out" / "model").is_dir()
 
 
@@ -257,12 +276,13 @@ def test_encoder_warmup_trains_the_encoder_saves_it_and_reuses_the_file(setup, t
     model = train.build_model(cfg, shared.tokenizer, torch.device("cpu"), torch.float32)  # leave the fixture's alone
     before = {n: p.detach().clone() for n, p in model.encoder.state_dict().items()}
     records = []
-    train.warm_up_encoder(cfg2, model.encoder, tmp_path, records.append, 0)
+    env = SimpleNamespace(out=tmp_path, log=records.append, rank=0)
+    train.warm_up_encoder(cfg2, model, env)
     after = {n: p.detach().clone() for n, p in model.encoder.state_dict().items()}
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert records[0]["event"] == "encoder_warmup" and 0.0 <= records[0]["val_statement_f1"] <= 1.0
     fresh = train.build_model(cfg, model.tokenizer, torch.device("cpu"), torch.float32)
-    train.warm_up_encoder(cfg2, fresh.encoder, tmp_path, records.append, 0)
+    train.warm_up_encoder(cfg2, fresh, env)
     assert len(records) == 1  # loaded, not trained again
     for n, p in fresh.encoder.state_dict().items():
         assert torch.equal(p, after[n]), n

@@ -1,0 +1,280 @@
+"""
+chat.py — the ECG chat model: an LLM that reads ECGs (and paper printouts of them), and the
+prompt format it reads them in. It joins model.py (the LLM) and ecg_encoder.py (the encoders).
+
+  1. Chat format   the added tokens and `encode_chat`, the template with its loss labels:
+                     <bos><|user|><ecg><ecg_token>x n</ecg>...<img><img_token>x m</img>...
+                     question<|end|><|assistant|>answer<|end|>
+                   one <ecg> block per ECG, in order, then one <img> block per image (GEM
+                   puts both token sets together), all before the first user text. No newlines
+                   around the markers, so a generation prompt is exactly the start of a
+                   training sequence. The loss covers what the assistant says (its answer and
+                   the <|end|> closing it).
+  2. ECGChat       tokenizer + LLM + ECG encoder + projector (+ image encoder and its
+                   projector). `prompt` is the one prompt builder (training, evaluation and
+                   the chat all call it); `embed` overwrites each placeholder block with its
+                   input's projected tokens (nanoVLM-style splicing) and checks that the
+                   blocks and the inputs agree; forward with the loss; generate; freezing
+                   per part; save/load as one folder.
+
+A model's *inputs* are, per prompt, a list of ECGRecords (data.py; the signal in mV at the
+encoder's rate) and paper-ECG images (uint8 RGB (H, W, 3)): a row's inputs as they are read.
+"""
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from data import ECGRecord
+from ecg_encoder import ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, Projector, check_fits, load_state
+from model import LLM, Tokenizer, generate, left_pad, save_pretrained
+
+# --------------------------------------------------------------------------- 1. Chat format
+
+# Added tokens, appended after the base vocabulary in this order.
+ECG_START = "<ecg>"          # opens one ECG's block of placeholders
+ECG_END = "</ecg>"           # closes it
+ECG_TOKEN = "<ecg_token>"    # placeholder: its embedding is overwritten by one projected ECG token
+USER = "<|user|>"            # chat-turn markers
+ASSISTANT = "<|assistant|>"
+END_TURN = "<|end|>"
+IMG_START, IMG_END, IMG_TOKEN = "<img>", "</img>", "<img_token>"   # the same, for a paper-ECG image
+SPECIAL_TOKENS = [ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN, IMG_START, IMG_END, IMG_TOKEN]
+
+
+def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False, image_token_counts=()):
+    """turns: [("user", text), ("assistant", text), ...]; ecg_token_counts: placeholder
+    tokens per ECG (encoder.num_tokens); image_token_counts: per image (image encoder's
+    num_tokens). -> (input_ids, labels), two equal-length lists, -100 where no loss.
+    add_generation_prompt: end with <|assistant|> for the model to continue (generation)."""
+    names = [ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN] + (
+        [IMG_START, IMG_END, IMG_TOKEN] if image_token_counts else [])
+    special = {t: tokenizer.encode(t) for t in names}
+    bad = {t: ids for t, ids in special.items() if len(ids) != 1}
+    if bad:
+        raise ValueError(f"tokenizer does not encode special tokens as single ids: {bad}")
+    sid = {t: ids[0] for t, ids in special.items()}
+    block_ids = [i for n in ecg_token_counts for i in [sid[ECG_START]] + [sid[ECG_TOKEN]] * int(n) + [sid[ECG_END]]]
+    block_ids += [i for n in image_token_counts for i in [sid[IMG_START]] + [sid[IMG_TOKEN]] * int(n) + [sid[IMG_END]]]
+    ids, labels = [tokenizer.bos_id], [-100]
+    placed = not block_ids
+    for role, text in turns:
+        if role == "user":
+            part = [sid[USER]] + ([] if placed else block_ids) + tokenizer.encode(text) + [sid[END_TURN]]
+            placed = True
+            ids, labels = ids + part, labels + [-100] * len(part)
+        elif role == "assistant":
+            answer = tokenizer.encode(text) + [sid[END_TURN]]
+            ids += [sid[ASSISTANT]] + answer
+            labels += [-100] + answer
+        else:
+            raise ValueError(f"turn role must be 'user' or 'assistant', got {role!r}")
+    if not placed:
+        raise ValueError("the ECG and image blocks go before the first user message, but there is no user turn")
+    if add_generation_prompt:
+        ids, labels = ids + [sid[ASSISTANT]], labels + [-100]
+    return ids, labels
+
+
+def split_inputs(inputs):
+    """A prompt's inputs -> (its ECGRecords, its images), each in order."""
+    return [x for x in inputs if isinstance(x, ECGRecord)], [x for x in inputs if not isinstance(x, ECGRecord)]
+
+# --------------------------------------------------------------------------- 2. The ECG chat model
+
+
+class ECGChat(nn.Module):
+    """An LLM that reads ECGs. A prompt holds, per ECG, `<ecg>` + `<ecg_token>` x n + `</ecg>`
+    (n = encoder.num_tokens(samples)); the embeddings of the n placeholders are overwritten by
+    that ECG's projected encoder tokens, in order. With an image encoder (GEM's second
+    modality), paper-ECG images enter the same way through `<img>` blocks after the ECG blocks."""
+
+    def __init__(self, llm, encoder, tokenizer, max_seq_len=None, image_encoder=None):
+        super().__init__()
+        self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
+        w = llm.embed_tokens.weight
+        self.projector = Projector(encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
+        self.image_encoder = image_encoder
+        self.image_projector = None if image_encoder is None else Projector(
+            image_encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
+        if ECG_TOKEN not in tokenizer.added:
+            raise ValueError(f"the tokenizer has no {ECG_TOKEN}; build it with chat.SPECIAL_TOKENS")
+        if tokenizer.vocab_size > llm.config.vocab_size:
+            llm.resize_vocab(tokenizer.vocab_size)  # room for the added special tokens
+        self.ecg_token_id = tokenizer.added[ECG_TOKEN]
+        self.img_token_id = tokenizer.added.get(IMG_TOKEN)
+        self.max_seq_len = max_seq_len or llm.config.max_position_embeddings
+
+    def stop_ids(self):
+        return (self.tokenizer.eos_id, self.tokenizer.added[END_TURN])
+
+    def check_fits(self, ecg_samples, n_text_tokens=0):
+        """ECG lengths (samples) + text must fit the context: a clear error otherwise."""
+        return check_fits(self.encoder, ecg_samples, self.max_seq_len, n_text_tokens)
+
+    def prompt(self, turns, inputs, add_generation_prompt=False):
+        """The conversation `turns` about `inputs` (a prompt's ECGRecords and images) ->
+        (input_ids, labels) in the chat format, one placeholder block per input. A ValueError
+        says why an input cannot be read by this model, or that the prompt (with room for one
+        new token when generating) does not fit the context."""
+        ecgs, images = split_inputs(inputs)
+        if images and self.image_encoder is None:
+            raise ValueError("the prompt has images but the model has no image encoder")
+        short = [e.signal.shape[1] for e in ecgs if e.signal.shape[1] < self.encoder.cfg.patch_size]
+        if short:
+            raise ValueError(f"an ECG of {short[0]} samples is shorter than one encoder patch "
+                             f"({self.encoder.cfg.patch_size} samples)")
+        counts = [self.encoder.num_tokens(e.signal.shape[1]) for e in ecgs]
+        ids, labels = encode_chat(self.tokenizer, turns, counts, add_generation_prompt,
+                                  [self.image_encoder.num_tokens] * len(images) if images else [])
+        self.check_fits([e.signal.shape[1] for e in ecgs], len(ids) - sum(counts) + int(add_generation_prompt))
+        return ids, labels
+
+    def encode_ecgs(self, ecgs):
+        """[ECGRecord, ...] -> [(n_tokens_i, C_llm), ...]"""
+        if not ecgs:
+            return []
+        return [self.projector(t) for t in self.encoder([e.signal for e in ecgs], [list(e.leads) for e in ecgs])]
+
+    def encode_images(self, images):
+        """[uint8 RGB (H, W, 3), ...] -> [(n_tokens, C_llm), ...]"""
+        if not images:
+            return []
+        if self.image_encoder is None:
+            raise ValueError("images given, but this model has no image encoder")
+        return list(self.image_projector(self.image_encoder(images)))
+
+    def embed(self, input_ids, inputs):
+        """Text embeddings with every placeholder block overwritten by its ECG's (or image's)
+        tokens. input_ids (B, T); inputs: per prompt a list of ECGRecords and images."""
+        x = self.llm.embed_tokens(input_ids)                                        # (B, T, C)
+        if len(inputs) != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} prompts but input lists for {len(inputs)}")
+        per_prompt = [split_inputs(sample) for sample in inputs]
+        x = self._splice(x, input_ids == self.ecg_token_id, [e for e, _ in per_prompt], self.encode_ecgs, "ECG",
+                         ECG_TOKEN)
+        if self.img_token_id is not None:
+            x = self._splice(x, input_ids == self.img_token_id, [im for _, im in per_prompt], self.encode_images,
+                             "image", IMG_TOKEN)
+        return x
+
+    def _splice(self, x, slots, inputs, encode, kind, placeholder):
+        """Overwrite the `slots` (B, T) of x with the encoded inputs, prompt by prompt."""
+        tokens = encode([e for sample in inputs for e in sample])                   # [(n_i, C)]
+        counts = iter(len(t) for t in tokens)
+        for b, sample in enumerate(inputs):
+            blocks, want = _run_lengths(slots[b].tolist()), [next(counts) for _ in sample]
+            if blocks != want:
+                raise ValueError(f"prompt {b}: placeholder blocks of {blocks} {placeholder}s but its "
+                                 f"{len(sample)} {kind}(s) give {want} tokens; build the prompt with "
+                                 "ECGChat.prompt")
+        if not tokens:
+            return x
+        # masked_scatter fills the True slots in row-major order: prompt by prompt, and within
+        # a prompt block by block, which is exactly the order of the flattened input list.
+        return x.masked_scatter(slots[..., None], torch.cat(tokens).to(x.dtype))
+
+    def forward(self, input_ids, inputs, labels=None, attention_mask=None):
+        """-> logits (B, T, V), and with labels (-100 = no loss) the mean next-token loss.
+        Right-padded training batches need no attention_mask (causal attention never lets a
+        real token see the padding after it)."""
+        if input_ids.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={self.max_seq_len}")
+        logits = self.llm(inputs_embeds=self.embed(input_ids, inputs), attention_mask=attention_mask)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, prompts, inputs, max_new_tokens=256, **sampling):
+        """prompts: token-id lists (from `prompt`); inputs: per prompt its ECGRecords and images.
+        They are encoded once; the KV cache carries them through decoding."""
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds "
+                             f"max_seq_len={self.max_seq_len}; shorten the ECG or lower max_new_tokens")
+        device = self.llm.embed_tokens.weight.device
+        ids, mask = left_pad(prompts, self.tokenizer.pad_id)
+        x = self.embed(ids.to(device), inputs)
+        sampling.setdefault("stop_ids", self.stop_ids())
+        return generate(self.llm, ids, mask, inputs_embeds=x, max_new_tokens=max_new_tokens,
+                        tokenizer=self.tokenizer, **sampling)
+
+    def set_trainable(self, encoder=True, projector=True, llm=False, lora=True, image_encoder=None):
+        """Freeze or unfreeze each part (the curriculum's stages differ only in this). The
+        image encoder follows the ECG encoder unless image_encoder says otherwise; the image
+        projector follows the projector."""
+        image_encoder = encoder if image_encoder is None else image_encoder
+        for module, on in [(self.encoder, encoder), (self.projector, projector),
+                           (self.image_encoder, image_encoder), (self.image_projector, projector)]:
+            for p in module.parameters() if module is not None else []:
+                p.requires_grad_(on)
+        for name, p in self.llm.named_parameters():
+            p.requires_grad_(lora if ".lora_" in name else llm)
+
+    # ---- one folder: config.json + model.safetensors + tokenizer, LLaVA-style
+    def save(self, out_dir):
+        """The LLM part is a plain Hugging Face Llama (LoRA merged) that transformers reads;
+        encoder and projector sit beside it under ecg_encoder.* / ecg_projector.*."""
+        extra = {f"{prefix}{k}": v for prefix, module in self._parts() for k, v in module.state_dict().items()}
+        nanoecg = {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len}
+        if self.image_encoder is not None:
+            nanoecg["image_encoder"] = asdict(self.image_encoder.cfg)
+        save_pretrained(self.llm, out_dir, extra_tensors=extra, extra_config={"nanoecg": nanoecg})
+        self.tokenizer.save(out_dir)
+
+    def _parts(self):
+        """(weight-name prefix, module) of everything beside the LLM in the checkpoint."""
+        parts = [("ecg_encoder.", self.encoder), ("ecg_projector.", self.projector)]
+        if self.image_encoder is not None:
+            parts += [("img_encoder.", self.image_encoder), ("img_projector.", self.image_projector)]
+        return parts
+
+    @classmethod
+    def load(cls, ckpt_dir, dtype=None, device=None):
+        d = Path(ckpt_dir)
+        for name in ("config.json", "model.safetensors", "tokenizer.model"):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"{d / name}: missing; a nanoECG checkpoint folder holds config.json, "
+                                        "model.safetensors and tokenizer.model")
+        raw = json.loads((d / "config.json").read_text())
+        if "nanoecg" not in raw:
+            raise ValueError(f"{d / 'config.json'}: no 'nanoecg' section, so this is a plain LLM "
+                             f"checkpoint, not an ECG-chat model (train one with train.py --llm {d})")
+        llm = LLM.from_pretrained(d, dtype=dtype, device=device)
+        encoder = ECGEncoder(EncoderConfig(**raw["nanoecg"]["encoder"]))
+        image_cfg = raw["nanoecg"].get("image_encoder")
+        image_encoder = ImageEncoder(ImageEncoderConfig(**image_cfg)) if image_cfg else None
+        model = cls(llm, encoder, Tokenizer(d, SPECIAL_TOKENS), raw["nanoecg"].get("max_seq_len"), image_encoder)
+        for module in (model.encoder, model.image_encoder):
+            if module is not None:
+                module.to(llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
+        model._load_parts(d / "model.safetensors")
+        return model.eval()
+
+    def _load_parts(self, path):
+        """Encoder(s) and projector(s) from the checkpoint file; keys or shapes that do not
+        match config.json are one error naming the file and the keys."""
+        with safe_open(str(path), framework="pt") as f:
+            for prefix, module in self._parts():
+                state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+                load_state(module, state, f"{path} ({prefix}*)")
+
+
+def _run_lengths(flags):
+    """[0,1,1,0,1] -> [2, 1]: lengths of the runs of True values."""
+    runs, n = [], 0
+    for f in flags:
+        if f:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    if n:
+        runs.append(n)
+    return runs
