@@ -32,16 +32,39 @@ from synth import STATEMENTS
 # --------------------------------------------------------------------------- 1. metrics: answer texts -> numbers
 # --- localization (anyECG): "Duration: 1.3s-2.9s, 6.1s-7.7s" or "No ... Found"
 def localization_iou(pred, ref):
-    """IoU of the time two localization answers cover. anyECG's rule: both "No ... Found" -> 1, only one -> 0, an answer
-    with no readable interval -> 0. Each side is the union of its intervals: listing a span twice gains nothing."""
+    """IoU of the time two localization answers cover. Both "No X Found" -> 1 if they name the same beat (asked about
+    RBBB, an answer about PVCs is wrong), only one -> 0, an answer with no readable interval -> 0. Each side is the
+    union of its intervals: listing a span twice gains nothing."""
     p, r = parse_localization(pred), parse_localization(ref)
     if p is None or r is None:
         return 0.0
     if not p or not r:
-        return float(not p and not r)
+        return float(not p and not r and _named_beat(pred) == _named_beat(ref))
     p, r = merge_intervals(p), merge_intervals(r)
     inter = sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in p for a2, b2 in r)
     union = sum(b - a for a, b in p) + sum(b - a for a, b in r) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _named_beat(text):
+    """The beat a "No X Found" answer names, normalised."""
+    return normalise_answer(re.search(r"\bno\b(.*)\bfound\b", text, re.IGNORECASE | re.DOTALL).group(1))
+
+
+def anyecg_iou(pred, ref):
+    """anyECG-chat's own localization score, so figures compare with its paper: identical texts -> 1; otherwise both
+    must parse as "Duration: as-bs, ..." (anything else -> 0), the intersection sums the overlap of every predicted
+    span with every reference span (so overlapping predicted spans count twice, and a score can pass 1), over the
+    length of the union of all spans. localization_iou instead intersects the two unions."""
+    if pred == ref:
+        return 1.0
+    try:   # their parser: drop "Duration: ", split spans on ", ", ends on "-", drop each end's last character
+        p, r = ([tuple(float(x[:-1]) for x in span.split("-", 1)) for span in text.replace("Duration: ", "").split(", ")]
+                for text in (pred, ref))
+    except ValueError:
+        return 0.0
+    inter = sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in p for a2, b2 in r)
+    union = sum(b - a for a, b in merge_intervals(p + r))
     return inter / union if union > 0 else 0.0
 
 
@@ -206,8 +229,13 @@ def score_task(task, rows, preds):
     out = {"n": len(rows)}
     if task in LOCATION_TASKS or (task in ("ecgqa", "multi") and "question_type" in rows[0]):
         key, name = ("abnormal_type", "iou") if task in LOCATION_TASKS else ("question_type", "accuracy")
-        g = group_mean([row_score(r, p) for r, p in zip(rows, preds)], [str(r.get(key, "?")) for r in rows])
-        return out | {f"{name}_micro": g["micro"], f"{name}_macro": g["macro"], "per_type": g["per_type"]}
+        groups = [str(r.get(key, "?")) for r in rows]
+        g = group_mean([row_score(r, p) for r, p in zip(rows, preds)], groups)
+        out |= {f"{name}_micro": g["micro"], f"{name}_macro": g["macro"], "per_type": g["per_type"]}
+        if task in LOCATION_TASKS:   # anyECG-chat's own score beside ours
+            theirs = group_mean([anyecg_iou(p, r["answer"]) for r, p in zip(rows, preds)], groups)
+            out |= {"anyecg_iou_micro": theirs["micro"], "anyecg_iou_macro": theirs["macro"]}
+        return out
     if task == "grounded":
         diag = statement_prf([diagnosis_part(p) for p in preds], [diagnosis_part(r) for r in refs])
         return out | {"measurements": measurement_mae(preds, refs), "statement_f1": diag["f1"]}
@@ -246,7 +274,8 @@ def prior_answers(train_rows, rows):
 def headline(s):
     """One task's scores -> 'name value' pairs for the table."""
     if "iou_micro" in s:
-        return [("IoU micro", s["iou_micro"]), ("IoU macro", s["iou_macro"])]
+        theirs = [("anyECG IoU micro", s["anyecg_iou_micro"])] if "anyecg_iou_micro" in s else []
+        return [("IoU micro", s["iou_micro"]), ("IoU macro", s["iou_macro"])] + theirs
     if "accuracy_micro" in s:
         return [("accuracy", s["accuracy_micro"]), ("macro", s["accuracy_macro"])]
     if "measurements" in s:

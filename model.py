@@ -660,7 +660,9 @@ def generate(llm, input_ids, attention_mask=None, *, inputs_embeds=None, max_new
     finally:
         llm.clear_cache()
     if stop_strings and tokenizer is not None:
-        for row in new:  # drop trailing tokens until the decoded text no longer contains a stop string
-            while row and any(s in tokenizer.decode(row) for s in stop_strings):
+        for row in new:  # cut before the first stop string: drop tokens until the text ends at or before its start
+            text = tokenizer.decode(row)
+            cut = min((text.index(s) for s in stop_strings if s in text), default=len(text))
+            while row and len(tokenizer.decode(row)) > cut:
                 row.pop()
     return new

@@ -1,6 +1,8 @@
 """Tests for bench.py: the subcommands parse, and `speed` gathers every figure into one table
 set against its target (the timings themselves are benchmarks, never tested)."""
 
+from types import SimpleNamespace
+
 import pytest
 
 import bench
@@ -19,8 +21,8 @@ def test_subcommands_parse_and_explain_themselves(capsys):
 
 
 def test_speed_mode_gathers_every_figure_in_one_table(capsys):
-    """`bench.py speed` on a toy size: one row per LLM measure, per encoder duration, and the
-    mixed batch, each with its target."""
+    """A smoke run of `bench.py speed` on a toy size: every benchmark runs and gives its row (one per LLM
+    measure, per encoder duration, and the mixed batch)."""
     pytest.importorskip("transformers")
     table = bench.main(["speed", "--dim", "32", "--ffn", "64", "--layers", "1", "--heads", "2", "--kv-heads", "1",
                         "--vocab", "64", "--train-len", "16", "--new-tokens", "4", "--prompt-len", "4",
@@ -29,8 +31,23 @@ def test_speed_mode_gathers_every_figure_in_one_table(capsys):
     assert measures == ["LLM train step fwd+bwd, ours / transformers", "LLM decode batch 1, ours / transformers",
                         "encoder ms per ECG-second, 10 s", "encoder ms per ECG-second, 20 s",
                         "mixed batch: windowed vs zero-padded time"]
-    assert all(isinstance(met, bool) for *_, met in table)
     assert "mixed batch: windowed vs zero-padded time" in capsys.readouterr().out
+
+
+def test_speed_sets_each_figure_against_its_target(monkeypatch, capsys):
+    llm = [("train step fwd+bwd", 900.0, 1000.0, None), ("decode batch 1", 60.0, 50.0, None)]
+    enc = [{"seconds": 10.0, "time_s": 0.004}, {"seconds": 60.0, "time_s": 0.0042}, {"seconds": 600.0, "time_s": 0.03}]
+    monkeypatch.setattr(bench, "bench_llm", lambda args: llm)
+    monkeypatch.setattr(bench, "bench_encoder", lambda *a: (enc, [("dense", 1, 1, 0.4), ("padded", 1, 1, 4.0)]))
+    table = bench.speed(SimpleNamespace(device="cpu", durations="10,60,600"))
+    met = {measure: m for measure, _, _, m in table}
+    assert met == {"LLM train step fwd+bwd, ours / transformers": False,       # 0.9x of transformers
+                   "LLM decode batch 1, ours / transformers": True,            # 1.2x
+                   "encoder ms per ECG-second, 10 s": False,                   # 0.4 ms vs 0.05: 8x the longest's
+                   "encoder ms per ECG-second, 60 s": False,                   # 1.4x: not flat
+                   "encoder ms per ECG-second, 600 s": True,
+                   "mixed batch: windowed vs zero-padded time": True}
+    assert "0.90x" in capsys.readouterr().out
 
 
 def test_median_time_runs_at_least_the_minimum_and_takes_the_median():

@@ -201,6 +201,16 @@ def test_prepare_rejects_bad_rates_and_too_long():
     assert out.leads == ["I", "V2"] and out.signal.shape == (2, 200), "standard order, others dropped"
 
 
+def test_rates_above_10_khz_and_non_positive_rates_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"y\.dat: sampling rate 20000 Hz is outside 50-10000 Hz"):
+        prepare_ecg(ECGRecord(np.random.rand(1, 40000), 20000.0, ["I"]), name="y.dat")
+    assert prepare_ecg(ECGRecord(np.random.rand(1, 20000), 10000.0, ["I"])).signal.shape == (1, 200)   # the edge is in
+    np.save(tmp_path / "r.npy", np.random.default_rng(0).normal(size=(1, 500)))
+    for fs in (0, -250):
+        with pytest.raises(ValueError, match=r"r\.npy: sampling rate must be positive"):
+            load_ecg(tmp_path / "r.npy", fs=fs, lead_names=["I"])
+
+
 # ----------------------------------------------------------------------------- resampling
 
 @pytest.mark.parametrize("fs_in,fs_out", [(500, 100), (360, 100), (1000, 100), (257, 100), (50, 100), (10000, 100)])
@@ -241,6 +251,36 @@ def test_localization_rule_edges_merging_and_wording():
     assert localization_answer([120], ["V"], 0, 1000, fs, "V") == "Duration: 0.0s-10.0s", "lone beat spans the clip"
     with pytest.raises(ValueError, match="unknown beat symbol"):
         localization_answer(s, sym, 0, 1000, fs, "X")
+
+
+def test_rhythm_and_noise_marks_are_never_neighbours():
+    # a V at 2.5 s between N beats at 1.0 s and 3.0 s: the '+' (rhythm) and '~' (noise) marks at 2.0 s and 2.7 s sit
+    # closer, but only beats are neighbours, so the span is 1.0 s to 3.0 s
+    assert localization_answer([100, 200, 250, 300], ["N", "+", "V", "N"], 0, 400, 100.0, "V") == "Duration: 1.0s-3.0s"
+    assert localization_answer([100, 250, 270, 300], ["N", "V", "~", "N"], 0, 400, 100.0, "V") == "Duration: 1.0s-3.0s"
+    assert localization_answer([200, 250, 300], ["+", "V", "N"], 0, 400, 100.0, "V") == "Duration: 0.0s-3.0s"
+
+
+def test_the_five_beat_names_are_anyecgs():
+    assert BEAT_NAMES == {"A": "Atrial premature beat", "V": "Premature ventricular contraction",
+                          "L": "Left bundle branch block beat", "R": "Right bundle branch block beat",
+                          "S": "Supraventricular premature or ectopic beat (atrial or nodal)"}
+    assert localization_answer([100], ["N"], 0, 400, 100.0, "R") == "No Right bundle branch block beat Found"
+    assert localization_answer([100, 200, 300], ["N", "S", "N"], 0, 400, 100.0, "S") == "Duration: 1.0s-3.0s"
+
+
+@needs_physionet
+def test_localization_on_mitbih_100_worked_out_by_hand():
+    import wfdb
+    ann = wfdb.rdann(str(PHYSIONET / "100"), "atr")
+    # From 100.atr at 360 Hz: ('+', 18), (N, 77), ..., (N, 1809), (A, 2044), (N, 2402); and (N, 546599), (V, 546792),
+    # (N, 547199). Clip [0, 3600), A: 1809/360 = 5.025 -> 5.0 s, 2402/360 = 6.672 -> 6.7 s. Clip [1000, 4600), A:
+    # 809/360 = 2.247 -> 2.2 s, 1402/360 = 3.894 -> 3.9 s. Clip [546000, 549600), V: 599/360 = 1.664 -> 1.7 s,
+    # 1199/360 = 3.331 -> 3.3 s. Clip [0, 3600), V: no V before sample 3600.
+    for start, symbol, want in [(0, "A", "Duration: 5.0s-6.7s"), (1000, "A", "Duration: 2.2s-3.9s"),
+                                (546000, "V", "Duration: 1.7s-3.3s"),
+                                (0, "V", "No Premature ventricular contraction Found")]:
+        assert localization_answer(ann.sample, ann.symbol, start, start + 3600, 360.0, symbol) == want
 
 
 def test_parse_localization():
@@ -290,8 +330,7 @@ def dataset():
 
 
 def test_dataset_has_every_task_and_valid_rows(dataset):
-    tasks = {r["task"] for r in dataset.rows}
-    assert tasks == {"report", "location", "ecgqa", "multi", "grounded"} or "location_long" in tasks
+    assert {r["task"] for r in dataset.rows} == set(data.TASKS)              # every task, long clips included
     assert all(data.row_problem(r) is None for r in dataset.rows)
     assert all(p in dataset.specs for r in dataset.rows for p in r["ecg_path"])
     n_reduced = sum(len(s.leads) < 12 for s in dataset.specs.values())

@@ -60,6 +60,18 @@ def test_three_ecgs_each_block_holds_its_own_tokens(tok):
         assert torch.equal(x[0, text], model.llm.embed_tokens(ids[0, text]))
 
 
+def test_absolute_time_reaches_the_llm(tok):
+    # 30 s of the same 10 s three times: the windows are independent, so only the time code can tell the LLM that
+    # token 0 is at 0 s, token 20 at 10 s and token 40 at 20 s
+    model = make_chat(tok)
+    ten = ecg(10, ("II",), seed=3).signal
+    e = ECGRecord(torch.cat([ten, ten, ten], dim=1), 100.0, ["II"])
+    ids = torch.tensor([prompt_ids(tok, model, [e])])
+    with torch.no_grad():
+        x = model.embed(ids, [[e]])[0, ids[0] == model.ecg_token_id]                          # (60, C)
+    assert (x[0] - x[20]).abs().max() > 1e-2 and (x[20] - x[40]).abs().max() > 1e-2
+
+
 def test_placeholder_count_mismatch_is_a_clear_error(tok):
     model = make_chat(tok)
     ecgs = [ecg(10), ecg(10, seed=1)]

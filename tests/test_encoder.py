@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from torch.utils import flop_counter
 
+from bench import count_flops
 from data import STANDARD_LEADS
 from ecg_encoder import (ECGEncoder, EncoderConfig, Projector, check_fits, load_encoder_config, load_encoder_weights,
                          save_encoder_weights)
@@ -95,14 +95,8 @@ def test_one_lead_costs_less_than_twelve():
     assert enc.internal_tokens(n, 1) == 20
     assert enc.internal_tokens(n, 12) == 240
 
-    def sdpa_cpu(q, k, v, *args, out_shape=None, **kwargs):  # missing from torch's table
-        return flop_counter.sdpa_flop_count(q, k, v)
-
     def flops(n_leads):
-        mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu}
-        with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as fc:
-            encode(enc, [ecg(n_leads, 10, seed=3)], [list(STANDARD_LEADS[:n_leads])])
-        return fc.get_total_flops()
+        return count_flops(lambda: encode(enc, [ecg(n_leads, 10, seed=3)], [list(STANDARD_LEADS[:n_leads])]))
 
     one, twelve = flops(1), flops(12)
     # measured, not computed by the encoder: 12x the tokens, 144x the attention pairs
@@ -132,6 +126,17 @@ def test_num_tokens_matches_forward(tps):
         assert y.shape == (expected, enc.cfg.d_model)
 
 
+def test_flops_grow_linearly_with_duration_and_none_go_to_padding():
+    enc = make_encoder()
+    flops = {s: count_flops(lambda: encode(enc, [ecg(1, s, seed=1)], [["II"]])) for s in (10, 60, 600)}
+    assert flops[60] == 6 * flops[10] and flops[600] == 60 * flops[10]          # counted, not computed by the encoder
+    # a batch of mixed lengths and lead sets costs exactly what its ECGs cost one by one: no padded attention
+    batch = [(ecg(12, 23.7, 1), list(STANDARD_LEADS)), (ecg(1, 65.4, 2), ["II"]), (ecg(2, 8.0, 3), ["I", "V1"])]
+    alone = sum(count_flops(lambda: encode(enc, [x], [names])) for x, names in batch)
+    together = count_flops(lambda: encode(enc, [x for x, _ in batch], [names for _, names in batch]))
+    assert together == alone
+
+
 def test_output_length_scales_with_duration():
     enc = make_encoder()
     t10, t60 = encode(enc, [ecg(1, 10, 5), ecg(1, 60, 6)], [["I"], ["I"]])
@@ -151,6 +156,22 @@ def test_absolute_time_is_encoded():
     # an hour later is also distinguishable
     hour = encode(enc, [torch.cat([torch.zeros(1, 3600 * FS), x], dim=1)], [["II"]])[0][-20:]
     assert maxdiff(early, hour) > 1e-2 and maxdiff(late, hour) > 1e-2
+
+
+@pytest.mark.parametrize("tps", [2.0, 1.0])
+def test_absolute_time_code_is_added_at_the_output(tps):
+    # with the final LayerNorm zeroed, everything the blocks compute is gone and what remains at the output is the
+    # time code of each token's start, written out here from its definition: sin and cos of 2 pi t / P for periods P
+    # geometric from twice the patch length (1 s) to 4 h
+    enc = make_encoder(tokens_per_second=tps)
+    with torch.no_grad():
+        enc.ln_f.weight.zero_()
+        enc.ln_f.bias.zero_()
+    out = encode(enc, [ecg(2, 25, seed=1)], [["I", "II"]])[0].double()                # (n, C)
+    t = torch.arange(len(out), dtype=torch.float64) / tps                             # token start times, s
+    periods = torch.logspace(0, math.log10(4 * 3600), enc.cfg.d_model // 2, dtype=torch.float64)
+    angle = 2 * math.pi * t[:, None] / periods[None, :]
+    assert len(out) == 25 * tps and (out - torch.cat([angle.sin(), angle.cos()], dim=1)).abs().max() < 1e-5
 
 
 def test_windows_are_independent():

@@ -30,8 +30,9 @@ NO_A = "No Atrial premature beat Found"
 
 def test_iou_not_found_cases():
     assert ev.localization_iou(NO_A, NO_A) == 1.0
-    # "not found" is not found, whatever beat name the sentence carries
-    assert ev.localization_iou("No Premature ventricular contraction Found", NO_A) == 1.0
+    assert ev.localization_iou("no atrial premature beat found.", NO_A) == 1.0          # case and punctuation aside
+    # asked about one beat, the answer says another is absent: wrong (seen on record 100: RBBB asked, PVC answered)
+    assert ev.localization_iou("No Premature ventricular contraction Found", NO_A) == 0.0
     assert ev.localization_iou(NO_A, "Duration: 1.0s-2.0s") == 0.0
     assert ev.localization_iou("Duration: 1.0s-2.0s", NO_A) == 0.0
 
@@ -54,6 +55,26 @@ def test_iou_garbage_is_zero():
 def test_iou_intervals(pred, ref, iou):
     assert ev.localization_iou(pred, ref) == pytest.approx(iou)
     assert ev.localization_iou(ref, pred) == pytest.approx(iou)               # symmetric
+
+
+@pytest.mark.parametrize("pred, ref, theirs", [
+    (NO_A, NO_A, 1.0),                                                      # identical texts
+    ("No Premature ventricular contraction Found", NO_A, 0.0),             # differ, and nothing parses
+    ("Duration: 1.0s-3.0s", "Duration: 2.0s-4.0s", 1 / 3),
+    ("Duration: 1.0s-3.0s.", "Duration: 1.0s-3.0s", 0.0),                  # their parser: "3.0s." is no number
+    ("Duration: 1.0s-3.0s, 2.0s-4.0s", "Duration: 1.0s-4.0s", 4 / 3),      # overlaps summed pairwise: 2 + 2 over 3
+    ("Duration: 0.0s-2.0s, 1.0s-3.0s", "Duration: 1.0s-2.0s, 2.5s-4.0s", 2.5 / 4.0),   # (1 + 1 + 0.5) / 4
+])
+def test_anyecg_own_iou_sums_pairwise_overlaps(pred, ref, theirs):
+    assert ev.anyecg_iou(pred, ref) == pytest.approx(theirs)
+
+
+def test_location_scores_report_ours_and_anyecgs():
+    rows = [{"task": "location", "abnormal_type": t, "answer": a, "question": "q"}
+            for t, a in [("V", "Duration: 1.0s-4.0s"), ("A", NO_A)]]
+    s = ev.score_rows(rows, ["Duration: 1.0s-3.0s, 2.0s-4.0s", NO_A])["location"]
+    assert s["iou_micro"] == 1.0 and s["anyecg_iou_micro"] == pytest.approx((4 / 3 + 1) / 2)
+    assert s["anyecg_iou_macro"] == pytest.approx((4 / 3 + 1) / 2)
 
 
 def test_merge_intervals():
@@ -276,15 +297,19 @@ def test_eval_cli_end_to_end_on_mitbih_100(chat, tmp_path):
     assert "location" in run.stdout and "IoU micro" in run.stdout
     assert "skipped 1 rows: ecg_path not found 1" in run.stdout and "not_a_record" in run.stdout
     result = json.loads(out.read_text())
-    loc = result["scores"]["location"]
-    assert loc["n"] == 5 and set(loc["per_type"]) == {"A", "V"} and 0 <= loc["iou_micro"] <= 1
-    assert len(result["predictions"]) == 5 and result["scores"]["skipped"]["n"] == 1
-    assert all(0 <= p["score"] <= 1 for p in result["predictions"])
-    # --ablate-ecg and --limit run too; the benchmark subcommands still parse
-    run = subprocess.run(cmd + ["--ablate-ecg", "--limit", "2"], capture_output=True, text=True, cwd=tmp_path,
+    loc, preds = result["scores"]["location"], result["predictions"]
+    assert loc["n"] == 5 and set(loc["per_type"]) == {"A", "V"} and result["scores"]["skipped"]["n"] == 1
+    assert [p["index"] for p in preds] == [0, 1, 2, 3, 4] and [p["answer"] for p in preds] == [r["answer"] for r in rows[:5]]
+    # each row's score is the metric of its own texts, and the table is their mean
+    assert all(p["score"] == ev.localization_iou(p["prediction"], p["answer"]) for p in preds)
+    assert loc["iou_micro"] == pytest.approx(sum(p["score"] for p in preds) / 5)
+    # --ablate-ecg: the same prompts, a blank ECG, so the answers change; --limit keeps the first rows
+    run = subprocess.run(cmd + ["--ablate-ecg", "--limit", "3"], capture_output=True, text=True, cwd=tmp_path,
                          timeout=120)
     assert run.returncode == 0, run.stderr
-    assert json.loads(out.read_text())["ablate_ecg"] is True
+    ablated = json.loads(out.read_text())
+    assert ablated["ablate_ecg"] is True and len(ablated["predictions"]) == 3
+    assert [p["prediction"] for p in ablated["predictions"]] != [p["prediction"] for p in preds[:3]]
 
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import generate
-from chat import SPECIAL_TOKENS, ECGChat
-from data import BEAT_NAMES, ECGRecord
+import paper
+from chat import SPECIAL_TOKENS, ECGChat, _run_lengths
+from data import BEAT_NAMES, ECGRecord, prepare_ecg
 from ecg_encoder import ECGEncoder, EncoderConfig
 from model import LLM, LLMConfig, train_tokenizer
 
@@ -173,6 +174,17 @@ def test_reads_a_paper_image_alone_or_with_the_signal(ckpt, tmp_path):
     both = run_cli("--ckpt", tmp_path / "img_ckpt", "--image", png, "--ecg", tmp_path / "ecg.npy", "--fs", "500",
                    "--lead-names", ",".join(rec.leads), "--prompt", "Report?", "--max-new-tokens", "5")
     assert both.returncode == 0, both.stderr
+    assert "printout.png: 532 x 276 px -> 32 tokens" in both.stderr and "ecg.npy: 10.0 s at 500 Hz" in both.stderr
+    # the answer to both is asked with both: a 20-token ECG block, then a 32-token image block, each input spliced
+    model, seen = ECGChat.load(tmp_path / "img_ckpt"), []
+    real = model.generate
+    model.generate = lambda prompts, inputs, **kw: seen.append((prompts[0], inputs[0])) or real(prompts, inputs, **kw)
+    ecg, image = prepare_ecg(rec, 100.0), paper.read_image(png)
+    generate.chat_turn(model, [("user", "Report?")], [ecg, image], 3)
+    ids, inputs = seen[0]
+    assert _run_lengths([i == model.ecg_token_id for i in ids]) == [20]
+    assert _run_lengths([i == model.img_token_id for i in ids]) == [32]
+    assert ids.index(model.ecg_token_id) < ids.index(model.img_token_id) and inputs[0] is ecg and inputs[1] is image
     r = run_cli("--ckpt", ckpt, "--image", png, "--prompt", "Report?")
     assert r.returncode != 0 and "has no image encoder" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--ckpt", ckpt, "--prompt", "Report?")

@@ -2,24 +2,33 @@
 and `python warmup.py` as a probe): it trains the encoders it is given, and its command line
 saves an encoder that train.py --encoder_init reads."""
 
+import copy
+
 import torch
 
 import warmup
 from ecg_encoder import ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, load_encoder_config
 
 
-def test_trains_the_encoders_it_is_given_and_scores_in_range():
+def test_thirty_steps_read_the_held_out_ecgs_better_than_the_untrained_encoder():
+    torch.manual_seed(0)
     enc = ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=1, n_heads=2))
-    before = {n: p.detach().clone() for n, p in enc.state_dict().items()}
-    r = warmup.fit_encoder_to_truth(enc, warmup.WarmupConfig(steps=3, train_patients=4, test_patients=3, eval_every=3),
-                                    desc=None, report=False)
-    assert 0.0 <= r["statement_f1"] <= 1.0 and 0.0 <= r["hr_mae"] < 200.0 and len(r["beat_f1"]) == 5
-    assert any(not torch.equal(before[n], p) for n, p in enc.state_dict().items())   # trained in place
+    untrained = copy.deepcopy(enc)
+    kw = dict(train_patients=8, test_patients=4, lr=3e-3)
+    r0 = warmup.fit_encoder_to_truth(untrained, warmup.WarmupConfig(steps=0, **kw), desc=None, report=False)
+    r1 = warmup.fit_encoder_to_truth(enc, warmup.WarmupConfig(steps=30, eval_every=30, **kw), desc=None, report=False)
+    # the same held-out records and the same head initialisation (seeded): only the 30 steps differ
+    assert r1["hr_mae"] < r0["hr_mae"] - 5 and r1["statement_f1"] > r0["statement_f1"] + 0.05
+    assert r1["beat_f1"][0] > r0["beat_f1"][0] + 0.1                  # where the beats are, token by token
+
+
+def test_trains_the_image_encoder_beside_the_ecg_encoder():
+    enc = ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=1, n_heads=2))
     img = ImageEncoder(ImageEncoderConfig(height=32, width=64, d_model=16, n_layers=1, n_heads=2))
     before = img.pos_emb.detach().clone()
     r = warmup.fit_encoder_to_truth(enc, warmup.WarmupConfig(steps=2, train_patients=6, test_patients=6,
                                                              eval_every=2, seed=1), img, desc=None)
-    assert 0.0 <= r["image_statement_f1"] <= 1.0 and not torch.equal(before, img.pos_emb)    # the image encoder learned
+    assert "image_statement_f1" in r and "image_hr_mae" in r and not torch.equal(before, img.pos_emb)
 
 
 def test_command_line_saves_an_encoder_with_its_config(tmp_path, capsys):
