@@ -242,7 +242,10 @@ class ECGChat(nn.Module):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{d / name}: missing; a nanoECG checkpoint folder holds config.json, "
                                         "model.safetensors and tokenizer.model")
-        raw = json.loads((d / "config.json").read_text())
+        try:
+            raw = json.loads((d / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{d / 'config.json'}: not valid JSON ({e})") from None
         if "nanoecg" not in raw:
             raise ValueError(f"{d / 'config.json'}: no 'nanoecg' section, so this is a plain LLM "
                              f"checkpoint, not an ECG-chat model (train one with train.py --llm {d})")

@@ -99,7 +99,7 @@ _WFDB_FLAC = {"508", "516", "524"}
 _TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "v": 1e3, "nu": 1.0, "": 1.0}
 
 
-def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, start=None, end=None):
+def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, start=None, end=None, units=None):
     """Read an ECG file -> ECGRecord(signal float32 (leads, samples) in mV, fs, lead names).
 
     path: a WFDB record (with or without .hea/.dat; multi-file records such as PTB's .dat + .xyz are read whole),
@@ -109,18 +109,23 @@ def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, sta
     fs, lead_names: needed for .npy; fs also for .csv without a time column; lead_names overrides stored names.
     start, end: read only samples [start, end) (WFDB reads just that part of the file, so a 10 s clip of a 24 h
     Holter costs what a 10 s record does).
-    All-NaN and flat leads are dropped, partly missing samples interpolated (repair_nonfinite), with a warning."""
+    units: the unit of the file's values, "mV", "uV" or "V" (default: a WFDB header's units, mV for .npy/.csv).
+    All-NaN and flat leads are dropped, partly missing samples interpolated (repair_nonfinite), with a warning;
+    amplitudes a thousand times off (µV or V read as mV) are warned about (check_amplitude)."""
     path = str(path)
     suffix = Path(path).suffix.lower()
+    if units is not None and str(units).lower() not in _TO_MV:
+        raise ValueError(f"{path}: units {units!r} unknown; use mV, uV or V")
     if suffix in (".npy", ".csv"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
         signal, fs, names = (_read_npy if suffix == ".npy" else _read_csv)(path, fs, lead_names)
+        signal = signal * _TO_MV[str(units or "mV").lower()]
         if start is not None or end is not None:
             signal = signal[:, _clip(path, signal.shape[1], start, end)]
     else:
         signal, fs, names = _read_wfdb(path[:-4] if suffix in (".hea", ".dat", ".xyz") else path, lead_names,
-                                       start, end)
+                                       start, end, units)
     if signal.shape[1] == 0:
         raise ValueError(f"{path}: record has zero samples")
     if not (fs and fs > 0):
@@ -133,6 +138,7 @@ def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, sta
         signal, names = signal[keep], [names[i] for i in keep]
     signal, names = drop_unusable_leads(signal, names, path)
     signal = repair_nonfinite(signal, names, path)
+    check_amplitude(signal, names, path)
     if leads is not None:
         missing = [x for x in leads if x not in names]
         if missing:
@@ -149,7 +155,7 @@ def _clip(name, n, start, end):
     return slice(start, end)
 
 
-def _read_wfdb(record, lead_names, start=None, end=None):
+def _read_wfdb(record, lead_names, start=None, end=None, units=None):
     """One pass of wfdb over header and samples: parsing a header costs more than reading a 10 s record, so it is
     parsed once. When wfdb fails or returns fewer samples than asked, _diagnose_wfdb says precisely what is wrong."""
     import wfdb   # imported here: it pulls in pandas, seconds that `import data` should not cost
@@ -167,11 +173,14 @@ def _read_wfdb(record, lead_names, start=None, end=None):
     if not rec.n_sig or n == 0 or (end is not None and n != end - (start or 0)):
         _diagnose_wfdb(record, start, end)
         raise ValueError(f"{header}: record has zero samples or no signals")
-    units = [str(u or "").strip().lower() for u in rec.units]
-    bad = sorted({u for u in units if u not in _TO_MV})
+    # a header whose format or length does not fit its files reads as garbage, not as an error: check the sizes
+    # (a clip's record knows only the clip's length, so the header is parsed again for the whole one)
+    _check_signal_files(record, rec if start is None and end is None else wfdb.rdheader(record))
+    stated = [str(units or u or "").strip().lower() for u in rec.units]   # the caller's units win over the header's
+    bad = sorted({u for u in stated if u not in _TO_MV})
     if bad:
         warnings.warn(f"{header}: unknown units {bad}; assumed mV")
-    scale = np.array([_TO_MV.get(u, 1.0) for u in units])[:, None]
+    scale = np.array([_TO_MV.get(u, 1.0) for u in stated])[:, None]
     names = lead_names or rec.sig_name
     _check_names(names, rec.n_sig, header)
     return rec.p_signal.T * scale, float(rec.fs), list(names)                  # (leads, samples)
@@ -188,6 +197,15 @@ def _diagnose_wfdb(record, start, end):
         raise ValueError(f"{header}: cannot parse WFDB header ({type(e).__name__}: {e})") from None
     if not h.n_sig or not h.sig_len:
         raise ValueError(f"{header}: record has zero samples or no signals")
+    _check_signal_files(record, h)
+    _clip(record, h.sig_len, start, end)
+
+
+def _check_signal_files(record, h):
+    """Every signal file must exist and hold what the header h says: sig_len samples of each signal in its format.
+    A file too short is truncated; one too long means the header's format or length is wrong (16 for 212, say)."""
+    if not getattr(h, "file_name", None):   # a multi-segment record: its segments are records of their own
+        return
     spf = h.samps_per_frame or [1] * h.n_sig
     offsets = h.byte_offset or [None] * h.n_sig
     for fname in dict.fromkeys(h.file_name):
@@ -201,13 +219,15 @@ def _diagnose_wfdb(record, start, end):
             raise FileNotFoundError(f"{path}: signal file named in {record}.hea is missing")
         if any(h.fmt[i] in _WFDB_FLAC for i in mine):
             continue                                                        # compressed: size unknown
-        need = max(int(offsets[i] or 0) for i in mine) + math.floor(
-            h.sig_len * sum(_WFDB_BYTES[h.fmt[i]] * (spf[i] or 1) for i in mine))
+        frame = sum(_WFDB_BYTES[h.fmt[i]] * (spf[i] or 1) for i in mine)                # bytes per sample time
+        need = max(int(offsets[i] or 0) for i in mine) + math.floor(h.sig_len * frame)
         size = os.path.getsize(path)
         if size < need:
             raise ValueError(f"{path}: truncated, {size} bytes but the header promises {h.sig_len} samples "
                              f"x {len(mine)} signals = {need} bytes")
-    _clip(record, h.sig_len, start, end)
+        if size > need + math.ceil(frame):
+            raise ValueError(f"{path}: {size} bytes, but format(s) {sorted(set(h.fmt[i] for i in mine))} and "
+                             f"{h.sig_len} samples in {record}.hea make {need}: the header's format or length is wrong")
 
 
 def _read_npy(path, fs, lead_names):
@@ -236,8 +256,10 @@ def _read_csv(path, fs, lead_names):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)          # empty table: our own error below
                 x = np.loadtxt(f, delimiter=",", ndmin=2, dtype=np.float64)
-        except ValueError as e:
-            raise ValueError(f"{path}: non-numeric value in the table ({e})") from None
+        except ValueError as e:   # numpy's message quotes the cell: say where it is, never what the file holds
+            where = re.search(r"row (\d+), column (\d+)", str(e))
+            at = f" (line {int(where[1]) + 2}, column {where[2]})" if where else ""   # numpy: row from 0, column from 1
+            raise ValueError(f"{path}: non-numeric value in the table{at}") from None
     x = x.reshape(-1, len(header)).T                                       # (columns, samples)
     is_time = [h.lower() in ("time", "t", "time_s", "time (s)", "seconds") for h in header]
     if any(is_time):
@@ -258,6 +280,22 @@ def _check_names(names, n, source):
 
 
 # --------------------------------------------------------------------------- 4. cleaning
+
+def check_amplitude(signal, leads, source=""):
+    """Warn when the ECG leads' amplitudes are a thousand times off: a lead in mV spans about 0.3 to 10 mV, so one
+    spanning hundreds is almost surely in µV (and one spanning hundredths in V). Read as mV, such a record is still
+    answered, but from the wrong ECG, so the warning names the factor and the repair."""
+    ecg = [i for i, name in enumerate(leads) if name in STANDARD_LEADS]
+    if not ecg:
+        return
+    span = float(np.median(np.percentile(signal[ecg], 99.5, axis=1) - np.percentile(signal[ecg], 0.5, axis=1)))
+    if span > 100:
+        warnings.warn(f"{source}: the leads span {span:.0f} mV (median), about 1000x an ECG's 1-5 mV: the values look "
+                      "like µV; read them with units='uV' (generate.py --units uV) to divide by 1000")
+    elif span < 0.02:
+        warnings.warn(f"{source}: the leads span {span:.4f} mV (median), about 1/1000 of an ECG's 1-5 mV: the values "
+                      "look like V; read them with units='V' (generate.py --units V) to multiply by 1000")
+
 
 def drop_unusable_leads(signal, leads, source=""):
     """Drop leads that carry nothing -- all NaN, or flat (a disconnected electrode, a zero-filled missing lead) -- with
@@ -447,7 +485,8 @@ def row_problem(row):
 
 def load_rows(path):
     """Read an anyECG JSON file (a list of rows). Malformed rows are skipped, counted and named in one warning;
-    `ecg_path` becomes a list (a single string -> [string]) so multi-ECG rows and single ones are handled alike."""
+    `ecg_path` becomes a list (a single string -> [string]) so multi-ECG rows and single ones are handled alike, and
+    each row keeps its position in the file as `file_index` (what reports about a row refer to)."""
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -459,7 +498,8 @@ def load_rows(path):
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
     problems = [row_problem(row) for row in data]
-    rows = [dict(row, ecg_path=row_paths(row)) for row, problem in zip(data, problems) if not problem]
+    rows = [dict(row, ecg_path=row_paths(row), file_index=i) for i, (row, problem) in enumerate(zip(data, problems))
+            if not problem]
     skipped = [(i, problem) for i, problem in enumerate(problems) if problem]
     if skipped:
         shown = "; ".join(f"row {i}: {p}" for i, p in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
@@ -517,8 +557,18 @@ class RowECGReader:
 
 def read_clip(root, fs, key):
     rel, start, end = key
-    path = os.path.join(root, rel)
+    path = inside(root, rel)
     return prepare_ecg(load_ecg(path, start=start, end=end), fs, name=path)
+
+
+def inside(root, rel):
+    """root/rel, refused when it leads outside root (an absolute path, '..', or a link out): a row names a record
+    under the data root it came with, never any file the reading process could open."""
+    base = Path(root or ".").resolve()
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base):
+        raise ValueError(f"{rel}: outside the ECG root {base}; rows name records under it")
+    return str(path)
 
 
 def try_read_clip(args):

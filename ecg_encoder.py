@@ -449,20 +449,21 @@ def check_fits(encoder, n_samples, max_seq_len, n_text_tokens=0):
         room = max(0, max_seq_len - n_text_tokens)
         raise ValueError(f"ECG(s) of {secs} s need {n_ecg} tokens at {cfg.tokens_per_second:g} tokens/s, plus "
                          f"{n_text_tokens} text tokens; the LLM context allows {max_seq_len} (room for about "
-                         f"{encoder.max_seconds(room):g} s of ECG). Lower --ecg-tokens-per-second or raise "
-                         "--max-seq-len.")
+                         f"{encoder.max_seconds(room):g} s of ECG). Use a shorter part of the ECG, or a model trained "
+                         "with a longer context (train.py --max_seq_len).")
     return n_ecg
 
 
 # --------------------------------------------------------------------------- weights: safetensors
 
 
-def save_encoder_weights(module, path, cfg=None):
+def save_encoder_weights(module, path, cfg=None, made_by=None):
     """Save any module's state (encoder, projector, or a wrapper of both). The config, if given, goes into
-    the file's metadata as JSON (data, never code)."""
+    the file's metadata as JSON (data, never code), and so does `made_by`: what produced the weights (e.g.
+    the warm-up's settings), so that a file made by another run can be told apart."""
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    meta = {"config": json.dumps(asdict(cfg))} if cfg is not None else None
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    meta = {k: json.dumps(v) for k, v in [("config", cfg and asdict(cfg)), ("made_by", made_by)] if v is not None}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta or None))
 
 
 def load_encoder_weights(module, path):
@@ -472,8 +473,11 @@ def load_encoder_weights(module, path):
 
 def load_state(module, state, source):
     """Load `state` into `module`, or raise one error naming `source` and every missing,
-    unexpected or differently shaped key."""
+    unexpected or differently shaped key, or every tensor holding NaN or Inf (never load poisoned weights)."""
     own = module.state_dict()
+    poisoned = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if poisoned:
+        raise ValueError(f"{source}: non-finite values (NaN/Inf) in {poisoned[:5]} ({len(poisoned)} tensors)")
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
@@ -485,15 +489,20 @@ def load_state(module, state, source):
     return module
 
 
-def load_encoder_config(path):
-    """The EncoderConfig that save_encoder_weights(..., cfg) stored in the file."""
+def file_metadata(path):
+    """The metadata of a safetensors file (a dict of strings); errors name the file."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such encoder weights file")
     try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
     except Exception as e:  # safetensors' own error does not say which file
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_encoder_config(path):
+    """The EncoderConfig that save_encoder_weights(..., cfg) stored in the file."""
+    meta = file_metadata(path)
     if "config" not in meta:
         raise ValueError(f"{path} holds no encoder config in its metadata")
     return EncoderConfig(**json.loads(meta["config"]))

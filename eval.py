@@ -18,14 +18,17 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from chat import ECGChat
-from data import LOCATION_TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, merge_intervals, parse_localization
+from data import (LOCATION_TASKS, TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, merge_intervals,
+                  parse_localization)
 from synth import STATEMENTS
 
 
@@ -314,7 +317,8 @@ def print_table(scores, file=None):
 # --------------------------------------------------------------------------- 3. evaluating a model over anyECG rows
 def _skip_reason(err):
     return ("ecg_path not found" if isinstance(err, FileNotFoundError) else
-            "longer than the context" if "context allows" in str(err) else "unreadable ECG")
+            "longer than the context" if "context allows" in str(err) else
+            "outside the ECG root" if "outside the ECG root" in str(err) else "unreadable ECG")
 
 
 def blank(inputs):
@@ -351,8 +355,8 @@ def evaluate(model, rows, inputs_of, batch_size=8, max_new_tokens=256, ablate_ec
                     inputs = blank(inputs_of(rows[i])) if ablate_ecg else inputs_of(rows[i])
                     batch.append((i, model.prompt([("user", rows[i]["question"])], inputs, True)[0], inputs))
                 except (FileNotFoundError, ValueError) as e:
-                    skipped.append({"index": i, "ecg_path": rows[i].get("ecg_path"), "reason": _skip_reason(e),
-                                    "error": str(e)})
+                    skipped.append({"index": rows[i].get("file_index", i), "ecg_path": rows[i].get("ecg_path"),
+                                    "reason": _skip_reason(e), "error": str(e)})
             if batch:
                 room = model.max_seq_len - max(len(ids) for _, ids, _ in batch)
                 new = model.generate([ids for _, ids, _ in batch], [x for _, _, x in batch],
@@ -369,8 +373,8 @@ def evaluate(model, rows, inputs_of, batch_size=8, max_new_tokens=256, ablate_ec
     scores["skipped"] = {"n": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)),
                          "rows": skipped}
     keep = ("task", "abnormal_type", "question_type", "ecg_path", "question", "answer")
-    predictions = [{"index": i, **{k: rows[i][k] for k in keep if k in rows[i]}, "prediction": p,
-                    "score": row_score(rows[i], p)} for i, p in answered]
+    predictions = [{"index": rows[i].get("file_index", i), **{k: rows[i][k] for k in keep if k in rows[i]},
+                    "prediction": p, "score": row_score(rows[i], p)} for i, p in answered]
     return scores, predictions
 
 
@@ -391,14 +395,26 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    for name in ("batch_size", "max_new_tokens", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < (name != "limit"):
+            p.error(f"--{name.replace('_', '-')} must be at least {int(name != 'limit')}")
+    if os.path.isdir(args.out):   # checked now, not after the whole evaluation
+        p.error(f"--out {args.out} is a folder; give the path of a .json file")
     try:
         model = ECGChat.load(args.ckpt, device=args.device)
         rows = load_rows(args.data)[:args.limit]
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if not rows:
+        sys.exit(f"error: {args.data}: no rows to evaluate")
+    other = sorted({r["task"] for r in rows} - set(TASKS) - {"open-ended"})
+    if other:
+        warnings.warn(f"{args.data}: tasks {other} are not nanoECG's; their rows are scored as free text "
+                      "(BLEU, ROUGE-L)")
     root = args.ecg_root or os.path.dirname(os.path.abspath(args.data))
     if not os.path.isdir(root):
         sys.exit(f"error: --ecg-root {root}: no such folder")
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     reader = RowECGReader(root, model.encoder.cfg.fs, cache_size=64)   # records read lazily, recent ones kept
     scores, predictions = evaluate(model, rows, reader, args.batch_size, args.max_new_tokens, args.ablate_ecg,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)

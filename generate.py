@@ -21,6 +21,8 @@ from chat import ECGChat
 from data import STANDARD_LEADS, canonical_lead, cut_ecg, load_ecg, parse_localization, prepare_ecg
 from paper import plot_ecg_svg, read_image
 
+ANSWER_BUDGET = 64   # tokens an ECG must leave free for the answer (or --max-new-tokens, if smaller)
+
 
 def cut_seconds(rec, start=0.0, end=None, name="ECG"):
     """The part [start, end) seconds of a record (end None: to its end). A start past the
@@ -45,12 +47,12 @@ def lead_list(text, option):
     return [canonical_lead(x) for x in names]
 
 
-def read_ecgs(paths, fs_model, leads=None, start=0.0, end=None, fs=None, lead_names=None):
+def read_ecgs(paths, fs_model, leads=None, start=0.0, end=None, fs=None, lead_names=None, units=None):
     """Each --ecg -> (record as read and cut, in mV at its own rate; record as the model
     reads it, at fs_model). Every error names the file."""
     out = []
     for path in paths:
-        rec = cut_seconds(load_ecg(path, leads=leads, fs=fs, lead_names=lead_names), start, end, path)
+        rec = cut_seconds(load_ecg(path, leads=leads, fs=fs, lead_names=lead_names, units=units), start, end, path)
         out.append((rec, prepare_ecg(rec, fs_model, name=path)))
     return out
 
@@ -112,7 +114,7 @@ def read_inputs(args, model):
     each described on stderr."""
     leads = lead_list(args.leads, "--leads") if args.leads else None
     lead_names = [x.strip() for x in args.lead_names.split(",")] if args.lead_names else None
-    read = read_ecgs(args.ecg or [], model.encoder.cfg.fs, leads, args.start, args.end, args.fs, lead_names)
+    read = read_ecgs(args.ecg or [], model.encoder.cfg.fs, leads, args.start, args.end, args.fs, lead_names, args.units)
     if args.image and model.image_encoder is None:
         raise ValueError(f"{args.ckpt} has no image encoder (train one with train.py --images)")
     images = [read_image(path) for path in args.image or []]
@@ -122,6 +124,8 @@ def read_inputs(args, model):
     for path, (rec, e) in zip(args.ecg or [], read):
         print(f"ECG {path}: {rec.signal.shape[1] / rec.fs:.1f} s at {rec.fs:g} Hz, leads {' '.join(e.leads)} "
               f"-> {model.encoder.num_tokens(e.signal.shape[1])} tokens", file=sys.stderr)
+    if len(read) > 1 and (args.start or args.end is not None):
+        print("(--start/--end took the same part of every --ecg)", file=sys.stderr)
     return read, images
 
 
@@ -129,7 +133,12 @@ def run_chat(args):
     model = ECGChat.load(args.ckpt, device=args.device)
     read, images = read_inputs(args, model)
     ecgs = [prepared for _, prepared in read]
-    model.check_fits([e.signal.shape[1] for e in ecgs], 16)   # fail before the first question, not after
+    budget = min(args.max_new_tokens, ANSWER_BUDGET)   # fail before the first question, not after a cut answer
+    try:
+        model.check_fits([e.signal.shape[1] for e in ecgs], 16 + budget)
+    except ValueError as e:
+        raise ValueError(f"{e} Here: --start/--end take a part of a long record, and {budget} tokens stay free for "
+                         f"the answer (--max-new-tokens {args.max_new_tokens}).") from None
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.seed is not None:
         sampling["generator"] = torch.Generator(model.llm.embed_tokens.weight.device).manual_seed(args.seed)
@@ -158,10 +167,12 @@ def main(argv=None):
                    help="an ECG: WFDB record, .npy or .csv; repeat for several ECGs, in order")
     p.add_argument("--prompt", help="the question; without it, a multi-turn chat reads questions from stdin")
     p.add_argument("--leads", help="use only these leads, e.g. I,II,V5")
-    p.add_argument("--start", type=float, default=0.0, help="seconds: use the record from here ...")
-    p.add_argument("--end", type=float, default=None, help="... to here (default: its end)")
+    p.add_argument("--start", type=float, default=0.0, help="seconds: use each --ecg from here ...")
+    p.add_argument("--end", type=float, default=None, help="... to here (default: its end); the same part of every --ecg")
     p.add_argument("--fs", type=float, help="sampling rate of a .npy / time-less .csv file, Hz")
     p.add_argument("--lead-names", help="lead names of a .npy file (or to override a file's), e.g. I,II,III")
+    p.add_argument("--units", choices=["mV", "uV", "V"], help="unit of the file's values (default: the WFDB header's; "
+                   "mV for .npy/.csv); a file in µV read as mV is warned about")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=None)

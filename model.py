@@ -393,8 +393,11 @@ class LLM(nn.Module):
             expected.pop("lm_head.weight")
         key_file = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                key_file.update({k: f for k in sf.keys()})
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    key_file.update({k: f for k in sf.keys()})
+            except Exception as e:   # a truncated or foreign file: safetensors' own error does not name it
+                raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
         prefix, head_key = _llm_prefix(key_file, hf_dir)
         to_ckpt = {k: head_key if k == "lm_head.weight" else prefix + k for k in expected}
         missing = [c for c in to_ckpt.values() if c not in key_file]

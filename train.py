@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from chat import SPECIAL_TOKENS, ECGChat
 from data import TASKS, ECGRecord, RowECGReader, atomic_write, load_rows
-from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, clip_vision_config,
+from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, clip_vision_config, file_metadata,
                          load_clip_vision, load_encoder_config, load_encoder_weights, save_encoder_weights)
 from eval import evaluate, print_table, prior_answers, score_rows
 from model import LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, train_tokenizer
@@ -141,7 +141,7 @@ class Config:
     max_new_tokens: int = arg(256, "generation budget in evaluation")
     ckpt_interval: int = arg(500, "steps between checkpoints (and one at each stage end)")
     keep_ckpts: int = arg(2, "checkpoint folders kept")
-    resume: bool = arg(False, "continue from the newest checkpoint in out_dir")
+    resume: bool = arg(False, "continue the run in out_dir from its newest checkpoint, with its config")
     stop_after: int = arg(0, "stop (checkpoint written) after this many steps in this run (0: never)")
 
 
@@ -149,6 +149,10 @@ class Config:
 ANYECG = dict(stage1_lr=1e-4, stage2_lr=1e-4, stage3_lr=1e-4, weight_decay=1e-4, beta2=0.999, encoder="base",
               stage1_train="encoder,projector", stage2_train="encoder,projector,lora",
               stage3_train="encoder,projector,lora")
+# What --resume lets a flag change: how the run logs, evaluates, checkpoints and where it runs, never what it learns.
+RESUME_SAFE = ("out_dir", "resume", "stop_after", "device", "workers", "ecg_cache", "compile", "grad_checkpoint",
+               "log_interval", "eval_interval", "eval_batches", "gen_eval_rows", "test_rows", "max_new_tokens",
+               "ckpt_interval", "keep_ckpts", "max_nan_steps", "test_data")
 # An encoder that nothing trained before the curriculum learns in the stages (see encoder_pretrained)
 UNTRAINED_ENCODER = dict(stage1_train="encoder,projector,llm", stage2_train="encoder,projector,llm",
                          stage3_train="encoder,projector,llm")
@@ -190,7 +194,9 @@ def parse_config(argv=None):
     """defaults < preset (--llm: anyECG's; an untrained encoder: trained in every stage)
     < --config file.json < command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="--resume continues with the config saved in the checkpoint; beside it only "
+                                       f"these fields may change: {', '.join(RESUME_SAFE)}")
     p.add_argument("--config", help="JSON file of config fields (read as data)")
     for f in fields(Config):
         flags = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
@@ -206,9 +212,33 @@ def parse_config(argv=None):
     given = vars(args)
     from_file = read_config_file(given.pop("config")) if "config" in given else {}
     merged = {**from_file, **given}
+    if merged.get("resume"):   # the run's own config, then what was given now (setup refuses unsafe changes)
+        saved = saved_config(latest_checkpoint(merged.get("out_dir", Config.out_dir)))
+        return Config(**{**saved, "stop_after": 0, **merged})
     first = Config(**merged)
     preset = ANYECG if first.llm else {} if encoder_pretrained(first) else UNTRAINED_ENCODER
     return Config(**{**preset, **merged})
+
+
+def saved_config(checkpoint):
+    """The config fields a checkpoint's state.json holds ({} without a checkpoint: setup says so)."""
+    if checkpoint is None:
+        return {}
+    names = {f.name for f in fields(Config)}
+    return {k: v for k, v in json.loads((checkpoint / "state.json").read_text())["config"].items() if k in names}
+
+
+def check_resume(cfg, checkpoint, log):
+    """A resumed run is the run that was started: any field outside RESUME_SAFE that differs from the
+    checkpoint's config is refused, all of them in one message; safe changes are logged."""
+    saved = saved_config(checkpoint)
+    changes = [(k, v, getattr(cfg, k)) for k, v in saved.items() if v != getattr(cfg, k)]
+    refused = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes if k not in RESUME_SAFE]
+    if refused:
+        raise ValueError(f"{checkpoint}: --resume continues the run saved there, and these fields would change it: "
+                         f"{'; '.join(refused)}. Drop those flags, or start a new run in another --out_dir.")
+    if changes:
+        log({"event": "resume_changes", "changes": {k: [old, new] for k, old, new in changes}})
 
 
 def read_config_file(path):
@@ -219,11 +249,35 @@ def read_config_file(path):
         raise ValueError(f"{path}: cannot read config JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object of config fields")
-    kinds = {f.name: f for f in fields(Config)}
-    for k in raw:
+    kinds = {f.name: f.type for f in fields(Config)}
+    for k, v in raw.items():
         if k not in kinds:
             raise _unknown_key(k, path)
-    return {k: _type(kinds[k])(v) for k, v in raw.items()}
+        # JSON types as the command line takes them: no bool for a number, no float for an int, no null
+        fits = kinds[k] is bool if isinstance(v, bool) else isinstance(v, (int, float) if kinds[k] is float
+                                                                        else kinds[k])
+        if not fits:
+            raise ValueError(f"{path}: {k} must be {kinds[k].__name__}, got {json.dumps(v)}")
+    return {k: kinds[k](v) for k, v in raw.items()}
+
+
+def check_config(cfg):
+    """Every value a run cannot work with, named in one error before anything is built."""
+    at_least = {name: 1 for name in ("batch_size", "grad_accum", "bucket_steps", "log_interval", "eval_interval",
+                                     "ckpt_interval", "keep_ckpts", "max_new_tokens", "max_seq_len", "dim", "n_layers",
+                                     "n_heads", "n_kv_heads", "max_nan_steps", "lora_r")}
+    if not cfg.data:   # synthetic patients: each split needs some
+        at_least |= {"train_patients": 1, "val_patients": 1, "test_patients": 1}
+    bad = [f"--{k} {getattr(cfg, k)}: at least {n}" for k, n in at_least.items() if getattr(cfg, k) < n]
+    never_negative = ("encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps", "stage3_steps",
+                      "test_rows", "stop_after", "eval_batches", "gen_eval_rows", "workers")
+    bad += [f"--{k} {getattr(cfg, k)}: not negative" for k in never_negative if getattr(cfg, k) < 0]
+    bad += [f"--{k} {getattr(cfg, k)}: above 0" for k in ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr",
+                                                          "encoder_warmup_lr") if not getattr(cfg, k) > 0]
+    bad += [f"--{k} {getattr(cfg, k)}: in [0, 1)" for k in ("warmup_frac", "min_lr_frac")
+            if not 0 <= getattr(cfg, k) < 1]
+    if bad:
+        raise ValueError("config: " + "; ".join(bad))
 
 # --------------------------------------------------------------------------- the curriculum
 
@@ -288,7 +342,9 @@ class Split:
         """Sampling probability of each row under a stage's task weights (None: no such rows)."""
         w = np.array([tasks.get(r["task"], 0.0) for r in self.rows])
         if w.sum() == 0 and required:
-            raise ValueError(f"no rows of tasks {sorted(tasks)} in the training data")
+            zero = sorted(t for t, v in tasks.items() if v == 0)
+            raise ValueError(f"the task weights {zero} are 0" if zero else
+                             f"no rows of tasks {sorted(tasks)} in the training data")
         return w / w.sum() if w.sum() else None
 
 
@@ -410,8 +466,12 @@ def build_tokenizer(cfg, data, rank):
         return Tokenizer(cfg.llm, SPECIAL_TOKENS)
     tok_dir = Path(cfg.out_dir) / "tokenizer"
     if rank == 0 and not (tok_dir / "tokenizer.model").is_file():
-        train_tokenizer((t for r in data["train"].rows for t in (r["question"], r["answer"])), tok_dir,
-                        cfg.vocab_size, SPECIAL_TOKENS)
+        try:
+            train_tokenizer((t for r in data["train"].rows for t in (r["question"], r["answer"])), tok_dir,
+                            cfg.vocab_size, SPECIAL_TOKENS)
+        except RuntimeError as e:   # sentencepiece's own message, without its source location
+            raise ValueError(f"--vocab_size {cfg.vocab_size}: sentencepiece cannot build it from the text of the "
+                             f"{len(data['train'].rows)} training rows: {str(e).split('] ')[-1].strip()}") from None
     if dist.is_initialized():
         dist.barrier()  # the other ranks read the file rank 0 wrote
     return Tokenizer(tok_dir, SPECIAL_TOKENS)
@@ -476,10 +536,16 @@ def save_checkpoint(cfg, model, opt, state):
     state.json (stage, step, config, python/numpy RNG) + rng.safetensors (torch RNG). The
     folder appears by one rename, so a crash leaves the older checkpoints as they were."""
     root = Path(cfg.out_dir) / "checkpoints"
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:   # never keep poisoned weights as "the last good ones"
+        raise FloatingPointError(f"non-finite weights in {bad[:3]} ({len(bad)} tensors): no checkpoint written; "
+                                 f"the newest one is {latest_checkpoint(cfg.out_dir)}")
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state['global_step']:07d}"
     if final.exists():
         return final
+    for stale in root.glob(".tmp_*"):   # half-written by a run that was killed: never a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
     save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
     names = {p: n for n, p in model.named_parameters()}
@@ -530,6 +596,7 @@ def load_checkpoint(path, model, opt):
 def setup(cfg):
     """Process group (under torchrun), device, weight dtype, autocast context, the log, and
     the checkpoint to resume from. Fails early on a bad --image_init or --llm folder."""
+    check_config(cfg)
     ddp = "RANK" in os.environ
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if ddp:
@@ -559,6 +626,8 @@ def setup(cfg):
     if cfg.resume and resume_from is None:
         raise FileNotFoundError(f"{out / 'checkpoints'}: --resume given but no checkpoint there")
     log({"event": "config", **asdict(cfg), "world_size": world, "resume_from": str(resume_from or "")})
+    if resume_from:
+        check_resume(cfg, resume_from, log)
     return SimpleNamespace(ddp=ddp, rank=rank, world=world, device=device, dtype=dtype, ctx=ctx, out=out, log=log,
                            resume_from=resume_from)
 
@@ -571,27 +640,42 @@ def warm_up_encoder(cfg, model, env):
     them loads them instead of training again. Every DDP rank trains the same copy (same
     seed); DDP broadcasts rank 0's weights anyway."""
     encoder, image_encoder = model.encoder, None if cfg.image_init else model.image_encoder
-    path, image_path = env.out / "encoder_warmup.safetensors", env.out / "image_warmup.safetensors"
-    if path.exists() and (image_encoder is None or image_path.exists()):
-        load_encoder_weights(encoder, str(path))
-        if image_encoder is not None:
-            load_encoder_weights(image_encoder, str(image_path))
-        return
+    files = [(encoder, env.out / "encoder_warmup.safetensors")] + (
+        [(image_encoder, env.out / "image_warmup.safetensors")] if image_encoder is not None else [])
     steps = cfg.encoder_warmup_steps
     wcfg = WarmupConfig(steps, cfg.encoder_warmup_lr, cfg.batch_size, cfg.train_patients, cfg.val_patients,
                         eval_every=steps, seed=cfg.seed, held_out="val")
+    made_by = {"warmup": asdict(wcfg), "image": image_encoder is not None}
+    if all(path.exists() for _, path in files):
+        problem = next(filter(None, (warmup_file_problem(path, made_by) for _, path in files)), None)
+        if problem is None:
+            for module, path in files:
+                load_encoder_weights(module, path)
+            return
+        warnings.warn(f"{problem}: not reused, warming up again")
     r = fit_encoder_to_truth(encoder, wcfg, image_encoder, desc="encoder warm-up" if env.rank == 0 else None,
                              report=False)
     if env.rank == 0:
-        save_encoder_weights(encoder, str(path), encoder.cfg)
-        if image_encoder is not None:
-            save_encoder_weights(image_encoder, str(image_path), image_encoder.cfg)
+        for module, path in files:
+            save_encoder_weights(module, path, module.cfg, made_by)
     env.log({"event": "encoder_warmup", "steps": steps, **{f"val_{k}": v for k, v in r.items()}})
     if env.rank == 0:
         image = (f"; image encoder F1 {r['image_statement_f1']:.3f}, HR MAE {r['image_hr_mae']:.1f} bpm"
                  if "image_statement_f1" in r else "")
         print(f"encoder warm-up: {steps} steps, validation statement F1 {r['statement_f1']:.3f}, "
               f"HR MAE {r['hr_mae']:.1f} bpm{image}")
+
+
+def warmup_file_problem(path, made_by):
+    """Why a warm-up file found in out_dir cannot be reused (None: it can): made by other settings, or poisoned."""
+    try:
+        if json.loads(file_metadata(path).get("made_by", "null")) != made_by:
+            return f"{path} was made by another warm-up (its settings differ from this run's)"
+        if not all(torch.isfinite(t).all() for t in load_file(str(path)).values()):
+            return f"{path} holds non-finite weights (NaN/Inf)"
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def forward_backward(cfg, env, train_model, model, split, probs, stage, step):
@@ -719,7 +803,8 @@ def report_skipped(split, n_unread, env, bar):
     and named. -> how many are known now."""
     if len(split.bad) > n_unread:
         new = list(split.bad.items())[n_unread:]
-        env.log({"event": "skipped_rows", "total": len(split.bad), "new": [f"row {i}: {e}" for i, e in new]})
+        env.log({"event": "skipped_rows", "total": len(split.bad),
+                 "new": [f"row {split.rows[i].get('file_index', i)}: {e}" for i, e in new]})
         bar.write(f"{len(split.bad)} rows skipped so far: unreadable or too long (latest: {new[-1][1]})")
     return len(split.bad)
 
@@ -802,6 +887,9 @@ def train(cfg):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if env.rank else "default")
             data = load_data(cfg, env.log)
+        for stage in curriculum(cfg):   # every stage's task mix can be drawn from, before anything trains
+            if stage.steps:
+                data["train"].weights(stage.tasks)
         model = build_model(cfg, build_tokenizer(cfg, data, env.rank), env.device, env.dtype)
         if warms_up_encoder(cfg) and not env.resume_from:                       # warm-up
             warm_up_encoder(cfg, model, env)

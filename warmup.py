@@ -177,6 +177,9 @@ def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe",
         with_image = [it for it in batch if it.image is not None]
         if image_encoder is not None and with_image:
             loss = loss + pooled_loss(image_outputs(image_encoder, heads, with_image), with_image)
+        if not torch.isfinite(loss):   # stop before the update: the encoder keeps its last finite weights
+            raise FloatingPointError(f"{desc or 'encoder warm-up'}: the loss is not finite at step {step} with "
+                                     f"lr {cfg.lr:g}; lower it (train.py --encoder_warmup_lr, warmup.py --lr)")
         opt.zero_grad()
         loss.backward()
         opt.step()

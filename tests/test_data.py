@@ -101,6 +101,19 @@ def test_npy_and_csv(tmp_path):
     assert load_ecg(tmp_path / "c.csv", fs=100).leads == ["I"], "a lone 'ECG' channel is lead I"
 
 
+def test_values_a_thousand_times_off_are_warned_about_and_units_repair_them(tmp_path):
+    x = np.sin(np.arange(1000) / 10)[None] * 1.5                                # 3 mV peak to peak, like an ECG
+    np.save(tmp_path / "v.npy", x / 1000)                                       # stored in V
+    with pytest.warns(UserWarning, match=r"v\.npy: the leads span 0\.0030 mV .*look like V.*units='V'"):
+        load_ecg(tmp_path / "v.npy", fs=100, lead_names=["II"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec = load_ecg(tmp_path / "v.npy", fs=100, lead_names=["II"], units="V")
+    assert np.allclose(rec.signal, x, atol=1e-5)
+    with pytest.raises(ValueError, match=r"v\.npy: units 'furlong' unknown"):
+        load_ecg(tmp_path / "v.npy", fs=100, lead_names=["II"], units="furlong")
+
+
 def test_lead_name_normalisation():
     assert data.normalise_leads(["MLII", "V5"]) == ["II", "V5"]
     assert data.normalise_leads(["i", "ii", "iii", "avr", "AVL", "aVf", "v1", "V6"]) == \
@@ -141,6 +154,19 @@ def test_header_with_unknown_format(tmp_path):
     (tmp_path / "rec.hea").write_text("this is not a header\n")
     with pytest.raises(ValueError, match=r"rec\.hea"):
         load_ecg(rec)
+
+
+@pytest.mark.parametrize("wrong, problem", [("16", "truncated"), ("80", "format or length is wrong")])
+def test_a_header_with_the_wrong_format_is_refused_on_every_read_path(tmp_path, wrong, problem):
+    import wfdb
+    sig = np.sin(np.arange(2000)[:, None] / 20 + np.arange(2)) * 0.8
+    wfdb.wrsamp("rec", fs=250, units=["mV"] * 2, sig_name=["I", "II"], p_signal=sig, fmt=["212"] * 2,
+                write_dir=str(tmp_path))
+    header = tmp_path / "rec.hea"
+    header.write_text(header.read_text().replace("rec.dat 212", f"rec.dat {wrong}"))
+    for clip in [dict(), dict(start=100, end=600)]:            # the whole record, and a clip of it (eval's path)
+        with pytest.raises(ValueError, match=rf"rec\.dat: .*{problem}"):
+            load_ecg(tmp_path / "rec", **clip)
 
 
 def test_nan_flat_and_empty_leads(tmp_path):

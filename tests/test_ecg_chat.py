@@ -121,7 +121,7 @@ def test_loss_only_on_labelled_tokens(tok):
 
 def test_ecg_longer_than_context_is_a_clear_error(tok):
     model = make_chat(tok, max_seq_len=128)
-    with pytest.raises(ValueError, match=r"LLM context allows 128.*--max-seq-len"):
+    with pytest.raises(ValueError, match=r"LLM context allows 128.*--max_seq_len"):
         model.check_fits([100 * 3600], n_text_tokens=30)
     assert model.check_fits([1000], n_text_tokens=30) == 20
     long_prompt = torch.zeros(1, 129, dtype=torch.long)
@@ -237,3 +237,14 @@ def test_image_model_saves_loads_and_a_missing_image_is_a_clear_error(tok, tmp_p
         model(ids, [ecgs])
     with pytest.raises(ValueError, match="no image encoder"):
         make_chat(tok)(ids, [ecgs + images])
+
+
+def test_a_damaged_checkpoint_file_is_named(tok, tmp_path):
+    make_chat(tok).save(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])                             # a truncated download
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        ECGChat.load(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text("{garbage")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        ECGChat.load(tmp_path / "ckpt")

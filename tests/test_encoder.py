@@ -233,7 +233,7 @@ def test_non_finite_input(bad):
 def test_too_long_for_the_context():
     enc = make_encoder()
     # 3700 s at 2 tokens/s = 7400 ECG tokens
-    msg = "7400 tokens.*allows 4096.*--ecg-tokens-per-second.*--max-seq-len"
+    msg = "7400 tokens.*allows 4096.*shorter part of the ECG.*train.py --max_seq_len"
     with pytest.raises(ValueError, match=msg):
         check_fits(enc, [3700 * FS], max_seq_len=4096, n_text_tokens=100)
     assert check_fits(enc, [60 * FS, 10 * FS], max_seq_len=4096, n_text_tokens=100) == 140
@@ -264,6 +264,12 @@ def test_mismatched_weights_name_the_keys(tmp_path):
     msg = r"shape mismatches: \['lead_emb\.weight: file \(12, 128\) vs model \(3, 128\)"
     with pytest.raises(ValueError, match=msg):
         load_encoder_weights(make_encoder(leads=("I", "II", "III")), path)
+    poisoned = make_encoder(n_layers=4)
+    with torch.no_grad():
+        poisoned.blocks[1].proj.weight[0, 0] = float("nan")
+    save_encoder_weights(poisoned, path)
+    with pytest.raises(ValueError, match=r"enc\.safetensors: non-finite values \(NaN/Inf\) in \['blocks\.1\.proj\.weight'\]"):
+        load_encoder_weights(make_encoder(n_layers=4), path)
 
 
 # ---- a pretrained CLIP vision tower (GEM's image encoder) loads into ImageEncoder

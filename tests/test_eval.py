@@ -15,7 +15,7 @@ import torch
 
 import eval as ev
 from chat import SPECIAL_TOKENS, ECGChat
-from data import BEAT_NAMES, ECGRecord, localization_answer, merge_intervals
+from data import BEAT_NAMES, ECGRecord, load_ecg, localization_answer, merge_intervals
 from ecg_encoder import ECGEncoder, EncoderConfig
 from model import LLM, LLMConfig, train_tokenizer
 from tasks import build_synthetic_dataset
@@ -338,3 +338,49 @@ def test_prior_answers_is_the_most_frequent_training_answer_per_question():
             {"task": "ecgqa", "question": "Never asked in training?"}, {"task": "multi", "question": "x"}]
     # the same wording -> its most frequent answer; unseen wording -> the task's; unseen task -> ""
     assert prior_answers(train, rows) == ["sinus", "normal", "sinus", ""]
+
+
+def test_eval_cli_checks_first_keeps_file_indices_and_reads_only_inside_the_root(chat, tmp_path, capsys):
+    import wfdb
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    for folder in (root, outside):
+        folder.mkdir()
+        wfdb.wrsamp("rec", fs=250, units=["mV"], sig_name=["II"], p_signal=np.sin(np.arange(2500)[:, None] / 9),
+                    fmt=["16"], write_dir=str(folder))
+    (outside / "secret.csv").write_text("II\nthe-password-is-swordfish\n")
+    chat.save(tmp_path / "ckpt")
+    good = {"question": "Report?", "answer": "Report: Sinus rhythm", "dataset": "d", "task": "report"}
+    rows = ["not a row", {**good, "ecg_path": "rec"}, {**good, "ecg_path": str(outside / "rec")},
+            {**good, "ecg_path": "../elsewhere/rec"}, {**good, "ecg_path": "../elsewhere/secret.csv"},
+            {**good, "ecg_path": "rec", "task": "vibes"}]
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    base = ["--ckpt", str(tmp_path / "ckpt"), "--data", str(data), "--ecg-root", str(root), "--max-new-tokens", "3"]
+
+    def fails(*extra):
+        with pytest.raises(SystemExit) as e:
+            ev.main(base + list(extra))
+        assert e.value.code not in (0, None)
+        return str(e.value.code) + capsys.readouterr().err
+    assert "is a folder" in fails("--out", str(tmp_path))                  # refused before the evaluation
+    assert "--batch-size must be at least 1" in fails("--out", str(tmp_path / "r.json"), "--batch-size", "0")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(SystemExit, match="no rows to evaluate"):
+        ev.main(base[:2] + ["--data", str(tmp_path / "empty.json"), "--out", str(tmp_path / "r.json")])
+    out = tmp_path / "new" / "folder" / "r.json"                            # a folder that does not exist yet
+    with pytest.warns(UserWarning) as caught:
+        ev.main(base + ["--out", str(out)])
+    assert any("skipped 1 of 6 malformed rows" in str(w.message) for w in caught)
+    assert any("tasks ['vibes'] are not nanoECG's" in str(w.message) for w in caught)
+    result = json.loads(out.read_text())
+    assert sorted(p["index"] for p in result["predictions"]) == [1, 5]      # positions in the file, not in the list
+    skipped = result["scores"]["skipped"]
+    assert sorted(r["index"] for r in skipped["rows"]) == [2, 3, 4] and skipped["by_reason"] == {"outside the ECG root": 3}
+    assert "swordfish" not in out.read_text() and "swordfish" not in capsys.readouterr().out
+
+
+def test_a_csv_error_names_the_cell_not_its_content(tmp_path):
+    (tmp_path / "x.csv").write_text("I,II\n0.1,0.2\n0.3,swordfish\n")
+    with pytest.raises(ValueError) as e:
+        load_ecg(tmp_path / "x.csv", fs=100)
+    assert "x.csv: non-numeric value in the table (line 3, column 2)" in str(e.value) and "swordfish" not in str(e.value)

@@ -4,6 +4,7 @@ chat from stdin, streaming, and one clear error for each bad input."""
 
 import subprocess
 import sys
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from chat import SPECIAL_TOKENS, ECGChat, _run_lengths
 from data import BEAT_NAMES, ECGRecord, prepare_ecg
 from ecg_encoder import ECGEncoder, EncoderConfig
 from model import LLM, LLMConfig, train_tokenizer
+from synth import make_patient, synth_ecg
 
 ROOT = Path(__file__).resolve().parents[1]
 PHYSIONET = ROOT.parent / "shared" / "data" / "physionet"
@@ -89,6 +91,7 @@ def test_lead_subset_several_ecgs_and_multi_turn_from_stdin(ckpt):
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 2                                    # two questions, two answers
     assert r.stderr.count("leads II V5 -> 20 tokens") == 2
+    assert "(--start/--end took the same part of every --ecg)" in r.stderr       # said, not silently done
 
 
 def test_chat_turn_streams_keeps_history_and_forgets_oldest(ckpt):
@@ -151,6 +154,22 @@ def test_bad_inputs_give_one_clear_error(ckpt, tmp_path, capsys):
             (broken / f.name).write_bytes(f.read_bytes())
     msg = error_of(capsys, "--ckpt", broken, "--ecg", PHYSIONET / "100", "--prompt", "Where?")
     assert "tokenizer.model: missing" in msg
+
+
+def test_implausible_amplitudes_are_named_and_an_ecg_must_leave_room_for_the_answer(ckpt, tmp_path, capsys):
+    rec, _ = synth_ecg(make_patient(3), 10.0, 250.0, leads=["II"], seed=3)
+    np.save(tmp_path / "uv.npy", rec.signal * 1000)                          # the same ECG in µV
+    base = ["--ckpt", ckpt, "--fs", "250", "--lead-names", "II", "--prompt", "Rhythm?", "--max-new-tokens", "2"]
+    with pytest.warns(UserWarning, match=r"uv\.npy: the leads span \d+ mV .*look like µV.*--units uV"):
+        generate.main([str(a) for a in base + ["--ecg", tmp_path / "uv.npy"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                       # read as µV: nothing to warn about
+        generate.main([str(a) for a in base + ["--ecg", tmp_path / "uv.npy", "--units", "uV"]])
+    long, _ = synth_ecg(make_patient(3), 240.0, 100.0, leads=["II"], seed=3)  # 480 ECG tokens of the 512
+    np.save(tmp_path / "long.npy", long.signal)
+    msg = error_of(capsys, "--ckpt", ckpt, "--fs", "100", "--lead-names", "II", "--ecg", tmp_path / "long.npy",
+                   "--prompt", "Rhythm?")
+    assert "the LLM context allows 512" in msg and "--start/--end" in msg and "--max-new-tokens 256" in msg
 
 
 def test_reads_a_paper_image_alone_or_with_the_signal(ckpt, tmp_path):

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import train
 from chat import ECGChat
@@ -36,6 +37,11 @@ def tiny(tmp_path, **kw):
     return train.Config(out_dir=str(tmp_path), **{**TINY, **kw})
 
 
+def safe_open_metadata(path):
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
 def log_of(out_dir, key="loss"):
     lines = [json.loads(x) for x in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
     return [r for r in lines if key in r and "event" not in r]
@@ -50,7 +56,11 @@ def test_unknown_config_key_lists_close_matches(tmp_path):
     bad.write_text(json.dumps({"batch_sise": 4}))
     with pytest.raises(ValueError, match=rf"{bad}.*'batch_sise'.*batch_size"):
         train.parse_config(["--config", str(bad)])
-    for text, why in [("{not json", "cannot read config JSON"), ("[1, 2]", "expected a JSON object")]:
+    for text, why in [("{not json", "cannot read config JSON"), ("[1, 2]", "expected a JSON object"),
+                      ('{"batch_size": "ten"}', 'batch_size must be int, got "ten"'),
+                      ('{"batch_size": null}', "batch_size must be int, got null"),
+                      ('{"stage1_steps": 2.5}', "stage1_steps must be int, got 2.5"),
+                      ('{"images": 1}', "images must be bool, got 1"), ('{"seed": [1]}', r"seed must be int, got \[1\]")]:
         (tmp_path / "m.json").write_text(text)
         with pytest.raises(ValueError, match=rf"m\.json: {why}"):
             train.parse_config(["--config", str(tmp_path / "m.json")])
@@ -155,7 +165,17 @@ def test_resume_mid_stage_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     assert train.latest_checkpoint(tmp_path / "b").name == "step_0000008"
     # a checkpoint is safetensors and JSON only: nothing that unpickles
     assert {f.suffix for f in train.latest_checkpoint(tmp_path / "b").iterdir()} == {".safetensors", ".json"}
-    rest = train.train(tiny(tmp_path / "b", resume=True))
+    # --resume is the run that was started: flags that would change it are refused, all named in one message
+    for flags, named in [(["--dim", "48", "--seed", "8"], "seed: 7 -> 8; dim: 32 -> 48"),
+                         (["--stage3_steps", "5"], "stage3_steps: 3 -> 5")]:
+        with pytest.raises(ValueError, match=named):
+            train.train(train.parse_config(["--resume", f"--out_dir={tmp_path / 'b'}", *flags]))
+    # with no other flag it takes the saved config (not today's defaults); a safe change is logged
+    rest = train.train(train.parse_config(["--resume", f"--out_dir={tmp_path / 'b'}", "--log_interval", "1",
+                                           "--eval_batches", "2"]))
+    changes = [r for r in map(json.loads, (tmp_path / "b" / "log.jsonl").read_text().splitlines())
+               if r.get("event") == "resume_changes"]
+    assert changes[-1]["changes"] == {"resume": [False, True], "stop_after": [8, 0], "eval_batches": [1, 2]}
     assert len(full) == 12 and first + rest == full
     a = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
@@ -264,6 +284,7 @@ def test_anyecg_file_with_malformed_rows_and_missing_records_trains_and_counts_t
     for r in rows[:3]:
         r["split"] = "val"
     missing = [dict(r, ecg_path=[f"gone/rec{k}"], split="train") for k, r in enumerate(rows[3:9])]
+    missing += [dict(rows[3], ecg_path=["../outside_the_root"], split="train")]   # never read, whatever is there
     too_long = [dict(r, question="why " * 600) for r in rows[9:13]]
     rows += missing + too_long + [{"question": "no answer", "ecg_path": "x", "task": "report", "dataset": "d"}, "not a row"]
     Path(path).write_text(json.dumps(rows))
@@ -276,7 +297,8 @@ def test_anyecg_file_with_malformed_rows_and_missing_records_trains_and_counts_t
     assert next(r for r in log if r.get("event") == "splits")["val"] == 3
     skipped = [x for r in log if r.get("event") == "skipped_rows" for x in r["new"]]
     assert any("gone/rec" in x for x in skipped) and any("context allows" in x for x in skipped)
-    assert all("gone/rec" in x or "context allows" in x for x in skipped)
+    assert any("outside the ECG root" in x for x in skipped)
+    assert all("gone/rec" in x or "context allows" in x or "outside the ECG root" in x for x in skipped)
     assert (tmp_path / "out" / "model").is_dir()
 
 
@@ -362,3 +384,49 @@ def test_images_with_a_pretrained_clip_tower_keep_it_frozen(tmp_path):
     assert not torch.equal(back.image_projector.fc1.weight, start.image_projector.fc1.weight)
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert "report [image]" in next(r for r in log if r.get("event") == "test")["scores"]
+
+
+def test_a_diverging_warm_up_stops_clearly_and_a_poisoned_warm_up_file_is_not_reused(setup, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"encoder warm-up: the loss is not finite.*--encoder_warmup_lr"):
+        train.train(tiny(tmp_path / "a", encoder_warmup_steps=20, encoder_warmup_lr=1e6))
+    assert not (tmp_path / "a" / "encoder_warmup.safetensors").exists()             # nothing a later run would load
+    # a warm-up file holding NaN, made with this run's own settings, is named and not reused
+    cfg, _, model = setup
+    cfg = replace(cfg, out_dir=str(tmp_path / "b"), encoder_warmup_steps=2)
+    env = SimpleNamespace(out=tmp_path / "b", log=lambda r: None, rank=0)
+    (tmp_path / "b").mkdir()
+    fresh = train.build_model(cfg, model.tokenizer, torch.device("cpu"), torch.float32)
+    train.warm_up_encoder(cfg, fresh, env)
+    path = tmp_path / "b" / "encoder_warmup.safetensors"
+    poisoned = {k: v.clone().fill_(float("nan")) for k, v in load_file(str(path)).items()}
+    save_file(poisoned, str(path), metadata=safe_open_metadata(path))
+    with pytest.warns(UserWarning, match=r"encoder_warmup\.safetensors holds non-finite weights.*warming up again"):
+        train.warm_up_encoder(cfg, fresh, env)
+    assert all(torch.isfinite(p).all() for p in fresh.encoder.parameters())
+    assert all(torch.isfinite(t).all() for t in load_file(str(path)).values())      # replaced by a good one
+    with pytest.warns(UserWarning, match="made by another warm-up"):                 # other settings: not reused
+        train.warm_up_encoder(replace(cfg, encoder_warmup_steps=3), fresh, env)
+
+
+def test_values_a_run_cannot_use_are_named_before_anything_is_built(tmp_path):
+    with pytest.raises(ValueError, match=r"--batch_size 0: at least 1; --train_patients 0: at least 1"):
+        train.train(tiny(tmp_path / "a", batch_size=0, train_patients=0))
+    with pytest.raises(ValueError, match=r"--stage1_lr -0.1: above 0"):
+        train.train(tiny(tmp_path / "a", stage1_lr=-0.1))
+    assert not (tmp_path / "a" / "tokenizer").exists()
+    with pytest.raises(ValueError, match=r"--vocab_size 300: sentencepiece cannot build it .*Vocabulary size"):
+        train.train(tiny(tmp_path / "b", vocab_size=300))
+    # a task mix whose weights are all 0 is named before stage 0 trains, not after
+    with pytest.raises(ValueError, match=r"the task weights \['report'\] are 0"):
+        train.train(tiny(tmp_path / "c", stage1_tasks="report:0"))
+    assert not list((tmp_path / "c").glob("checkpoints/step_*"))
+
+
+def test_half_written_checkpoint_folders_are_cleaned_up(setup, tmp_path):
+    cfg, _, model = setup
+    cfg = replace(cfg, out_dir=str(tmp_path))
+    stale = tmp_path / "checkpoints" / ".tmp_killed"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    train.save_checkpoint(cfg, model, train.make_optimizer(model, cfg, 1e-3), {"stage": 1, "step": 1, "global_step": 1})
+    assert not stale.exists() and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001"]
