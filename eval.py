@@ -398,8 +398,10 @@ def main(argv=None):
     for name in ("batch_size", "max_new_tokens", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < (name != "limit"):
             p.error(f"--{name.replace('_', '-')} must be at least {int(name != 'limit')}")
-    if os.path.isdir(args.out):   # checked now, not after the whole evaluation
-        p.error(f"--out {args.out} is a folder; give the path of a .json file")
+    out_folder = Path(args.out).resolve().parent   # checked now, not after the whole evaluation
+    if os.path.isdir(args.out) or not out_folder.is_dir():
+        p.error(f"--out {args.out}: " + ("a folder; give the path of a .json file" if os.path.isdir(args.out) else
+                                         f"its folder {out_folder} does not exist"))
     try:
         model = ECGChat.load(args.ckpt, device=args.device)
         rows = load_rows(args.data)[:args.limit]
@@ -414,7 +416,6 @@ def main(argv=None):
     root = args.ecg_root or os.path.dirname(os.path.abspath(args.data))
     if not os.path.isdir(root):
         sys.exit(f"error: --ecg-root {root}: no such folder")
-    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     reader = RowECGReader(root, model.encoder.cfg.fs, cache_size=64)   # records read lazily, recent ones kept
     scores, predictions = evaluate(model, rows, reader, args.batch_size, args.max_new_tokens, args.ablate_ecg,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)

@@ -362,12 +362,13 @@ def test_eval_cli_checks_first_keeps_file_indices_and_reads_only_inside_the_root
             ev.main(base + list(extra))
         assert e.value.code not in (0, None)
         return str(e.value.code) + capsys.readouterr().err
-    assert "is a folder" in fails("--out", str(tmp_path))                  # refused before the evaluation
+    assert "a folder; give the path" in fails("--out", str(tmp_path))     # refused before the evaluation
+    assert "new/folder does not exist" in fails("--out", str(tmp_path / "new" / "folder" / "r.json"))
     assert "--batch-size must be at least 1" in fails("--out", str(tmp_path / "r.json"), "--batch-size", "0")
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(SystemExit, match="no rows to evaluate"):
         ev.main(base[:2] + ["--data", str(tmp_path / "empty.json"), "--out", str(tmp_path / "r.json")])
-    out = tmp_path / "new" / "folder" / "r.json"                            # a folder that does not exist yet
+    out = tmp_path / "r.json"
     with pytest.warns(UserWarning) as caught:
         ev.main(base + ["--out", str(out)])
     assert any("skipped 1 of 6 malformed rows" in str(w.message) for w in caught)
