@@ -60,7 +60,8 @@ def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False,
     sid = {t: ids[0] for t, ids in special.items()}
     block_ids = [i for n in ecg_token_counts for i in [sid[ECG_START]] + [sid[ECG_TOKEN]] * int(n) + [sid[ECG_END]]]
     block_ids += [i for n in image_token_counts for i in [sid[IMG_START]] + [sid[IMG_TOKEN]] * int(n) + [sid[IMG_END]]]
-    ids, labels = [tokenizer.bos_id], [-100]
+    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []   # Qwen has no <bos>
+    labels = [-100] * len(ids)
     placed = not block_ids
     for role, text in turns:
         if role == "user":
@@ -238,10 +239,11 @@ class ECGChat(nn.Module):
     @classmethod
     def load(cls, ckpt_dir, dtype=None, device=None):
         d = Path(ckpt_dir)
-        for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        tokenizer_file = "tokenizer.json" if (d / "tokenizer.json").is_file() else "tokenizer.model"
+        for name in ("config.json", "model.safetensors", tokenizer_file):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{d / name}: missing; a nanoECG checkpoint folder holds config.json, "
-                                        "model.safetensors and tokenizer.model")
+                                        "model.safetensors and tokenizer.model (or tokenizer.json)")
         try:
             raw = json.loads((d / "config.json").read_text())
         except json.JSONDecodeError as e:

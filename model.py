@@ -37,18 +37,26 @@ from data import atomic_write
 
 
 class Tokenizer:
-    """sentencepiece model + added special tokens. Ordinary text is encoded exactly as sentencepiece (and so
-    Llama-2 / TinyLlama / Vicuna's tokenizer) encodes it, dummy-prefix space included. Text holding special-token
-    strings is cut around them: each piece between them is encoded on its own (the "legacy" behaviour of the
-    Llama tokenizer in transformers) and each special token becomes one id."""
+    """A checkpoint's tokenizer + added special tokens, whichever of the two kinds its folder holds:
+    - tokenizer.model (sentencepiece: Llama-2, TinyLlama, Vicuna, Mistral): ordinary text is encoded exactly as
+      sentencepiece encodes it, dummy-prefix space included; text holding special-token strings is cut around
+      them and each piece between them is encoded on its own (the "legacy" behaviour of the Llama tokenizer in
+      transformers), each special token becoming one id;
+    - tokenizer.json (byte-level BPE: Llama-3.x, Qwen, SmolLM), read by the `tokenizers` library, an optional
+      dependency imported only then, which also keeps special tokens whole.
+    New special tokens get the next free ids; bos_id is None for a model without one (Qwen)."""
 
     def __init__(self, path, special_tokens=()):
-        import sentencepiece as spm
         path = Path(path)
+        if path.suffix == ".json" or (path.is_dir() and not (path / "tokenizer.model").is_file()
+                                      and (path / "tokenizer.json").is_file()):
+            self._load_json(path / "tokenizer.json" if path.is_dir() else path, special_tokens)
+            return
+        import sentencepiece as spm
         model_file = path / "tokenizer.model" if path.is_dir() else path
         if not model_file.is_file():
-            raise FileNotFoundError(f"{model_file}: no sentencepiece tokenizer.model here")
-        self.model_file = model_file
+            raise FileNotFoundError(f"{model_file}: no tokenizer.model (sentencepiece) or tokenizer.json here")
+        self.model_file, self.tk = model_file, None
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.base_vocab_size = self.sp.get_piece_size()
         # added_tokens.json saved beside the model (Hugging Face's format), then new special tokens at the next free id
@@ -67,11 +75,36 @@ class Tokenizer:
         # Llama's model has no pad piece; padding positions are masked, so any id works: use unk.
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
 
+    def _load_json(self, file, special_tokens):
+        try:
+            from tokenizers import Tokenizer as JSONTokenizer
+        except ImportError:
+            raise ImportError(f"{file}: reading tokenizer.json needs the tokenizers library: pip install tokenizers") \
+                from None
+        self.model_file, self.sp = file, None
+        self.tk = JSONTokenizer.from_file(str(file))
+        self.base_vocab_size = self.tk.get_vocab_size(with_added_tokens=False)
+        self.tk.add_special_tokens(list(special_tokens))   # those it has already keep their ids
+        self.added = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()}
+        self.id_to_added = {i: t for t, i in self.added.items()}
+        config_file = file.parent / "tokenizer_config.json"
+        self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+        def token_id(name):   # a token in tokenizer_config.json is a string or {"content": string, ...}
+            token = self.config.get(name)
+            token = token.get("content") if isinstance(token, dict) else token
+            return self.tk.token_to_id(token) if token else None
+        self.bos_id, self.eos_id = token_id("bos_token"), token_id("eos_token")
+        self.pad_id = next(i for i in (token_id("pad_token"), self.eos_id, 0) if i is not None)
+
     @property
     def vocab_size(self):
         return max([self.base_vocab_size - 1, *self.added.values()]) + 1
 
     def encode(self, text, bos=False, eos=False):
+        if self.tk is not None:
+            return [self.bos_id] * bool(bos) + self.tk.encode(text, add_special_tokens=False).ids + \
+                [self.eos_id] * bool(eos)
         pieces = self.split_re.split(text) if self.split_re else [text]
         ids = [self.bos_id] if bos else []
         for piece in pieces:
@@ -84,6 +117,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
+        if self.tk is not None:
+            return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
         # decode runs of ordinary ids with sentencepiece; added tokens print as their string
         out, run = [], []
         for i in ids:
@@ -97,9 +132,14 @@ class Tokenizer:
         return "".join(out)
 
     def save(self, out_dir):
-        """Write tokenizer.model + added_tokens.json into out_dir (Hugging Face file names)."""
+        """Write the tokenizer into out_dir with Hugging Face's file names: tokenizer.model + added_tokens.json, or
+        tokenizer.json + tokenizer_config.json."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        if self.tk is not None:   # the added tokens live inside tokenizer.json; bos/eos/pad names beside it
+            atomic_write(out_dir / "tokenizer.json", self.tk.to_str())
+            atomic_write(out_dir / "tokenizer_config.json", json.dumps(self.config, indent=1))
+            return
         atomic_write(out_dir / "tokenizer.model", self.model_file.read_bytes())
         atomic_write(out_dir / "added_tokens.json", json.dumps(self.added, indent=1))
 
@@ -142,6 +182,8 @@ class LLMConfig:
     rope_scaling: dict | None = None    # {"rope_type": "linear" | "llama3", "factor": ..., ...}
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qkv_bias: bool = False              # q/k/v projections with a bias even without attention_bias (Qwen2)
+    qk_norm: bool = False               # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     mlp_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
@@ -224,17 +266,23 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        C, b = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=b)
-        self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=b)
-        self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=b)
+        C, b, b_qkv = cfg.hidden_size, cfg.attention_bias, cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=b_qkv)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=b_qkv)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=b_qkv)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=b)
+        if cfg.qk_norm:   # Qwen3: keeps the attention logits in range without a bias
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.cache = None  # a KVCache while decoding
 
     def forward(self, x, cos, sin, mask, start_pos):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)                      # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)                   # (B, T, Hkv, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                      # (B, H|Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and start_pos is not None:
@@ -434,7 +482,8 @@ def _grow_rows(w, n):
 
 # --------------------------------------------------------------------------- 3. Hugging Face checkpoints
 
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "llava", "llava_llama"}
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "llava", "llava_llama", "qwen2", "qwen3"}
+ARCHITECTURE_FLAGS = {"qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}}   # what sets them apart from Llama
 
 
 def read_hf_config(hf_dir):
@@ -452,8 +501,9 @@ def read_hf_config(hf_dir):
     if model_type not in SUPPORTED_MODEL_TYPES and not any("Llama" in a or "Mistral" in a for a in archs):
         raise ValueError(f"{path}: model_type={model_type!r} architectures={archs} is not a "
                          f"Llama-family model (supported model_type: {sorted(SUPPORTED_MODEL_TYPES)})")
-    if raw.get("sliding_window") and raw["sliding_window"] < raw.get("max_position_embeddings", 0):
-        print(f"note: {path}: sliding_window={raw['sliding_window']} is not implemented; attention "
+    window = raw.get("sliding_window") if raw.get("use_sliding_window", True) else None   # Qwen: off unless asked
+    if window and window < raw.get("max_position_embeddings", 0):
+        print(f"note: {path}: sliding_window={window} is not implemented; attention "
               "is full, which is identical for sequences up to that length")
     names = {f.name for f in fields(LLMConfig)}
     kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
@@ -467,7 +517,7 @@ def read_hf_config(hf_dir):
         raise ValueError(f"{path}: missing keys {missing}")
     kwargs.setdefault("num_key_value_heads", kwargs["num_attention_heads"])
     kwargs.setdefault("intermediate_size", 4 * kwargs["hidden_size"])
-    return LLMConfig(**kwargs)
+    return LLMConfig(**{**kwargs, **ARCHITECTURE_FLAGS.get(model_type, {})})
 
 
 def checkpoint_files(hf_dir):
@@ -513,7 +563,7 @@ def hf_state_dict(model):
 
 
 def save_pretrained(model, out_dir, extra_tensors=None, extra_config=None):
-    """config.json + model.safetensors in Hugging Face's LlamaForCausalLM layout, written atomically.
+    """config.json + model.safetensors in Hugging Face's layout (Llama, or Qwen2/3 by the config), written atomically.
     extra_tensors / extra_config let the ECG-chat model store its encoder and projector in the same file and
     config (LLaVA style): transformers and from_pretrained still read the LLM."""
     from safetensors.torch import save_file
@@ -521,7 +571,9 @@ def save_pretrained(model, out_dir, extra_tensors=None, extra_config=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = asdict(model.config)
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype=dtype, **(extra_config or {}))
+    kind = "qwen3" if model.config.qk_norm else "qwen2" if model.config.qkv_bias else "llama"
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[kind]
+    cfg.update(architectures=[arch], model_type=kind, torch_dtype=dtype, **(extra_config or {}))
     tensors = {k: v.detach().contiguous().cpu() for k, v in {**hf_state_dict(model), **(extra_tensors or {})}.items()}
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(out_dir / "config.json", json.dumps(cfg, indent=2))

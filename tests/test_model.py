@@ -81,6 +81,45 @@ def test_greedy_generation_matches_transformers(tmp_path, name):
     assert got == ref
 
 
+def make_qwen(tmp_path, kind, tied):
+    """A tiny random Qwen2 (q/k/v biases) or Qwen3 (per-head q/k RMSNorm) saved by transformers."""
+    config = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[kind](
+        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000.0}, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # zero biases and unit norms would hide a bias or a norm left out
+        for n, p in hf.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / kind)
+    return hf, tmp_path / kind
+
+
+@pytest.mark.parametrize("kind, tied", [("qwen2", False), ("qwen3", True)])
+def test_qwen_logits_generation_cache_and_save_match_transformers(tmp_path, kind, tied):
+    hf, path = make_qwen(tmp_path, kind, tied)
+    ours = LLM.from_pretrained(path)
+    assert (ours.config.qkv_bias, ours.config.qk_norm) == ((True, False) if kind == "qwen2" else (False, True))
+    idx = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)).abs().max() <= 1e-4
+        ours.setup_cache(2, 40)                                             # the cache equals recompute
+        steps = [ours(idx[:, :30], start_pos=0)] + [ours(idx[:, t:t + 1], start_pos=t) for t in range(30, 40)]
+        ours.clear_cache()
+        assert (torch.cat(steps, dim=1) - ours(idx)).abs().max() <= 1e-5
+    prompt = idx[:1, :7]
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                      min_new_tokens=20, pad_token_id=0, eos_token_id=None)[0, 7:].tolist()
+    assert generate(ours, prompt, max_new_tokens=20)[0] == ref
+    ours.save_pretrained(tmp_path / "ours")                                 # written back as a Qwen folder
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    assert type(back).__name__ == type(hf).__name__
+    with torch.no_grad():
+        assert (back(idx).logits - ours(idx)).abs().max() <= 1e-4
+
+
 def test_sharded_checkpoint_loads(tmp_path):
     hf, path = make_hf_model(tmp_path, "gqa-tied", max_shard_size="40KB")
     assert (path / "model.safetensors.index.json").is_file() and not (path / "model.safetensors").exists()
@@ -161,6 +200,50 @@ def test_tokenizer_reloads_with_same_ids(tok, tmp_path):
 def test_tokenizer_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         Tokenizer(tmp_path)
+
+
+def make_byte_level_bpe(folder):
+    """A byte-level BPE tokenizer.json (Llama-3 / Qwen style) trained here, with a bos and an eos special token."""
+    from tokenizers import Tokenizer as JSONTokenizer, decoders, models, pre_tokenizers, trainers
+    tk = JSONTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|begin|>", "<|end|text>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder.mkdir()
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin|>", "eos_token": "<|end|text>",
+                                                              "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder
+
+
+def test_tokenizer_json_matches_transformers_and_keeps_special_tokens_whole(tmp_path):
+    folder = make_byte_level_bpe(tmp_path / "bpe")
+    ours = Tokenizer(folder, SPECIAL_TOKENS)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    theirs.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    texts = ["Sinus rhythm with 1st degree A-V block", "  two  leading spaces\tand a tab\n", "QTc 452 ms; 1234567",
+             "ünïcödé and emoji 🫀 go through bytes", "", f"{USER}<ecg>{ECG_TOKEN * 3}</ecg>What rhythm?{END_TURN}",
+             "a<|end|text>b<|begin|>"]
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.encode(ECG_TOKEN) == [ours.added[ECG_TOKEN]] and ours.added[ECG_TOKEN] >= ours.base_vocab_size
+    assert ours.bos_id == theirs.bos_token_id and ours.eos_id == theirs.eos_token_id
+    assert ours.encode("hi", bos=True, eos=True)[0::len(ours.encode("hi")) + 1] == [ours.bos_id, ours.eos_id]
+    ours.save(tmp_path / "saved")                                           # and back, with the added tokens
+    again = Tokenizer(tmp_path / "saved")
+    assert again.added == ours.added and again.encode(texts[5]) == ours.encode(texts[5])
+
+
+def test_tokenizer_json_without_the_tokenizers_library_says_how_to_get_it(tmp_path, monkeypatch):
+    import builtins
+    folder = make_byte_level_bpe(tmp_path / "bpe")
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "tokenizers" else real_import(name, *a, **k))
+    with pytest.raises(ImportError, match=r"tokenizer\.json needs the tokenizers library: pip install tokenizers"):
+        Tokenizer(folder)
 
 
 # ---- KV cache and batching

@@ -430,3 +430,33 @@ def test_half_written_checkpoint_folders_are_cleaned_up(setup, tmp_path):
     (stale / "model.safetensors").write_bytes(b"half")
     train.save_checkpoint(cfg, model, train.make_optimizer(model, cfg, 1e-3), {"stage": 1, "step": 1, "global_step": 1})
     assert not stale.exists() and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001"]
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama3"])
+def test_llm_a_tokenizer_json_checkpoint_trains_stages_1_to_3(tmp_path, kind):
+    """--llm with a tiny Qwen3-style or Llama-3-style folder (byte-level BPE tokenizer.json, no sentencepiece)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as JSONTokenizer, decoders, models, pre_tokenizers, trainers
+    folder = tmp_path / kind
+    texts = [t for r in build_synthetic_dataset(6, seed=1).rows for t in (r["question"], r["answer"])]
+    tk = JSONTokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=500, special_tokens=["<|begin_of_text|>", "<|eot|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    common = dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=512, eos_token_id=1)
+    config = transformers.Qwen3Config(head_dim=16, tie_word_embeddings=True, **common) if kind == "qwen3" else \
+        transformers.LlamaConfig(bos_token_id=0, rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta":
+                                 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 64}, **common)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|eot|>", **({"bos_token": "<|begin_of_text|>"} if kind == "llama3" else {})}))
+    train.train(tiny(tmp_path / "run", llm=str(folder), train_patients=6, stage1_steps=2, stage2_steps=2,
+                     stage3_steps=2, test_rows=1))
+    back = ECGChat.load(tmp_path / "run" / "model")
+    assert (back.tokenizer.bos_id is None) == (kind == "qwen3") and back.tokenizer.tk is not None
+    assert back.llm.config.qk_norm == (kind == "qwen3") and train.lora_layers(back.llm) == []   # LoRA merged
+    losses = [r["loss"] for r in log_of(tmp_path / "run")]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
