@@ -21,7 +21,7 @@ A model's *inputs* are, per prompt, a list of ECGRecords (data.py; the signal in
 encoder's rate) and paper-ECG images (uint8 RGB (H, W, 3)): a row's inputs as they are read.
 """
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,39 +46,81 @@ IMG_START, IMG_END, IMG_TOKEN = "<img>", "</img>", "<img_token>"   # the same, f
 SPECIAL_TOKENS = [ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN, IMG_START, IMG_END, IMG_TOKEN]
 
 
-def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False, image_token_counts=()):
-    """turns: [("user", text), ("assistant", text), ...]; ecg_token_counts: placeholder
-    tokens per ECG (encoder.num_tokens); image_token_counts: per image (image encoder's
-    num_tokens). -> (input_ids, labels), two equal-length lists, -100 where no loss.
-    add_generation_prompt: end with <|assistant|> for the model to continue (generation)."""
-    names = [ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN] + (
-        [IMG_START, IMG_END, IMG_TOKEN] if image_token_counts else [])
-    special = {t: tokenizer.encode(t) for t in names}
-    bad = {t: ids for t, ids in special.items() if len(ids) != 1}
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a conversation is laid out in text: `user` holds a user turn ({text}: its content, the ECG and image
+    blocks first in the first one), `assistant` opens an assistant turn (and is the generation prompt), `end`
+    closes it (the loss covers the answer through `end`, and generation stops there), `after` follows `end`.
+    `trim`: the content is stripped, as Llama-3's template does. `marks`: the placeholder tokens (ecg_start,
+    ecg_end, ecg, img_start, img_end, img): reserved tokens of the vocabulary where it has them."""
+    name: str
+    user: str
+    assistant: str
+    end: str
+    after: str = ""
+    trim: bool = False
+    marks: tuple = (ECG_START, ECG_END, ECG_TOKEN, IMG_START, IMG_END, IMG_TOKEN)
+
+
+FORMATS = {
+    "nanoecg": ChatFormat("nanoecg", USER + "{text}" + END_TURN, ASSISTANT, END_TURN),   # the tiny LLM's own
+    "llama3": ChatFormat("llama3", "<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>",
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>", trim=True),
+    "chatml": ChatFormat("chatml", "<|im_start|>user\n{text}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>",
+                         after="\n"),                                                  # Qwen
+}
+# anyECG-chat puts its ECG block on Llama-3's reserved ids 128003-128005 (start, end, placeholder): no new rows
+LLAMA3_MARKS = tuple(f"<|reserved_special_token_{k}|>" for k in range(1, 7))
+
+
+def choose_format(tokenizer, name="auto"):
+    """The format a checkpoint's tokenizer was made for (told by its special tokens) or the one named, with the
+    placeholder marks it uses; the marks and turn markers the vocabulary lacks are added to the tokenizer (the LLM
+    grows rows for them), reserved ones are reused."""
+    if name == "auto":
+        name = "llama3" if "<|start_header_id|>" in tokenizer.added else \
+            "chatml" if "<|im_start|>" in tokenizer.added else "nanoecg"
+    if name not in FORMATS:
+        raise ValueError(f"chat format {name!r} unknown; known: auto, {', '.join(FORMATS)}")
+    fmt = FORMATS[name]
+    if all(t in tokenizer.added for t in LLAMA3_MARKS):
+        fmt = replace(fmt, marks=LLAMA3_MARKS)
+    needed = list(fmt.marks) + ([USER, ASSISTANT, END_TURN] if name == "nanoecg" else [fmt.end])
+    tokenizer.add_special_tokens([t for t in needed if t not in tokenizer.added])
+    return fmt
+
+
+def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False, image_token_counts=(),
+                fmt=FORMATS["nanoecg"]):
+    """turns: [("user", text), ("assistant", text), ...]; ecg_token_counts: placeholder tokens per ECG
+    (encoder.num_tokens); image_token_counts: per image. -> (input_ids, labels), two equal-length lists, -100
+    where no loss. The whole conversation is written out in `fmt` and encoded at once, as a Hugging Face chat
+    template would be; the labels are the tokens that start inside an answer (through its `end`).
+    add_generation_prompt: end with the opening of an assistant turn, for the model to continue."""
+    ecg_start, ecg_end, ecg, img_start, img_end, img = fmt.marks
+    bad = {t: tokenizer.encode(t) for t in {ecg_start, ecg_end, ecg, img_start, img_end, img, fmt.end}
+           if len(tokenizer.encode(t)) != 1}
     if bad:
         raise ValueError(f"tokenizer does not encode special tokens as single ids: {bad}")
-    sid = {t: ids[0] for t, ids in special.items()}
-    block_ids = [i for n in ecg_token_counts for i in [sid[ECG_START]] + [sid[ECG_TOKEN]] * int(n) + [sid[ECG_END]]]
-    block_ids += [i for n in image_token_counts for i in [sid[IMG_START]] + [sid[IMG_TOKEN]] * int(n) + [sid[IMG_END]]]
-    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []   # Qwen has no <bos>
-    labels = [-100] * len(ids)
-    placed = not block_ids
-    for role, text in turns:
+    blocks = "".join(ecg_start + ecg * int(n) + ecg_end for n in ecg_token_counts) + \
+        "".join(img_start + img * int(n) + img_end for n in image_token_counts)
+    text, answers, placed = "", [], not blocks
+    for role, content in turns:
         if role == "user":
-            part = [sid[USER]] + ([] if placed else block_ids) + tokenizer.encode(text) + [sid[END_TURN]]
-            placed = True
-            ids, labels = ids + part, labels + [-100] * len(part)
+            content = content if placed else blocks + content
+            text, placed = text + fmt.user.format(text=content.strip() if fmt.trim else content), True
         elif role == "assistant":
-            answer = tokenizer.encode(text) + [sid[END_TURN]]
-            ids += [sid[ASSISTANT]] + answer
-            labels += [-100] + answer
+            text += fmt.assistant
+            answers.append((len(text), len(text) + len(content.strip() if fmt.trim else content) + len(fmt.end)))
+            text += (content.strip() if fmt.trim else content) + fmt.end + fmt.after
         else:
             raise ValueError(f"turn role must be 'user' or 'assistant', got {role!r}")
     if not placed:
         raise ValueError("the ECG and image blocks go before the first user message, but there is no user turn")
-    if add_generation_prompt:
-        ids, labels = ids + [sid[ASSISTANT]], labels + [-100]
-    return ids, labels
+    ids, starts = tokenizer.encode_offsets(text + (fmt.assistant if add_generation_prompt else ""))
+    labels = [i if any(a <= s < b for a, b in answers) else -100 for i, s in zip(ids, starts)]
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []   # Qwen has no <bos>
+    return bos + ids, [-100] * len(bos) + labels
 
 
 def split_inputs(inputs):
@@ -92,9 +134,10 @@ class ECGChat(nn.Module):
     """An LLM that reads ECGs. A prompt holds, per ECG, `<ecg>` + `<ecg_token>` x n + `</ecg>`
     (n = encoder.num_tokens(samples)); the embeddings of the n placeholders are overwritten by
     that ECG's projected encoder tokens, in order. With an image encoder (GEM's second
-    modality), paper-ECG images enter the same way through `<img>` blocks after the ECG blocks."""
+    modality), paper-ECG images enter the same way through `<img>` blocks after the ECG blocks.
+    chat_format: "auto" (the one the tokenizer was made for: Llama-3, ChatML, or nanoECG's own) or a FORMATS name."""
 
-    def __init__(self, llm, encoder, tokenizer, max_seq_len=None, image_encoder=None):
+    def __init__(self, llm, encoder, tokenizer, max_seq_len=None, image_encoder=None, chat_format="auto"):
         super().__init__()
         self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
         w = llm.embed_tokens.weight
@@ -102,16 +145,15 @@ class ECGChat(nn.Module):
         self.image_encoder = image_encoder
         self.image_projector = None if image_encoder is None else Projector(
             image_encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
-        if ECG_TOKEN not in tokenizer.added:
-            raise ValueError(f"the tokenizer has no {ECG_TOKEN}; build it with chat.SPECIAL_TOKENS")
+        self.format = choose_format(tokenizer, chat_format)   # adds the tokens the vocabulary lacks
         if tokenizer.vocab_size > llm.config.vocab_size:
             llm.resize_vocab(tokenizer.vocab_size)  # room for the added special tokens
-        self.ecg_token_id = tokenizer.added[ECG_TOKEN]
-        self.img_token_id = tokenizer.added.get(IMG_TOKEN)
+        self.ecg_token_id = tokenizer.added[self.format.marks[2]]
+        self.img_token_id = tokenizer.added[self.format.marks[5]]
         self.max_seq_len = max_seq_len or llm.config.max_position_embeddings
 
     def stop_ids(self):
-        return (self.tokenizer.eos_id, self.tokenizer.added[END_TURN])
+        return tuple(i for i in (self.tokenizer.eos_id, self.tokenizer.added[self.format.end]) if i is not None)
 
     def check_fits(self, ecg_samples, n_text_tokens=0):
         """ECG lengths (samples) + text must fit the context: a clear error otherwise."""
@@ -131,7 +173,7 @@ class ECGChat(nn.Module):
                              f"({self.encoder.cfg.patch_size} samples)")
         counts = [self.encoder.num_tokens(e.signal.shape[1]) for e in ecgs]
         ids, labels = encode_chat(self.tokenizer, turns, counts, add_generation_prompt,
-                                  [self.image_encoder.num_tokens] * len(images) if images else [])
+                                  [self.image_encoder.num_tokens] * len(images) if images else [], self.format)
         self.check_fits([e.signal.shape[1] for e in ecgs], len(ids) - sum(counts) + int(add_generation_prompt))
         return ids, labels
 
@@ -157,10 +199,10 @@ class ECGChat(nn.Module):
             raise ValueError(f"{x.shape[0]} prompts but input lists for {len(inputs)}")
         per_prompt = [split_inputs(sample) for sample in inputs]
         x = self._splice(x, input_ids == self.ecg_token_id, [e for e, _ in per_prompt], self.encode_ecgs, "ECG",
-                         ECG_TOKEN)
+                         self.format.marks[2])
         if self.img_token_id is not None:
             x = self._splice(x, input_ids == self.img_token_id, [im for _, im in per_prompt], self.encode_images,
-                             "image", IMG_TOKEN)
+                             "image", self.format.marks[5])
         return x
 
     def _splice(self, x, slots, inputs, encode, kind, placeholder):
@@ -223,7 +265,8 @@ class ECGChat(nn.Module):
         """The LLM part is a plain Hugging Face Llama (LoRA merged) that transformers reads;
         encoder and projector sit beside it under ecg_encoder.* / ecg_projector.*."""
         extra = {f"{prefix}{k}": v for prefix, module in self._parts() for k, v in module.state_dict().items()}
-        nanoecg = {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len}
+        nanoecg = {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len,
+                   "chat_format": self.format.name}
         if self.image_encoder is not None:
             nanoecg["image_encoder"] = asdict(self.image_encoder.cfg)
         save_pretrained(self.llm, out_dir, extra_tensors=extra, extra_config={"nanoecg": nanoecg})
@@ -255,7 +298,8 @@ class ECGChat(nn.Module):
         encoder = ECGEncoder(EncoderConfig(**raw["nanoecg"]["encoder"]))
         image_cfg = raw["nanoecg"].get("image_encoder")
         image_encoder = ImageEncoder(ImageEncoderConfig(**image_cfg)) if image_cfg else None
-        model = cls(llm, encoder, Tokenizer(d, SPECIAL_TOKENS), raw["nanoecg"].get("max_seq_len"), image_encoder)
+        model = cls(llm, encoder, Tokenizer(d), raw["nanoecg"].get("max_seq_len"), image_encoder,
+                    raw["nanoecg"].get("chat_format", "auto"))
         for module in (model.encoder, model.image_encoder):
             if module is not None:
                 module.to(llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)

@@ -64,13 +64,7 @@ class Tokenizer:
         added_file = model_file.parent / "added_tokens.json"
         if added_file.is_file():
             self.added = {str(k): int(v) for k, v in json.loads(added_file.read_text()).items()}
-        for token in special_tokens:
-            if token not in self.added:
-                self.added[token] = self.vocab_size
-        self.id_to_added = {i: t for t, i in self.added.items()}
-        # longest first, so that a token which is a prefix of another never wins
-        alternatives = sorted(self.added, key=len, reverse=True)
-        self.split_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
+        self.add_special_tokens(special_tokens)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         # Llama's model has no pad piece; padding positions are masked, so any id works: use unk.
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
@@ -84,9 +78,8 @@ class Tokenizer:
         self.model_file, self.sp = file, None
         self.tk = JSONTokenizer.from_file(str(file))
         self.base_vocab_size = self.tk.get_vocab_size(with_added_tokens=False)
-        self.tk.add_special_tokens(list(special_tokens))   # those it has already keep their ids
         self.added = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()}
-        self.id_to_added = {i: t for t, i in self.added.items()}
+        self.add_special_tokens(special_tokens)
         config_file = file.parent / "tokenizer_config.json"
         self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
 
@@ -101,20 +94,33 @@ class Tokenizer:
     def vocab_size(self):
         return max([self.base_vocab_size - 1, *self.added.values()]) + 1
 
-    def encode(self, text, bos=False, eos=False):
+    def add_special_tokens(self, tokens):
+        """New special tokens, kept whole in any text, at the next free ids (those it has keep theirs)."""
+        new = [t for t in tokens if t not in self.added]
         if self.tk is not None:
-            return [self.bos_id] * bool(bos) + self.tk.encode(text, add_special_tokens=False).ids + \
-                [self.eos_id] * bool(eos)
-        pieces = self.split_re.split(text) if self.split_re else [text]
-        ids = [self.bos_id] if bos else []
-        for piece in pieces:
-            if piece in self.added:
-                ids.append(self.added[piece])
-            elif piece:
-                ids.extend(self.sp.encode(piece))
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+            self.tk.add_special_tokens(new)
+            self.added = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()}
+        for token in new if self.tk is None else []:
+            self.added[token] = self.vocab_size
+        self.id_to_added = {i: t for t, i in self.added.items()}
+        # longest first, so that a token which is a prefix of another never wins
+        alternatives = sorted(self.added, key=len, reverse=True)
+        self.split_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
+
+    def encode(self, text, bos=False, eos=False):
+        return [self.bos_id] * bool(bos) + self.encode_offsets(text)[0] + [self.eos_id] * bool(eos)
+
+    def encode_offsets(self, text):
+        """text -> (ids, the offset in text where each token's piece starts); what tells a chat template's parts
+        apart after the whole conversation is encoded at once."""
+        if self.tk is not None:
+            enc = self.tk.encode(text, add_special_tokens=False)
+            return enc.ids, [a for a, _ in enc.offsets]
+        ids, starts, at = [], [], 0
+        for piece in self.split_re.split(text) if self.split_re else [text]:
+            piece_ids = [self.added[piece]] if piece in self.added else self.sp.encode(piece) if piece else []
+            ids, starts, at = ids + piece_ids, starts + [at] * len(piece_ids), at + len(piece)
+        return ids, starts
 
     def decode(self, ids):
         if self.tk is not None:

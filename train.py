@@ -83,7 +83,9 @@ class Config:
     val_patients: int = arg(40, "synthetic patients for validation loss and the in-training eval")
     test_patients: int = arg(50, "synthetic patients of the fixed held-out test split")
     # model
-    llm: str = arg("", "Hugging Face Llama folder; empty: a tiny LLM from scratch (+ stage 0)")
+    llm: str = arg("", "Hugging Face LLM folder (Llama, Mistral, Qwen); empty: a tiny LLM from scratch (+ stage 0)")
+    chat_format: str = arg("auto", "prompt layout: auto (the checkpoint's own: llama3, chatml) | nanoecg | llama3 | "
+                                   "chatml")
     vocab_size: int = arg(1000, "sentencepiece vocabulary trained on the task text (from scratch)")
     dim: int = arg(192, "tiny LLM width")
     n_layers: int = arg(4, "tiny LLM depth")
@@ -463,7 +465,7 @@ def ecg_seconds(batch):
 
 def build_tokenizer(cfg, data, rank):
     if cfg.llm:
-        return Tokenizer(cfg.llm, SPECIAL_TOKENS)
+        return Tokenizer(cfg.llm)   # ECGChat adds the tokens its chat format needs and the vocabulary lacks
     tok_dir = Path(cfg.out_dir) / "tokenizer"
     if rank == 0 and not (tok_dir / "tokenizer.model").is_file():
         try:
@@ -497,7 +499,7 @@ def build_model(cfg, tok, device, dtype):
     if cfg.images:
         image_encoder = load_clip_vision(cfg.image_init) if cfg.image_init else ImageEncoder(image_config(cfg))
         image_encoder = image_encoder.to(device, dtype)
-    return ECGChat(llm, encoder, tok, cfg.max_seq_len, image_encoder)
+    return ECGChat(llm, encoder, tok, cfg.max_seq_len, image_encoder, cfg.chat_format)
 
 
 def image_config(cfg):
