@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from chat import (ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, IMG_END, IMG_START, SPECIAL_TOKENS, USER,
-                  ECGChat, encode_chat)
+from chat import (ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, IMG_END, IMG_START, IMG_TOKEN, SPECIAL_TOKENS,
+                  USER, ECGChat, encode_chat)
 from data import ECGRecord
 from ecg_encoder import ECGEncoder, EncoderConfig
-from model import LLM, LLMConfig, add_lora, train_tokenizer
+from model import LLM, LLMConfig, Tokenizer, add_lora, train_tokenizer
 
 TEXT = ["Report: Sinus rhythm, Normal ECG", "Duration: 1.3s-2.9s", "Is there atrial fibrillation? yes",
         "Which ECG shows a longer QT? the second"] * 30
@@ -248,3 +248,100 @@ def test_a_damaged_checkpoint_file_is_named(tok, tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text("{garbage")
     with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
         ECGChat.load(tmp_path / "ckpt")
+
+
+# --- the checkpoint's own chat format (Llama-3 headers, ChatML) against transformers' apply_chat_template ---
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Their templates, with {% generation %} around what an assistant says, so transformers reports the loss mask too.
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_instruct_tokenizer(folder, kind):
+    """A byte-level BPE tokenizer.json with a Llama-3 (headers, reserved special tokens, Llama-3's split regex) or a
+    Qwen-style ChatML vocabulary (no <bos>, no reserved tokens), and its chat template."""
+    from tokenizers import Regex, Tokenizer as JSONTokenizer, decoders, models, pre_tokenizers, trainers
+    if kind == "llama3":
+        special = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{k}|>" for k in range(4)] + \
+            ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"] + \
+            [f"<|reserved_special_token_{k}|>" for k in range(5, 8)]
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE}
+    else:
+        special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        config = {"bos_token": None, "eos_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE}
+    tk = JSONTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(TEXT * 3, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder.mkdir()
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder
+
+
+def instruct_chat(folder):
+    tok = Tokenizer(folder)
+    torch.manual_seed(0)
+    llm = LLM(LLMConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1)).init_weights()
+    return ECGChat(llm, ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=1, n_heads=2)), tok).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama3", "chatml"])
+def test_prompt_and_loss_mask_follow_the_checkpoints_chat_template(tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    folder = make_instruct_tokenizer(tmp_path / kind, kind)
+    model = instruct_chat(folder)
+    assert model.format.name == kind
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    theirs.add_special_tokens({"additional_special_tokens": list(model.format.marks)})   # no-op for Llama-3's reserved
+    assert theirs.convert_tokens_to_ids(list(model.format.marks)) == [model.tokenizer.added[m] for m in model.format.marks]
+    ecgs = [ecg(3, seed=1), ecg(2.5, ("II",), seed=2)]
+    turns = [("user", "  What rhythm?\n"), ("assistant", "Report: Sinus rhythm, Normal ECG"),
+             ("user", "Is there atrial fibrillation?"), ("assistant", " yes ")]
+    ids, labels = model.prompt(turns, ecgs)
+    # transformers sees the same blocks, written out as text in the first user message
+    s, e, t = model.format.marks[:3]
+    blocks = "".join(s + t * model.encoder.num_tokens(x.signal.shape[1]) + e for x in ecgs)
+    messages = [{"role": r, "content": (blocks if i == 0 else "") + c} for i, (r, c) in enumerate(turns)]
+    ref = theirs.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == ref["input_ids"]
+    assert [lab != -100 for lab in labels] == [bool(m) for m in ref["assistant_masks"]]
+    assert [i for i, lab in zip(ids, labels) if lab != -100].count(tok_id := theirs.convert_tokens_to_ids(
+        model.format.end)) == 2 and tok_id in model.stop_ids()   # each answer's end-of-turn token is learnt
+    gen, _ = model.prompt(turns[:3], ecgs, add_generation_prompt=True)
+    assert gen == theirs.apply_chat_template(messages[:3], tokenize=True, add_generation_prompt=True,
+                                             return_dict=True)["input_ids"]
+
+
+def test_llama3_reserved_tokens_hold_the_ecg_blocks_and_chatml_grows_six_rows(tmp_path):
+    llama3 = instruct_chat(make_instruct_tokenizer(tmp_path / "llama3", "llama3"))
+    # anyECG-chat's layout: <ecg> <|reserved_special_token_1|> (128003), </ecg> _2 (128004), the placeholder _3 (128005)
+    assert [llama3.tokenizer.added[m] for m in llama3.format.marks[:3]] == [3, 4, 5]
+    assert llama3.tokenizer.vocab_size == llama3.tokenizer.base_vocab_size == llama3.llm.config.vocab_size
+    chatml = instruct_chat(make_instruct_tokenizer(tmp_path / "chatml", "chatml"))
+    base = chatml.tokenizer.base_vocab_size
+    assert chatml.format.marks == (ECG_START, ECG_END, ECG_TOKEN, IMG_START, IMG_END, IMG_TOKEN)
+    assert sorted(chatml.tokenizer.added[m] for m in chatml.format.marks) == list(range(base, base + 6))
+    assert chatml.llm.config.vocab_size == base + 6 and chatml.tokenizer.bos_id is None
+
+
+def test_an_unknown_chat_format_is_named(tmp_path):
+    folder = make_instruct_tokenizer(tmp_path / "chatml", "chatml")
+    with pytest.raises(ValueError, match="chat format 'vicuna' unknown; known: auto, nanoecg, llama3, chatml"):
+        ECGChat(LLM(LLMConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1)), ECGEncoder(EncoderConfig.tiny()),
+                Tokenizer(folder), chat_format="vicuna")
