@@ -2,7 +2,8 @@
 data.py — ECG records and the files they come from. The ground floor: it imports nothing of the project.
 
 Read top to bottom:
-  1. Records      `ECGRecord` (mV (leads, samples), fs, leads), lead and task names, `atomic_write` (every file write).
+  1. Records      `ECGRecord` (mV (leads, samples), fs, leads), lead and task names, `atomic_write` (every file
+                  write), `read_tensors` (weights from .safetensors, or from .bin/.pth without unpickling code).
   2. Lead names   the aliases real files use (MLII, D3, lower case, a lone "ECG", ...).
   3. Reading      `load_ecg`: WFDB records (any format, multi-file ones), .npy, .csv; one clear error per bad file.
   4. Cleaning     flat/empty leads, NaN/Inf repair, FFT resampling, `prepare_ecg` (as the model reads it), `cut_ecg`.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 # --------------------------------------------------------------------------- 1. records
 
@@ -51,6 +53,24 @@ def atomic_write(path, content):
     finally:
         Path(tmp).unlink(missing_ok=True)   # only still there if something failed
     return path
+
+
+def read_tensors(path):
+    """{name: tensor} from a .safetensors file, or from a PyTorch pickle (.bin, .pth) read with weights_only=True:
+    tensors come back, any other object is refused, because a full unpickle can run code the file carries."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # UnpicklingError for a refused object, RuntimeError for a torn file
+        raise ValueError(f"{path}: not a plain state dict of tensors ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
 
 
 # --------------------------------------------------------------------------- 2. lead names

@@ -56,7 +56,8 @@ from data import TASKS, ECGRecord, RowECGReader, atomic_write, load_rows
 from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, clip_vision_config, file_metadata,
                          load_clip_vision, load_encoder_config, load_encoder_weights, save_encoder_weights)
 from eval import evaluate, print_table, prior_answers, score_rows
-from model import LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, train_tokenizer
+from model import (LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, save_peft_adapter,
+                   train_tokenizer)
 from paper import WIDTH_MM
 from tasks import add_image_rows, build_synthetic_dataset
 from warmup import WarmupConfig, fit_encoder_to_truth
@@ -866,6 +867,8 @@ def finish(cfg, model, data, log):
     """Held-out evaluation, the ECG-blanked ablation, the chance level (no model: the most
     frequent training answer to each question), and the model folder for generate/eval.py."""
     model.save(Path(cfg.out_dir) / "model")
+    if cfg.llm and lora_layers(model.llm):   # the LoRA alone too, for peft users of the same --llm folder
+        save_peft_adapter(model.llm, Path(cfg.out_dir) / "model" / "lora_adapter", base_model=cfg.llm)
     test, rows = data["test"], rows_per_task(data["test"].rows, cfg.test_rows)
     for name, ablate in [("test", False), ("test_ecg_blanked", True)]:
         t0 = time.time()

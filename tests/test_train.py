@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import train
 from chat import ECGChat
 from data import ECGRecord
+from model import LLM, load_peft_adapter
 from tasks import build_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -460,3 +461,9 @@ def test_llm_a_tokenizer_json_checkpoint_trains_stages_1_to_3(tmp_path, kind):
     assert back.llm.config.qk_norm == (kind == "qwen3") and train.lora_layers(back.llm) == []   # LoRA merged
     losses = [r["loss"] for r in log_of(tmp_path / "run")]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    # the LoRA alone in peft's format: the --llm folder + the adapter == the saved LLM, on the base vocabulary
+    base = LLM.from_pretrained(folder, dtype=torch.float32)
+    load_peft_adapter(base, tmp_path / "run" / "model" / "lora_adapter")
+    ids = torch.randint(0, 500, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (base(ids) - back.llm.float()(ids)[..., :500]).abs().max() <= 1e-4
