@@ -6,7 +6,8 @@ Read top to bottom:
                   write), `read_tensors` (weights from .safetensors, or from .bin/.pth without unpickling code).
   2. Lead names   the aliases real files use (MLII, D3, lower case, a lone "ECG", ...).
   3. Reading      `load_ecg`: WFDB records (any format, multi-file ones), .npy, .csv; one clear error per bad file.
-  4. Cleaning     flat/empty leads, NaN/Inf repair, FFT resampling, `prepare_ecg` (as the model reads it), `cut_ecg`.
+  4. Cleaning     flat/empty leads, NaN/Inf repair, FFT resampling, `prepare_ecg` (as the model reads it), `cut_ecg`,
+                  `anyecg_input` (as anyECG-chat's own encoder reads it).
   5. Localization the anyECG answer rule ("Duration: 1.3s-2.9s"), interval merging, the parser.
   6. anyECG rows  `load_rows` (bad rows skipped and counted) and `RowECGReader` (a row's ECG(s), lazily, cached).
 """
@@ -415,6 +416,41 @@ def cut_ecg(rec, start, end, name="ECG"):
     """Samples [start, end) of a record (None: its start / its end); an error naming `name` if not inside it."""
     return ECGRecord(rec.signal[:, _clip(name, rec.signal.shape[1], start, end)], rec.fs, rec.leads)
 
+
+
+def anyecg_input(record):
+    """anyECG-chat's own preprocessing of a record (their anyecg/utils.py: `get_ecg_from_path`, `ecg_transform`), what
+    ecg_encoder.load_anyecg reads: (12, T) float32 at 100 Hz, leads in STANDARD_LEADS order (others dropped), absent
+    leads zero, each lead min-max scaled to [-1, 1], then NaN -> 0. Faithful, quirks included: a flat or absent lead
+    is 0/0 and so all 0, and one NaN sample spreads through the FFT and the min/max and zeroes its whole lead. Their
+    loader keeps only the first 5000 samples of a 12-lead file, or a location row's [ecg_start, ecg_end): cut first."""
+    signal, fs, leads = record
+    x = np.asarray(signal, dtype=np.float64)  # float64 like their wfdb.rdsamp: scipy would keep a float32 in float32
+    if fs != 100:  # their int() truncation and their order of operations, so T is the same
+        n = int(x.shape[1] * 100 / fs)
+        if n < 1:
+            raise ValueError(f"{x.shape[1]} samples at {fs:g} Hz are not one sample at 100 Hz")
+        x = fft_resample(x, n)
+    out = np.zeros((len(STANDARD_LEADS), x.shape[1]))  # (12, T)
+    for i, lead in enumerate(STANDARD_LEADS):
+        if lead in leads:
+            out[i] = x[leads.index(lead)]
+    lo, hi = out.min(axis=1, keepdims=True), out.max(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):  # the 0/0 of flat leads is meant: NaN, then 0
+        out = (out - lo) / (hi - lo) * 2 - 1
+    return np.nan_to_num(out, nan=0.0).astype(np.float32)
+
+
+def fft_resample(x, num):
+    """scipy.signal.resample(x, num, axis=-1) of a real x with numpy's FFT: keep the lower band of the two lengths.
+    When that band's length m is even, its top bin stands for the +-m/2 pair of a two-sided spectrum: it is doubled
+    when shortening (the pair folds into one bin) and halved when lengthening (it splits into two)."""
+    n = x.shape[-1]
+    m = min(n, num)
+    spec = np.fft.rfft(x, axis=-1)[..., :m // 2 + 1]
+    if m % 2 == 0 and num != n:
+        spec[..., m // 2] *= 2 if num < n else 0.5
+    return np.fft.irfft(spec / (n / num), n=num, axis=-1)  # irfft drops the imaginary part of an even num's top bin
 
 # --------------------------------------------------------------------------- 5. localization
 

@@ -1,7 +1,8 @@
 """
 ecg_encoder.py — the ECG encoder and the projector into the LLM: any length, any lead set, several ECGs. Below
 them, the image encoder for paper printouts (GEM's second modality): a small ViT, or a pretrained CLIP vision
-tower loaded by `load_clip_vision`.
+tower loaded by `load_clip_vision`. Last, anyECG-chat's own encoder and projector (`AnyECG`), loaded from their
+released checkpoint by `load_anyecg`, beside nanoECG's rather than instead of it.
 
 Design in one paragraph. Each lead is cut on its own into patches of `patch_size` samples (anyECG-style), so a token
 is (one lead, one stretch of time); its embedding is the patch's shape and amplitude + a learned embedding of its lead
@@ -23,6 +24,7 @@ removes baseline wander), still in mV, with that mean and its std alongside.
 
 import json
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from data import STANDARD_LEADS, atomic_write
+from data import STANDARD_LEADS, atomic_write, read_tensors
 
 # --------------------------------------------------------------------------- config
 
@@ -474,19 +476,22 @@ def load_encoder_weights(module, path):
 def load_state(module, state, source):
     """Load `state` into `module`, or raise one error naming `source` and every missing,
     unexpected or differently shaped key, or every tensor holding NaN or Inf (never load poisoned weights)."""
-    own = module.state_dict()
+    check_state({k: v.shape for k, v in module.state_dict().items()}, state, source, type(module).__name__)
+    module.load_state_dict(state)
+    return module
+
+
+def check_state(shapes, state, source, what):
+    """The checks of load_state against `shapes` ({key: shape}), `what` naming the layout they describe."""
     poisoned = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if poisoned:
         raise ValueError(f"{source}: non-finite values (NaN/Inf) in {poisoned[:5]} ({len(poisoned)} tensors)")
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(own.keys() & state.keys()) if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{source} does not match {type(module).__name__}:"
-                         f"\n  missing keys: {missing}\n  unexpected keys: {unexpected}"
-                         f"\n  shape mismatches: {shapes}")
-    module.load_state_dict(state)
-    return module
+    missing, unexpected = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes.keys())
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(shapes[k])}"
+             for k in sorted(shapes.keys() & state.keys()) if state[k].shape != shapes[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source} does not match {what}:\n  missing keys: {missing}"
+                         f"\n  unexpected keys: {unexpected}\n  shape mismatches: {wrong}")
 
 
 def file_metadata(path):
@@ -506,3 +511,105 @@ def load_encoder_config(path):
     if "config" not in meta:
         raise ValueError(f"{path} holds no encoder config in its metadata")
     return EncoderConfig(**json.loads(meta["config"]))
+
+
+# --------------------------------------------------------------------------- anyECG-chat's own encoder and checkpoint
+
+
+class AnyECG(nn.Module):
+    """anyECG-chat's ECG ViT and projector (CuCl-2/anyECG-chat: `ViT.encode` in anyecg/ecgvit.py, `projection` and
+    `encode_and_project_ecg` in anyecg/ecg_language_modeling.py) on this file's Block and Projector, to run their
+    release (load_anyecg). enc(x): x (12, T) at 100 Hz from data.anyecg_input -> (enc.num_tokens(T), enc.d_llm).
+    Unlike ECGEncoder: 12 fixed lead slots (an absent lead is zeros), learned positions inside a 10 s window, a
+    LayerNorm on each raw patch, no final norm (their `encode` returns the last block's output)."""
+    WINDOW, PATCH = 1000, 200  # samples at 100 Hz: 10 s windows of 2 s patches, 12 leads x 5 = 60 tokens a window
+
+    def __init__(self, d=768, depth=12, mlp_ratio=4, d_llm=4096):
+        super().__init__()
+        # Block reads d_model, n_heads, mlp_ratio, dropout from it; their heads are 64 wide (ecg_vit_base: 768 / 12)
+        cfg = EncoderConfig.base(d_model=d, n_layers=depth, n_heads=d // 64, mlp_ratio=mlp_ratio)
+        self.patch_in_norm = nn.LayerNorm(self.PATCH)  # on the raw samples, as theirs
+        self.patch_proj = nn.Linear(self.PATCH, d)
+        self.patch_out_norm = nn.LayerNorm(d)
+        self.lead_emb = nn.Parameter(torch.zeros(1, 12, d))                        # their shapes, (1, ...)
+        self.pos_emb = nn.Parameter(torch.zeros(1, 1 + self.WINDOW // self.PATCH, d))  # [0]: the CLS token's
+        self.cls = nn.Parameter(torch.zeros(d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(depth))
+        self.proj = Projector(d, d_llm)
+
+    @property
+    def d_llm(self):
+        return self.proj.fc2.out_features
+
+    def num_tokens(self, n_samples):
+        """1 + 60 * ceil(T / 1000): the windows' mean CLS token, then every window's 60 patch tokens."""
+        return 1 + 12 * self.WINDOW // self.PATCH * -(-n_samples // self.WINDOW)
+
+    def encode(self, windows):  # (W, 12, 1000) -> (W, 61, d): CLS, then lead by lead, 5 patches each
+        x = windows.unflatten(-1, (-1, self.PATCH))                          # (W, 12, 5, 200)
+        x = self.patch_out_norm(self.patch_proj(self.patch_in_norm(x)))      # (W, 12, 5, d)
+        x = x + self.lead_emb[:, :, None] + self.pos_emb[:, None, 1:]
+        cls = (self.cls + self.pos_emb[0, 0]).expand(len(x), 1, -1)          # (W, 1, d)
+        x = torch.cat([cls, x.flatten(1, 2)], dim=1)                         # (W, 61, d)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x):
+        x = torch.as_tensor(x, dtype=self.cls.dtype, device=self.cls.device)
+        if x.ndim != 2 or x.shape[0] != 12 or x.shape[1] == 0:
+            raise ValueError(f"anyECG-chat reads a (12, T) ECG at 100 Hz (data.anyecg_input), got {tuple(x.shape)}")
+        x = F.pad(x, (0, -x.shape[1] % self.WINDOW))                         # the last window zero-padded
+        windows = x.unflatten(1, (-1, self.WINDOW)).transpose(0, 1)          # (W, 12, 1000)
+        y = self.proj(self.encode(windows))                                  # (W, 61, d_llm): each window alone
+        return torch.cat([y[:, 0].mean(0, keepdim=True), y[:, 1:].flatten(0, 1)])  # (1 + 60 W, d_llm)
+
+
+def anyecg_names(depth):
+    """Their key -> ours: ecg_model.* (the ViT's state dict) and projection.* (nn.Sequential(Linear, GELU, Linear))."""
+    names = {"ecg_model.cls_token": "cls", "ecg_model.pos_embedding": "pos_emb", "ecg_model.lead_embedding": "lead_emb"}
+    parts = [("ecg_model.to_patch_embedding.1", "patch_in_norm"), ("ecg_model.to_patch_embedding.2", "patch_proj"),
+             ("ecg_model.to_patch_embedding.3", "patch_out_norm"), ("projection.0", "proj.fc1"),
+             ("projection.2", "proj.fc2")]
+    for i in range(depth):  # layers.i.0: Attention (with its norm), layers.i.1: FeedForward (LN, fc, GELU, -, fc)
+        parts += [(f"ecg_model.transformer.layers.{i}.{theirs}", f"blocks.{i}.{ours}") for theirs, ours in
+                  [("0.norm", "ln1"), ("0.to_qkv", "qkv"), ("0.to_out.0", "proj"), ("1.net.0", "ln2"),
+                   ("1.net.1", "mlp.0"), ("1.net.4", "mlp.2")]]
+    names |= {f"{theirs}.{p}": f"{ours}.{p}" for theirs, ours in parts for p in ("weight", "bias")}
+    for i in range(depth):  # their to_qkv has no bias: ours stays 0
+        del names[f"ecg_model.transformer.layers.{i}.0.to_qkv.bias"]
+    return names
+
+
+def load_anyecg(ckpt_dir):
+    """anyECG-chat's released encoder and projector from ckpt_dir: ecg_model.pth and projection.pth as their train.py
+    saves them (state dicts; torch.load with weights_only=True, so a pickle that holds anything but tensors is
+    refused, never run), or ecg_model.safetensors / projection.safetensors with the same keys (preferred when both).
+    Width, depth, MLP width and the LLM width come from the shapes (the release: 768, 12, 3072, 4096). Returns an
+    AnyECG in eval mode: enc(x), x a (12, T) float tensor or array (data.anyecg_input) -> (enc.num_tokens(T),
+    enc.d_llm) float tensor on the module's device. Missing, unexpected and misshapen keys are named in theirs."""
+    folder = Path(ckpt_dir)
+    state = {f"{part}.{k}": v for part in ("ecg_model", "projection") for k, v in _read_anyecg(folder, part).items()}
+    # the head of their contrastive pretraining (CLEP) is in the ViT's state dict (norm, fc), unused by `encode`
+    state = {k: v for k, v in state.items() if not k.startswith(("ecg_model.norm.", "ecg_model.fc."))}
+
+    def size(key, dim, default):  # a width read off a shape; a missing key keeps the release's, reported below
+        return state[key].shape[dim] if key in state and state[key].ndim > dim else default
+    layers = [int(k.split(".")[3]) for k in state if re.match(r"ecg_model\.transformer\.layers\.\d+\.", k)]
+    d, depth = size("ecg_model.cls_token", 0, 768), 1 + max(layers, default=11)
+    d_mlp, d_llm = size("ecg_model.transformer.layers.0.1.net.1.weight", 0, 4 * d), size("projection.0.weight", 0, 4096)
+    enc = AnyECG(d, depth, max(1, d_mlp // d), d_llm)
+    names, own = anyecg_names(depth), enc.state_dict()
+    check_state({theirs: own[ours].shape for theirs, ours in names.items()}, state, folder, "anyECG-chat's layout")
+    zero_bias = {f"blocks.{i}.qkv.bias": torch.zeros(3 * d) for i in range(depth)}  # their to_qkv has none
+    enc.load_state_dict({names[k]: v.float() for k, v in state.items()} | zero_bias)
+    return enc.eval()
+
+
+def _read_anyecg(folder, part):
+    """One of their two state dicts, {key: tensor}, with errors that name the file."""
+    paths = [folder / f"{part}.safetensors", folder / f"{part}.pth"]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"{folder}: neither {part}.pth nor {part}.safetensors (anyECG-chat's checkpoint)")
+    return read_tensors(path)   # .pth read with weights_only=True: tensors, never code
