@@ -9,18 +9,21 @@ prompt format it reads them in. It joins model.py (the LLM) and ecg_encoder.py (
                    puts both token sets together), all before the first user text. No newlines
                    around the markers, so a generation prompt is exactly the start of a
                    training sequence. The loss covers what the assistant says (its answer and
-                   the <|end|> closing it).
+                   the <|end|> closing it). An instruct checkpoint keeps its own format
+                   (`ChatFormat`: Llama-3's headers, ChatML), the blocks on its reserved tokens
+                   where it has them, and the loss and the stop token follow that format.
   2. ECGChat       tokenizer + LLM + ECG encoder + projector (+ image encoder and its
                    projector). `prompt` is the one prompt builder (training, evaluation and
                    the chat all call it); `embed` overwrites each placeholder block with its
                    input's projected tokens (nanoVLM-style splicing) and checks that the
                    blocks and the inputs agree; forward with the loss; generate; freezing
-                   per part; save/load as one folder.
+                   per part; save/load as one folder; `from_anyecg`: anyECG-chat's release.
 
 A model's *inputs* are, per prompt, a list of ECGRecords (data.py; the signal in mV at the
 encoder's rate) and paper-ECG images (uint8 RGB (H, W, 3)): a row's inputs as they are read.
 """
 import json
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,8 +33,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from data import ECGRecord
-from ecg_encoder import ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, Projector, check_fits, load_state
-from model import LLM, Tokenizer, generate, left_pad, save_pretrained
+from ecg_encoder import (AnyECG, ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, Projector, check_fits,
+                         load_anyecg, load_state)
+from model import LLM, Tokenizer, generate, left_pad, load_peft_adapter, save_pretrained
 
 # --------------------------------------------------------------------------- 1. Chat format
 
@@ -141,7 +145,9 @@ class ECGChat(nn.Module):
         super().__init__()
         self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
         w = llm.embed_tokens.weight
-        self.projector = Projector(encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
+        # anyECG-chat's encoder projects each 10 s window itself: its first token is the mean of projected CLS tokens
+        self.projector = nn.Identity() if isinstance(encoder, AnyECG) else \
+            Projector(encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
         self.image_encoder = image_encoder
         self.image_projector = None if image_encoder is None else Projector(
             image_encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
@@ -181,6 +187,8 @@ class ECGChat(nn.Module):
         """[ECGRecord, ...] -> [(n_tokens_i, C_llm), ...]"""
         if not ecgs:
             return []
+        if isinstance(self.encoder, AnyECG):   # one (12, T) record at a time, as their encode_and_project_ecg
+            return [self.encoder(e.signal) for e in ecgs]
         return [self.projector(t) for t in self.encoder([e.signal for e in ecgs], [list(e.leads) for e in ecgs])]
 
     def encode_images(self, images):
@@ -305,6 +313,22 @@ class ECGChat(nn.Module):
                 module.to(llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
         model._load_parts(d / "model.safetensors")
         return model.eval()
+
+    @classmethod
+    def from_anyecg(cls, ckpt_dir, llm_dir, dtype=None, device=None):
+        """anyECG-chat's release: their ECG encoder and projector (ecg_encoder.load_anyecg) and their LoRA adapter
+        (adapter_config.json + adapter_model.safetensors, as peft saves it) from ckpt_dir, on the
+        Llama-3-8B-Instruct folder llm_dir. Prompts use Llama-3's template with each ECG block on the reserved
+        tokens 128003-128005, as theirs; the ECGs must be read as theirs are (data.anyecg_input, 12 x T at 100 Hz).
+        The encoder stays in float32, as in their code; its tokens are cast to the LLM's dtype when spliced."""
+        llm = LLM.from_pretrained(llm_dir, dtype=dtype, device=device)
+        if not (Path(ckpt_dir) / "adapter_config.json").is_file():
+            warnings.warn(f"{ckpt_dir}: no LoRA adapter (adapter_config.json); the LLM runs as it is (a stage-1 "
+                          "checkpoint)")
+        else:
+            load_peft_adapter(llm, ckpt_dir)
+        encoder = load_anyecg(ckpt_dir).to(llm.embed_tokens.weight.device)
+        return cls(llm, encoder, Tokenizer(llm_dir), chat_format="llama3").eval()
 
     def _load_parts(self, path):
         """Encoder(s) and projector(s) from the checkpoint file; keys or shapes that do not

@@ -446,10 +446,9 @@ def check_fits(encoder, n_samples, max_seq_len, n_text_tokens=0):
     context of max_seq_len. Returns the number of ECG tokens."""
     n_ecg = sum(encoder.num_tokens(n) for n in n_samples)
     if n_ecg + n_text_tokens > max_seq_len:
-        cfg = encoder.cfg
-        secs = ", ".join(f"{n / cfg.fs:g}" for n in n_samples)
+        secs = ", ".join(f"{n / encoder.cfg.fs:g}" for n in n_samples)
         room = max(0, max_seq_len - n_text_tokens)
-        raise ValueError(f"ECG(s) of {secs} s need {n_ecg} tokens at {cfg.tokens_per_second:g} tokens/s, plus "
+        raise ValueError(f"ECG(s) of {secs} s need {n_ecg} tokens, plus "
                          f"{n_text_tokens} text tokens; the LLM context allows {max_seq_len} (room for about "
                          f"{encoder.max_seconds(room):g} s of ECG). Use a shorter part of the ECG, or a model trained "
                          "with a longer context (train.py --max_seq_len).")
@@ -528,6 +527,7 @@ class AnyECG(nn.Module):
         super().__init__()
         # Block reads d_model, n_heads, mlp_ratio, dropout from it; their heads are 64 wide (ecg_vit_base: 768 / 12)
         cfg = EncoderConfig.base(d_model=d, n_layers=depth, n_heads=d // 64, mlp_ratio=mlp_ratio)
+        self.cfg = cfg   # also what the chat model asks of an encoder: fs (100 Hz) and patch_size (the shortest ECG)
         self.patch_in_norm = nn.LayerNorm(self.PATCH)  # on the raw samples, as theirs
         self.patch_proj = nn.Linear(self.PATCH, d)
         self.patch_out_norm = nn.LayerNorm(d)
@@ -544,6 +544,10 @@ class AnyECG(nn.Module):
     def num_tokens(self, n_samples):
         """1 + 60 * ceil(T / 1000): the windows' mean CLS token, then every window's 60 patch tokens."""
         return 1 + 12 * self.WINDOW // self.PATCH * -(-n_samples // self.WINDOW)
+
+    def max_seconds(self, n_tokens):
+        """Longest ECG whose tokens fit into n_tokens: whole 10 s windows."""
+        return max(0, (n_tokens - 1) // (12 * self.WINDOW // self.PATCH)) * self.WINDOW / self.cfg.fs
 
     def encode(self, windows):  # (W, 12, 1000) -> (W, 61, d): CLS, then lead by lead, 5 patches each
         x = windows.unflatten(-1, (-1, self.PATCH))                          # (W, 12, 5, 200)

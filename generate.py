@@ -3,6 +3,7 @@ generate.py — chat with a trained model about ECGs, from the command line.
 
     python generate.py --ckpt DIR --ecg PATH [--ecg PATH ...] --prompt "..."   one answer, streamed
     python generate.py --ckpt DIR --ecg PATH                                    multi-turn, from stdin
+    python generate.py --anyecg DIR --llm LLAMA3_DIR --ecg PATH --prompt "..."  anyECG-chat's released model
 
 Any record data.load_ecg reads (WFDB, .npy with --fs/--lead-names, .csv), a lead subset
 (--leads) and a part of a long record (--start/--end, seconds), paper printouts (--image, PNG
@@ -18,7 +19,8 @@ import warnings
 import torch
 
 from chat import ECGChat
-from data import STANDARD_LEADS, canonical_lead, cut_ecg, load_ecg, parse_localization, prepare_ecg
+from data import (STANDARD_LEADS, ECGRecord, anyecg_input, canonical_lead, cut_ecg, load_ecg, parse_localization,
+                  prepare_ecg)
 from paper import plot_ecg_svg, read_image
 
 ANSWER_BUDGET = 64   # tokens an ECG must leave free for the answer (or --max-new-tokens, if smaller)
@@ -47,13 +49,15 @@ def lead_list(text, option):
     return [canonical_lead(x) for x in names]
 
 
-def read_ecgs(paths, fs_model, leads=None, start=0.0, end=None, fs=None, lead_names=None, units=None):
+def read_ecgs(paths, fs_model, leads=None, start=0.0, end=None, fs=None, lead_names=None, units=None, anyecg=False):
     """Each --ecg -> (record as read and cut, in mV at its own rate; record as the model
-    reads it, at fs_model). Every error names the file."""
+    reads it, at fs_model, or as anyECG-chat reads it). Every error names the file."""
     out = []
     for path in paths:
         rec = cut_seconds(load_ecg(path, leads=leads, fs=fs, lead_names=lead_names, units=units), start, end, path)
-        out.append((rec, prepare_ecg(rec, fs_model, name=path)))
+        model_rec = ECGRecord(anyecg_input(rec), 100.0, list(STANDARD_LEADS)) if anyecg else \
+            prepare_ecg(rec, fs_model, name=path)
+        out.append((rec, model_rec))
     return out
 
 
@@ -114,9 +118,10 @@ def read_inputs(args, model):
     each described on stderr."""
     leads = lead_list(args.leads, "--leads") if args.leads else None
     lead_names = [x.strip() for x in args.lead_names.split(",")] if args.lead_names else None
-    read = read_ecgs(args.ecg or [], model.encoder.cfg.fs, leads, args.start, args.end, args.fs, lead_names, args.units)
+    read = read_ecgs(args.ecg or [], model.encoder.cfg.fs, leads, args.start, args.end, args.fs, lead_names, args.units,
+                     anyecg=bool(args.anyecg))
     if args.image and model.image_encoder is None:
-        raise ValueError(f"{args.ckpt} has no image encoder (train one with train.py --images)")
+        raise ValueError(f"{args.ckpt or args.anyecg} has no image encoder (train one with train.py --images)")
     images = [read_image(path) for path in args.image or []]
     for path, im in zip(args.image or [], images):
         print(f"image {path}: {im.shape[1]} x {im.shape[0]} px -> {model.image_encoder.num_tokens} tokens",
@@ -130,7 +135,8 @@ def read_inputs(args, model):
 
 
 def run_chat(args):
-    model = ECGChat.load(args.ckpt, device=args.device)
+    model = ECGChat.from_anyecg(args.anyecg, args.llm, device=args.device) if args.anyecg else \
+        ECGChat.load(args.ckpt, device=args.device)
     read, images = read_inputs(args, model)
     ecgs = [prepared for _, prepared in read]
     budget = min(args.max_new_tokens, ANSWER_BUDGET)   # fail before the first question, not after a cut answer
@@ -160,7 +166,11 @@ def run_chat(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="generate.py", description="Chat with a nanoECG checkpoint about ECGs.")
-    p.add_argument("--ckpt", required=True, help="checkpoint folder (what train.py writes)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ckpt", help="checkpoint folder (what train.py writes)")
+    which.add_argument("--anyecg", help="anyECG-chat's released checkpoint folder (ecg_model.pth, projection.pth, "
+                       "the LoRA adapter); needs --llm")
+    p.add_argument("--llm", help="with --anyecg: the Meta-Llama-3-8B-Instruct folder it was trained on")
     p.add_argument("--image", action="append", help="a paper ECG as PNG/JPEG (needs Pillow; repeatable); "
                    "a model trained with train.py --images reads it alone or with --ecg")
     p.add_argument("--ecg", action="append",
@@ -183,6 +193,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.ecg and not args.image:
         p.error("give at least one --ecg (or --image)")
+    if bool(args.anyecg) != bool(args.llm):
+        p.error("--anyecg and --llm go together")
     try:
         run_chat(args)
     except (FileNotFoundError, ValueError, ImportError) as e:

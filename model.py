@@ -797,4 +797,8 @@ def generate(llm, input_ids, attention_mask=None, *, inputs_embeds=None, max_new
             cut = min((text.index(s) for s in stop_strings if s in text), default=len(text))
             while row and len(tokenizer.decode(row)) > cut:
                 row.pop()
+    for b, row in enumerate(new if on_text and tokenizer is not None else []):   # the end of a character held
+        text = tokenizer.decode(row)                                           # back that never finished
+        if len(text) > len(printed[b]) and text.startswith(printed[b]):
+            on_text(b, text[len(printed[b]):])
     return new

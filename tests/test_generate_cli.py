@@ -208,3 +208,61 @@ def test_reads_a_paper_image_alone_or_with_the_signal(ckpt, tmp_path):
     assert r.returncode != 0 and "has no image encoder" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--ckpt", ckpt, "--prompt", "Report?")
     assert r.returncode != 0 and "give at least one --ecg" in r.stderr
+
+
+def test_anyecg_release_answers_as_their_code_does(tmp_path, capsys):
+    """generate.py --anyecg on a tiny release in their layout (ecg_model.pth, projection.pth, a LoRA adapter saved
+    by peft) and a tiny Llama-3-style folder: the prompt ids are their apply_chat_template's with the ECG block
+    first, the spliced embeddings their encode_and_project_ecg's, and the greedy answer transformers + peft's."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    from test_anyecg import D_LLM, ref_tokens, save_pth, their_state
+    from test_ecg_chat import make_instruct_tokenizer
+    from data import anyecg_input, load_ecg
+    llama = make_instruct_tokenizer(tmp_path / "llama3", "llama3")
+    tok = transformers.AutoTokenizer.from_pretrained(llama)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=D_LLM, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id)).eval()
+    hf.save_pretrained(llama)
+    release = tmp_path / "release"
+    release.mkdir()
+    vit, proj = their_state()
+    save_pth(release, vit, proj)
+    lora = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"],
+                                                   lora_dropout=0.1)).eval()   # their stage-3 LoRA settings
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    lora.save_pretrained(release)
+    g = np.random.default_rng(0)   # 12.5 s of 2 leads at 360 Hz: two windows at 100 Hz, the second zero-padded
+    np.save(tmp_path / "ecg.npy", (g.standard_normal((2, 4500)) * 0.3).astype(np.float32))
+    question = "Locate the Atrial premature beat on this ECG."
+
+    # theirs: get_input_embeds + language_model.generate, greedy
+    x = torch.as_tensor(anyecg_input(load_ecg(tmp_path / "ecg.npy", fs=360, lead_names=["MLII", "V1"])))
+    with torch.no_grad():
+        tokens = ref_tokens(vit, proj, x)
+    block = "<|reserved_special_token_1|>" + "<|reserved_special_token_3|>" * len(tokens) + "<|reserved_special_token_2|>"
+    ids = tok.apply_chat_template([{"role": "user", "content": block + question}], add_generation_prompt=True,
+                                  return_dict=True, return_tensors="pt")["input_ids"]
+    at = ids[0].tolist().index(128003 - 128000) + 1   # the tiny vocabulary numbers Llama-3's ids from 0
+    with torch.no_grad():
+        embeds = lora.get_input_embeddings()(ids)
+        embeds[0, at:at + len(tokens)] = tokens
+        out = lora.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                            do_sample=False, eos_token_id=[tok.eos_token_id], pad_token_id=tok.eos_token_id)
+
+    model = ECGChat.from_anyecg(release, llama)
+    ecg = ECGRecord(x.numpy(), 100.0, list(generate.STANDARD_LEADS))
+    prompt = model.prompt([("user", question)], [ecg], add_generation_prompt=True)[0]
+    assert prompt == ids[0].tolist()
+    with torch.no_grad():
+        assert (model.embed(ids, [[ecg]])[0, at:at + len(tokens)] - tokens).abs().max() <= 1e-4
+        ours = model.generate([prompt], [[ecg]], max_new_tokens=12, temperature=0)[0]
+    assert ours == [i for i in out[0].tolist() if i != tok.eos_token_id] and ours
+    generate.main(["--anyecg", str(release), "--llm", str(llama), "--ecg", str(tmp_path / "ecg.npy"), "--fs", "360",
+                   "--lead-names", "MLII,V1", "--prompt", question, "--temperature", "0", "--max-new-tokens", "12"])
+    assert capsys.readouterr().out.strip() == model.tokenizer.decode(ours).strip()

@@ -2,7 +2,6 @@
 KV-cache decoding, left-padded batching, LoRA, and clear errors on bad checkpoints."""
 
 import json
-import shutil
 
 import pytest
 import torch
