@@ -249,17 +249,84 @@ def score_task(task, rows, preds):
     return out
 
 
-def score_rows(rows, preds):
-    """{task: scores} over answered rows, tasks in order of first appearance; rows naming their modality get their own
+def task_groups(rows):
+    """{group name: row indices}, in order of first appearance: the task; rows naming their modality get their own
     groups ("report [signal]", "report [image]", "report [both]"). ecgqa and multi rows without a question_type (free
     text, e.g. anyECG's MIMIC comparisons) cannot be matched exactly: they form their own group, scored as open text."""
     groups = {}
-    for row, pred in zip(rows, preds):
+    for i, row in enumerate(rows):
         free = row["task"] in ("ecgqa", "multi") and "question_type" not in row
         modality = f" [{row['modality']}]" if "modality" in row else ""
-        groups.setdefault(row["task"] + modality + (" (free text)" if free else ""), []).append((row, pred))
-    return {name: score_task(pairs[0][0]["task"], [r for r, _ in pairs], [p for _, p in pairs])
-            for name, pairs in groups.items()}
+        groups.setdefault(row["task"] + modality + (" (free text)" if free else ""), []).append(i)
+    return groups
+
+
+def score_rows(rows, preds):
+    """{group: scores} over answered rows (task_groups), each with its main metric's 95 % bootstrap interval."""
+    out = {}
+    for name, idx in task_groups(rows).items():
+        out[name] = score_task(rows[idx[0]]["task"], [rows[i] for i in idx], [preds[i] for i in idx])
+        metric, value, lo, hi = bootstrap([rows[i] for i in idx], [preds[i] for i in idx])
+        out[name]["main"] = {"metric": metric, "value": value, "interval95": [lo, hi]}
+    return out
+
+
+# --- how sure a figure is: bootstrap over the test rows
+def metric_parts(row, pred):
+    """(metric name, one row's share of it): every main metric is a ratio of sums over rows. A mean of per-row values
+    (localization IoU, exact match, ROUGE-L): (value, 1, 0); the reports' micro statement F1: (tp, fp, fn); the
+    grounded HR MAE over the answers that state it: (|error|, 1, 0), or zeros when the answer does not."""
+    score = row_score(row, pred)
+    if score is not None:
+        return ("IoU micro" if row["task"] in LOCATION_TASKS else "accuracy"), (score, 1, 0)
+    if row["task"] == "report":
+        p, r = find_statements(pred), find_statements(row["answer"])
+        return "statement F1", (len(p & r), len(p - r), len(r - p))
+    if row["task"] == "grounded":
+        p, r = parse_measurements(pred)["hr"], parse_measurements(row["answer"])["hr"]
+        return "HR MAE (bpm)", ((abs(p - r), 1, 0) if p is not None and r is not None else (0, 0, 0))
+    return "ROUGE-L", (rouge_l(pred, row["answer"]), 1, 0)
+
+
+def _from_sums(metric, s):   # s (..., 3): summed metric_parts -> the metric
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if metric == "statement F1":
+            return np.where(s[..., 0] > 0, 2 * s[..., 0] / (2 * s[..., 0] + s[..., 1] + s[..., 2]), 0.0)
+        return s[..., 0] / s[..., 1]   # NaN when no row counts (no answer stated a heart rate)
+
+
+def bootstrap(rows, preds, baseline=None, draws=2000, seed=0):
+    """The main metric of rows of one task, and its 95 % percentile interval over the rows drawn again with
+    replacement `draws` times. With `baseline` (other answers to the same rows, e.g. with the ECG blanked): the
+    paired difference preds - baseline and its interval, the same draws for both. -> (metric, value, lo, hi)"""
+    metric = metric_parts(rows[0], preds[0])[0]
+
+    def parts_of(answers):   # (n, 3)
+        return np.array([metric_parts(r, a)[1] for r, a in zip(rows, answers)], dtype=np.float64)
+    counts = np.random.default_rng(seed).multinomial(len(rows), np.full(len(rows), 1 / len(rows)), size=draws)
+    weights = np.vstack([np.ones(len(rows)), counts])   # row 0: the rows as they are, then the draws
+    values = _from_sums(metric, weights @ parts_of(preds))
+    if baseline is not None:
+        values = values - _from_sums(metric, weights @ parts_of(baseline))
+    point, drawn = values[0], values[1:]
+    lo, hi = np.nanpercentile(drawn, [2.5, 97.5]) if np.isfinite(drawn).any() else (np.nan, np.nan)
+    return metric, float(point), float(lo), float(hi)
+
+
+def ecg_effect(with_ecg, blanked):
+    """{group: (metric, with - blanked, lo, hi)}: what each task's main metric gains from the ECG, paired over the rows
+    answered both ways, with its 95 % bootstrap interval. with_ecg, blanked: `evaluate`'s predictions (each carries
+    its row's task, answer and type)."""
+    other = {p["index"]: p["prediction"] for p in blanked}
+    rows = [p for p in with_ecg if p["index"] in other]
+    return {name: bootstrap([rows[i] for i in idx], [rows[i]["prediction"] for i in idx],
+                            [other[rows[i]["index"]] for i in idx]) for name, idx in task_groups(rows).items()}
+
+
+def print_effect(effect, file=None):
+    print(f"{'task':<28}{'metric':<16}{'with ECG - blanked':>20}  95 % interval", file=file)
+    for task, (metric, diff, lo, hi) in effect.items():
+        print(f"{task:<28}{metric:<16}{_fmt(diff):>20}  {_fmt(lo)} to {_fmt(hi)}", file=file)
 
 
 def prior_answers(train_rows, rows):
@@ -289,7 +356,7 @@ def headline(s):
 
 
 def _fmt(v):
-    return "-" if v is None else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return "-" if v is None or v != v else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def print_table(scores, file=None):
@@ -300,6 +367,9 @@ def print_table(scores, file=None):
         if task == "skipped":
             continue
         cells = "  ".join(f"{k} {_fmt(v)}" for k, v in headline(s))
+        if "main" in s:
+            m = s["main"]
+            cells += f"  ({m['metric']} 95 % interval {_fmt(m['interval95'][0])} to {_fmt(m['interval95'][1])})"
         print(f"{task:<28}{s['n']:>6}  {cells}", file=file)
         for t, g in s.get("per_type", {}).items():
             print(f"  {t:<26}{g['n']:>6}  {g['mean']:.3f}", file=file)
@@ -372,7 +442,7 @@ def evaluate(model, rows, inputs_of, batch_size=8, max_new_tokens=256, ablate_ec
     scores = score_rows(done_rows, preds)
     scores["skipped"] = {"n": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)),
                          "rows": skipped}
-    keep = ("task", "abnormal_type", "question_type", "ecg_path", "question", "answer")
+    keep = ("task", "modality", "abnormal_type", "question_type", "ecg_path", "question", "answer")
     predictions = [{"index": rows[i].get("file_index", i), **{k: rows[i][k] for k in keep if k in rows[i]},
                     "prediction": p, "score": row_score(rows[i], p)} for i, p in answered]
     return scores, predictions

@@ -55,7 +55,7 @@ from chat import SPECIAL_TOKENS, ECGChat
 from data import TASKS, ECGRecord, RowECGReader, atomic_write, load_rows
 from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, clip_vision_config, file_metadata,
                          load_clip_vision, load_encoder_config, load_encoder_weights, save_encoder_weights)
-from eval import evaluate, print_table, prior_answers, score_rows
+from eval import ecg_effect, evaluate, print_effect, print_table, prior_answers, score_rows
 from model import (LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, save_peft_adapter,
                    train_tokenizer)
 from paper import WIDTH_MM
@@ -869,7 +869,7 @@ def finish(cfg, model, data, log):
     model.save(Path(cfg.out_dir) / "model")
     if cfg.llm and lora_layers(model.llm):   # the LoRA alone too, for peft users of the same --llm folder
         save_peft_adapter(model.llm, Path(cfg.out_dir) / "model" / "lora_adapter", base_model=cfg.llm)
-    test, rows = data["test"], rows_per_task(data["test"].rows, cfg.test_rows)
+    test, rows, answers = data["test"], rows_per_task(data["test"].rows, cfg.test_rows), {}
     for name, ablate in [("test", False), ("test_ecg_blanked", True)]:
         t0 = time.time()
         scores, preds = evaluate(model, rows, test.inputs_of, cfg.batch_size, cfg.max_new_tokens, ablate_ecg=ablate)
@@ -877,6 +877,11 @@ def finish(cfg, model, data, log):
         print(f"\n{name} ({len(rows)} rows, {time.time() - t0:.0f} s)")
         print_table(scores)
         atomic_write(Path(cfg.out_dir) / f"{name}_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+        answers[name] = preds
+    effect = ecg_effect(answers["test"], answers["test_ecg_blanked"])
+    log({"event": "test_ecg_effect", "scores": effect})
+    print("\nhow much each task reads the ECG: its main metric with the ECG minus with it blanked, same rows")
+    print_effect(effect)
     scores = score_rows(rows, prior_answers(data["train"].rows, rows))
     log({"event": "test_prior", "scores": scores})
     print(f"\ntest_prior: chance level, the most frequent training answer to each question ({len(rows)} rows)")

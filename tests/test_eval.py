@@ -2,6 +2,7 @@
 scoring perfectly on every synthetic task, `evaluate` (batching, skipped rows, --ablate-ecg),
 and the command line end to end on a tiny random checkpoint and real MIT-BIH record 100."""
 
+import io
 import json
 import math
 import os
@@ -385,3 +386,55 @@ def test_a_csv_error_names_the_cell_not_its_content(tmp_path):
     with pytest.raises(ValueError) as e:
         load_ecg(tmp_path / "x.csv", fs=100)
     assert "x.csv: non-numeric value in the table (line 3, column 2)" in str(e.value) and "swordfish" not in str(e.value)
+
+
+# --- bootstrap intervals
+
+
+def answered_rows(seed=2):
+    """Synthetic test rows of every task, answered right for two thirds of them and with another row's answer of the
+    same task (right or wrong) for the rest."""
+    rows = build_synthetic_dataset(10, seed=seed).rows
+    by_task = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r["answer"])
+    preds = [r["answer"] if i % 3 else by_task[r["task"]][(i * 7) % len(by_task[r["task"]])] for i, r in enumerate(rows)]
+    return rows, preds
+
+
+def test_bootstrap_point_is_each_tasks_own_metric_and_its_interval_holds_it():
+    rows, preds = answered_rows()
+    scores = ev.score_rows(rows, preds)
+    main = {"location": lambda s: s["iou_micro"], "location_long": lambda s: s["iou_micro"],
+            "ecgqa": lambda s: s["accuracy_micro"], "multi": lambda s: s["accuracy_micro"],
+            "report": lambda s: s["statement_f1"], "grounded": lambda s: s["measurements"]["hr"]["mae"]}
+    assert set(main) <= set(scores)
+    for task, get in main.items():
+        m = scores[task]["main"]
+        assert m["value"] == pytest.approx(get(scores[task]), abs=1e-12), task
+        lo, hi = m["interval95"]
+        assert lo <= m["value"] <= hi and (lo < hi or task == "location_long"), task   # right and wrong: a spread
+
+
+def test_bootstrap_interval_narrows_with_more_rows_and_a_paired_difference_is_paired():
+    rows = [{"task": "ecgqa", "question_type": "t", "answer": "yes"}] * 40
+    preds = ["yes", "no"] * 20
+    _, v, lo, hi = ev.bootstrap(rows, preds)
+    _, v4, lo4, hi4 = ev.bootstrap(rows * 4, preds * 4)
+    assert v == v4 == 0.5 and hi4 - lo4 < 0.7 * (hi - lo)          # ~1/sqrt(4) as wide
+    assert ev.bootstrap(rows, preds, preds)[1:] == (0.0, 0.0, 0.0)      # the same answers: no difference, no spread
+    _, d, dlo, dhi = ev.bootstrap(rows, preds, ["no"] * 40)
+    assert d == 0.5 and 0.3 < dlo < 0.5 < dhi < 0.7
+
+
+def test_ecg_effect_pairs_answers_by_row_and_prints():
+    rows, preds = answered_rows()
+    with_ecg = [{"index": i, **r, "prediction": p} for i, (r, p) in enumerate(zip(rows, preds))]
+    blanked = [{**p, "prediction": ""} for p in with_ecg][::-1]       # another order: paired by index, not position
+    effect = ev.ecg_effect(with_ecg, blanked)
+    report = effect["report"]
+    assert report[0] == "statement F1" and report[1] == pytest.approx(ev.score_rows(rows, preds)["report"]["statement_f1"])
+    assert effect["ecgqa"][2] > 0   # right answers against empty ones: the interval excludes 0
+    out = io.StringIO()
+    ev.print_effect(effect, file=out)
+    assert "report" in out.getvalue() and "95 % interval" in out.getvalue()
