@@ -25,7 +25,8 @@ An encoder that nothing trained before the curriculum (real data, no warm-up) tr
   torchrun --nproc_per_node 8 train.py --parallel fsdp ...  # FSDP2: weights, gradients, AdamW state sharded
 
 It writes out_dir/log.jsonl (every figure), out_dir/checkpoints/step_N/ (weights, optimizer, RNG
-states; safetensors + JSON; under FSDP each process's shards in shards/) and at the end out_dir/model/, which generate.py and eval.py take.
+states; safetensors + JSON; FSDP: one file of shards per process) and at the end out_dir/model/,
+which generate.py and eval.py take.
 """
 
 import argparse
@@ -51,7 +52,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -617,7 +619,8 @@ def load_shards(folder, model, opt):
     """save_shards' files into this run's sharded model and optimizer. DCP matches slices by
     their place in the whole tensor, so a run on another number of processes reads them too."""
     model_state, optim_state = get_state_dict(model, opt)   # this run's slices; creates the AdamW state
-    dcp.load({"model": model_state, "optim": optim_state["state"]}, storage_reader=HuggingFaceStorageReader(str(folder)))
+    dcp.load({"model": model_state, "optim": optim_state["state"]},
+             storage_reader=HuggingFaceStorageReader(str(folder)))
     set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
