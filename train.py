@@ -819,8 +819,9 @@ def shard_model(cfg, model, env):
     process (every row past stage 0 has an ECG). Each process keeps its slice of its own copy,
     which the seed made identical. Frozen weights are sharded too; the optimizer sees only the
     trainable ones. A sharded model cannot grow, so every stage's LoRA is added first (its B is
-    zero: nothing changes until it trains). On CUDA the model computes and reduces gradients in
-    bf16 over fp32 master weights."""
+    zero: nothing changes until it trains, though with --lora_dropout its masks are drawn from
+    then on, so they differ from a DDP run's). On CUDA the model computes and reduces gradients
+    in bf16 over fp32 master weights."""
     for stage in curriculum(cfg):
         prepare_stage(model, stage, cfg)
     bf16 = torch.bfloat16 if env.device.type == "cuda" else None
