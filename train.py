@@ -22,9 +22,11 @@ An encoder that nothing trained before the curriculum (real data, no warm-up) tr
   python train.py --encoder_init enc.safetensors   # start from a saved encoder (warmup.py --save)
   python train.py --images --image_init CLIP_DIR   # GEM: paper printouts too, read by a frozen CLIP tower
   torchrun --nproc_per_node 4 train.py ...         # DDP: one process per GPU (gloo on CPU)
+  torchrun --nproc_per_node 8 train.py --parallel fsdp ...  # FSDP2: weights, gradients, AdamW state sharded
 
 It writes out_dir/log.jsonl (every figure), out_dir/checkpoints/step_N/ (weights, optimizer, RNG
-states; safetensors + JSON) and at the end out_dir/model/, which generate.py and eval.py take.
+states; safetensors + JSON; FSDP: one file of shards per process) and at the end out_dir/model/,
+which generate.py and eval.py take.
 """
 
 import argparse
@@ -37,7 +39,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -48,7 +49,13 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from chat import SPECIAL_TOKENS, ECGChat
@@ -74,6 +81,8 @@ class Config:
     out_dir: str = arg("out", "where log.jsonl, checkpoints/ and model/ go")
     seed: int = arg(1337, "model init and the batch stream")
     device: str = arg("auto", "auto | cpu | cuda")
+    parallel: str = arg("ddp", "how processes share the model: ddp (under torchrun, a whole copy each) | fsdp "
+                               "(FSDP2: weights, gradients, AdamW state sharded; without torchrun a group of one)")
     # data: synthetic unless --data is given
     data: str = arg("", "anyECG-format JSON of training rows (empty: synthetic ECGs)")
     ecg_root: str = arg("", "folder the rows' ecg_path values are relative to")
@@ -279,6 +288,8 @@ def check_config(cfg):
                                                           "encoder_warmup_lr") if not getattr(cfg, k) > 0]
     bad += [f"--{k} {getattr(cfg, k)}: in [0, 1)" for k in ("warmup_frac", "min_lr_frac")
             if not 0 <= getattr(cfg, k) < 1]
+    if cfg.parallel not in ("ddp", "fsdp"):
+        bad.append(f"--parallel {cfg.parallel}: ddp or fsdp")
     if bad:
         raise ValueError("config: " + "; ".join(bad))
 
@@ -323,8 +334,12 @@ def curriculum(cfg):
 def prepare_stage(model, stage, cfg):
     """Add LoRA the first time a stage trains it, then freeze/unfreeze the parts."""
     if "lora" in stage.train and not lora_layers(model.llm):
-        add_lora(model.llm, [t.strip() for t in cfg.lora_targets.split(",")], cfg.lora_r, cfg.lora_alpha,
-                 cfg.lora_dropout)
+        # the adapters' init comes from the seed alone, so it is the same whenever they are added (FSDP: before
+        # stage 1) and leaves the run's random stream as it was
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            torch.manual_seed(cfg.seed)
+            add_lora(model.llm, [t.strip() for t in cfg.lora_targets.split(",")], cfg.lora_r, cfg.lora_alpha,
+                     cfg.lora_dropout)
     model.set_trainable(**{part: part in stage.train for part in ("encoder", "projector", "llm", "lora")},
                         image_encoder=False if cfg.image_init else None)  # GEM keeps CLIP frozen
 
@@ -534,26 +549,39 @@ def checkpoint_activations(llm):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(cfg, model, opt, state):
+def save_checkpoint(cfg, model, opt, state, fsdp=False):
     """out_dir/checkpoints/step_N/: model.safetensors (LoRA unmerged), optimizer.safetensors,
     state.json (stage, step, config, python/numpy RNG) + rng.safetensors (torch RNG). The
-    folder appears by one rename, so a crash leaves the older checkpoints as they were."""
+    folder appears by one rename, so a crash leaves the older checkpoints as they were.
+    Under FSDP every process calls it and writes its own shards of the weights and the AdamW
+    state into shards/ (save_shards); rank 0 writes the rest and renames."""
     root = Path(cfg.out_dir) / "checkpoints"
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    rank = dist.get_rank() if fsdp else 0
+    bad = nonfinite_weights(model, fsdp)
     if bad:   # never keep poisoned weights as "the last good ones"
         raise FloatingPointError(f"non-finite weights in {bad[:3]} ({len(bad)} tensors): no checkpoint written; "
                                  f"the newest one is {latest_checkpoint(cfg.out_dir)}")
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state['global_step']:07d}"
     if final.exists():
         return final
-    for stale in root.glob(".tmp_*"):   # half-written by a run that was killed: never a checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-    names = {p: n for n, p in model.named_parameters()}
-    opt_state = {f"{names[p]}::{k}": v.detach().cpu().contiguous() for p, s in opt.state.items() for k, v in s.items()}
-    save_file(opt_state, str(tmp / "optimizer.safetensors"))
+    tmp = root / f".tmp_{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_*"):   # half-written by a run that was killed: never a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    if fsdp:
+        dist.barrier()   # the folder exists before any process writes into it
+        save_shards(model, opt, tmp / "shards")
+        dist.barrier()   # every shard is on disk before rank 0 renames the folder
+        if rank:
+            return final
+    else:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        names = {p: n for n, p in model.named_parameters()}
+        opt_state = {f"{names[p]}::{k}": v.detach().cpu().contiguous() for p, s in opt.state.items()
+                     for k, v in s.items()}
+        save_file(opt_state, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -569,19 +597,50 @@ def save_checkpoint(cfg, model, opt, state):
     return final
 
 
+def nonfinite_weights(model, fsdp=False):
+    """Names of the weights holding NaN/Inf (FSDP: in any process's shard; every process gets the same list)."""
+    names, params = zip(*model.named_parameters())
+    ok = torch.stack([torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in params]).int()
+    if fsdp:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return [n for n, good in zip(names, ok.tolist()) if not good]
+
+
+def save_shards(model, opt, folder):
+    """FSDP: this process's slices of the weights and of the AdamW state, written by
+    torch.distributed.checkpoint as safetensors (one file per process; each records where
+    its slices sit in the whole tensors, so no pickled index is needed). The learning rate
+    and the rest of the optimizer's settings are rebuilt by the run, not stored."""
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state["state"]},
+             storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+
+
+def load_shards(folder, model, opt):
+    """save_shards' files into this run's sharded model and optimizer. DCP matches slices by
+    their place in the whole tensor, so a run on another number of processes reads them too."""
+    model_state, optim_state = get_state_dict(model, opt)   # this run's slices; creates the AdamW state
+    dcp.load({"model": model_state, "optim": optim_state["state"]},
+             storage_reader=HuggingFaceStorageReader(str(folder)))
+    set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
 def latest_checkpoint(out_dir):
     found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))  # temp folders start with "."
     return found[-1] if found else None
 
 
-def load_checkpoint(path, model, opt):
-    """Weights and optimizer state into an already built model/optimizer of the same stage;
-    restores every RNG; returns state.json."""
-    load_model(model, str(path / "model.safetensors"))  # strict: mismatched keys are named
-    params = dict(model.named_parameters())
-    for key, v in load_file(str(path / "optimizer.safetensors")).items():
-        name, k = key.split("::")
-        opt.state[params[name]][k] = v.to(params[name].device) if k != "step" else v
+def load_checkpoint(path, model, opt, fsdp=False):
+    """Weights and optimizer state into an already built model/optimizer of the same stage
+    (FSDP: sharded); restores every RNG; returns state.json."""
+    if fsdp:
+        load_shards(path / "shards", model, opt)
+    else:
+        load_model(model, str(path / "model.safetensors"))  # strict: mismatched keys are named
+        params = dict(model.named_parameters())
+        for key, v in load_file(str(path / "optimizer.safetensors")).items():
+            name, k = key.split("::")
+            opt.state[params[name]][k] = v.to(params[name].device) if k != "step" else v
     meta = json.loads((path / "state.json").read_text())
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
@@ -600,17 +659,20 @@ def setup(cfg):
     """Process group (under torchrun), device, weight dtype, autocast context, the log, and
     the checkpoint to resume from. Fails early on a bad --image_init or --llm folder."""
     check_config(cfg)
-    ddp = "RANK" in os.environ
+    fsdp = cfg.parallel == "fsdp"
+    distributed = "RANK" in os.environ or fsdp
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    if distributed:   # torchrun's processes; --parallel fsdp without torchrun: a group of one (FSDP on one GPU)
+        alone = {} if "RANK" in os.environ else dict(rank=0, world_size=1, store=dist.HashStore())
+        dist.init_process_group("nccl" if cuda else "gloo", **alone)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if cfg.grad_accum % world:
         raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dtype = {"auto": torch.bfloat16 if cuda and cfg.llm else torch.float32,
+    # FSDP keeps fp32 master weights and computes in bf16 through its mixed-precision policy (shard_model)
+    dtype = {"auto": torch.bfloat16 if cuda and cfg.llm and not fsdp else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     out = Path(cfg.out_dir)
@@ -621,6 +683,8 @@ def setup(cfg):
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
+    if cfg.images and fsdp:   # batches with and without images would run different collectives
+        raise ValueError("--images is not supported with --parallel fsdp yet; use ddp")
     if cfg.image_init and not cfg.images:
         raise ValueError("--image_init is the image encoder of --images; add --images")
     if cfg.llm:  # fail before the data is built if the folder is not a Llama-family checkpoint
@@ -631,8 +695,8 @@ def setup(cfg):
     log({"event": "config", **asdict(cfg), "world_size": world, "resume_from": str(resume_from or "")})
     if resume_from:
         check_resume(cfg, resume_from, log)
-    return SimpleNamespace(ddp=ddp, rank=rank, world=world, device=device, dtype=dtype, ctx=ctx, out=out, log=log,
-                           resume_from=resume_from)
+    return SimpleNamespace(distributed=distributed, fsdp=fsdp, rank=rank, world=world, device=device, dtype=dtype,
+                           ctx=ctx, out=out, log=log, resume_from=resume_from)
 
 
 def warm_up_encoder(cfg, model, env):
@@ -683,8 +747,9 @@ def warmup_file_problem(path, made_by):
 
 def forward_backward(cfg, env, train_model, model, split, probs, stage, step):
     """Accumulate the gradients of this process's micro-batches of one step.
-    -> (mean loss, text tokens, ECG seconds); gradients are averaged over processes only
-    at the last micro-batch (no_sync before it)."""
+    -> (mean loss, text tokens, ECG seconds); under DDP gradients are averaged over processes
+    only at the last micro-batch (no_sync before it). FSDP reduce-scatters them at every one:
+    holding whole unsharded gradients until the last would undo what sharding saves."""
     n = cfg.grad_accum // env.world
     loss_sum, n_tok, n_ecg_s = torch.zeros((), device=env.device), 0, 0.0
     for m in range(n):
@@ -692,8 +757,8 @@ def forward_backward(cfg, env, train_model, model, split, probs, stage, step):
         n_tok += int((batch["input_ids"] != model.tokenizer.pad_id).sum())
         n_ecg_s += ecg_seconds(batch)
         ids, labels = batch["input_ids"].to(env.device), batch["labels"].to(env.device)     # (B, T) each
-        sync = not env.ddp or m == n - 1
-        with env.ctx, (contextlib.nullcontext() if sync else train_model.no_sync()):
+        no_sync = env.distributed and not env.fsdp and m < n - 1
+        with env.ctx, (train_model.no_sync() if no_sync else contextlib.nullcontext()):
             _, loss = train_model(ids, batch["inputs"], labels=labels)
             (loss / n).backward()
         loss_sum += loss.detach() / n
@@ -706,8 +771,9 @@ def update(cfg, env, model, opt, loss_sum):
     -> (loss, gradient norm, finite)"""
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                           cfg.grad_clip or float("inf"))
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm   # FSDP: the norm over all shards
     stats = torch.stack([loss_sum, norm.to(loss_sum)])                                  # (2,)
-    if env.ddp:
+    if env.distributed:
         dist.all_reduce(stats)  # mean loss over processes; any non-finite value spreads
         stats /= env.world
     loss, norm = stats.tolist()
@@ -744,16 +810,50 @@ class Meter:
         return out
 
 
+def shard_model(cfg, model, env):
+    """FSDP2, in place: each transformer block of the LLM becomes one group whose weights,
+    gradients and AdamW state are split over the processes (gathered whole just before the
+    block runs, freed after); the ECG encoder is one group too, then the root takes the rest
+    (embeddings, head, projector). The encoder is not split block by block because its blocks
+    run once per group of equal-shaped windows, a count that differs between processes, while
+    FSDP's gathers must match call for call; the encoder itself runs once per batch on every
+    process (every row past stage 0 has an ECG). Each process keeps its slice of its own copy,
+    which the seed made identical. Frozen weights are sharded too; the optimizer sees only the
+    trainable ones. A sharded model cannot grow, so every stage's LoRA is added first (its B is
+    zero: nothing changes until it trains, though with --lora_dropout its masks are drawn from
+    then on, so they differ from a DDP run's). On CUDA the model computes and reduces gradients
+    in bf16 over fp32 master weights."""
+    for stage in curriculum(cfg):
+        prepare_stage(model, stage, cfg)
+    bf16 = torch.bfloat16 if env.device.type == "cuda" else None
+    policy = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)
+    for module in [*model.llm.layers, model.encoder, model]:
+        fully_shard(module, mp_policy=policy)
+
+
+def gather_model(cfg, model, env):
+    """FSDP, at the end: the whole weights gathered (through CPU memory) into a fresh unsharded
+    model on rank 0, which finish() saves as the usual folder and evaluates. -> it (None elsewhere)"""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if env.rank:
+        return None
+    whole = build_model(cfg, model.tokenizer, env.device, env.dtype)
+    for stage in curriculum(cfg):
+        prepare_stage(whole, stage, cfg)   # the same LoRA adapters
+    whole.load_state_dict(full)
+    return whole
+
+
 def run_stage(cfg, env, model, data, stage, progress):
     """The steps of one stage, from progress.step on: forward/backward, update, logging,
     validation loss, checkpoints. -> True when --stop_after ends the run here."""
     opt = make_optimizer(model, cfg, stage.lr)
     if progress.resume_stage == stage.index:   # the checkpoint of this stage: weights, optimizer, RNG
-        meta = load_checkpoint(env.resume_from, model, opt)
+        meta = load_checkpoint(env.resume_from, model, opt, env.fsdp)
         progress.step, progress.global_step = meta["step"], meta["global_step"]
         if env.rank == 0:
             print(f"resumed from {env.resume_from} (stage {stage.index}, step {progress.step})")
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if env.ddp else model
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if env.distributed and not env.fsdp else model
     split, probs = data["train"], data["train"].weights(stage.tasks)
     val_probs = data["val"].weights(stage.tasks, required=False)
     bar = tqdm(total=stage.steps, initial=progress.step, desc=f"stage {stage.index} {stage.name}", disable=env.rank > 0)
@@ -773,7 +873,7 @@ def run_stage(cfg, env, model, data, stage, progress):
                 bar.write(f"stage {stage.index} step {step}: non-finite loss or gradient, step skipped")
             state = {"stage": stage.index, "step": step, "global_step": progress.global_step}
             if n_bad >= cfg.max_nan_steps:
-                path = save_checkpoint(cfg, model, opt, state) if env.rank == 0 else None
+                path = save_checkpoint(cfg, model, opt, state, env.fsdp) if env.rank == 0 or env.fsdp else None
                 raise FloatingPointError(f"{n_bad} non-finite steps in a row at stage {stage.index} step {step}; "
                                          f"the last good weights are kept in {path}")
             progress.advance(loss if finite else None)
@@ -782,18 +882,22 @@ def run_stage(cfg, env, model, data, stage, progress):
             if finite and (step % cfg.log_interval == 0 or step == stage.steps):
                 rec = {"stage": stage.index, "step": step, "global_step": progress.global_step, "loss": loss,
                        "lr": lr, "grad_norm": norm, **meter.rates(env.world)}
+                if env.device.type == "cuda":   # the GPU checks read it (docs/RESULTS.md)
+                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 env.log(rec)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tok_per_s']:.0f}", ecg_s_s=f"{rec['ecg_s_per_s']:.0f}")
             n_unread = report_skipped(split, n_unread, env, bar)
-            if env.rank == 0 and (step % cfg.eval_interval == 0 or step == stage.steps) and cfg.eval_batches \
-                    and val_probs is not None:
+            # FSDP: every process takes part in each forward (each gathers the weights with the others)
+            if (env.rank == 0 or env.fsdp) and (step % cfg.eval_interval == 0 or step == stage.steps) \
+                    and cfg.eval_batches and val_probs is not None:
                 v = val_loss(cfg, model, data["val"], val_probs, stage, env)
                 env.log({"stage": stage.index, "step": step, "global_step": progress.global_step, "val_loss": v})
-                bar.write(f"stage {stage.index} step {step}: val loss {v:.4f}")
+                if env.rank == 0:
+                    bar.write(f"stage {stage.index} step {step}: val loss {v:.4f}")
             stop = bool(cfg.stop_after) and progress.steps_this_run >= cfg.stop_after
-            if env.rank == 0 and (step % cfg.ckpt_interval == 0 or step == stage.steps or stop):
+            if (env.rank == 0 or env.fsdp) and (step % cfg.ckpt_interval == 0 or step == stage.steps or stop):
                 save_checkpoint(cfg, model, opt, {"stage": stage.index, "step": step,
-                                                  "global_step": progress.global_step})
+                                                  "global_step": progress.global_step}, env.fsdp)
             if stop:
                 return True
     finally:
@@ -844,7 +948,8 @@ def run_stages(cfg, env, model, data):
         if run_stage(cfg, env, model, data, stage, progress):
             return progress.losses, True
         progress.resume_stage = None
-        if env.rank == 0 and cfg.gen_eval_rows and stage.index > 0:
+        # under FSDP a rank cannot generate alone; the final evaluation, on the gathered model, still runs
+        if env.rank == 0 and cfg.gen_eval_rows and stage.index > 0 and not env.fsdp:
             rows = rows_per_task([r for r in data["val"].rows if r["task"] in stage.tasks], cfg.gen_eval_rows)
             scores, _ = evaluate(model, rows, data["val"].inputs_of, cfg.batch_size, cfg.max_new_tokens)
             env.log({"event": "gen_eval", "stage": stage.index, "scores": scores})
@@ -907,7 +1012,11 @@ def train(cfg):
             checkpoint_activations(model.llm)
         if cfg.compile:
             model.llm.compile()
+        if env.fsdp:
+            shard_model(cfg, model, env)
         losses, stopped = run_stages(cfg, env, model, data)                      # stages
+        if env.fsdp and not stopped:
+            model = gather_model(cfg, model, env)
         if env.rank == 0 and not stopped:                                       # final evaluation
             finish(cfg, model, data, env.log)
         ok = True
@@ -915,7 +1024,7 @@ def train(cfg):
     finally:                                                                    # teardown
         if data and data["train"].pool:
             data["train"].pool.shutdown(cancel_futures=True)
-        if env.ddp:
+        if env.distributed:
             if ok:
                 dist.barrier()
             dist.destroy_process_group()
