@@ -5,8 +5,9 @@ prompt format it reads them in. It joins model.py (the LLM) and ecg_encoder.py (
   1. Chat format   the added tokens and `encode_chat`, the template with its loss labels:
                      <bos><|user|><ecg><ecg_token>x n</ecg>...<img><img_token>x m</img>...
                      question<|end|><|assistant|>answer<|end|>
-                   one <ecg> block per ECG, in order, then one <img> block per image (GEM
-                   puts both token sets together), all before the first user text. No newlines
+                   one <ecg> block per ECG, in order (named "ECG1:", "ECG2:", ... when there are
+                   several), then one <img> block per image (GEM puts both token sets
+                   together), all before the first user text. No newlines
                    around the markers, so a generation prompt is exactly the start of a
                    training sequence. The loss covers what the assistant says (its answer and
                    the <|end|> closing it). An instruct checkpoint keeps its own format
@@ -95,18 +96,22 @@ def choose_format(tokenizer, name="auto"):
 
 
 def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False, image_token_counts=(),
-                fmt=FORMATS["nanoecg"]):
+                fmt=FORMATS["nanoecg"], label_ecgs=False):
     """turns: [("user", text), ("assistant", text), ...]; ecg_token_counts: placeholder tokens per ECG
     (encoder.num_tokens); image_token_counts: per image. -> (input_ids, labels), two equal-length lists, -100
     where no loss. The whole conversation is written out in `fmt` and encoded at once, as a Hugging Face chat
     template would be; the labels are the tokens that start inside an answer (through its `end`).
-    add_generation_prompt: end with the opening of an assistant turn, for the model to continue."""
+    add_generation_prompt: end with the opening of an assistant turn, for the model to continue.
+    label_ecgs: with several ECGs, name each block ("ECG1:", "ECG2:", ...) as the answers name them: without a name
+    nothing tells the model which block a question or an answer means (their time codes all start at 0)."""
     ecg_start, ecg_end, ecg, img_start, img_end, img = fmt.marks
     bad = {t: tokenizer.encode(t) for t in {ecg_start, ecg_end, ecg, img_start, img_end, img, fmt.end}
            if len(tokenizer.encode(t)) != 1}
     if bad:
         raise ValueError(f"tokenizer does not encode special tokens as single ids: {bad}")
-    blocks = "".join(ecg_start + ecg * int(n) + ecg_end for n in ecg_token_counts) + \
+    named = label_ecgs and len(ecg_token_counts) > 1
+    blocks = "".join((f"ECG{k + 1}:" if named else "") + ecg_start + ecg * int(n) + ecg_end
+                     for k, n in enumerate(ecg_token_counts)) + \
         "".join(img_start + img * int(n) + img_end for n in image_token_counts)
     text, answers, placed = "", [], not blocks
     for role, content in turns:
@@ -127,6 +132,16 @@ def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False,
     return bos + ids, [-100] * len(bos) + labels
 
 
+def turns_of(row, answered=True):
+    """A row's conversation: its "history" (earlier [question, answer] exchanges about the same ECGs), its question,
+    and when answered its answer and "followups" (later exchanges). history and followups are nanoECG's additions
+    to anyECG's row format; training learns every answer in them, evaluation asks the question after the history."""
+    def exchanges(pairs):
+        return [turn for q, a in pairs for turn in (("user", q), ("assistant", a))]
+    turns = exchanges(row.get("history", [])) + [("user", row["question"])]
+    return turns + [("assistant", row["answer"])] + exchanges(row.get("followups", [])) if answered else turns
+
+
 def split_inputs(inputs):
     """A prompt's inputs -> (its ECGRecords, its images), each in order."""
     return [x for x in inputs if isinstance(x, ECGRecord)], [x for x in inputs if not isinstance(x, ECGRecord)]
@@ -141,7 +156,8 @@ class ECGChat(nn.Module):
     modality), paper-ECG images enter the same way through `<img>` blocks after the ECG blocks.
     chat_format: "auto" (the one the tokenizer was made for: Llama-3, ChatML, or nanoECG's own) or a FORMATS name."""
 
-    def __init__(self, llm, encoder, tokenizer, max_seq_len=None, image_encoder=None, chat_format="auto"):
+    def __init__(self, llm, encoder, tokenizer, max_seq_len=None, image_encoder=None, chat_format="auto",
+                 label_ecgs=False):
         super().__init__()
         self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
         w = llm.embed_tokens.weight
@@ -152,6 +168,7 @@ class ECGChat(nn.Module):
         self.image_projector = None if image_encoder is None else Projector(
             image_encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
         self.format = choose_format(tokenizer, chat_format)   # adds the tokens the vocabulary lacks
+        self.label_ecgs = label_ecgs                           # "ECG1:" before each block of a multi-ECG prompt
         if tokenizer.vocab_size > llm.config.vocab_size:
             llm.resize_vocab(tokenizer.vocab_size)  # room for the added special tokens
         self.ecg_token_id = tokenizer.added[self.format.marks[2]]
@@ -179,7 +196,8 @@ class ECGChat(nn.Module):
                              f"({self.encoder.cfg.patch_size} samples)")
         counts = [self.encoder.num_tokens(e.signal.shape[1]) for e in ecgs]
         ids, labels = encode_chat(self.tokenizer, turns, counts, add_generation_prompt,
-                                  [self.image_encoder.num_tokens] * len(images) if images else [], self.format)
+                                  [self.image_encoder.num_tokens] * len(images) if images else [], self.format,
+                                  self.label_ecgs)
         self.check_fits([e.signal.shape[1] for e in ecgs], len(ids) - sum(counts) + int(add_generation_prompt))
         return ids, labels
 
@@ -274,7 +292,7 @@ class ECGChat(nn.Module):
         encoder and projector sit beside it under ecg_encoder.* / ecg_projector.*."""
         extra = {f"{prefix}{k}": v for prefix, module in self._parts() for k, v in module.state_dict().items()}
         nanoecg = {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len,
-                   "chat_format": self.format.name}
+                   "chat_format": self.format.name, "label_ecgs": self.label_ecgs}
         if self.image_encoder is not None:
             nanoecg["image_encoder"] = asdict(self.image_encoder.cfg)
         save_pretrained(self.llm, out_dir, extra_tensors=extra, extra_config={"nanoecg": nanoecg})
@@ -307,7 +325,7 @@ class ECGChat(nn.Module):
         image_cfg = raw["nanoecg"].get("image_encoder")
         image_encoder = ImageEncoder(ImageEncoderConfig(**image_cfg)) if image_cfg else None
         model = cls(llm, encoder, Tokenizer(d), raw["nanoecg"].get("max_seq_len"), image_encoder,
-                    raw["nanoecg"].get("chat_format", "auto"))
+                    raw["nanoecg"].get("chat_format", "auto"), raw["nanoecg"].get("label_ecgs", False))
         for module in (model.encoder, model.image_encoder):
             if module is not None:
                 module.to(llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)

@@ -527,6 +527,11 @@ def row_problem(row):
     if not (isinstance(paths, str) and paths) and not (
             isinstance(paths, list) and paths and all(isinstance(p, str) and p for p in paths)):
         return "field 'ecg_path' missing or not a path / non-empty list of paths"
+    for key in ("history", "followups"):   # nanoECG's additions: earlier / later exchanges about the same ECGs
+        turns = row.get(key, [])
+        if not isinstance(turns, list) or not all(isinstance(x, list) and len(x) == 2 and
+                                                  all(isinstance(s, str) for s in x) for x in turns):
+            return f"field {key!r} is not a list of [question, answer] pairs"
     if row.get("modality", "signal") != "signal":
         return (f"modality {row['modality']!r}: rows read from a paper image are built only for synthetic data "
                 "(train.py --images); a file's rows are read as signals")

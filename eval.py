@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chat import ECGChat
+from chat import ECGChat, turns_of
 from data import (LOCATION_TASKS, TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, merge_intervals,
-                  parse_localization)
+                  parse_localization, row_paths)
 from synth import STATEMENTS
 
 
@@ -167,7 +167,7 @@ def _f1(tp, fp, fn):
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
-# --- short answers (ECG-QA, multi-ECG): exact match after normalisation
+# --- short answers (ECG-QA, multi-ECG): exact match after normalisation, and as sets of items
 def normalise_answer(text):
     """Lower case, punctuation -> space, whitespace collapsed: "Sinus rhythm." == "sinus  rhythm"."""
     return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
@@ -175,6 +175,34 @@ def normalise_answer(text):
 
 def exact_match(pred, ref):
     return float(normalise_answer(pred) == normalise_answer(ref))
+
+
+def answer_set(text):
+    """A short answer as the set of its comma-separated items, each normalised: a list of findings is right in any
+    order ("pvcs, sinus rhythm" == "Sinus rhythm, PVCs"); a one-item answer ("yes", "ECG2") is plain exact match."""
+    return frozenset(normalise_answer(item) for item in text.split(",")) - {""}
+
+
+def set_match(pred, ref):
+    return float(answer_set(pred) == answer_set(ref))
+
+
+# --- per-ECG reports of serial ECGs: "ECG1: Sinus rhythm, Normal ECG. ECG2: ..."
+def per_ecg_parts(text):
+    """-> [(ECG number, its part of the text), ...] in the order written."""
+    bits = re.split(r"\bECG ?(\d+)\s*:", text)
+    return [(int(k), part) for k, part in zip(bits[1::2], bits[2::2])]
+
+
+def per_ecg_f1(pred, ref):
+    """Each ECG's part scored as a report, matched by ECG number: F1 over (ECG number, statement) pairs."""
+    p, r = ({(k, s) for k, part in per_ecg_parts(text) for s in find_statements(part)} for text in (pred, ref))
+    return _f1(len(p & r), len(p - r), len(r - p))
+
+
+def one_part_per_ecg(pred, n_ecgs):
+    """Does the answer hold exactly one part for each of the n ECGs, numbered 1..n?"""
+    return sorted(k for k, _ in per_ecg_parts(pred)) == list(range(1, n_ecgs + 1))
 
 
 # --- grounded answers (GEM): measurements read back from the text
@@ -209,11 +237,14 @@ def measurement_mae(preds, refs):
 
 # --------------------------------------------------------------------------- 2. scoring: each task's metrics
 def row_score(row, pred):
-    """The per-row number a task has (localization IoU, short-answer correctness), else None."""
+    """The per-row number a task has, else None: localization IoU; for short answers, right or wrong as sets of
+    items (set_match); for a per-ECG report, its statement F1 (per_ecg_f1)."""
     if row["task"] in LOCATION_TASKS:
         return localization_iou(pred, row["answer"])
+    if row.get("question_type") == "per_ecg_report":
+        return per_ecg_f1(pred, row["answer"])
     if row["task"] == "ecgqa" or (row["task"] == "multi" and "question_type" in row):
-        return exact_match(pred, row["answer"])
+        return set_match(pred, row["answer"])
     return None
 
 
@@ -225,7 +256,7 @@ def diagnosis_part(text):
 
 def score_task(task, rows, preds):
     """Scores of one task. Localization: IoU micro/macro over beat types. ecgqa and multi-ECG rows with a
-    question_type: exact-match accuracy micro/macro over question types. Reports: BLEU, ROUGE-L, statement P/R/F1.
+    question_type: accuracy micro/macro over question types (row_score; exact match beside it). Reports: BLEU, ROUGE-L, statement P/R/F1.
     Grounded: measurement MAE and statement F1 of the diagnosis. Anything else (open-ended, free text): BLEU,
     ROUGE-L. The rows of one call share a task (and have, or lack, a question_type together)."""
     refs = [r["answer"] for r in rows]
@@ -238,6 +269,12 @@ def score_task(task, rows, preds):
         if task in LOCATION_TASKS:   # anyECG-chat's own score beside ours
             theirs = group_mean([anyecg_iou(p, r["answer"]) for r, p in zip(rows, preds)], groups)
             out |= {"anyecg_iou_micro": theirs["micro"], "anyecg_iou_macro": theirs["macro"]}
+        else:   # the stricter rule beside: the text exactly as the reference; and per-ECG reports' shape
+            out["exact_match"] = sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(rows)
+            per_ecg = [one_part_per_ecg(p, len(r["ecg_path"])) for r, p in zip(rows, preds)
+                       if r.get("question_type") == "per_ecg_report"]
+            if per_ecg:
+                out["one_part_per_ecg"] = sum(per_ecg) / len(per_ecg)
         return out
     if task == "grounded":
         diag = statement_prf([diagnosis_part(p) for p in preds], [diagnosis_part(r) for r in refs])
@@ -313,20 +350,33 @@ def bootstrap(rows, preds, baseline=None, draws=2000, seed=0):
     return metric, float(point), float(lo), float(hi)
 
 
-def ecg_effect(with_ecg, blanked):
-    """{group: (metric, with - blanked, lo, hi)}: what each task's main metric gains from the ECG, paired over the rows
-    answered both ways, with its 95 % bootstrap interval. with_ecg, blanked: `evaluate`'s predictions (each carries
-    its row's task, answer and type)."""
-    other = {p["index"]: p["prediction"] for p in blanked}
-    rows = [p for p in with_ecg if p["index"] in other]
+def paired_difference(answers, baseline):
+    """{group: (metric, answers - baseline, lo, hi)}: each task's main metric over the same rows answered two ways
+    (with the ECG and with it blanked; asked second in a chat and asked first), paired by row index, with its 95 %
+    bootstrap interval. answers, baseline: `evaluate`'s predictions (each carries its row's task, answer, type)."""
+    other = {p["index"]: p["prediction"] for p in baseline}
+    rows = [p for p in answers if p["index"] in other]
     return {name: bootstrap([rows[i] for i in idx], [rows[i]["prediction"] for i in idx],
                             [other[rows[i]["index"]] for i in idx]) for name, idx in task_groups(rows).items()}
 
 
-def print_effect(effect, file=None):
-    print(f"{'task':<28}{'metric':<16}{'with ECG - blanked':>20}  95 % interval", file=file)
-    for task, (metric, diff, lo, hi) in effect.items():
+def print_difference(difference, title="difference", file=None):
+    print(f"{'task':<28}{'metric':<16}{title:>20}  95 % interval", file=file)
+    for task, (metric, diff, lo, hi) in difference.items():
         print(f"{task:<28}{metric:<16}{_fmt(diff):>20}  {_fmt(lo)} to {_fmt(hi)}", file=file)
+
+
+def as_followups(rows, all_rows):
+    """Each single-ECG ECG-QA row of `rows` asked second in a chat: after the report question about the same ECG and
+    its reference answer (found in all_rows). Its file_index is its place in `rows`, so that paired_difference
+    matches it with the same row asked first."""
+    reports = {tuple(row_paths(r)): r for r in all_rows if r["task"] == "report" and "modality" not in r}
+    out = []
+    for i, r in enumerate(rows):
+        first = reports.get(tuple(row_paths(r)))
+        if r["task"] == "ecgqa" and len(row_paths(r)) == 1 and first and not r.get("history"):
+            out.append({**r, "history": [[first["question"], first["answer"]]], "file_index": r.get("file_index", i)})
+    return out
 
 
 def prior_answers(train_rows, rows):
@@ -347,7 +397,8 @@ def headline(s):
         theirs = [("anyECG IoU micro", s["anyecg_iou_micro"])] if "anyecg_iou_micro" in s else []
         return [("IoU micro", s["iou_micro"]), ("IoU macro", s["iou_macro"])] + theirs
     if "accuracy_micro" in s:
-        return [("accuracy", s["accuracy_micro"]), ("macro", s["accuracy_macro"])]
+        shape = [("one part per ECG", s["one_part_per_ecg"])] if "one_part_per_ecg" in s else []
+        return [("accuracy", s["accuracy_micro"]), ("macro", s["accuracy_macro"]), ("exact", s["exact_match"])] + shape
     if "measurements" in s:
         mae = [(f"{k.upper()} MAE ({MEASUREMENTS[k][0]})", v["mae"]) for k, v in s["measurements"].items()]
         return mae + [("diagnosis F1", s["statement_f1"])]
@@ -423,7 +474,7 @@ def evaluate(model, rows, inputs_of, batch_size=8, max_new_tokens=256, ablate_ec
             for i in order[start:start + batch_size]:
                 try:
                     inputs = blank(inputs_of(rows[i])) if ablate_ecg else inputs_of(rows[i])
-                    batch.append((i, model.prompt([("user", rows[i]["question"])], inputs, True)[0], inputs))
+                    batch.append((i, model.prompt(turns_of(rows[i], answered=False), inputs, True)[0], inputs))
                 except (FileNotFoundError, ValueError) as e:
                     skipped.append({"index": rows[i].get("file_index", i), "ecg_path": rows[i].get("ecg_path"),
                                     "reason": _skip_reason(e), "error": str(e)})

@@ -308,7 +308,7 @@ def sinus_times(p, duration, rng):
 
 def place_ectopics(p, sinus, rng):
     """Replace some sinus beats by PACs / PVCs (never the first two beats, the last one, or two in a row).
-    A PVC comes early (55-72 % of the RR) and leaves the sinus node alone: the next sinus beat is on time, a
+    A PVC comes early (at 55-72 % of the RR) and leaves the sinus node alone: the next sinus beat is on time, a
     fully compensatory pause (the hidden sinus P still fires). A PAC comes early too but resets the sinus node:
     the next sinus beat follows one cycle after it and every later beat shifts earlier, a non-compensatory pause."""
     n = len(sinus)
@@ -322,7 +322,10 @@ def place_ectopics(p, sinus, rng):
             kind[k] = "main"
     early = kind != "main"
     times = sinus.copy()
-    times[early] = sinus[early] - rr[early] + rng.uniform(0.55, 0.72, n)[early] * rr[early]
+    # coupling interval / RR: PVCs 0.55-0.72; PACs only modestly early, 0.62-0.88 (MIT-BIH 100's 33 PACs: 0.64-0.84,
+    # median 0.74, against the median of the RRs before them)
+    coupling = np.where(kind == "A", rng.uniform(0.62, 0.88, n), rng.uniform(0.55, 0.72, n))
+    times[early] = sinus[early] - rr[early] + coupling[early] * rr[early]
     shift = np.zeros(n)                                                # sinus-node resets by PACs
     pac = np.nonzero(kind == "A")[0]
     shift[pac + 1] = times[pac] + rr[pac] - sinus[pac + 1]

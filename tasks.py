@@ -230,6 +230,7 @@ LEAD_SETS = [  # (leads, share): home-style reduced-lead records are half of the
 NATIVE_FS = [100, 250, 360, 500]        # rates records are "recorded" at, before resampling
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 TEST_SEED = 2024                        # the held-out test set is the same for every run
+FOLLOWUP_SHARE = 0.3                    # report / grounded chats that go on with an ECG-QA question
 
 
 class RecordSpec(NamedTuple):
@@ -300,7 +301,8 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
     """The one call train.py needs: `n_patients` simulated people -> SyntheticDataset.
 
     Per patient: 1 visit (half of them) or 2..max_visits visits over time (max 6); each visit a 10 s record in a
-    random lead set and native rate, with a report, a grounded interpretation, ECG-QA questions, and (mostly for
+    random lead set and native rate, with a report, a grounded interpretation, ECG-QA questions (one asked as the
+    follow-up of the report or the grounded chat in FOLLOWUP_SHARE of them: rows' "followups"), and (mostly for
     patients with ectopy or a block) a 10 s localization clip. Some patients add a long clip (20 s ..
     max_long_s); patients with several visits add multi-ECG and comparison questions.
     split: "train", "val" or "test". The test split always uses TEST_SEED, so it is fixed across runs, and
@@ -323,6 +325,9 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
             visit_truths.append(truth)
             visit_rows = [report_row(path, truth, rng), grounded_row(path, truth, rng)]
             visit_rows += [ecgqa_single_row(path, truth, rng) for _ in range(int(rng.integers(1, 3)))]
+            if rng.random() < FOLLOWUP_SHARE:   # a second question about the same ECG, in the same chat
+                then = ecgqa_single_row(path, truth, rng)
+                visit_rows[int(rng.integers(2))]["followups"] = [[then["question"], then["answer"]]]
             rows += [r for r in visit_rows if r["task"] in tasks]
             if "location" in tasks and rng.random() < _location_chance(p):
                 rows.append(_location_clip(specs, f"{path}_loc", p, 10.0, rng, "location"))

@@ -58,11 +58,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from chat import SPECIAL_TOKENS, ECGChat
+from chat import SPECIAL_TOKENS, ECGChat, turns_of
 from data import TASKS, ECGRecord, RowECGReader, atomic_write, load_rows
 from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, clip_vision_config, file_metadata,
                          load_clip_vision, load_encoder_config, load_encoder_weights, save_encoder_weights)
-from eval import ecg_effect, evaluate, print_effect, print_table, prior_answers, score_rows
+from eval import as_followups, evaluate, paired_difference, print_difference, print_table, prior_answers, score_rows
 from model import (LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, save_peft_adapter,
                    train_tokenizer)
 from paper import WIDTH_MM
@@ -91,9 +91,10 @@ class Config:
     ecg_cache: int = arg(1024, "prepared records kept in memory (real data; the rest streams from disk)")
     train_patients: int = arg(1000, "synthetic patients for training (about 9 rows each)")
     val_patients: int = arg(40, "synthetic patients for validation loss and the in-training eval")
-    test_patients: int = arg(50, "synthetic patients of the fixed held-out test split")
+    test_patients: int = arg(640, "synthetic patients of the fixed held-out test split (about 60 long clips)")
     # model
     llm: str = arg("", "Hugging Face LLM folder (Llama, Mistral, Qwen); empty: a tiny LLM from scratch (+ stage 0)")
+    label_ecgs: bool = arg(True, "name each ECG of a multi-ECG prompt (ECG1:, ECG2:, ...) as questions and answers do")
     chat_format: str = arg("auto", "prompt layout: auto (the checkpoint's own: llama3, chatml) | nanoecg | llama3 | "
                                    "chatml")
     vocab_size: int = arg(1000, "sentencepiece vocabulary trained on the task text (from scratch)")
@@ -149,7 +150,8 @@ class Config:
     eval_interval: int = arg(200, "steps between validation losses")
     eval_batches: int = arg(4, "micro-batches per validation loss")
     gen_eval_rows: int = arg(4, "val rows per task generated at each stage's end (0: off)")
-    test_rows: int = arg(0, "cap on held-out rows per task at the end (0: all)")
+    test_rows: int = arg(150, "held-out rows per task evaluated at the end (0: all)")
+    test_rows_per_type: int = arg(40, "ECG-QA and multi: held-out rows per question type instead (0: test_rows)")
     max_new_tokens: int = arg(256, "generation budget in evaluation")
     ckpt_interval: int = arg(500, "steps between checkpoints (and one at each stage end)")
     keep_ckpts: int = arg(2, "checkpoint folders kept")
@@ -413,7 +415,7 @@ def example(split, i, model, text_only):
     if i in split.bad and not text_only:
         return None
     row = split.rows[i]
-    turns = [("user", row["question"]), ("assistant", row["answer"])]
+    turns = turns_of(row)   # the question and answer, and any follow-up exchanges
     try:
         if text_only:
             ids, _ = model.prompt(turns, [])
@@ -515,7 +517,7 @@ def build_model(cfg, tok, device, dtype):
     if cfg.images:
         image_encoder = load_clip_vision(cfg.image_init) if cfg.image_init else ImageEncoder(image_config(cfg))
         image_encoder = image_encoder.to(device, dtype)
-    return ECGChat(llm, encoder, tok, cfg.max_seq_len, image_encoder, cfg.chat_format)
+    return ECGChat(llm, encoder, tok, cfg.max_seq_len, image_encoder, cfg.chat_format, cfg.label_ecgs)
 
 
 def image_config(cfg):
@@ -957,14 +959,18 @@ def run_stages(cfg, env, model, data):
     return progress.losses, False
 
 
-def rows_per_task(rows, n, seed=0):
-    """At most n rows of each task (0: all), in a fixed order."""
+def rows_per_task(rows, n, per_type=0, seed=0):
+    """At most n rows of each task (0: all), in a fixed order; with per_type, ECG-QA and multi rows are drawn per
+    question type instead, at most per_type of each, so that the rare types are measured too."""
     if not n:
         return rows
     rng, out = np.random.default_rng(seed), []
     for t in TASKS:
         mine = [r for r in rows if r["task"] == t]
-        out += [mine[i] for i in sorted(rng.permutation(len(mine))[:n])]
+        kinds = sorted({r.get("question_type", "") for r in mine}) if per_type and t in ("ecgqa", "multi") else [None]
+        for kind in kinds:
+            pool = [r for r in mine if kind is None or r.get("question_type", "") == kind]
+            out += [pool[i] for i in sorted(rng.permutation(len(pool))[:per_type if kind is not None else n])]
     return out
 
 
@@ -974,7 +980,7 @@ def finish(cfg, model, data, log):
     model.save(Path(cfg.out_dir) / "model")
     if cfg.llm and lora_layers(model.llm):   # the LoRA alone too, for peft users of the same --llm folder
         save_peft_adapter(model.llm, Path(cfg.out_dir) / "model" / "lora_adapter", base_model=cfg.llm)
-    test, rows, answers = data["test"], rows_per_task(data["test"].rows, cfg.test_rows), {}
+    test, rows, answers = data["test"], rows_per_task(data["test"].rows, cfg.test_rows, cfg.test_rows_per_type), {}
     for name, ablate in [("test", False), ("test_ecg_blanked", True)]:
         t0 = time.time()
         scores, preds = evaluate(model, rows, test.inputs_of, cfg.batch_size, cfg.max_new_tokens, ablate_ecg=ablate)
@@ -983,10 +989,17 @@ def finish(cfg, model, data, log):
         print_table(scores)
         atomic_write(Path(cfg.out_dir) / f"{name}_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
         answers[name] = preds
-    effect = ecg_effect(answers["test"], answers["test_ecg_blanked"])
+    effect = paired_difference(answers["test"], answers["test_ecg_blanked"])
     log({"event": "test_ecg_effect", "scores": effect})
     print("\nhow much each task reads the ECG: its main metric with the ECG minus with it blanked, same rows")
-    print_effect(effect)
+    print_difference(effect, "with ECG - blanked")
+    followups = as_followups(rows, test.rows)
+    if followups:   # asked second in a chat, after a report exchange about the same ECG
+        _, preds = evaluate(model, followups, test.inputs_of, cfg.batch_size, cfg.max_new_tokens)
+        second = paired_difference(preds, answers["test"])
+        log({"event": "test_followup", "rows": len(followups), "scores": second})
+        print(f"\nasked second in a chat ({len(followups)} ECG-QA rows, after a report exchange), minus asked first")
+        print_difference(second, "second - first")
     scores = score_rows(rows, prior_answers(data["train"].rows, rows))
     log({"event": "test_prior", "scores": scores})
     print(f"\ntest_prior: chance level, the most frequent training answer to each question ({len(rows)} rows)")

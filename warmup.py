@@ -35,6 +35,7 @@ from tasks import build_synthetic_dataset
 BEAT_CHANNELS = ("beat", "A", "V", "L", "R")  # per-token targets
 TYPICAL = torch.tensor([80.0, 160.0, 100.0, 400.0])  # HR bpm, PR, QRS, QT ms: the heads predict offsets
 SCALE = torch.tensor([30.0, 50.0, 50.0, 50.0])
+ECTOPY_SHARE = 0.4   # of each warm-up batch: records with PACs or PVCs (ectopy_first)
 
 
 @dataclass
@@ -147,6 +148,16 @@ def evaluate(encoder, image_encoder, heads, test):
     return result
 
 
+def ectopy_first(items, share=ECTOPY_SHARE):
+    """Sampling probabilities that give records with PACs or PVCs `share` of every batch (uniform within each
+    kind). Drawn uniformly they are a few per batch, and a PAC is only modestly early: the beat heads would see
+    too few to learn it."""
+    ectopic = np.array([bool(it.beats[:, 1:3].any()) for it in items])
+    if ectopic.all() or not ectopic.any():
+        return np.full(len(items), 1 / len(items))
+    return np.where(ectopic, share / ectopic.sum(), (1 - share) / (~ectopic).sum())
+
+
 def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe", report=True):
     """Train `encoder` (and `image_encoder`, if given) in place with linear heads on the
     synthetic ground truth; see the file's docstring for the targets. desc: the progress
@@ -161,16 +172,18 @@ def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe",
     if image_encoder is not None:
         params += [*image_encoder.parameters(), *heads.image.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
-    # PACs and PVCs fill under 2 % of tokens: weigh each channel's positives up to its
-    # negatives (capped), or the head learns never to say "A" or "V"
-    positives = torch.cat([it.beats for it in train]).mean(0)
+    draw = ectopy_first(train)
+    # PACs and PVCs still fill few tokens: weigh each channel's positives up to its negatives
+    # (capped), or the head learns never to say "A" or "V"
+    rates = torch.stack([it.beats.mean(0) for it in train])                          # (records, 5)
+    positives = (torch.tensor(draw, dtype=torch.float32)[:, None] * rates).sum(0)   # as batches are drawn
     beat_weight = ((1 - positives) / positives.clamp(min=1e-3)).clamp(1, 50)
     if report:
         print(f"{desc}: {len(train)} training ECGs, {len(test)} {cfg.held_out} ECGs, "
               f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M encoder parameters")
     rng, t0, r = np.random.default_rng(cfg.seed), time.time(), None
     for step in tqdm(range(1, cfg.steps + 1), desc=desc, leave=False, disable=desc is None):
-        batch = [train[i] for i in rng.integers(len(train), size=cfg.batch_size)]
+        batch = [train[i] for i in rng.choice(len(train), size=cfg.batch_size, p=draw)]
         out, beats = ecg_outputs(encoder, heads, batch)
         loss = pooled_loss(out, batch) + F.binary_cross_entropy_with_logits(
             torch.cat(beats), torch.cat([it.beats for it in batch]), pos_weight=beat_weight)

@@ -446,3 +446,11 @@ def test_encode_chat_multi_turn_and_generation_prompt(tokenizer):
     assert prompt[-1] == tokenizer.added[ASSISTANT] and ids[:len(prompt)] == prompt, "prompt is a prefix"
     with pytest.raises(ValueError, match="role"):
         encode_chat(tokenizer, [("system", "x")], [])
+
+
+@pytest.mark.parametrize("bad", [{"followups": [["q"]]}, {"history": "q? a"}, {"followups": [["q", 3]]}])
+def test_history_and_followups_must_be_question_answer_pairs(bad):
+    from data import row_problem
+    row = {"question": "q", "answer": "a", "dataset": "d", "task": "ecgqa", "ecg_path": ["x"], **bad}
+    assert "is not a list of [question, answer] pairs" in row_problem(row)
+    assert row_problem({**row, **{k: [["q", "a"]] for k in bad}}) is None

@@ -345,3 +345,32 @@ def test_an_unknown_chat_format_is_named(tmp_path):
         ECGChat(LLM(LLMConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                               num_attention_heads=2, num_key_value_heads=1)), ECGEncoder(EncoderConfig.tiny()),
                 Tokenizer(folder), chat_format="vicuna")
+
+
+def test_several_ecgs_are_named_as_the_answers_name_them_and_one_is_not(tok, tmp_path):
+    model = make_chat(tok)
+    turns = [("user", "Which ECG shows a longer QT?"), ("assistant", "the second")]
+    plain, _ = encode_chat(tok, turns, [3, 2])
+    named, labels = encode_chat(tok, turns, [3, 2], label_ecgs=True)
+    text = tok.decode(named)
+    assert text.index("ECG1:") < text.index(ECG_START) < text.index("ECG2:") < text.rindex(ECG_START)
+    assert [i for i in named if i in tok.id_to_added] == [i for i in plain if i in tok.id_to_added]   # same blocks
+    assert [x for x in labels if x != -100] == [x for x in encode_chat(tok, turns, [3, 2])[1] if x != -100]
+    assert encode_chat(tok, turns, [3], label_ecgs=True) == encode_chat(tok, turns, [3])   # one ECG: no name
+    model.label_ecgs = True
+    model.save(tmp_path / "m")
+    assert ECGChat.load(tmp_path / "m").label_ecgs is True
+
+
+def test_a_rows_history_and_followups_are_turns_of_one_chat_and_every_answer_is_learnt(tok):
+    from chat import turns_of
+    row = {"question": "Report?", "answer": "Report: Sinus rhythm", "history": [["Is it readable?", "yes"]],
+           "followups": [["Is there atrial fibrillation?", "no"]]}
+    assert turns_of(row) == [("user", "Is it readable?"), ("assistant", "yes"), ("user", "Report?"),
+                             ("assistant", "Report: Sinus rhythm"), ("user", "Is there atrial fibrillation?"),
+                             ("assistant", "no")]
+    assert turns_of(row, answered=False) == turns_of(row)[:3]
+    ids, labels = encode_chat(tok, turns_of(row), [2])
+    learnt = [i for i, x in zip(ids, labels) if x != -100]
+    end = tok.added[END_TURN]
+    assert learnt == tok.encode("yes") + [end] + tok.encode("Report: Sinus rhythm") + [end] + tok.encode("no") + [end]

@@ -427,14 +427,48 @@ def test_bootstrap_interval_narrows_with_more_rows_and_a_paired_difference_is_pa
     assert d == 0.5 and 0.3 < dlo < 0.5 < dhi < 0.7
 
 
-def test_ecg_effect_pairs_answers_by_row_and_prints():
+def test_paired_difference_pairs_answers_by_row_and_prints():
     rows, preds = answered_rows()
     with_ecg = [{"index": i, **r, "prediction": p} for i, (r, p) in enumerate(zip(rows, preds))]
     blanked = [{**p, "prediction": ""} for p in with_ecg][::-1]       # another order: paired by index, not position
-    effect = ev.ecg_effect(with_ecg, blanked)
+    effect = ev.paired_difference(with_ecg, blanked)
     report = effect["report"]
     assert report[0] == "statement F1" and report[1] == pytest.approx(ev.score_rows(rows, preds)["report"]["statement_f1"])
     assert effect["ecgqa"][2] > 0   # right answers against empty ones: the interval excludes 0
     out = io.StringIO()
-    ev.print_effect(effect, file=out)
+    ev.print_difference(effect, file=out)
     assert "report" in out.getvalue() and "95 % interval" in out.getvalue()
+
+
+def test_lists_of_findings_are_right_in_any_order_and_exact_match_stays_beside():
+    row = {"task": "multi", "question_type": "new_findings", "answer": "premature ventricular contractions, lvh",
+           "ecg_path": ["a", "b"]}
+    assert ev.row_score(row, "LVH, premature ventricular contractions.") == 1.0
+    assert ev.row_score(row, "lvh") == 0.0 and ev.row_score(row, "lvh, lvh, premature ventricular contractions") == 1
+    s = ev.score_task("multi", [row, row], ["LVH, premature ventricular contractions", "lvh"])
+    assert s["accuracy_micro"] == 0.5 and s["exact_match"] == 0.0
+
+
+def test_a_per_ecg_report_is_scored_ecg_by_ecg_and_its_shape_is_counted():
+    ref = "ECG1: Sinus rhythm, Normal ECG. ECG2: Atrial fibrillation, Abnormal ECG."
+    row = {"task": "multi", "question_type": "per_ecg_report", "answer": ref, "ecg_path": ["a", "b"]}
+    assert ev.row_score(row, ref) == 1.0
+    swapped = "ECG1: Atrial fibrillation, Abnormal ECG. ECG2: Sinus rhythm, Normal ECG."
+    assert ev.row_score(row, swapped) == 0.0   # the right statements on the wrong ECGs
+    repeated = "ECG1: Sinus rhythm, Normal ECG. ECG2: Atrial fibrillation, Abnormal ECG. ECG2: Atrial fibrillation."
+    invented = ref + " ECG3: Sinus rhythm."
+    assert ev.row_score(row, repeated) == 1.0 and ev.row_score(row, invented) == pytest.approx(2 * 4 / (2 * 4 + 1))
+    s = ev.score_task("multi", [row] * 3, [ref, repeated, invented])
+    assert s["one_part_per_ecg"] == pytest.approx(1 / 3) and s["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_followups_ask_an_ecgqa_row_after_the_report_of_its_ecg_and_pair_with_it():
+    rows = build_synthetic_dataset(12, split="test").rows
+    asked = [r for r in rows if r["task"] in ("ecgqa", "report")]
+    follow = ev.as_followups(asked, rows)
+    single = [i for i, r in enumerate(asked) if r["task"] == "ecgqa" and len(r["ecg_path"]) == 1]
+    assert [f["file_index"] for f in follow] == single
+    for f in follow:
+        report = next(r for r in rows if r["task"] == "report" and r["ecg_path"] == f["ecg_path"])
+        assert f["history"] == [[report["question"], report["answer"]]]
+        assert ev.turns_of(f, answered=False)[-1] == ("user", f["question"])

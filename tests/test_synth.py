@@ -160,10 +160,12 @@ def test_pac_premature_narrow_with_non_compensatory_pause():
     a_beats = [k for k in np.nonzero(sym == "A")[0] if 2 <= k < len(s) - 1 and sym[k - 2] == sym[k - 1] == "N"]
     normal_rr = np.median(np.diff(s)[(sym[1:] == "N") & (sym[:-1] == "N")])
     assert len(a_beats) >= 5
+    coupling = [(s[k] - s[k - 1]) / (s[k - 1] - s[k - 2]) for k in a_beats]
+    # modestly early, as real PACs are (MIT-BIH 100: 0.64-0.84 of the RR before, median 0.74)
+    assert max(coupling) < 0.92 and min(coupling) > 0.58 and 0.68 < np.median(coupling) < 0.82
     for k in a_beats:
-        assert s[k] - s[k - 1] < 0.8 * normal_rr
         local_rr = s[k - 1] - s[k - 2]
-        assert (s[k + 1] - s[k - 1]) < 0.92 * 2 * local_rr, "sinus node reset: pause shorter than 2 RR"
+        assert (s[k + 1] - s[k - 1]) < 0.97 * 2 * local_rr, "sinus node reset: pause shorter than 2 RR"
         _, (a, b), _ = waves_around(rec, s[k])
         assert b - a == pytest.approx(t.qrs_ms, abs=4), "normal QRS"
 

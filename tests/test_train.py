@@ -467,3 +467,17 @@ def test_llm_a_tokenizer_json_checkpoint_trains_stages_1_to_3(tmp_path, kind):
     ids = torch.randint(0, 500, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (base(ids) - back.llm.float()(ids)[..., :500]).abs().max() <= 1e-4
+
+
+def test_the_test_rows_are_drawn_per_task_and_per_question_type():
+    rows = build_synthetic_dataset(200, split="test").rows
+    picked = train.rows_per_task(rows, 20, per_type=5)
+    for task in ("report", "grounded", "location"):
+        assert sum(r["task"] == task for r in picked) == 20
+    for task in ("ecgqa", "multi"):
+        kinds = {r["question_type"] for r in rows if r["task"] == task}
+        mine = [r["question_type"] for r in picked if r["task"] == task]
+        assert set(mine) == kinds and all(mine.count(k) == min(5, sum(r.get("question_type") == k for r in rows))
+                                          for k in kinds)
+    assert picked == train.rows_per_task(rows, 20, per_type=5)   # fixed
+    assert sum("followups" in r for r in rows) > 0.2 * sum(r["task"] == "report" for r in rows)
