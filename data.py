@@ -10,6 +10,8 @@ Read top to bottom:
                   `anyecg_input` (as anyECG-chat's own encoder reads it).
   5. Localization the anyECG answer rule ("Duration: 1.3s-2.9s"), interval merging, the parser.
   6. anyECG rows  `load_rows` (bad rows skipped and counted) and `RowECGReader` (a row's ECG(s), lazily, cached).
+                  nanoECG adds two optional fields: `history` and `followups`, [question, answer] pairs asked
+                  before / after the row's own in the same chat (chat.turns_of).
 """
 import json
 import math

@@ -256,9 +256,10 @@ def diagnosis_part(text):
 
 def score_task(task, rows, preds):
     """Scores of one task. Localization: IoU micro/macro over beat types. ecgqa and multi-ECG rows with a
-    question_type: accuracy micro/macro over question types (row_score; exact match beside it). Reports: BLEU, ROUGE-L, statement P/R/F1.
-    Grounded: measurement MAE and statement F1 of the diagnosis. Anything else (open-ended, free text): BLEU,
-    ROUGE-L. The rows of one call share a task (and have, or lack, a question_type together)."""
+    question_type: accuracy micro/macro over question types (row_score; exact match beside it). Reports: BLEU,
+    ROUGE-L, statement P/R/F1. Grounded: measurement MAE and statement F1 of the diagnosis. Anything else
+    (open-ended, free text): BLEU, ROUGE-L. The rows of one call share a task (and have, or lack, a question_type
+    together)."""
     refs = [r["answer"] for r in rows]
     out = {"n": len(rows)}
     if task in LOCATION_TASKS or (task in ("ecgqa", "multi") and "question_type" in rows[0]):
