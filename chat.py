@@ -119,9 +119,10 @@ def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False,
             content = content if placed else blocks + content
             text, placed = text + fmt.user.format(text=content.strip() if fmt.trim else content), True
         elif role == "assistant":
+            answer = (content.strip() if fmt.trim else content) + fmt.end   # what the loss covers
             text += fmt.assistant
-            answers.append((len(text), len(text) + len(content.strip() if fmt.trim else content) + len(fmt.end)))
-            text += (content.strip() if fmt.trim else content) + fmt.end + fmt.after
+            answers.append((len(text), len(text) + len(answer)))
+            text += answer + fmt.after
         else:
             raise ValueError(f"turn role must be 'user' or 'assistant', got {role!r}")
     if not placed:
