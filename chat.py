@@ -105,8 +105,8 @@ def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False,
     label_ecgs: with several ECGs, name each block ("ECG1:", "ECG2:", ...) as the answers name them: without a name
     nothing tells the model which block a question or an answer means (their time codes all start at 0)."""
     ecg_start, ecg_end, ecg, img_start, img_end, img = fmt.marks
-    bad = {t: tokenizer.encode(t) for t in {ecg_start, ecg_end, ecg, img_start, img_end, img, fmt.end}
-           if len(tokenizer.encode(t)) != 1}
+    encoded = {t: tokenizer.encode(t) for t in (ecg_start, ecg_end, ecg, img_start, img_end, img, fmt.end)}
+    bad = {t: ids for t, ids in encoded.items() if len(ids) != 1}
     if bad:
         raise ValueError(f"tokenizer does not encode special tokens as single ids: {bad}")
     named = label_ecgs and len(ecg_token_counts) > 1

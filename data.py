@@ -419,7 +419,6 @@ def cut_ecg(rec, start, end, name="ECG"):
     return ECGRecord(rec.signal[:, _clip(name, rec.signal.shape[1], start, end)], rec.fs, rec.leads)
 
 
-
 def anyecg_input(record):
     """anyECG-chat's own preprocessing of a record (their anyecg/utils.py: `get_ecg_from_path`, `ecg_transform`), what
     ecg_encoder.load_anyecg reads: (12, T) float32 at 100 Hz, leads in STANDARD_LEADS order (others dropped), absent
@@ -453,6 +452,7 @@ def fft_resample(x, num):
     if m % 2 == 0 and num != n:
         spec[..., m // 2] *= 2 if num < n else 0.5
     return np.fft.irfft(spec / (n / num), n=num, axis=-1)  # irfft drops the imaginary part of an even num's top bin
+
 
 # --------------------------------------------------------------------------- 5. localization
 

@@ -521,7 +521,8 @@ class AnyECG(nn.Module):
     release (load_anyecg). enc(x): x (12, T) at 100 Hz from data.anyecg_input -> (enc.num_tokens(T), enc.d_llm).
     Unlike ECGEncoder: 12 fixed lead slots (an absent lead is zeros), learned positions inside a 10 s window, a
     LayerNorm on each raw patch, no final norm (their `encode` returns the last block's output)."""
-    WINDOW, PATCH = 1000, 200  # samples at 100 Hz: 10 s windows of 2 s patches, 12 leads x 5 = 60 tokens a window
+    WINDOW, PATCH = 1000, 200  # samples at 100 Hz: 10 s windows of 2 s patches
+    PER_WINDOW = 12 * WINDOW // PATCH   # 12 leads x 5 patches = 60 tokens a window
 
     def __init__(self, d=768, depth=12, mlp_ratio=4, d_llm=4096):
         super().__init__()
@@ -543,11 +544,11 @@ class AnyECG(nn.Module):
 
     def num_tokens(self, n_samples):
         """1 + 60 * ceil(T / 1000): the windows' mean CLS token, then every window's 60 patch tokens."""
-        return 1 + 12 * self.WINDOW // self.PATCH * -(-n_samples // self.WINDOW)
+        return 1 + self.PER_WINDOW * -(-n_samples // self.WINDOW)
 
     def max_seconds(self, n_tokens):
         """Longest ECG whose tokens fit into n_tokens: whole 10 s windows."""
-        return max(0, (n_tokens - 1) // (12 * self.WINDOW // self.PATCH)) * self.WINDOW / self.cfg.fs
+        return max(0, (n_tokens - 1) // self.PER_WINDOW) * self.WINDOW / self.cfg.fs
 
     def encode(self, windows):  # (W, 12, 1000) -> (W, 61, d): CLS, then lead by lead, 5 patches each
         x = windows.unflatten(-1, (-1, self.PATCH))                          # (W, 12, 5, 200)

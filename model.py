@@ -98,11 +98,12 @@ class Tokenizer:
     def add_special_tokens(self, tokens):
         """New special tokens, kept whole in any text, at the next free ids (those it has keep theirs)."""
         new = [t for t in tokens if t not in self.added]
-        if self.tk is not None:
+        if self.tk is not None:   # tokenizer.json: the tokenizers library numbers them
             self.tk.add_special_tokens(new)
             self.added = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()}
-        for token in new if self.tk is None else []:
-            self.added[token] = self.vocab_size
+        else:
+            for token in new:
+                self.added[token] = self.vocab_size
         self.id_to_added = {i: t for t, i in self.added.items()}
         # longest first, so that a token which is a prefix of another never wins
         alternatives = sorted(self.added, key=len, reverse=True)

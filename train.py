@@ -58,7 +58,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from chat import SPECIAL_TOKENS, ECGChat, turns_of
+from chat import FORMATS, SPECIAL_TOKENS, ECGChat, turns_of
 from data import TASKS, ECGRecord, RowECGReader, atomic_write, load_rows
 from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, clip_vision_config, file_metadata,
                          load_clip_vision, load_encoder_config, load_encoder_weights, save_encoder_weights)
@@ -285,7 +285,7 @@ def check_config(cfg):
         at_least |= {"train_patients": 1, "val_patients": 1, "test_patients": 1}
     bad = [f"--{k} {getattr(cfg, k)}: at least {n}" for k, n in at_least.items() if getattr(cfg, k) < n]
     never_negative = ("encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps", "stage3_steps",
-                      "test_rows", "stop_after", "eval_batches", "gen_eval_rows", "workers")
+                      "test_rows", "test_rows_per_type", "stop_after", "eval_batches", "gen_eval_rows", "workers")
     bad += [f"--{k} {getattr(cfg, k)}: not negative" for k in never_negative if getattr(cfg, k) < 0]
     bad += [f"--{k} {getattr(cfg, k)}: above 0" for k in ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr",
                                                           "encoder_warmup_lr") if not getattr(cfg, k) > 0]
@@ -293,6 +293,8 @@ def check_config(cfg):
             if not 0 <= getattr(cfg, k) < 1]
     if cfg.parallel not in ("ddp", "fsdp"):
         bad.append(f"--parallel {cfg.parallel}: ddp or fsdp")
+    if cfg.chat_format not in ("auto", *FORMATS):
+        bad.append(f"--chat_format {cfg.chat_format}: auto, {', '.join(FORMATS)}")
     if bad:
         raise ValueError("config: " + "; ".join(bad))
 

@@ -152,7 +152,8 @@ def ectopy_first(items, share=ECTOPY_SHARE):
     """Sampling probabilities that give records with PACs or PVCs `share` of every batch (uniform within each
     kind). Drawn uniformly they are a few per batch, and a PAC is only modestly early: the beat heads would see
     too few to learn it."""
-    ectopic = np.array([bool(it.beats[:, 1:3].any()) for it in items])
+    columns = [BEAT_CHANNELS.index("A"), BEAT_CHANNELS.index("V")]
+    ectopic = np.array([bool(it.beats[:, columns].any()) for it in items])
     if ectopic.all() or not ectopic.any():
         return np.full(len(items), 1 / len(items))
     return np.where(ectopic, share / ectopic.sum(), (1 - share) / (~ectopic).sum())

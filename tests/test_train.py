@@ -414,6 +414,8 @@ def test_values_a_run_cannot_use_are_named_before_anything_is_built(tmp_path):
         train.train(tiny(tmp_path / "a", batch_size=0, train_patients=0))
     with pytest.raises(ValueError, match=r"--stage1_lr -0.1: above 0"):
         train.train(tiny(tmp_path / "a", stage1_lr=-0.1))
+    with pytest.raises(ValueError, match=r"--test_rows_per_type -1: not negative; --chat_format vicuna: auto, nanoecg"):
+        train.train(tiny(tmp_path / "a", test_rows_per_type=-1, chat_format="vicuna"))
     assert not (tmp_path / "a" / "tokenizer").exists()
     with pytest.raises(ValueError, match=r"--vocab_size 300: sentencepiece cannot build it .*Vocabulary size"):
         train.train(tiny(tmp_path / "b", vocab_size=300))
