@@ -67,7 +67,7 @@ from model import (LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_l
                    train_tokenizer)
 from paper import WIDTH_MM
 from tasks import add_image_rows, build_synthetic_dataset
-from warmup import WarmupConfig, fit_encoder_to_truth
+from warmup import WarmupConfig, fit_encoder_to_truth, summary
 
 # --------------------------------------------------------------------------- config: every field is a flag
 
@@ -715,7 +715,7 @@ def warm_up_encoder(cfg, model, env):
     files = [(encoder, env.out / "encoder_warmup.safetensors")] + (
         [(image_encoder, env.out / "image_warmup.safetensors")] if image_encoder is not None else [])
     steps = cfg.encoder_warmup_steps
-    wcfg = WarmupConfig(steps, cfg.encoder_warmup_lr, cfg.batch_size, cfg.train_patients, cfg.val_patients,
+    wcfg = WarmupConfig(steps, cfg.encoder_warmup_lr, cfg.batch_size, cfg.train_patients,
                         eval_every=steps, seed=cfg.seed, held_out="val")
     made_by = {"warmup": asdict(wcfg), "image": image_encoder is not None}
     if all(path.exists() for _, path in files):
@@ -732,10 +732,7 @@ def warm_up_encoder(cfg, model, env):
             save_encoder_weights(module, path, module.cfg, made_by)
     env.log({"event": "encoder_warmup", "steps": steps, **{f"val_{k}": v for k, v in r.items()}})
     if env.rank == 0:
-        image = (f"; image encoder F1 {r['image_statement_f1']:.3f}, HR MAE {r['image_hr_mae']:.1f} bpm"
-                 if "image_statement_f1" in r else "")
-        print(f"encoder warm-up: {steps} steps, validation statement F1 {r['statement_f1']:.3f}, "
-              f"HR MAE {r['hr_mae']:.1f} bpm{image}")
+        print(f"encoder warm-up: {steps} steps, validation {summary(r)}")
 
 
 def warmup_file_problem(path, made_by):

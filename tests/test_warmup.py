@@ -38,3 +38,20 @@ def test_command_line_saves_an_encoder_with_its_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "statement micro F1" in out and "Sinus rhythm" in out and "--encoder_init" in out
     assert load_encoder_config(path) == EncoderConfig.tiny(d_model=32, n_layers=1)
+
+
+def test_beat_tokens_are_decided_at_the_threshold_of_the_weighted_loss():
+    # the loss weighs positives by w, so "beat" is logit > log(w): the same logits give a positive at
+    # threshold 0 and none at a threshold above them
+    enc = ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=1, n_heads=2))
+    test = warmup.make_items("val", 3, 0, enc)
+    heads = warmup.Heads(enc)
+    with torch.no_grad():
+        heads.beats.weight.zero_()
+        heads.beats.bias.fill_(1.0)
+    r = warmup.evaluate(enc, None, heads, test)
+    n_tokens = sum(len(it.beats) for it in test)
+    assert r["beat_n"][0] == sum(int(it.beats[:, 0].sum()) for it in test) > 0
+    assert abs(r["beat_f1"][0] - 2 * r["beat_n"][0] / (n_tokens + r["beat_n"][0])) < 1e-9   # every token said "beat"
+    heads.beat_threshold = torch.full((len(warmup.BEAT_CHANNELS),), 1.5)
+    assert warmup.evaluate(enc, None, heads, test)["beat_f1"] == [0.0] * len(warmup.BEAT_CHANNELS)
