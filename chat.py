@@ -3,14 +3,11 @@ chat.py — the ECG chat model: an LLM that reads ECGs (and paper printouts of t
 them in. It joins model.py (the LLM) and ecg_encoder.py (the encoders).
 
   1. Chat format   the added tokens and `encode_chat`, the template with its loss labels:
-                     <bos><|user|><ecg><ecg_token>x n</ecg>...<img><img_token>x m</img>...question<|end|>
+                     <bos><|user|>ECG1:<ecg><ecg_token>x n</ecg>ECG2:...<img><img_token>x m</img>question<|end|>
                      <|assistant|>answer<|end|>
-                   one <ecg> block per ECG, in order (named "ECG1:", "ECG2:", ... when there are several), then one
-                   <img> block per image (GEM puts both token sets together), all before the first user text. No
-                   newlines around the markers, so a generation prompt is exactly the start of a training sequence.
-                   The loss covers what the assistant says (its answer and the <|end|> closing it). An instruct
-                   checkpoint keeps its own format (`ChatFormat`: Llama-3's headers, ChatML), the blocks on its
-                   reserved tokens where it has them; the loss and the stop token follow that format.
+                   No newlines around the markers, so a generation prompt is exactly the start of a training
+                   sequence. An instruct checkpoint keeps its own format (`ChatFormat`: Llama-3's, ChatML), the
+                   blocks on its reserved tokens where it has them.
   2. ECGChat       tokenizer + LLM + ECG encoder + projector (+ image encoder and its projector). `prompt` is the
                    one prompt builder (training, evaluation and the chat all call it); `embed` overwrites each
                    placeholder block with its input's projected tokens (nanoVLM-style splicing); forward with the
@@ -219,10 +216,8 @@ class ECGChat(nn.Module):
         per_prompt = [split_inputs(sample) for sample in inputs]
         x = self._splice(x, input_ids == self.ecg_token_id, [e for e, _ in per_prompt], self.encode_ecgs, "ECG",
                          self.format.marks[2])
-        if self.img_token_id is not None:
-            x = self._splice(x, input_ids == self.img_token_id, [im for _, im in per_prompt], self.encode_images,
-                             "image", self.format.marks[5])
-        return x
+        return self._splice(x, input_ids == self.img_token_id, [im for _, im in per_prompt], self.encode_images,
+                            "image", self.format.marks[5])
 
     def _splice(self, x, slots, inputs, encode, kind, placeholder):
         """Overwrite the `slots` (B, T) of x with the encoded inputs, prompt by prompt."""

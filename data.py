@@ -480,10 +480,13 @@ def merge_intervals(spans):
     return [(a, b) for a, b in out]
 
 
-def localization_intervals(beat_samples, beat_symbols, start, end, fs, symbol):
-    """anyECG's rule, unrounded: every beat of type `symbol` in the clip [start, end) spans from the previous beat
-    annotation to the next one (anywhere in the record -- the clip edge only clips), in seconds from the clip start,
-    clipped to [0, clip length]; overlapping or touching spans merge. -> [(a, b), ...]"""
+def localization_answer(beat_samples, beat_symbols, start, end, fs, symbol):
+    """anyECG's rule: every beat of type `symbol` in the clip [start, end) spans from the previous beat annotation to
+    the next one (anywhere in the record -- the clip edge only clips), in seconds from the clip start, clipped to
+    [0, clip length]; overlapping or touching spans merge. -> 'Duration: 1.3s-2.9s, 6.1s-7.7s' (one decimal, as
+    '%.1f' prints it) or 'No Premature ventricular contraction Found'."""
+    if symbol not in BEAT_NAMES:
+        raise ValueError(f"unknown beat symbol {symbol!r}; known: {sorted(BEAT_NAMES)}")
     samples, symbols = np.asarray(beat_samples, dtype=np.int64), np.asarray(beat_symbols, dtype=str)
     is_beat = np.isin(symbols, list(MITBIH_BEATS))
     samples, symbols = samples[is_beat], symbols[is_beat]
@@ -495,15 +498,7 @@ def localization_intervals(beat_samples, beat_symbols, start, end, fs, symbol):
         prev = samples[i - 1] if i > 0 else start
         nxt = samples[i + 1] if i + 1 < len(samples) else end
         spans.append((max(0.0, (prev - start) / fs), min(length, (nxt - start) / fs)))
-    return merge_intervals(spans)
-
-
-def localization_answer(beat_samples, beat_symbols, start, end, fs, symbol):
-    """The anyECG answer text: 'Duration: 1.3s-2.9s, 6.1s-7.7s' (one decimal, as printed by '%.1f') or
-    'No Premature ventricular contraction Found'."""
-    if symbol not in BEAT_NAMES:
-        raise ValueError(f"unknown beat symbol {symbol!r}; known: {sorted(BEAT_NAMES)}")
-    spans = localization_intervals(beat_samples, beat_symbols, start, end, fs, symbol)
+    spans = merge_intervals(spans)
     if not spans:
         return f"No {BEAT_NAMES[symbol]} Found"
     return "Duration: " + ", ".join(f"{a:.1f}s-{b:.1f}s" for a, b in spans)
@@ -598,9 +593,7 @@ class RowECGReader:
             return self.cache[key]
         future = self.pending.pop(key, None)
         rec = future.result() if future else None    # a failed read in a worker: read here, raise here
-        return self.keep(key, rec if rec is not None else read_clip(self.root, self.fs, key))
-
-    def keep(self, key, rec):
+        rec = rec if rec is not None else read_clip(self.root, self.fs, key)
         self.reads += 1
         if self.cache_size:
             self.cache[key] = rec

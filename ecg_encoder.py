@@ -232,14 +232,9 @@ class ECGEncoder(nn.Module):
             x = torch.as_tensor(x, dtype=dtype, device=dev)
             self._check(i, x, names)
             chunks += [(i, len(names), c) for c in self.windows(self.embed(x, names))]
-
         outs = self._run_dense(chunks) if packed == "dense" else self._run_nested(chunks)
-
-        tokens = [[] for _ in signals]
-        for (i, _, _), y in zip(chunks, outs):
-            tokens[i].append(y)
-        tokens = [torch.cat(t) for t in tokens]  # (n_tokens_i, C)
-        # the absolute time code again, at each output token's start time
+        tokens = [torch.cat([y for (j, _, _), y in zip(chunks, outs) if j == i]) for i in range(len(signals))]
+        # each (n_tokens_i, C); the absolute time code is added again, at each output token's start time
         return [t + self._time(len(t), self.cfg.pool * self.cfg.patch_s) for t in tokens]
 
     def _run_dense(self, chunks):
@@ -306,10 +301,9 @@ class ImageEncoderConfig:
 
 
 class ImageEncoder(nn.Module):
-    """enc(images) -> (B, num_tokens, d_model). images: a list of uint8 RGB arrays or tensors (H, W, 3) of any
-    size (a rendered printout, a scan, a photo); each is resized to the config's size. A plain ViT: 16 x 16
-    patches, learned positions, the ECG encoder's pre-norm blocks, then the patch grid pooled to
-    out_rows x out_cols tokens in reading order (row by row)."""
+    """enc(images) -> (B, num_tokens, d_model). images: uint8 RGB arrays or tensors (H, W, 3) of any size (a rendered
+    printout, a scan, a photo), each resized to the config's size. A plain ViT: learned positions, the ECG encoder's
+    pre-norm blocks, then the patch grid pooled to out_rows x out_cols tokens in reading order (row by row)."""
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
@@ -367,8 +361,8 @@ class QuickGELU(nn.Module):  # CLIP's activation: x * sigmoid(1.702 x)
 
 
 def clip_vision_config(path, **overrides):
-    """The ImageEncoderConfig (clip=True) of a Hugging Face CLIP folder's config.json (a CLIPModel's
-    vision_config, or a CLIPVisionModel's own), with overrides applied."""
+    """The ImageEncoderConfig (clip=True) of a Hugging Face CLIP folder's config.json (a CLIPModel's vision_config,
+    or a CLIPVisionModel's own), with overrides applied."""
     folder = Path(path)
     try:
         raw = json.loads((folder / "config.json").read_text())

@@ -176,14 +176,11 @@ def exact_match(pred, ref):
     return float(normalise_answer(pred) == normalise_answer(ref))
 
 
-def answer_set(text):
-    """A short answer as the set of its comma-separated items, each normalised: a list of findings is right in any
-    order ("pvcs, sinus rhythm" == "Sinus rhythm, PVCs"); a one-item answer ("yes", "ECG2") is plain exact match."""
-    return frozenset(normalise_answer(item) for item in text.split(",")) - {""}
-
-
 def set_match(pred, ref):
-    return float(answer_set(pred) == answer_set(ref))
+    """Short answers compared as sets of comma-separated items, each normalised: a list of findings is right in any
+    order ("pvcs, sinus rhythm" == "Sinus rhythm, PVCs"); a one-item answer ("yes", "ECG2") is plain exact match."""
+    pred, ref = (frozenset(normalise_answer(item) for item in text.split(",")) - {""} for text in (pred, ref))
+    return float(pred == ref)
 
 
 # --- per-ECG reports of serial ECGs: "ECG1: Sinus rhythm, Normal ECG. ECG2: ..."
@@ -247,12 +244,6 @@ def row_score(row, pred):
     return None
 
 
-def diagnosis_part(text):
-    """The statements a grounded answer concludes with ("... Diagnosis: X, Y."), not the findings its reasoning
-    mentions on the way; the whole text if there is no such part."""
-    return text.rsplit("Diagnosis:", 1)[-1]
-
-
 def score_task(task, rows, preds):
     """Scores of rows of one task. Localization: IoU micro/macro over beat types. ecgqa and multi rows with a
     question_type: accuracy micro/macro over question types (row_score; exact match beside). Reports: BLEU, ROUGE-L,
@@ -275,8 +266,9 @@ def score_task(task, rows, preds):
                 out["one_part_per_ecg"] = sum(per_ecg) / len(per_ecg)
         return out
     if task == "grounded":
-        diag = statement_prf([diagnosis_part(p) for p in preds], [diagnosis_part(r) for r in refs])
-        return out | {"measurements": measurement_mae(preds, refs), "statement_f1": diag["f1"]}
+        # only the statements it concludes with ("... Diagnosis: X, Y."), not the findings named on the way there
+        conclusions = [[t.rsplit("Diagnosis:", 1)[-1] for t in texts] for texts in (preds, refs)]
+        return out | {"measurements": measurement_mae(preds, refs), "statement_f1": statement_prf(*conclusions)["f1"]}
     out |= {f"bleu{n + 1}": v for n, v in enumerate(bleu(preds, refs))}
     out["rouge_l"] = sum(rouge_l(p, r) for p, r in zip(preds, refs)) / len(rows)
     if task == "report":

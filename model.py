@@ -316,9 +316,8 @@ class Block(nn.Module):
 
 
 def attention_mask_for(attention_mask, T, start_pos):
-    """The one boolean mask (B, 1, T, S) SDPA gets when padding or a cache needs it, else None.
-    attention_mask: (B, S) with 1 for real tokens and 0 for padding, covering every key so far (the cached
-    ones and the T new ones). Query t sits at slot start_pos + t."""
+    """The one boolean mask (B, 1, T, S) SDPA gets when padding or a cache needs it, else None. attention_mask: (B, S),
+    1 for real tokens and 0 for padding, over every key so far (cached and new). Query t sits at slot start_pos + t."""
     if attention_mask is None or bool(attention_mask.all()):
         if start_pos in (None, 0) or T == 1:
             return None  # is_causal (T > 1) or attend to everything cached (T == 1)
@@ -329,8 +328,7 @@ def attention_mask_for(attention_mask, T, start_pos):
     k_slot = torch.arange(S, device=device)
     causal = k_slot[None, :] <= q_slot[:, None]                                  # (T, S)
     mask = causal[None] & attention_mask[:, None, :].bool()                      # (B, T, S)
-    # a padding query sees no key at all, and SDPA would give it NaN that then leaks into
-    # later layers through 0 * NaN; let every query see at least itself.
+    # a padding query would see no key, and its NaN from SDPA would leak on through 0 * NaN: it sees at least itself
     mask = mask | (k_slot[None, :] == q_slot[:, None])[None]
     return mask[:, None]                                                         # (B, 1, T, S)
 
@@ -373,11 +371,10 @@ class LLM(nn.Module):
 
     def forward(self, idx=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
                 start_pos=None, last_only=False):
-        """Token ids (B, T) or embeddings (B, T, C) -> logits (B, T, V) (or (B, 1, V) if last_only).
-        attention_mask (B, S): 1 = real token, 0 = padding, over all keys (cache + new). start_pos: with a KV
-        cache set up, the cache slot of the first new token; None = no cache. position_ids (B, T): RoPE positions;
-        by default counted over real tokens, so a left-padded prompt gets the same positions it would get alone.
-        """
+        """Token ids (B, T) or embeddings (B, T, C) -> logits (B, T, V) (or (B, 1, V) if last_only). attention_mask
+        (B, S): 1 = real token, 0 = padding, over all keys (cache + new). start_pos: with a KV cache set up, the cache
+        slot of the first new token; None = no cache. position_ids (B, T): RoPE positions; by default counted over
+        real tokens, so a left-padded prompt gets the same positions it would get alone."""
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds        # (B, T, C)
         B, T, _ = x.shape
         if position_ids is None:
@@ -470,8 +467,8 @@ ARCHITECTURE_FLAGS = {"qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}}  
 
 
 def read_hf_config(hf_dir):
-    """config.json -> LLMConfig. Reads the classic (rope_theta + rope_scaling) and the newer
-    (rope_parameters) spellings, and the text_config of LLaVA-style folders."""
+    """config.json -> LLMConfig: the classic (rope_theta + rope_scaling) and the newer (rope_parameters) spellings,
+    and the text_config of LLaVA-style folders."""
     path = Path(hf_dir) / "config.json"
     raw = read_json(path)
     raw = raw.get("text_config") or raw
@@ -559,9 +556,8 @@ def save_pretrained(model, out_dir, extra_tensors=None, extra_config=None):
 
 # --------------------------------------------------------------------------- 4. LoRA
 class LoRALinear(nn.Module):
-    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W, b frozen from the base layer. The base layer's
-    `weight` and `bias` keep their names, so a LoRA-wrapped model still loads and saves plain checkpoints;
-    B starts at zero, so wrapping changes nothing."""
+    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, W and b the base layer's, under their own names (a wrapped
+    model still loads and saves plain checkpoints); B starts at zero, so wrapping changes nothing."""
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0):
         super().__init__()
@@ -601,8 +597,7 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, targets=("q_proj", "k_proj"), r=8, alpha=16, dropout=0.1):
-    """Wrap every nn.Linear whose attribute name is in `targets` (anyECG: q_proj, k_proj).
-    Freezing the base weights is the caller's choice (train.py does it per stage)."""
+    """Wrap every nn.Linear whose attribute name is in `targets` (anyECG: q_proj, k_proj); freezing is the caller's."""
     wrapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

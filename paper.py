@@ -1,8 +1,7 @@
 """
-paper.py — ECGs drawn on ECG paper: an SVG of any record for people to look at, and the standard 12-lead printout
-as an image, the input of GEM's image modality. Numpy only. Most ECGs in clinicians' hands exist only on paper or as
-a PDF: this file draws a signal the way a cart prints it, roughens the picture the way a scan or a phone photo does,
-and reads the user's own images.
+paper.py — ECGs on ECG paper: the standard 12-lead printout as an image (the input of GEM's image modality) and an
+SVG of any record for people to look at. Numpy only. Most ECGs in clinicians' hands exist only on paper or as a PDF:
+this file draws a signal as a cart prints it, roughens it as a scan or phone photo does, and reads users' images.
 
 Read top to bottom:
   1. Layout       the standard printout: 25 mm/s, 10 mm/mV, a 3 x 4 grid of 2.5 s lead segments (I aVR V1 V4 /

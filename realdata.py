@@ -2,9 +2,9 @@
 realdata.py — downloaded databases -> anyECG-format training rows, with one command each.
 
 The anyECG-chat release ships its rows but not the code that built them; this file is that code, so the rows can be
-rebuilt from the databases (and built for databases it left out). Every builder returns (rows, skipped): rows in
-anyECG format (data.py, "anyECG rows"), each with a "split" field (train / val / test) fixed per patient or record,
-so that no patient lands in two splits; skipped lists the records or lines that could not be used and why.
+rebuilt from the databases (and built for databases it left out). Every builder returns (rows, skipped): anyECG rows,
+each with a "split" (train / val / test) fixed per patient or record, so no patient lands in two splits, and the
+records or lines that could not be used, with why.
 
 Read top to bottom:
   1. Holter localization  MIT-BIH Arrhythmia, European ST-T, MIT-BIH ST Change: 10 s and long clips around the

@@ -266,8 +266,9 @@ def read_config_file(path):
 
 def check_config(cfg):
     """Every value a run cannot work with, named in one error before anything is built."""
-    counts = ("batch_size", "grad_accum", "bucket_steps", "log_interval", "eval_interval", "ckpt_interval", "keep_ckpts",
-              "max_new_tokens", "max_seq_len", "dim", "n_layers", "n_heads", "n_kv_heads", "max_nan_steps", "lora_r")
+    counts = ("batch_size", "grad_accum", "bucket_steps", "log_interval", "eval_interval", "ckpt_interval",
+              "keep_ckpts", "max_new_tokens", "max_seq_len", "dim", "n_layers", "n_heads", "n_kv_heads", "max_nan_steps",
+              "lora_r")
     patients = () if cfg.data else ("train_patients", "val_patients", "test_patients")   # synthetic: each split some
     rules = [("at least 1", lambda v: v >= 1, counts + patients),
              ("not negative", lambda v: v >= 0, ("encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps",
@@ -694,11 +695,10 @@ def warm_up_encoder(cfg, model, env):
         warnings.warn(f"{problem}: not reused, warming up again")
     r = fit_encoder_to_truth(encoder, wcfg, image_encoder, desc="encoder warm-up" if env.rank == 0 else None,
                              report=False)
+    env.log({"event": "encoder_warmup", "steps": steps, **{f"val_{k}": v for k, v in r.items()}})
     if env.rank == 0:
         for module, path in files:
             save_encoder_weights(module, path, module.cfg, made_by)
-    env.log({"event": "encoder_warmup", "steps": steps, **{f"val_{k}": v for k, v in r.items()}})
-    if env.rank == 0:
         image = (f"; image encoder F1 {r['image_statement_f1']:.3f}, HR MAE {r['image_hr_mae']:.1f} bpm"
                  if "image_statement_f1" in r else "")
         print(f"encoder warm-up: {steps} steps, validation statement F1 {r['statement_f1']:.3f}, "
