@@ -168,8 +168,7 @@ RESUME_SAFE = ("out_dir", "resume", "stop_after", "device", "workers", "ecg_cach
                "log_interval", "eval_interval", "eval_batches", "gen_eval_rows", "test_rows", "max_new_tokens",
                "ckpt_interval", "keep_ckpts", "max_nan_steps", "test_data")
 # An encoder that nothing trained before the curriculum learns in the stages (see encoder_pretrained)
-UNTRAINED_ENCODER = dict(stage1_train="encoder,projector,llm", stage2_train="encoder,projector,llm",
-                         stage3_train="encoder,projector,llm")
+UNTRAINED_ENCODER = dict.fromkeys(("stage1_train", "stage2_train", "stage3_train"), "encoder,projector,llm")
 
 
 def warms_up_encoder(cfg):
