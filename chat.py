@@ -1,29 +1,22 @@
 """
-chat.py — the ECG chat model: an LLM that reads ECGs (and paper printouts of them), and the
-prompt format it reads them in. It joins model.py (the LLM) and ecg_encoder.py (the encoders).
+chat.py — the ECG chat model: an LLM that reads ECGs (and paper printouts of them), and the prompt format it reads
+them in. It joins model.py (the LLM) and ecg_encoder.py (the encoders).
 
   1. Chat format   the added tokens and `encode_chat`, the template with its loss labels:
-                     <bos><|user|><ecg><ecg_token>x n</ecg>...<img><img_token>x m</img>...
-                     question<|end|><|assistant|>answer<|end|>
-                   one <ecg> block per ECG, in order (named "ECG1:", "ECG2:", ... when there are
-                   several), then one <img> block per image (GEM puts both token sets
-                   together), all before the first user text. No newlines
-                   around the markers, so a generation prompt is exactly the start of a
-                   training sequence. The loss covers what the assistant says (its answer and
-                   the <|end|> closing it). An instruct checkpoint keeps its own format
-                   (`ChatFormat`: Llama-3's headers, ChatML), the blocks on its reserved tokens
-                   where it has them, and the loss and the stop token follow that format.
-  2. ECGChat       tokenizer + LLM + ECG encoder + projector (+ image encoder and its
-                   projector). `prompt` is the one prompt builder (training, evaluation and
-                   the chat all call it); `embed` overwrites each placeholder block with its
-                   input's projected tokens (nanoVLM-style splicing) and checks that the
-                   blocks and the inputs agree; forward with the loss; generate; freezing
-                   per part; save/load as one folder; `from_anyecg`: anyECG-chat's release.
+                     <bos><|user|>ECG1:<ecg><ecg_token>x n</ecg>ECG2:...<img><img_token>x m</img>question<|end|>
+                     <|assistant|>answer<|end|>
+                   No newlines around the markers, so a generation prompt is exactly the start of a training
+                   sequence. An instruct checkpoint keeps its own format (`ChatFormat`: Llama-3's, ChatML), the
+                   blocks on its reserved tokens where it has them.
+  2. ECGChat       tokenizer + LLM + ECG encoder + projector (+ image encoder and its projector). `prompt` is the
+                   one prompt builder (training, evaluation and the chat all call it); `embed` overwrites each
+                   placeholder block with its input's projected tokens (nanoVLM-style splicing); forward with the
+                   loss; generate; freezing per part; save/load as one folder; `from_anyecg`: anyECG-chat's release.
 
-A model's *inputs* are, per prompt, a list of ECGRecords (data.py; the signal in mV at the
-encoder's rate) and paper-ECG images (uint8 RGB (H, W, 3)): a row's inputs as they are read.
+A model's *inputs* are, per prompt, a list of ECGRecords (data.py; the signal in mV at the encoder's rate) and
+paper-ECG images (uint8 RGB (H, W, 3)): a row's inputs as they are read.
 """
-import json
+import itertools
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,13 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from data import ECGRecord
+from data import ECGRecord, read_json
 from ecg_encoder import (AnyECG, ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, Projector, check_fits,
                          load_anyecg, load_state)
 from model import LLM, Tokenizer, generate, left_pad, load_peft_adapter, save_pretrained
 
-# --------------------------------------------------------------------------- 1. Chat format
 
+# --------------------------------------------------------------------------- 1. Chat format
 # Added tokens, appended after the base vocabulary in this order.
 ECG_START = "<ecg>"          # opens one ECG's block of placeholders
 ECG_END = "</ecg>"           # closes it
@@ -147,15 +140,12 @@ def split_inputs(inputs):
     """A prompt's inputs -> (its ECGRecords, its images), each in order."""
     return [x for x in inputs if isinstance(x, ECGRecord)], [x for x in inputs if not isinstance(x, ECGRecord)]
 
+
 # --------------------------------------------------------------------------- 2. The ECG chat model
-
-
 class ECGChat(nn.Module):
-    """An LLM that reads ECGs. A prompt holds, per ECG, `<ecg>` + `<ecg_token>` x n + `</ecg>`
-    (n = encoder.num_tokens(samples)); the embeddings of the n placeholders are overwritten by
-    that ECG's projected encoder tokens, in order. With an image encoder (GEM's second
-    modality), paper-ECG images enter the same way through `<img>` blocks after the ECG blocks.
-    chat_format: "auto" (the one the tokenizer was made for: Llama-3, ChatML, or nanoECG's own) or a FORMATS name."""
+    """An LLM that reads ECGs: the n = encoder.num_tokens(samples) placeholders of each ECG's block are overwritten
+    by its projected encoder tokens, in order; paper-ECG images (GEM's second modality) enter the same way through
+    the `<img>` blocks. chat_format: "auto" (the tokenizer's own: Llama-3, ChatML, or nanoECG's) or a FORMATS name."""
 
     def __init__(self, llm, encoder, tokenizer, max_seq_len=None, image_encoder=None, chat_format="auto",
                  label_ecgs=False):
@@ -184,10 +174,9 @@ class ECGChat(nn.Module):
         return check_fits(self.encoder, ecg_samples, self.max_seq_len, n_text_tokens)
 
     def prompt(self, turns, inputs, add_generation_prompt=False):
-        """The conversation `turns` about `inputs` (a prompt's ECGRecords and images) ->
-        (input_ids, labels) in the chat format, one placeholder block per input. A ValueError
-        says why an input cannot be read by this model, or that the prompt (with room for one
-        new token when generating) does not fit the context."""
+        """The conversation `turns` about `inputs` (a prompt's ECGRecords and images) -> (input_ids, labels), one
+        placeholder block per input. A ValueError says why an input cannot be read by this model, or that the prompt
+        (with room for one new token when generating) does not fit the context."""
         ecgs, images = split_inputs(inputs)
         if images and self.image_encoder is None:
             raise ValueError("the prompt has images but the model has no image encoder")
@@ -219,18 +208,16 @@ class ECGChat(nn.Module):
         return list(self.image_projector(self.image_encoder(images)))
 
     def embed(self, input_ids, inputs):
-        """Text embeddings with every placeholder block overwritten by its ECG's (or image's)
-        tokens. input_ids (B, T); inputs: per prompt a list of ECGRecords and images."""
+        """input_ids (B, T) -> embeddings (B, T, C), each placeholder block overwritten by its ECG's (image's)
+        tokens. inputs: per prompt a list of ECGRecords and images."""
         x = self.llm.embed_tokens(input_ids)                                        # (B, T, C)
         if len(inputs) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} prompts but input lists for {len(inputs)}")
         per_prompt = [split_inputs(sample) for sample in inputs]
         x = self._splice(x, input_ids == self.ecg_token_id, [e for e, _ in per_prompt], self.encode_ecgs, "ECG",
                          self.format.marks[2])
-        if self.img_token_id is not None:
-            x = self._splice(x, input_ids == self.img_token_id, [im for _, im in per_prompt], self.encode_images,
-                             "image", self.format.marks[5])
-        return x
+        return self._splice(x, input_ids == self.img_token_id, [im for _, im in per_prompt], self.encode_images,
+                            "image", self.format.marks[5])
 
     def _splice(self, x, slots, inputs, encode, kind, placeholder):
         """Overwrite the `slots` (B, T) of x with the encoded inputs, prompt by prompt."""
@@ -249,9 +236,8 @@ class ECGChat(nn.Module):
         return x.masked_scatter(slots[..., None], torch.cat(tokens).to(x.dtype))
 
     def forward(self, input_ids, inputs, labels=None, attention_mask=None):
-        """-> logits (B, T, V), and with labels (-100 = no loss) the mean next-token loss.
-        Right-padded training batches need no attention_mask (causal attention never lets a
-        real token see the padding after it)."""
+        """-> logits (B, T, V), and with labels (-100 = no loss) the mean next-token loss. Right-padded training
+        batches need no attention_mask (causal attention never lets a real token see the padding after it)."""
         if input_ids.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={self.max_seq_len}")
         logits = self.llm(inputs_embeds=self.embed(input_ids, inputs), attention_mask=attention_mask)
@@ -262,8 +248,7 @@ class ECGChat(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, inputs, max_new_tokens=256, **sampling):
-        """prompts: token-id lists (from `prompt`); inputs: per prompt its ECGRecords and images.
-        They are encoded once; the KV cache carries them through decoding."""
+        """prompts: token-id lists (from `prompt`); inputs: per prompt its ECGRecords and images, encoded once."""
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds "
@@ -276,9 +261,8 @@ class ECGChat(nn.Module):
                         tokenizer=self.tokenizer, **sampling)
 
     def set_trainable(self, encoder=True, projector=True, llm=False, lora=True, image_encoder=None):
-        """Freeze or unfreeze each part (the curriculum's stages differ only in this). The
-        image encoder follows the ECG encoder unless image_encoder says otherwise; the image
-        projector follows the projector."""
+        """Freeze or unfreeze each part (the curriculum's stages differ only in this). The image encoder follows
+        the ECG encoder unless image_encoder says otherwise; the image projector follows the projector."""
         image_encoder = encoder if image_encoder is None else image_encoder
         for module, on in [(self.encoder, encoder), (self.projector, projector),
                            (self.image_encoder, image_encoder), (self.image_projector, projector)]:
@@ -289,8 +273,8 @@ class ECGChat(nn.Module):
 
     # ---- one folder: config.json + model.safetensors + tokenizer, LLaVA-style
     def save(self, out_dir):
-        """The LLM part is a plain Hugging Face Llama (LoRA merged) that transformers reads;
-        encoder and projector sit beside it under ecg_encoder.* / ecg_projector.*."""
+        """The LLM part is a plain Hugging Face Llama (LoRA merged) that transformers reads; encoder and
+        projector sit beside it under ecg_encoder.* / ecg_projector.* (images: img_encoder.*, img_projector.*)."""
         extra = {f"{prefix}{k}": v for prefix, module in self._parts() for k, v in module.state_dict().items()}
         nanoecg = {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len,
                    "chat_format": self.format.name, "label_ecgs": self.label_ecgs}
@@ -314,10 +298,7 @@ class ECGChat(nn.Module):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{d / name}: missing; a nanoECG checkpoint folder holds config.json, "
                                         "model.safetensors and tokenizer.model (or tokenizer.json)")
-        try:
-            raw = json.loads((d / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{d / 'config.json'}: not valid JSON ({e})") from None
+        raw = read_json(d / "config.json")
         if "nanoecg" not in raw:
             raise ValueError(f"{d / 'config.json'}: no 'nanoecg' section, so this is a plain LLM "
                              f"checkpoint, not an ECG-chat model (train one with train.py --llm {d})")
@@ -350,8 +331,7 @@ class ECGChat(nn.Module):
         return cls(llm, encoder, Tokenizer(llm_dir), chat_format="llama3").eval()
 
     def _load_parts(self, path):
-        """Encoder(s) and projector(s) from the checkpoint file; keys or shapes that do not
-        match config.json are one error naming the file and the keys."""
+        """Encoder(s) and projector(s) from the checkpoint file; a mismatch is one error naming file and keys."""
         with safe_open(str(path), framework="pt") as f:
             for prefix, module in self._parts():
                 state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
@@ -359,14 +339,5 @@ class ECGChat(nn.Module):
 
 
 def _run_lengths(flags):
-    """[0,1,1,0,1] -> [2, 1]: lengths of the runs of True values."""
-    runs, n = [], 0
-    for f in flags:
-        if f:
-            n += 1
-        elif n:
-            runs.append(n)
-            n = 0
-    if n:
-        runs.append(n)
-    return runs
+    """[F, T, T, F, T] -> [2, 1]: lengths of the runs of True values."""
+    return [len(list(run)) for flag, run in itertools.groupby(flags) if flag]

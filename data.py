@@ -3,7 +3,7 @@ data.py — ECG records and the files they come from. The ground floor: it impor
 
 Read top to bottom:
   1. Records      `ECGRecord` (mV (leads, samples), fs, leads), lead and task names, `atomic_write` (every file
-                  write), `read_tensors` (weights from .safetensors, or from .bin/.pth without unpickling code).
+                  write), `read_json`, `read_tensors` (weights from .safetensors, or .bin/.pth without unpickling code).
   2. Lead names   the aliases real files use (MLII, D3, lower case, a lone "ECG", ...).
   3. Reading      `load_ecg`: WFDB records (any format, multi-file ones), .npy, .csv; one clear error per bad file.
   4. Cleaning     flat/empty leads, NaN/Inf repair, FFT resampling, `prepare_ecg` (as the model reads it), `cut_ecg`,
@@ -27,8 +27,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-# --------------------------------------------------------------------------- 1. records
 
+# --------------------------------------------------------------------------- 1. records
 STANDARD_LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 TASKS = ("report", "location", "location_long", "ecgqa", "multi", "grounded")   # the tasks nanoECG trains
 LOCATION_TASKS = ("location", "location_long")   # rows that name a clip [ecg_start, ecg_end) of their record
@@ -58,6 +58,17 @@ def atomic_write(path, content):
     return path
 
 
+def read_json(path):
+    """A JSON file's content; a missing file or invalid JSON is one error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_tensors(path):
     """{name: tensor} from a .safetensors file, or from a PyTorch pickle (.bin, .pth) read with weights_only=True:
     tensors come back, any other object is refused, because a full unpickle can run code the file carries."""
@@ -77,7 +88,6 @@ def read_tensors(path):
 
 
 # --------------------------------------------------------------------------- 2. lead names
-
 _ALIASES = {   # lower-case, spaces/dashes/underscores removed -> canonical
     **{a: "I" for a in ["i", "di", "d1", "mli", "ml1", "leadi"]},
     **{a: "II" for a in ["ii", "dii", "d2", "mlii", "ml2", "leadii"]},
@@ -116,7 +126,6 @@ def normalise_leads(names, source=""):
 
 
 # --------------------------------------------------------------------------- 3. reading ECGs
-
 _WFDB_BYTES = {"8": 1, "16": 2, "24": 3, "32": 4, "61": 2, "80": 1, "160": 2, "212": 1.5, "310": 4 / 3, "311": 4 / 3}
 _WFDB_FLAC = {"508", "516", "524"}
 _TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "v": 1e3, "nu": 1.0, "": 1.0}
@@ -303,7 +312,6 @@ def _check_names(names, n, source):
 
 
 # --------------------------------------------------------------------------- 4. cleaning
-
 def check_amplitude(signal, leads, source=""):
     """Warn when the ECG leads' amplitudes are a thousand times off: a lead in mV spans about 0.3 to 10 mV, so one
     spanning hundreds is almost surely in µV (and one spanning hundredths in V). Read as mV, such a record is still
@@ -455,7 +463,6 @@ def fft_resample(x, num):
 
 
 # --------------------------------------------------------------------------- 5. localization
-
 MITBIH_BEATS = set("NLRBAaJSVrFejnE/fQ?")   # beat annotations; rhythm '+', noise '~' etc. are not
 BEAT_NAMES = {"A": "Atrial premature beat", "V": "Premature ventricular contraction",
               "L": "Left bundle branch block beat", "R": "Right bundle branch block beat",
@@ -473,10 +480,13 @@ def merge_intervals(spans):
     return [(a, b) for a, b in out]
 
 
-def localization_intervals(beat_samples, beat_symbols, start, end, fs, symbol):
-    """anyECG's rule, unrounded: every beat of type `symbol` in the clip [start, end) spans from the previous beat
-    annotation to the next one (anywhere in the record -- the clip edge only clips), in seconds from the clip start,
-    clipped to [0, clip length]; overlapping or touching spans merge. -> [(a, b), ...]"""
+def localization_answer(beat_samples, beat_symbols, start, end, fs, symbol):
+    """anyECG's rule: every beat of type `symbol` in the clip [start, end) spans from the previous beat annotation to
+    the next one (anywhere in the record -- the clip edge only clips), in seconds from the clip start, clipped to
+    [0, clip length]; overlapping or touching spans merge. -> 'Duration: 1.3s-2.9s, 6.1s-7.7s' (one decimal, as
+    '%.1f' prints it) or 'No Premature ventricular contraction Found'."""
+    if symbol not in BEAT_NAMES:
+        raise ValueError(f"unknown beat symbol {symbol!r}; known: {sorted(BEAT_NAMES)}")
     samples, symbols = np.asarray(beat_samples, dtype=np.int64), np.asarray(beat_symbols, dtype=str)
     is_beat = np.isin(symbols, list(MITBIH_BEATS))
     samples, symbols = samples[is_beat], symbols[is_beat]
@@ -488,15 +498,7 @@ def localization_intervals(beat_samples, beat_symbols, start, end, fs, symbol):
         prev = samples[i - 1] if i > 0 else start
         nxt = samples[i + 1] if i + 1 < len(samples) else end
         spans.append((max(0.0, (prev - start) / fs), min(length, (nxt - start) / fs)))
-    return merge_intervals(spans)
-
-
-def localization_answer(beat_samples, beat_symbols, start, end, fs, symbol):
-    """The anyECG answer text: 'Duration: 1.3s-2.9s, 6.1s-7.7s' (one decimal, as printed by '%.1f') or
-    'No Premature ventricular contraction Found'."""
-    if symbol not in BEAT_NAMES:
-        raise ValueError(f"unknown beat symbol {symbol!r}; known: {sorted(BEAT_NAMES)}")
-    spans = localization_intervals(beat_samples, beat_symbols, start, end, fs, symbol)
+    spans = merge_intervals(spans)
     if not spans:
         return f"No {BEAT_NAMES[symbol]} Found"
     return "Duration: " + ", ".join(f"{a:.1f}s-{b:.1f}s" for a, b in spans)
@@ -514,7 +516,6 @@ def parse_localization(text):
 
 
 # --------------------------------------------------------------------------- 6. anyECG rows
-
 _LOCATION_FIELDS = {"abnormal_type": str, "ecg_start": int, "ecg_end": int}
 
 
@@ -550,14 +551,7 @@ def load_rows(path):
     """Read an anyECG JSON file (a list of rows). Malformed rows are skipped, counted and named in one warning;
     `ecg_path` becomes a list (a single string -> [string]) so multi-ECG rows and single ones are handled alike, and
     each row keeps its position in the file as `file_index` (what reports about a row refer to)."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
     problems = [row_problem(row) for row in data]
@@ -599,9 +593,7 @@ class RowECGReader:
             return self.cache[key]
         future = self.pending.pop(key, None)
         rec = future.result() if future else None    # a failed read in a worker: read here, raise here
-        return self.keep(key, rec if rec is not None else read_clip(self.root, self.fs, key))
-
-    def keep(self, key, rec):
+        rec = rec if rec is not None else read_clip(self.root, self.fs, key)
         self.reads += 1
         if self.cache_size:
             self.cache[key] = rec

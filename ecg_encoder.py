@@ -1,8 +1,7 @@
 """
-ecg_encoder.py — the ECG encoder and the projector into the LLM: any length, any lead set, several ECGs. Below
-them, the image encoder for paper printouts (GEM's second modality): a small ViT, or a pretrained CLIP vision
-tower loaded by `load_clip_vision`. Last, anyECG-chat's own encoder and projector (`AnyECG`), loaded from their
-released checkpoint by `load_anyecg`, beside nanoECG's rather than instead of it.
+ecg_encoder.py — the ECG encoder and the projector into the LLM: any length, any lead set, several ECGs. Below them,
+the image encoder for paper printouts (GEM's second modality): a small ViT, or a pretrained CLIP vision tower
+(`load_clip_vision`). Last, anyECG-chat's own encoder and projector (`AnyECG`, `load_anyecg`), beside nanoECG's.
 
 Design in one paragraph. Each lead is cut on its own into patches of `patch_size` samples (anyECG-style), so a token
 is (one lead, one stretch of time); its embedding is the patch's shape and amplitude + a learned embedding of its lead
@@ -37,9 +36,8 @@ from safetensors.torch import load_file, save_file
 
 from data import STANDARD_LEADS, atomic_write, read_tensors
 
+
 # --------------------------------------------------------------------------- config
-
-
 @dataclass
 class EncoderConfig:
     fs: int = 100                   # model sampling rate (Hz); resampling happens in data.py
@@ -87,11 +85,9 @@ class EncoderConfig:
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
 class Block(nn.Module):
-    """Pre-norm transformer block on a dense (B, T, C) batch or a nested jagged tensor (B, j, C); in both,
-    attention stays inside each row (= one window)."""
+    """Pre-norm transformer block on a dense (B, T, C) batch or a nested jagged tensor (B, j, C); attention stays
+    inside each row (= one window)."""
 
     def __init__(self, cfg, act=nn.GELU):
         super().__init__()
@@ -127,8 +123,6 @@ class Projector(nn.Module):
 
 
 # --------------------------------------------------------------------------- the encoder
-
-
 class ECGEncoder(nn.Module):
     """enc(signals, leads) -> list of (num_tokens(n_samples_i), d_model), one per ECG."""
 
@@ -238,14 +232,9 @@ class ECGEncoder(nn.Module):
             x = torch.as_tensor(x, dtype=dtype, device=dev)
             self._check(i, x, names)
             chunks += [(i, len(names), c) for c in self.windows(self.embed(x, names))]
-
         outs = self._run_dense(chunks) if packed == "dense" else self._run_nested(chunks)
-
-        tokens = [[] for _ in signals]
-        for (i, _, _), y in zip(chunks, outs):
-            tokens[i].append(y)
-        tokens = [torch.cat(t) for t in tokens]  # (n_tokens_i, C)
-        # the absolute time code again, at each output token's start time
+        tokens = [torch.cat([y for (j, _, _), y in zip(chunks, outs) if j == i]) for i in range(len(signals))]
+        # each (n_tokens_i, C); the absolute time code is added again, at each output token's start time
         return [t + self._time(len(t), self.cfg.pool * self.cfg.patch_s) for t in tokens]
 
     def _run_dense(self, chunks):
@@ -278,8 +267,6 @@ class ECGEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- the image encoder (GEM's second modality)
-
-
 @dataclass
 class ImageEncoderConfig:
     height: int = 192          # every image is resized to height x width first (px); the
@@ -314,10 +301,9 @@ class ImageEncoderConfig:
 
 
 class ImageEncoder(nn.Module):
-    """enc(images) -> (B, num_tokens, d_model). images: a list of uint8 RGB arrays or tensors (H, W, 3) of any
-    size (a rendered printout, a scan, a photo); each is resized to the config's size. A plain ViT: 16 x 16
-    patches, learned positions, the ECG encoder's pre-norm blocks, then the patch grid pooled to
-    out_rows x out_cols tokens in reading order (row by row)."""
+    """enc(images) -> (B, num_tokens, d_model). images: uint8 RGB arrays or tensors (H, W, 3) of any size (a rendered
+    printout, a scan, a photo), each resized to the config's size. A plain ViT: learned positions, the ECG encoder's
+    pre-norm blocks, then the patch grid pooled to out_rows x out_cols tokens in reading order (row by row)."""
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
@@ -375,8 +361,8 @@ class QuickGELU(nn.Module):  # CLIP's activation: x * sigmoid(1.702 x)
 
 
 def clip_vision_config(path, **overrides):
-    """The ImageEncoderConfig (clip=True) of a Hugging Face CLIP folder's config.json (a CLIPModel's
-    vision_config, or a CLIPVisionModel's own), with overrides applied."""
+    """The ImageEncoderConfig (clip=True) of a Hugging Face CLIP folder's config.json (a CLIPModel's vision_config,
+    or a CLIPVisionModel's own), with overrides applied."""
     folder = Path(path)
     try:
         raw = json.loads((folder / "config.json").read_text())
@@ -397,12 +383,11 @@ def clip_vision_config(path, **overrides):
 
 
 def load_clip_vision(path, **overrides):
-    """A pretrained CLIP vision tower (GEM's image encoder is CLIP ViT-L/336) from a Hugging Face folder:
-    config.json + model.safetensors of a CLIPModel or CLIPVisionModel. Our ImageEncoder with clip=True is the
-    same network: q, k, v are fused into one matrix, and the final LayerNorm is CLIP's post_layernorm, applied
-    to every patch token. overrides go to ImageEncoderConfig: height/width other than the checkpoint's image
-    size resample the position grid (bicubic), e.g. to keep a printout's 2:1 shape; n_layers below the
-    checkpoint's keeps the first blocks; out_rows/out_cols set the pooled token grid."""
+    """A pretrained CLIP vision tower (GEM's image encoder is CLIP ViT-L/336) from a Hugging Face CLIPModel or
+    CLIPVisionModel folder, as our ImageEncoder with clip=True: q, k, v fused into one matrix, CLIP's post_layernorm
+    on every patch token. overrides go to ImageEncoderConfig: another height/width resamples the position grid
+    (bicubic), e.g. to keep a printout's 2:1 shape; fewer n_layers keep the first blocks; out_rows/out_cols set the
+    pooled token grid."""
     folder, cfg = Path(path), clip_vision_config(path, **overrides)
     d = cfg.d_model
     files = sorted(folder.glob("*.safetensors"))
@@ -442,8 +427,8 @@ def load_clip_vision(path, **overrides):
 
 
 def check_fits(encoder, n_samples, max_seq_len, n_text_tokens=0):
-    """Raise a clear error if ECGs of these lengths (samples) plus n_text_tokens do not fit into an LLM
-    context of max_seq_len. Returns the number of ECG tokens."""
+    """The number of ECG tokens of ECGs of these lengths (samples), or a clear error if they and n_text_tokens do not
+    fit into an LLM context of max_seq_len."""
     n_ecg = sum(encoder.num_tokens(n) for n in n_samples)
     if n_ecg + n_text_tokens > max_seq_len:
         secs = ", ".join(f"{n / encoder.cfg.fs:g}" for n in n_samples)
@@ -456,12 +441,9 @@ def check_fits(encoder, n_samples, max_seq_len, n_text_tokens=0):
 
 
 # --------------------------------------------------------------------------- weights: safetensors
-
-
 def save_encoder_weights(module, path, cfg=None, made_by=None):
-    """Save any module's state (encoder, projector, or a wrapper of both). The config, if given, goes into
-    the file's metadata as JSON (data, never code), and so does `made_by`: what produced the weights (e.g.
-    the warm-up's settings), so that a file made by another run can be told apart."""
+    """Save any module's state. The config, if given, goes into the file's metadata as JSON (data, never code), and
+    so does `made_by`: what produced the weights (e.g. the warm-up's settings), to tell another run's file apart."""
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     meta = {k: json.dumps(v) for k, v in [("config", cfg and asdict(cfg)), ("made_by", made_by)] if v is not None}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta or None))
@@ -473,8 +455,8 @@ def load_encoder_weights(module, path):
 
 
 def load_state(module, state, source):
-    """Load `state` into `module`, or raise one error naming `source` and every missing,
-    unexpected or differently shaped key, or every tensor holding NaN or Inf (never load poisoned weights)."""
+    """Load `state` into `module`, or raise one error naming `source` and every missing, unexpected or misshapen key,
+    or every tensor holding NaN or Inf (never load poisoned weights)."""
     check_state({k: v.shape for k, v in module.state_dict().items()}, state, source, type(module).__name__)
     module.load_state_dict(state)
     return module
@@ -513,8 +495,6 @@ def load_encoder_config(path):
 
 
 # --------------------------------------------------------------------------- anyECG-chat's own encoder and checkpoint
-
-
 class AnyECG(nn.Module):
     """anyECG-chat's ECG ViT and projector (CuCl-2/anyECG-chat: `ViT.encode` in anyecg/ecgvit.py, `projection` and
     `encode_and_project_ecg` in anyecg/ecg_language_modeling.py) on this file's Block and Projector, to run their
@@ -588,11 +568,9 @@ def anyecg_names(depth):
 
 def load_anyecg(ckpt_dir):
     """anyECG-chat's released encoder and projector from ckpt_dir: ecg_model.pth and projection.pth as their train.py
-    saves them (state dicts; torch.load with weights_only=True, so a pickle that holds anything but tensors is
-    refused, never run), or ecg_model.safetensors / projection.safetensors with the same keys (preferred when both).
-    Width, depth, MLP width and the LLM width come from the shapes (the release: 768, 12, 3072, 4096). Returns an
-    AnyECG in eval mode: enc(x), x a (12, T) float tensor or array (data.anyecg_input) -> (enc.num_tokens(T),
-    enc.d_llm) float tensor on the module's device. Missing, unexpected and misshapen keys are named in theirs."""
+    saves them (read with weights_only=True: a pickle holding anything but tensors is refused, never run), or
+    ecg_model.safetensors / projection.safetensors (preferred). Widths and depth come from the shapes (the release:
+    768, 12, 3072, 4096). -> an AnyECG in eval mode; missing, unexpected and misshapen keys are named in theirs."""
     folder = Path(ckpt_dir)
     state = {f"{part}.{k}": v for part in ("ecg_model", "projection") for k, v in _read_anyecg(folder, part).items()}
     # the head of their contrastive pretraining (CLEP) is in the ViT's state dict (norm, fc), unused by `encode`

@@ -2,12 +2,12 @@
 eval.py — how good a model is.
 
 Read top to bottom:
-  1. Metrics       small pure functions on answer texts: localization IoU (anyECG's rule), BLEU-1..4 and ROUGE-L,
-                   statement precision/recall/F1 (ECG-Bench style), exact match (ECG-QA, multi-ECG), measurement
-                   MAE for grounded answers.
-  2. Scoring       `score_rows`: each task's metrics over a list of rows; chance level `prior_answers`; `print_table`.
-  3. Evaluating    `evaluate(model, rows, inputs_of)`: batched generation over anyECG rows, with the ECG optionally
-                   blanked (--ablate-ecg) to see how much it matters.
+  1. Metrics       pure functions on answer texts: localization IoU (anyECG's rule), BLEU-1..4 and ROUGE-L, statement
+                   precision/recall/F1 (ECG-Bench style), exact match (ECG-QA, multi-ECG), grounded measurement MAE.
+  2. Scoring       `score_rows`: each task's metrics over rows, with bootstrap intervals; the chance level
+                   `prior_answers`; paired differences; `print_table`.
+  3. Evaluating    `evaluate(model, rows, inputs_of)`: batched generation over anyECG rows, the ECG optionally blanked
+                   (--ablate-ecg) to see how much it matters.
   4. Command line  python eval.py --ckpt DIR --data FILE.json --ecg-root DIR --out results.json
                    [--ablate-ecg] [--batch-size 8] [--max-new-tokens 256] [--limit N]
 How fast a model is: bench.py. How fast the encoder alone learns: warmup.py.
@@ -72,8 +72,8 @@ def anyecg_iou(pred, ref):
 
 
 def group_mean(values, groups):
-    """Micro mean (over all rows), macro mean (over the groups' means) and each group's mean. anyECG reports IoU both
-    ways: macro over beat types keeps the rare ones (a single PVC) from vanishing under the common ones."""
+    """Micro mean (over all rows), macro mean (over the groups' means) and each group's mean: macro over beat types
+    keeps the rare ones (a single PVC) from vanishing under the common ones."""
     per = {}
     for v, g in zip(values, groups):
         per.setdefault(g, []).append(v)
@@ -93,9 +93,8 @@ def ngrams(tokens, n):
 
 
 def bleu(hyps, refs, max_n=4):
-    """Corpus BLEU-1..max_n (Papineni et al. 2002) with one reference per hypothesis: clipped n-gram matches and
-    n-gram counts are summed over the corpus, BLEU-n is the geometric mean of the precisions of orders 1..n times
-    the brevity penalty exp(1 - ref_len / hyp_len) when the hypotheses are shorter. -> [BLEU-1, ..., BLEU-n]"""
+    """Corpus BLEU-1..max_n (Papineni et al. 2002), one reference per hypothesis: clipped n-gram matches and counts
+    summed over the corpus; BLEU-n = the geometric mean of the precisions of orders 1..n x the brevity penalty."""
     match, total, hyp_len, ref_len = [0] * max_n, [0] * max_n, 0, 0
     for h, r in zip(hyps, refs):
         h, r = words(h), words(r)
@@ -177,14 +176,11 @@ def exact_match(pred, ref):
     return float(normalise_answer(pred) == normalise_answer(ref))
 
 
-def answer_set(text):
-    """A short answer as the set of its comma-separated items, each normalised: a list of findings is right in any
-    order ("pvcs, sinus rhythm" == "Sinus rhythm, PVCs"); a one-item answer ("yes", "ECG2") is plain exact match."""
-    return frozenset(normalise_answer(item) for item in text.split(",")) - {""}
-
-
 def set_match(pred, ref):
-    return float(answer_set(pred) == answer_set(ref))
+    """Short answers compared as sets of comma-separated items, each normalised: a list of findings is right in any
+    order ("pvcs, sinus rhythm" == "Sinus rhythm, PVCs"); a one-item answer ("yes", "ECG2") is plain exact match."""
+    pred, ref = (frozenset(normalise_answer(item) for item in text.split(",")) - {""} for text in (pred, ref))
+    return float(pred == ref)
 
 
 # --- per-ECG reports of serial ECGs: "ECG1: Sinus rhythm, Normal ECG. ECG2: ..."
@@ -248,18 +244,10 @@ def row_score(row, pred):
     return None
 
 
-def diagnosis_part(text):
-    """The statements a grounded answer concludes with ("... Diagnosis: X, Y."), not the
-    findings its reasoning mentions on the way; the whole text if there is no such part."""
-    return text.rsplit("Diagnosis:", 1)[-1]
-
-
 def score_task(task, rows, preds):
-    """Scores of one task. Localization: IoU micro/macro over beat types. ecgqa and multi-ECG rows with a
-    question_type: accuracy micro/macro over question types (row_score; exact match beside it). Reports: BLEU,
-    ROUGE-L, statement P/R/F1. Grounded: measurement MAE and statement F1 of the diagnosis. Anything else
-    (open-ended, free text): BLEU, ROUGE-L. The rows of one call share a task (and have, or lack, a question_type
-    together)."""
+    """Scores of rows of one task. Localization: IoU micro/macro over beat types. ecgqa and multi rows with a
+    question_type: accuracy micro/macro over question types (row_score; exact match beside). Reports: BLEU, ROUGE-L,
+    statement P/R/F1. Grounded: measurement MAE, the diagnosis' statement F1. Anything else: BLEU, ROUGE-L."""
     refs = [r["answer"] for r in rows]
     out = {"n": len(rows)}
     if task in LOCATION_TASKS or (task in ("ecgqa", "multi") and "question_type" in rows[0]):
@@ -278,8 +266,9 @@ def score_task(task, rows, preds):
                 out["one_part_per_ecg"] = sum(per_ecg) / len(per_ecg)
         return out
     if task == "grounded":
-        diag = statement_prf([diagnosis_part(p) for p in preds], [diagnosis_part(r) for r in refs])
-        return out | {"measurements": measurement_mae(preds, refs), "statement_f1": diag["f1"]}
+        # only the statements it concludes with ("... Diagnosis: X, Y."), not the findings named on the way there
+        conclusions = [[t.rsplit("Diagnosis:", 1)[-1] for t in texts] for texts in (preds, refs)]
+        return out | {"measurements": measurement_mae(preds, refs), "statement_f1": statement_prf(*conclusions)["f1"]}
     out |= {f"bleu{n + 1}": v for n, v in enumerate(bleu(preds, refs))}
     out["rouge_l"] = sum(rouge_l(p, r) for p, r in zip(preds, refs)) / len(rows)
     if task == "report":
@@ -412,8 +401,7 @@ def _fmt(v):
 
 
 def print_table(scores, file=None):
-    """Per-task table: rows answered, the task's main metrics, then one line per beat type
-    or question type; ends with the rows that were skipped and why."""
+    """Per task: rows answered, its main metrics, then one line per beat or question type; last the skipped rows."""
     print(f"{'task':<28}{'n':>6}  metrics", file=file)
     for task, s in scores.items():
         if task == "skipped":
@@ -444,8 +432,8 @@ def _skip_reason(err):
 
 
 def blank(inputs):
-    """The ablation: the same ECG shapes and leads with every sample zero, images blank
-    paper. The prompt stays the same, so only what the model reads changes."""
+    """The ablation: the same ECG shapes and leads with every sample zero, images blank paper. The prompt stays the
+    same, so only what the model reads changes."""
     return [ECGRecord(np.zeros_like(x.signal), x.fs, x.leads) if isinstance(x, ECGRecord) else np.full_like(x, 255)
             for x in inputs]
 
@@ -453,14 +441,11 @@ def blank(inputs):
 @torch.no_grad()
 def evaluate(model, rows, inputs_of, batch_size=8, max_new_tokens=256, ablate_ecg=False, progress=True,
              temperature=0.0, top_k=None, top_p=None, seed=0):
-    """Answer every row with `model` (an ECGChat) and score the answers.
-
-    inputs_of(row) -> the row's ECGRecords at the model's rate (and images), in order. A row whose ECGs cannot be read
-    (file missing, bad record) or do not fit the context is skipped, counted and reported -- one bad row never ends a
-    long run. Generation is batched (left padding, see model.generate) and greedy unless temperature > 0.
-    ablate_ecg: answer from blank(inputs) instead: the drop in score is how much the answers depend on the ECG.
-    -> (scores, predictions): scores per task (score_rows) plus "skipped"; predictions one dict per answered row with
-    its question, reference, prediction and per-row score."""
+    """Answer every row with `model` (an ECGChat) and score the answers. inputs_of(row) -> the row's ECGRecords at the
+    model's rate (and images). A row whose ECGs cannot be read or do not fit the context is skipped, counted and
+    reported: one bad row never ends a long run. Generation is batched (left padding) and greedy unless
+    temperature > 0. ablate_ecg: answer from blank(inputs) instead. -> (scores per task (score_rows) plus "skipped",
+    predictions: one dict per answered row with its question, reference, prediction and per-row score)"""
     was_training = model.training
     model.eval()
     device = model.llm.embed_tokens.weight.device

@@ -5,11 +5,10 @@ generate.py — chat with a trained model about ECGs, from the command line.
     python generate.py --ckpt DIR --ecg PATH                                    multi-turn, from stdin
     python generate.py --anyecg DIR --llm LLAMA3_DIR --ecg PATH --prompt "..."  anyECG-chat's released model
 
-Any record data.load_ecg reads (WFDB, .npy with --fs/--lead-names, .csv), a lead subset
-(--leads) and a part of a long record (--start/--end, seconds), paper printouts (--image, PNG
-or JPEG through Pillow), sampling options, and --plot out.svg: the first ECG drawn with the
-intervals the answer localizes shaded. stdout carries only the answers (so they can be piped);
-everything else goes to stderr. The sampling loop itself is model.generate.
+Any record data.load_ecg reads (WFDB, .npy with --fs/--lead-names, .csv), a lead subset (--leads) and a part of a
+long record (--start/--end, seconds), paper printouts (--image, PNG or JPEG through Pillow), sampling options, and
+--plot out.svg: the first ECG drawn with the intervals the answer localizes shaded. stdout carries only the answers
+(so they can be piped); everything else goes to stderr. The sampling loop itself is model.generate.
 """
 import argparse
 import os
@@ -27,8 +26,8 @@ ANSWER_BUDGET = 64   # tokens an ECG must leave free for the answer (or --max-ne
 
 
 def cut_seconds(rec, start=0.0, end=None, name="ECG"):
-    """The part [start, end) seconds of a record (end None: to its end). A start past the
-    end is an error; an end past it is clipped with a warning."""
+    """The part [start, end) seconds of a record (end None: to its end). A start past the end is an error; an end
+    past it is clipped with a warning."""
     duration = rec.signal.shape[1] / rec.fs
     if not 0 <= start < duration:
         raise ValueError(f"{name}: --start {start:g} s is outside the record, which is {duration:.2f} s long")
@@ -49,23 +48,10 @@ def lead_list(text, option):
     return [canonical_lead(x) for x in names]
 
 
-def read_ecgs(paths, fs_model, leads=None, start=0.0, end=None, fs=None, lead_names=None, units=None, anyecg=False):
-    """Each --ecg -> (record as read and cut, in mV at its own rate; record as the model
-    reads it, at fs_model, or as anyECG-chat reads it). Every error names the file."""
-    out = []
-    for path in paths:
-        rec = cut_seconds(load_ecg(path, leads=leads, fs=fs, lead_names=lead_names, units=units), start, end, path)
-        model_rec = ECGRecord(anyecg_input(rec), 100.0, list(STANDARD_LEADS)) if anyecg else \
-            prepare_ecg(rec, fs_model, name=path)
-        out.append((rec, model_rec))
-    return out
-
-
 def chat_turn(model, turns, inputs, max_new_tokens=256, on_text=None, **sampling):
-    """One assistant answer to the conversation `turns` ([("user", text), ("assistant",
-    text), ..., ("user", question)]) about `inputs` (ECGRecords at the model's rate, paper
-    images). The oldest exchanges are forgotten when the history outgrows the context (the
-    inputs always stay). -> (answer, number of exchanges forgotten)"""
+    """One assistant answer to the conversation `turns` ([("user", text), ("assistant", text), ..., ("user", question)])
+    about `inputs` (ECGRecords at the model's rate, paper images). The oldest exchanges are forgotten when the history
+    outgrows the context (the inputs always stay). -> (answer, number of exchanges forgotten)"""
     for forgotten in range(len(turns) // 2 + 1):
         only_the_question = 2 * forgotten + 1 >= len(turns)
         try:
@@ -82,8 +68,8 @@ def chat_turn(model, turns, inputs, max_new_tokens=256, on_text=None, **sampling
 
 
 def plot_answer(path, rec, model_leads, answer, name, start=0.0):
-    """Draw the first ECG (as recorded, the leads the model read) with the intervals the
-    answer localizes shaded. Times are seconds from the start of the part shown."""
+    """Draw the first ECG (as recorded, the leads the model read) with the intervals the answer localizes shaded.
+    Times are seconds from the start of the part shown."""
     duration = rec.signal.shape[1] / rec.fs
     spans = [(max(0.0, a), min(duration, b)) for a, b in parse_localization(answer) or [] if a < duration]
     rows = [rec.leads.index(x) for x in model_leads]
@@ -114,12 +100,16 @@ def _user_lines():
 
 
 def read_inputs(args, model):
-    """The --ecg records (as read, and as the model reads them) and the --image printouts,
-    each described on stderr."""
+    """Each --ecg as (the record as read and cut, in mV at its own rate; as the model, or anyECG-chat, reads it), and
+    the --image printouts, each described on stderr. Every error names the file."""
     leads = lead_list(args.leads, "--leads") if args.leads else None
     lead_names = [x.strip() for x in args.lead_names.split(",")] if args.lead_names else None
-    read = read_ecgs(args.ecg or [], model.encoder.cfg.fs, leads, args.start, args.end, args.fs, lead_names, args.units,
-                     anyecg=bool(args.anyecg))
+    read = []
+    for path in args.ecg or []:
+        rec = cut_seconds(load_ecg(path, leads=leads, fs=args.fs, lead_names=lead_names, units=args.units),
+                          args.start, args.end, path)
+        read.append((rec, ECGRecord(anyecg_input(rec), 100.0, list(STANDARD_LEADS)) if args.anyecg else
+                     prepare_ecg(rec, model.encoder.cfg.fs, name=path)))
     if args.image and model.image_encoder is None:
         raise ValueError(f"{args.ckpt or args.anyecg} has no image encoder (train one with train.py --images)")
     images = [read_image(path) for path in args.image or []]

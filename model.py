@@ -1,27 +1,24 @@
 """
 model.py — the language side of nanoECG, in one file, read top to bottom:
 
-  1. Tokenizer    sentencepiece + *added* special tokens (ids after the base vocabulary, never split);
-                  `train_tokenizer` makes a new one from text.
-  2. LLM          a Llama-family decoder written from scratch: RMSNorm, rotate-half RoPE (rope_scaling: linear,
-                  llama3), grouped-query attention via F.scaled_dot_product_attention, SwiGLU, optional tied
-                  embeddings, and a static KV cache for decoding.
-  3. Checkpoints  `LLM.from_pretrained(dir)` reads a Hugging Face folder (config.json + model.safetensors or a
-                  sharded index) memory-mapped into a meta-device model, so a 7B model never exists twice in
-                  memory; `save_pretrained` writes the same format back. LLaVA-style folders load too.
-  4. LoRA         a low-rank adapter around nn.Linear, with merge/unmerge; adapters in `peft`'s format read and
-                  written (`load_peft_adapter`, `save_peft_adapter`), so LoRA moves between peft and nanoECG.
-  5. Sampling     `generate`: left-padded prompts, prefilled once, then decoded token by token through the KV
-                  cache (greedy, temperature, top-k, top-p), with stop tokens, stop strings and streaming.
+  1. Tokenizer    sentencepiece (or tokenizer.json) + *added* special tokens, never split; `train_tokenizer`.
+  2. LLM          a Llama-family decoder from scratch: RMSNorm, rotate-half RoPE (rope_scaling: linear, llama3),
+                  grouped-query attention via F.scaled_dot_product_attention, SwiGLU, tied embeddings, a KV cache.
+  3. Checkpoints  `LLM.from_pretrained(dir)` reads a Hugging Face folder (single or sharded safetensors, LLaVA-style
+                  too) memory-mapped into a meta-device model, so a 7B model never exists twice in memory;
+                  `save_pretrained` writes the same format back.
+  4. LoRA         an adapter around nn.Linear with merge/unmerge; `peft`'s adapter folders read and written.
+  5. Sampling     `generate`: left-padded prompts prefilled once, then decoded through the KV cache (greedy,
+                  temperature, top-k, top-p), with stop tokens, stop strings and streaming.
 The ECG side (encoder, splicing, the chat format) is in ecg_encoder.py and chat.py.
 
-Module and parameter names follow Hugging Face's Llama (embed_tokens, layers.N.self_attn.q_proj, ...), so
-loading a checkpoint is a matter of stripping a prefix, not renaming keys, and no Q/K permutation is needed
-because RoPE here uses the same rotate-half layout as transformers. A left-padded batch gives exactly the
-tokens each prompt gives alone: padding is masked out of attention and RoPE positions are counted over real
-tokens only (LLM.forward).
+Module and parameter names follow Hugging Face's Llama (embed_tokens, layers.N.self_attn.q_proj, ...), so loading a
+checkpoint strips a prefix and renames nothing, and RoPE's rotate-half layout is transformers' (no Q/K permutation).
+A left-padded batch gives exactly the tokens each prompt gives alone: padding is masked out of attention and RoPE
+positions are counted over real tokens only (LLM.forward).
 """
 
+import contextlib
 import json
 import math
 import re
@@ -32,19 +29,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import atomic_write, read_tensors
+from data import atomic_write, read_json, read_tensors
+
 
 # --------------------------------------------------------------------------- 1. Tokenizer
-
-
 class Tokenizer:
-    """A checkpoint's tokenizer + added special tokens, whichever of the two kinds its folder holds:
-    - tokenizer.model (sentencepiece: Llama-2, TinyLlama, Vicuna, Mistral): ordinary text is encoded exactly as
-      sentencepiece encodes it, dummy-prefix space included; text holding special-token strings is cut around
-      them and each piece between them is encoded on its own (the "legacy" behaviour of the Llama tokenizer in
-      transformers), each special token becoming one id;
-    - tokenizer.json (byte-level BPE: Llama-3.x, Qwen, SmolLM), read by the `tokenizers` library, an optional
-      dependency imported only then, which also keeps special tokens whole.
+    """A checkpoint's tokenizer + added special tokens, from whichever file its folder holds:
+    - tokenizer.model (sentencepiece: Llama-2, TinyLlama, Vicuna, Mistral): text is encoded as sentencepiece does,
+      dummy-prefix space included; text holding special tokens is cut around them and each piece encoded alone
+      (transformers' "legacy" Llama behaviour), each special token one id;
+    - tokenizer.json (byte-level BPE: Llama-3.x, Qwen, SmolLM) through the optional `tokenizers` library.
     New special tokens get the next free ids; bos_id is None for a model without one (Qwen)."""
 
     def __init__(self, path, special_tokens=()):
@@ -60,11 +54,8 @@ class Tokenizer:
         self.model_file, self.tk = model_file, None
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         self.base_vocab_size = self.sp.get_piece_size()
-        # added_tokens.json saved beside the model (Hugging Face's format), then new special tokens at the next free id
-        self.added = {}
-        added_file = model_file.parent / "added_tokens.json"
-        if added_file.is_file():
-            self.added = {str(k): int(v) for k, v in json.loads(added_file.read_text()).items()}
+        added_file = model_file.parent / "added_tokens.json"   # Hugging Face's record of added tokens, if saved
+        self.added = {str(k): int(v) for k, v in read_json(added_file).items()} if added_file.is_file() else {}
         self.add_special_tokens(special_tokens)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         # Llama's model has no pad piece; padding positions are masked, so any id works: use unk.
@@ -140,10 +131,8 @@ class Tokenizer:
         return "".join(out)
 
     def save(self, out_dir):
-        """Write the tokenizer into out_dir with Hugging Face's file names: tokenizer.model + added_tokens.json, or
-        tokenizer.json + tokenizer_config.json."""
+        """Hugging Face's files: tokenizer.model + added_tokens.json, or tokenizer.json + tokenizer_config.json."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         if self.tk is not None:   # the added tokens live inside tokenizer.json; bos/eos/pad names beside it
             atomic_write(out_dir / "tokenizer.json", self.tk.to_str())
             atomic_write(out_dir / "tokenizer_config.json", json.dumps(self.config, indent=1))
@@ -153,9 +142,8 @@ class Tokenizer:
 
 
 def train_tokenizer(texts, out_dir, vocab_size=2000, special_tokens=()):
-    """Train a Llama-style BPE sentencepiece model on an iterable of strings, with Llama's choices: byte
-    fallback (no unknown characters), digits split one by one, no normalisation (so decode(encode(x)) == x),
-    a dummy-prefix space."""
+    """Train a Llama-style BPE sentencepiece model on an iterable of strings, with Llama's choices: byte fallback (no
+    unknown characters), digits split one by one, no normalisation (so decode(encode(x)) == x), a dummy-prefix space."""
     import sentencepiece as spm
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,9 +159,8 @@ def train_tokenizer(texts, out_dir, vocab_size=2000, special_tokens=()):
     tok.save(out_dir)
     return tok
 
+
 # --------------------------------------------------------------------------- 2. The LLM
-
-
 @dataclass
 class LLMConfig:
     # field names are Hugging Face's Llama config names, so config.json maps one to one
@@ -329,9 +316,8 @@ class Block(nn.Module):
 
 
 def attention_mask_for(attention_mask, T, start_pos):
-    """The one boolean mask (B, 1, T, S) SDPA gets when padding or a cache needs it, else None.
-    attention_mask: (B, S) with 1 for real tokens and 0 for padding, covering every key so far (the cached
-    ones and the T new ones). Query t sits at slot start_pos + t."""
+    """The one boolean mask (B, 1, T, S) SDPA gets when padding or a cache needs it, else None. attention_mask: (B, S),
+    1 for real tokens and 0 for padding, over every key so far (cached and new). Query t sits at slot start_pos + t."""
     if attention_mask is None or bool(attention_mask.all()):
         if start_pos in (None, 0) or T == 1:
             return None  # is_causal (T > 1) or attend to everything cached (T == 1)
@@ -342,8 +328,7 @@ def attention_mask_for(attention_mask, T, start_pos):
     k_slot = torch.arange(S, device=device)
     causal = k_slot[None, :] <= q_slot[:, None]                                  # (T, S)
     mask = causal[None] & attention_mask[:, None, :].bool()                      # (B, T, S)
-    # a padding query sees no key at all, and SDPA would give it NaN that then leaks into
-    # later layers through 0 * NaN; let every query see at least itself.
+    # a padding query would see no key, and its NaN from SDPA would leak on through 0 * NaN: it sees at least itself
     mask = mask | (k_slot[None, :] == q_slot[:, None])[None]
     return mask[:, None]                                                         # (B, 1, T, S)
 
@@ -386,11 +371,10 @@ class LLM(nn.Module):
 
     def forward(self, idx=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
                 start_pos=None, last_only=False):
-        """Token ids (B, T) or embeddings (B, T, C) -> logits (B, T, V) (or (B, 1, V) if last_only).
-        attention_mask (B, S): 1 = real token, 0 = padding, over all keys (cache + new). start_pos: with a KV
-        cache set up, the cache slot of the first new token; None = no cache. position_ids (B, T): RoPE positions;
-        by default counted over real tokens, so a left-padded prompt gets the same positions it would get alone.
-        """
+        """Token ids (B, T) or embeddings (B, T, C) -> logits (B, T, V) (or (B, 1, V) if last_only). attention_mask
+        (B, S): 1 = real token, 0 = padding, over all keys (cache + new). start_pos: with a KV cache set up, the cache
+        slot of the first new token; None = no cache. position_ids (B, T): RoPE positions; by default counted over
+        real tokens, so a left-padded prompt gets the same positions it would get alone."""
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds        # (B, T, C)
         B, T, _ = x.shape
         if position_ids is None:
@@ -419,18 +403,17 @@ class LLM(nn.Module):
         for layer in self.layers:
             layer.self_attn.cache = None
 
-    # ---- vocabulary growth for added special tokens
     def resize_vocab(self, new_size):
-        """Grow embeddings (and the head) to new_size rows; new rows = mean of the old rows."""
-        old = self.embed_tokens.weight
-        if new_size <= old.shape[0]:
+        """Grow embeddings (and the head) to new_size rows for added special tokens; new rows = the old rows' mean."""
+        def grown(p):
+            w = p.data
+            extra = w.float().mean(0, keepdim=True).to(w.dtype).expand(new_size - w.shape[0], -1)
+            return nn.Parameter(torch.cat([w, extra], 0), requires_grad=p.requires_grad)
+        if new_size <= self.embed_tokens.weight.shape[0]:
             return self
-        self.embed_tokens.weight = nn.Parameter(_grow_rows(old.data, new_size), requires_grad=old.requires_grad)
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        else:
-            head = self.lm_head.weight
-            self.lm_head.weight = nn.Parameter(_grow_rows(head.data, new_size), requires_grad=head.requires_grad)
+        self.embed_tokens.weight = grown(self.embed_tokens.weight)
+        tied = self.config.tie_word_embeddings
+        self.lm_head.weight = self.embed_tokens.weight if tied else grown(self.lm_head.weight)
         self.embed_tokens.num_embeddings = self.lm_head.out_features = new_size
         self.config.vocab_size = new_size
         return self
@@ -441,39 +424,33 @@ class LLM(nn.Module):
         """A Hugging Face checkpoint folder -> LLM, built on the meta device, the weights assigned as they are read."""
         from safetensors import safe_open
         cfg = read_hf_config(hf_dir)
-        files = checkpoint_files(hf_dir)
         with torch.device("meta"):  # no memory is allocated: the weights are assigned as they are read
             model = cls(cfg)
         expected = model.state_dict()
         if cfg.tie_word_embeddings:
             expected.pop("lm_head.weight")
-        key_file = {}
-        for f in files:
-            try:
-                with safe_open(str(f), framework="pt") as sf:
-                    key_file.update({k: f for k in sf.keys()})
-            except Exception as e:   # a truncated or foreign file: safetensors' own error does not name it
-                raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
-        prefix, head_key = _llm_prefix(key_file, hf_dir)
-        to_ckpt = {k: head_key if k == "lm_head.weight" else prefix + k for k in expected}
-        missing = [c for c in to_ckpt.values() if c not in key_file]
-        if missing:
-            raise ValueError(f"{hf_dir}: checkpoint lacks keys {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                             f"({len(missing)} missing) that config.json implies")
-        state, handles = {}, {}
-        try:
+        with contextlib.ExitStack() as stack:
+            key_file = {}   # checkpoint key -> (file, its open handle)
+            for f in checkpoint_files(hf_dir):
+                try:
+                    sf = stack.enter_context(safe_open(str(f), framework="pt", device=str(device or "cpu")))
+                except Exception as e:   # a truncated or foreign file: safetensors' own error does not name it
+                    raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+                key_file |= {k: (f, sf) for k in sf.keys()}
+            prefix, head_key = _llm_prefix(key_file, hf_dir)
+            to_ckpt = {k: head_key if k == "lm_head.weight" else prefix + k for k in expected}
+            missing = [c for c in to_ckpt.values() if c not in key_file]
+            if missing:
+                raise ValueError(f"{hf_dir}: checkpoint lacks keys {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                                 f"({len(missing)} missing) that config.json implies")
+            state = {}
             for name, ckpt_key in to_ckpt.items():
-                f = key_file[ckpt_key]
-                if f not in handles:
-                    handles[f] = safe_open(str(f), framework="pt", device=str(device or "cpu")).__enter__()
-                t = handles[f].get_tensor(ckpt_key)  # memory-mapped read of one tensor
-                if tuple(t.shape) != tuple(expected[name].shape):
+                f, sf = key_file[ckpt_key]
+                t = sf.get_tensor(ckpt_key)  # memory-mapped read of one tensor
+                if t.shape != expected[name].shape:
                     raise ValueError(f"{f}: key {ckpt_key} has shape {tuple(t.shape)}, config.json implies "
                                      f"{tuple(expected[name].shape)}")
                 state[name] = t.to(dtype) if dtype is not None else t
-        finally:
-            for h in handles.values():
-                h.__exit__(None, None, None)
         model.load_state_dict(state, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
@@ -484,26 +461,16 @@ class LLM(nn.Module):
         save_pretrained(self, out_dir)
 
 
-def _grow_rows(w, n):
-    extra = w.float().mean(0, keepdim=True).to(w.dtype).expand(n - w.shape[0], -1)
-    return torch.cat([w, extra], 0)
-
 # --------------------------------------------------------------------------- 3. Hugging Face checkpoints
-
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "llava", "llava_llama", "qwen2", "qwen3"}
 ARCHITECTURE_FLAGS = {"qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}}   # what sets them apart from Llama
 
 
 def read_hf_config(hf_dir):
-    """config.json -> LLMConfig. Reads the classic (rope_theta + rope_scaling) and the newer
-    (rope_parameters) spellings, and the text_config of LLaVA-style folders."""
+    """config.json -> LLMConfig: the classic (rope_theta + rope_scaling) and the newer (rope_parameters) spellings,
+    and the text_config of LLaVA-style folders."""
     path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; a Hugging Face checkpoint folder needs config.json")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path)
     raw = raw.get("text_config") or raw
     model_type, archs = raw.get("model_type", ""), raw.get("architectures") or []
     if model_type not in SUPPORTED_MODEL_TYPES and not any("Llama" in a or "Mistral" in a for a in archs):
@@ -586,13 +553,11 @@ def save_pretrained(model, out_dir, extra_tensors=None, extra_config=None):
     atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(out_dir / "config.json", json.dumps(cfg, indent=2))
 
+
 # --------------------------------------------------------------------------- 4. LoRA
-
-
 class LoRALinear(nn.Module):
-    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W, b frozen from the base layer. The base layer's
-    `weight` and `bias` keep their names, so a LoRA-wrapped model still loads and saves plain checkpoints;
-    B starts at zero, so wrapping changes nothing."""
+    """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, W and b the base layer's, under their own names (a wrapped
+    model still loads and saves plain checkpoints); B starts at zero, so wrapping changes nothing."""
 
     def __init__(self, base: nn.Linear, r=8, alpha=16, dropout=0.0):
         super().__init__()
@@ -632,8 +597,7 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, targets=("q_proj", "k_proj"), r=8, alpha=16, dropout=0.1):
-    """Wrap every nn.Linear whose attribute name is in `targets` (anyECG: q_proj, k_proj).
-    Freezing the base weights is the caller's choice (train.py does it per stage)."""
+    """Wrap every nn.Linear whose attribute name is in `targets` (anyECG: q_proj, k_proj); freezing is the caller's."""
     wrapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -717,9 +681,8 @@ def save_peft_adapter(llm, out_dir, base_model=""):
     atomic_write(out_dir / "adapter_config.json", json.dumps(cfg, indent=2))
     return out_dir
 
+
 # --------------------------------------------------------------------------- 5. Sampling
-
-
 def left_pad(prompts, pad_id):
     """list of token-id lists -> ids (B, T) and attention_mask (B, T), 1 on real tokens."""
     T = max(len(p) for p in prompts)

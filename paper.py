@@ -1,8 +1,7 @@
 """
-paper.py — ECGs drawn on ECG paper: an SVG of any record for people to look at, and the standard 12-lead printout
-as an image, the input of GEM's image modality. Numpy only. Most ECGs in clinicians' hands exist only on paper or as
-a PDF: this file draws a signal the way a cart prints it, roughens the picture the way a scan or a phone photo does,
-and reads the user's own images.
+paper.py — ECGs on ECG paper: the standard 12-lead printout as an image (the input of GEM's image modality) and an
+SVG of any record for people to look at. Numpy only. Most ECGs in clinicians' hands exist only on paper or as a PDF:
+this file draws a signal as a cart prints it, roughens it as a scan or phone photo does, and reads users' images.
 
 Read top to bottom:
   1. Layout       the standard printout: 25 mm/s, 10 mm/mV, a 3 x 4 grid of 2.5 s lead segments (I aVR V1 V4 /
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-# --------------------------------------------------------------------------- 1. layout (millimetres)
 
+# --------------------------------------------------------------------------- 1. layout (millimetres)
 MM_PER_S, MM_PER_MV = 25.0, 10.0
 GRID = [["I", "aVR", "V1", "V4"], ["II", "aVL", "V2", "V5"], ["III", "aVF", "V3", "V6"]]
 RHYTHM_LEAD = "II"
@@ -44,9 +43,8 @@ def panels():
            for r, row in enumerate(GRID) for c, lead in enumerate(row)]
     return out + [(RHYTHM_LEAD, 3, 0.0, 4 * SEGMENT_S, LEFT)]
 
+
 # --------------------------------------------------------------------------- 2. rendering
-
-
 def render_ecg(signal, fs, leads, px_per_mm=2.0, seconds=10.0):
     """Signal (leads, samples) in mV -> a printout image (H, W, 3) uint8. The first `seconds` (10) are drawn; a shorter
     record leaves the rest of its cells blank, and so does a lead the record lacks (reduced-lead records). A sample at
@@ -126,9 +124,8 @@ def draw_text(img, text, x, y, scale=1):
                     img[y + r * scale:y + (r + 1) * scale, x + c * scale:x + (c + 1) * scale] = INK
         x += 4 * scale
 
+
 # --------------------------------------------------------------------------- 3. degradation
-
-
 def degrade(img, rng, rotate_deg=3.0, blur=1.0, noise=8.0, crop=0.03, colour=0.08):
     """A printout as a scan or a phone photo sees it, for training: a small rotation, blur, pixel noise, a random crop
     of the margins (resized back) and a colour cast. Each strength is the largest value drawn; 0 turns it off."""
@@ -186,9 +183,8 @@ def gaussian_blur(x, sigma):
         x = sum(k[i] * np.take(xp, np.arange(i, i + x.shape[axis]), axis=axis) for i in range(len(k)))
     return x
 
+
 # --------------------------------------------------------------------------- 4. files
-
-
 def write_png(img, path):
     """An RGB uint8 image (H, W, 3) -> PNG, with zlib only."""
     h, w, _ = img.shape
@@ -218,7 +214,6 @@ def read_image(path):
 
 # --------------------------------------------------------------------------- 5. SVG
 # The same paper for people to look at: small squares 1 mm (0.04 s, 0.1 mV), large ones 5 mm.
-
 _PX_PER_MM = 4.0
 
 

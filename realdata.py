@@ -2,9 +2,9 @@
 realdata.py — downloaded databases -> anyECG-format training rows, with one command each.
 
 The anyECG-chat release ships its rows but not the code that built them; this file is that code, so the rows can be
-rebuilt from the databases (and built for databases it left out). Every builder returns (rows, skipped): rows in
-anyECG format (data.py, "anyECG rows"), each with a "split" field (train / val / test) fixed per patient or record,
-so that no patient lands in two splits; skipped lists the records or lines that could not be used and why.
+rebuilt from the databases (and built for databases it left out). Every builder returns (rows, skipped): anyECG rows,
+each with a "split" (train / val / test) fixed per patient or record, so no patient lands in two splits, and the
+records or lines that could not be used, with why.
 
 Read top to bottom:
   1. Holter localization  MIT-BIH Arrhythmia, European ST-T, MIT-BIH ST Change: 10 s and long clips around the
@@ -46,11 +46,6 @@ def read_csv(path):
         raise FileNotFoundError(f"{path}: no such file (is --root the database's top folder?)")
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
-
-
-def with_prefix(path, prefix):
-    """ecg_path relative to a shared root: `--prefix mitdb/` -> "mitdb/100"."""
-    return prefix + path if prefix else path
 
 
 # --------------------------------------------------------------------------- 1. Holter localization
@@ -98,7 +93,7 @@ def record_location_rows(path, name, dataset, rng, clips, long_clips, long_secon
         end = start + length
         return {"question": str(rng.choice(LOCATION_QUESTIONS)).format(name=BEAT_NAMES[symbol]),
                 "answer": localization_answer(beats, symbols, start, end, fs, symbol),
-                "ecg_path": with_prefix(name, prefix), "dataset": dataset, "task": task, "abnormal_type": symbol,
+                "ecg_path": prefix + name, "dataset": dataset, "task": task, "abnormal_type": symbol,
                 "ecg_start": int(start), "ecg_end": int(end), "split": split}
 
     out = []
@@ -163,7 +158,7 @@ def ptbxl_rows(root, rate=500, report="statements", seed=0, prefix=""):
             skipped.append(f"ptbxl_database.csv line {k + 2}: no statement or report text")
             continue
         rows.append({"question": str(rng.choice(REPORT_QUESTIONS)), "answer": "Report: " + text,
-                     "ecg_path": with_prefix(path, prefix), "dataset": "ptbxl", "task": "report",
+                     "ecg_path": prefix + path, "dataset": "ptbxl", "task": "report",
                      "split": "val" if fold == 9 else "test" if fold == 10 else "train"})
     return rows, skipped
 
@@ -201,7 +196,7 @@ def mimic_rows(root, multi_per_patient=2, max_ecgs=3, seed=0, prefix=""):
         if not statements:
             skipped.append(f"machine_measurements.csv line {k + 2}: no report text")
             continue
-        path = with_prefix(paths.get(study) or mimic_path(subject, study), prefix)
+        path = prefix + (paths.get(study) or mimic_path(subject, study))
         rows.append({"question": str(rng.choice(REPORT_QUESTIONS)), "answer": "Report: " + ", ".join(statements),
                      "ecg_path": path, "dataset": "mimic", "task": "report", "split": split_of(f"mimic/{subject}")})
         by_patient[subject].append((when, path, statements))
@@ -237,19 +232,15 @@ def mimic_multi_row(ecgs, rng, split):
 ECGQA_SPLITS = {"train": "train", "valid": "val", "val": "val", "test": "test"}
 
 
-def ecgqa_files(root):
+def ecgqa_rows(root, rate=500, prefix=""):
+    """ECG-QA's PTB-XL questions (a file, or a folder such as ecgqa/ptbxl/paraphrased with train/valid/test
+    subfolders) -> ecgqa rows; the answer list is joined with ", " and the split is the subfolder's (ECG-QA's own)."""
     root = Path(root)
     files = [root] if root.is_file() else sorted(root.rglob("*.json"))
     if not files:
         raise FileNotFoundError(f"{root}: no ECG-QA .json files")
-    return files
-
-
-def ecgqa_rows(root, rate=500, prefix=""):
-    """ECG-QA's PTB-XL questions (a file, or a folder such as ecgqa/ptbxl/paraphrased with train/valid/test
-    subfolders) -> ecgqa rows; the answer list is joined with ", " and the split is the subfolder's (ECG-QA's own)."""
     rows, skipped = [], []
-    for path in ecgqa_files(root):
+    for path in files:
         split = next((ECGQA_SPLITS[p] for p in reversed(path.parts[:-1]) if p in ECGQA_SPLITS), "train")
         try:
             items = json.loads(path.read_text())
@@ -260,7 +251,7 @@ def ecgqa_rows(root, rate=500, prefix=""):
             try:
                 question = q["question"].strip()
                 answer = ", ".join(str(a) for a in q["answer"])
-                ecgs = [with_prefix(ptbxl_path(int(e), rate), prefix) for e in q["ecg_id"]]
+                ecgs = [prefix + ptbxl_path(int(e), rate) for e in q["ecg_id"]]
                 kind = str(q.get("question_type", ""))
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 skipped.append(f"{path} item {k}: {type(e).__name__}: {e}")

@@ -59,7 +59,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from chat import FORMATS, SPECIAL_TOKENS, ECGChat, turns_of
-from data import TASKS, ECGRecord, RowECGReader, atomic_write, load_rows
+from data import TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, read_json
 from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, clip_vision_config, file_metadata,
                          load_clip_vision, load_encoder_config, load_encoder_weights, save_encoder_weights)
 from eval import as_followups, evaluate, paired_difference, print_difference, print_table, prior_answers, score_rows
@@ -69,9 +69,8 @@ from paper import WIDTH_MM
 from tasks import add_image_rows, build_synthetic_dataset
 from warmup import WarmupConfig, fit_encoder_to_truth, summary
 
+
 # --------------------------------------------------------------------------- config: every field is a flag
-
-
 def arg(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -169,33 +168,25 @@ RESUME_SAFE = ("out_dir", "resume", "stop_after", "device", "workers", "ecg_cach
                "log_interval", "eval_interval", "eval_batches", "gen_eval_rows", "test_rows", "max_new_tokens",
                "ckpt_interval", "keep_ckpts", "max_nan_steps", "test_data")
 # An encoder that nothing trained before the curriculum learns in the stages (see encoder_pretrained)
-UNTRAINED_ENCODER = dict(stage1_train="encoder,projector,llm", stage2_train="encoder,projector,llm",
-                         stage3_train="encoder,projector,llm")
+UNTRAINED_ENCODER = dict.fromkeys(("stage1_train", "stage2_train", "stage3_train"), "encoder,projector,llm")
 
 
 def warms_up_encoder(cfg):
-    """Does the run start with the encoder warm-up? Only on synthetic data (it needs the
-    generator's truth), and not when --encoder_init brings an encoder already trained."""
+    """Does the run start with the encoder warm-up? Only on synthetic data (it needs the generator's truth), and not
+    when --encoder_init brings an encoder already trained."""
     return bool(cfg.encoder_warmup_steps) and not cfg.data and not cfg.encoder_init
 
 
 def encoder_pretrained(cfg):
-    """Is the encoder trained before the curriculum (warmed up, or --encoder_init)? Such an
-    encoder stays frozen in the stages: training it on through the LLM's loss gives it little
-    it did not have and doubles the cost of a step. Otherwise the stages train it."""
+    """Is the encoder trained before the curriculum (warmed up, or --encoder_init)? Such an encoder stays frozen in
+    the stages: training it on through the LLM's loss adds little and doubles the cost of a step."""
     return bool(cfg.encoder_init) or warms_up_encoder(cfg)
 
 
 def _bool(s):
-    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-             "off": False}.get(str(s).lower())
-    if value is None:
+    if str(s).lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-    return value
-
-
-def _type(f):
-    return _bool if f.type is bool else f.type
+    return str(s).lower() in ("1", "true", "yes", "on")
 
 
 def _unknown_key(key, source):
@@ -206,8 +197,7 @@ def _unknown_key(key, source):
 
 
 def parse_config(argv=None):
-    """defaults < preset (--llm: anyECG's; an untrained encoder: trained in every stage)
-    < --config file.json < command-line flags."""
+    """defaults < preset (--llm: anyECG's; an untrained encoder: trained in every stage) < --config < flags."""
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="--resume continues with the config saved in the checkpoint; beside it only "
@@ -215,11 +205,8 @@ def parse_config(argv=None):
     p.add_argument("--config", help="JSON file of config fields (read as data)")
     for f in fields(Config):
         flags = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
-        h = f"{f.metadata['help']} (default: {f.default})"
-        if _type(f) is _bool:
-            p.add_argument(*flags, dest=f.name, type=_bool, nargs="?", const=True, help=h)
-        else:
-            p.add_argument(*flags, dest=f.name, type=_type(f), help=h)
+        kind = dict(type=_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)   # --images = true
+        p.add_argument(*flags, dest=f.name, help=f"{f.metadata['help']} (default: {f.default})", **kind)
     args, unknown = p.parse_known_args(argv)
     for u in unknown:
         raise _unknown_key(u.split("=")[0].lstrip("-"), "command line") if u.startswith("--") else \
@@ -244,8 +231,8 @@ def saved_config(checkpoint):
 
 
 def check_resume(cfg, checkpoint, log):
-    """A resumed run is the run that was started: any field outside RESUME_SAFE that differs from the
-    checkpoint's config is refused, all of them in one message; safe changes are logged."""
+    """A resumed run is the run that was started: fields outside RESUME_SAFE that differ from the checkpoint's
+    config are refused, all in one message; safe changes are logged."""
     saved = saved_config(checkpoint)
     changes = [(k, v, getattr(cfg, k)) for k, v in saved.items() if v != getattr(cfg, k)]
     refused = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes if k not in RESUME_SAFE]
@@ -278,19 +265,17 @@ def read_config_file(path):
 
 def check_config(cfg):
     """Every value a run cannot work with, named in one error before anything is built."""
-    at_least = {name: 1 for name in ("batch_size", "grad_accum", "bucket_steps", "log_interval", "eval_interval",
-                                     "ckpt_interval", "keep_ckpts", "max_new_tokens", "max_seq_len", "dim", "n_layers",
-                                     "n_heads", "n_kv_heads", "max_nan_steps", "lora_r")}
-    if not cfg.data:   # synthetic patients: each split needs some
-        at_least |= {"train_patients": 1, "val_patients": 1, "test_patients": 1}
-    bad = [f"--{k} {getattr(cfg, k)}: at least {n}" for k, n in at_least.items() if getattr(cfg, k) < n]
-    never_negative = ("encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps", "stage3_steps",
-                      "test_rows", "test_rows_per_type", "stop_after", "eval_batches", "gen_eval_rows", "workers")
-    bad += [f"--{k} {getattr(cfg, k)}: not negative" for k in never_negative if getattr(cfg, k) < 0]
-    bad += [f"--{k} {getattr(cfg, k)}: above 0" for k in ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr",
-                                                          "encoder_warmup_lr") if not getattr(cfg, k) > 0]
-    bad += [f"--{k} {getattr(cfg, k)}: in [0, 1)" for k in ("warmup_frac", "min_lr_frac")
-            if not 0 <= getattr(cfg, k) < 1]
+    counts = ("batch_size", "grad_accum", "bucket_steps", "log_interval", "eval_interval", "ckpt_interval",
+              "keep_ckpts", "max_new_tokens", "max_seq_len", "dim", "n_layers", "n_heads", "n_kv_heads", "max_nan_steps",
+              "lora_r")
+    patients = () if cfg.data else ("train_patients", "val_patients", "test_patients")   # synthetic: each split some
+    rules = [("at least 1", lambda v: v >= 1, counts + patients),
+             ("not negative", lambda v: v >= 0, ("encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps",
+                                                 "stage3_steps", "test_rows", "test_rows_per_type", "stop_after",
+                                                 "eval_batches", "gen_eval_rows", "workers")),
+             ("above 0", lambda v: v > 0, ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr", "encoder_warmup_lr")),
+             ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac"))]
+    bad = [f"--{k} {getattr(cfg, k)}: {rule}" for rule, ok, names in rules for k in names if not ok(getattr(cfg, k))]
     if cfg.parallel not in ("ddp", "fsdp"):
         bad.append(f"--parallel {cfg.parallel}: ddp or fsdp")
     if cfg.chat_format not in ("auto", *FORMATS):
@@ -298,9 +283,8 @@ def check_config(cfg):
     if bad:
         raise ValueError("config: " + "; ".join(bad))
 
+
 # --------------------------------------------------------------------------- the curriculum
-
-
 @dataclass
 class Stage:
     index: int
@@ -348,14 +332,12 @@ def prepare_stage(model, stage, cfg):
     model.set_trainable(**{part: part in stage.train for part in ("encoder", "projector", "llm", "lora")},
                         image_encoder=False if cfg.image_init else None)  # GEM keeps CLIP frozen
 
+
 # --------------------------------------------------------------------------- data: anyECG rows and their inputs
-
-
 class Split:
-    """Rows and the function that fetches a row's inputs (ECGRecords, paper images).
-    Synthetic splits keep whole examples in memory (`keep_inputs`); real data keeps only the
-    token ids and reads the ECGs again through the reader's LRU cache, so a dataset of any
-    size streams from disk. A row that cannot be used is skipped for good, its reason in `bad`."""
+    """Rows and the function that fetches a row's inputs (ECGRecords, paper images). Synthetic splits keep whole
+    examples in memory (`keep_inputs`); real data keeps only the token ids and streams its ECGs from disk through the
+    reader's LRU cache. A row that cannot be used is skipped for good, its reason in `bad`."""
 
     def __init__(self, rows, inputs_of, keep_inputs=True, pool=None):
         self.rows, self.inputs_of, self.keep_inputs, self.pool = rows, inputs_of, keep_inputs, pool
@@ -385,14 +367,13 @@ def load_data(cfg, log):
 
 
 def load_real_data(cfg, log):
-    """--data a.json[,b.json...]: anyECG rows (malformed ones skipped with a warning). Rows
-    with a "split" field (realdata.py writes one) go to their split; without one, every
-    50th row is validation. The test split: --test_data, else the rows marked test, else val."""
+    """--data a.json[,b.json...]: anyECG rows (malformed ones skipped with a warning). Rows with a "split" field
+    (realdata.py writes one) go to their split; without one, every 50th row is validation. The test split:
+    --test_data, else the rows marked test, else val."""
     rows = []
     for path in cfg.data.split(","):
         kept = load_rows(path)
-        with open(path) as f:
-            log({"event": "data", "file": path, "rows": len(kept), "skipped": len(json.load(f)) - len(kept)})
+        log({"event": "data", "file": path, "rows": len(kept), "skipped": len(read_json(path)) - len(kept)})
         rows += kept
     marked = {s: [r for r in rows if r.get("split") == s] for s in ("val", "test")}
     train = [r for r in rows if r.get("split") not in ("val", "test")]
@@ -403,14 +384,13 @@ def load_real_data(cfg, log):
     # worker processes, spawned (safe next to CUDA and threads), that read records in parallel
     pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) if cfg.workers > 1 else None
     log({"event": "splits", "train": len(train), "val": len(val), "test": len(test)})
-    return {name: Split(r, reader, keep_inputs=False, pool=pool) for name, r in [("train", train), ("val", val),
-                                                                                ("test", test)]}
+    return {name: Split(r, reader, keep_inputs=False, pool=pool) for name, r in zip(("train", "val", "test"),
+                                                                                   (train, val, test))}
 
 
 def example(split, i, model, text_only):
-    """Row i -> {"input_ids", "labels", "inputs"} (None if its record cannot be read or the
-    example does not fit the context). Text only (stage 0): the question and the answer as
-    plain text, no inputs, the loss on every token."""
+    """Row i -> {"input_ids", "labels", "inputs"} (None if its record cannot be read or the example does not fit the
+    context). Text only (stage 0): the question and the answer as plain text, no inputs, the loss on every token."""
     key = (i, text_only)
     ex = split.cache.get(key)
     if ex is not None and (text_only or split.keep_inputs):
@@ -436,18 +416,16 @@ def example(split, i, model, text_only):
 
 
 def examples(split, indices, model, text_only):
-    """example() for many rows; with a pool of reader processes, their records are first
-    read in parallel into the reader's cache."""
+    """example() for many rows; with a pool of reader processes, their records are first read in parallel."""
     if split.pool and not text_only:
         split.inputs_of.prefetch([split.rows[i] for i in indices if i not in split.bad], split.pool)
     return [example(split, int(i), model, text_only) for i in indices]
 
 
 def micro_batch(cfg, split, probs, model, stage, step, micro):
-    """The micro-batch of global index `micro` in step `step` of `stage`: a pure function of
-    (seed, stage, step, micro), so resuming needs no sampler state beyond the step and each
-    DDP rank simply takes its own micro indices. `bucket_steps` consecutive steps share one
-    pool of rows sorted by length, each step one slice of it: similar lengths, less padding."""
+    """The micro-batch of global index `micro` in step `step` of `stage`: a pure function of (seed, stage, step,
+    micro), so resuming needs no sampler state and each DDP rank takes its own micro indices. `bucket_steps`
+    consecutive steps share one pool of rows sorted by length, each step one slice of it: less padding."""
     k, B = cfg.bucket_steps, cfg.batch_size
     if split.pool and stage.index and step % k == 0:
         # real data: start reading the next pool's records now, so they load while this pool trains
@@ -467,8 +445,7 @@ def micro_batch(cfg, split, probs, model, stage, step, micro):
 
 
 def collate(examples, pad_id):
-    """Right-pad examples -> {"input_ids" (B, T), "labels" (B, T) with -100 on padding,
-    "inputs": each example's ECGRecords and images}."""
+    """Right-pad -> {"input_ids" (B, T), "labels" (B, T) with -100 on padding, "inputs": per example its inputs}."""
     T = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)                      # (B, T)
     labels = torch.full((len(examples), T), -100, dtype=torch.long)                     # (B, T)
@@ -481,9 +458,8 @@ def collate(examples, pad_id):
 def ecg_seconds(batch):
     return sum(x.signal.shape[1] / x.fs for sample in batch["inputs"] for x in sample if isinstance(x, ECGRecord))
 
+
 # --------------------------------------------------------------------------- model, optimizer, schedule
-
-
 def build_tokenizer(cfg, data, rank):
     if cfg.llm:
         return Tokenizer(cfg.llm)   # ECGChat adds the tokens its chat format needs and the vocabulary lacks
@@ -515,12 +491,12 @@ def build_model(cfg, tok, device, dtype):
     else:
         over = {k: v for k, v in [("d_model", cfg.encoder_dim), ("n_layers", cfg.encoder_layers)] if v}
         encoder = ECGEncoder(getattr(EncoderConfig, cfg.encoder)(**over))
-    encoder = encoder.to(device, dtype)
     image_encoder = None
     if cfg.images:
         image_encoder = load_clip_vision(cfg.image_init) if cfg.image_init else ImageEncoder(image_config(cfg))
         image_encoder = image_encoder.to(device, dtype)
-    return ECGChat(llm, encoder, tok, cfg.max_seq_len, image_encoder, cfg.chat_format, cfg.label_ecgs)
+    return ECGChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, image_encoder, cfg.chat_format,
+                   cfg.label_ecgs)
 
 
 def image_config(cfg):
@@ -533,8 +509,7 @@ def make_optimizer(model, cfg, lr):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, cfg.beta2), fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, cfg.beta2), fused=next(model.parameters()).is_cuda or None)
 
 
 def lr_at(step, stage, cfg):
@@ -551,15 +526,13 @@ def checkpoint_activations(llm):
     for block in llm.layers:
         block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(block.forward)
 
+
 # --------------------------------------------------------------------------- checkpoints
-
-
 def save_checkpoint(cfg, model, opt, state, fsdp=False):
-    """out_dir/checkpoints/step_N/: model.safetensors (LoRA unmerged), optimizer.safetensors,
-    state.json (stage, step, config, python/numpy RNG) + rng.safetensors (torch RNG). The
-    folder appears by one rename, so a crash leaves the older checkpoints as they were.
-    Under FSDP every process calls it and writes its own shards of the weights and the AdamW
-    state into shards/ (save_shards); rank 0 writes the rest and renames."""
+    """out_dir/checkpoints/step_N/: model.safetensors (LoRA unmerged), optimizer.safetensors, state.json (stage, step,
+    config, python/numpy RNG) + rng.safetensors (torch RNG). The folder appears by one rename, so a crash leaves the
+    older checkpoints as they were. Under FSDP every process calls it and writes its own shards of the weights and the
+    AdamW state into shards/ (save_shards); rank 0 writes the rest and renames."""
     root = Path(cfg.out_dir) / "checkpoints"
     rank = dist.get_rank() if fsdp else 0
     bad = nonfinite_weights(model, fsdp)
@@ -612,18 +585,16 @@ def nonfinite_weights(model, fsdp=False):
 
 
 def save_shards(model, opt, folder):
-    """FSDP: this process's slices of the weights and of the AdamW state, written by
-    torch.distributed.checkpoint as safetensors (one file per process; each records where
-    its slices sit in the whole tensors, so no pickled index is needed). The learning rate
-    and the rest of the optimizer's settings are rebuilt by the run, not stored."""
+    """FSDP: this process's slices of the weights and the AdamW state, written by torch.distributed.checkpoint as
+    safetensors (one file per process, recording where its slices sit in the whole tensors: no pickled index)."""
     model_state, optim_state = get_state_dict(model, opt)
     dcp.save({"model": model_state, "optim": optim_state["state"]},
              storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
 
 
 def load_shards(folder, model, opt):
-    """save_shards' files into this run's sharded model and optimizer. DCP matches slices by
-    their place in the whole tensor, so a run on another number of processes reads them too."""
+    """save_shards' files into this run's sharded model and optimizer. DCP matches slices by their place in the
+    whole tensor, so a run on another number of processes reads them too."""
     model_state, optim_state = get_state_dict(model, opt)   # this run's slices; creates the AdamW state
     dcp.load({"model": model_state, "optim": optim_state["state"]},
              storage_reader=HuggingFaceStorageReader(str(folder)))
@@ -636,8 +607,7 @@ def latest_checkpoint(out_dir):
 
 
 def load_checkpoint(path, model, opt, fsdp=False):
-    """Weights and optimizer state into an already built model/optimizer of the same stage
-    (FSDP: sharded); restores every RNG; returns state.json."""
+    """Weights and optimizer state into a model/optimizer built for the same stage; every RNG. -> state.json"""
     if fsdp:
         load_shards(path / "shards", model, opt)
     else:
@@ -656,13 +626,12 @@ def load_checkpoint(path, model, opt, fsdp=False):
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     return meta
 
+
 # --------------------------------------------------------------------------- the phases of a run
 # set-up, warm-up, stages (each step: forward/backward, update, logging, checkpoint), final evaluation, teardown
-
-
 def setup(cfg):
-    """Process group (under torchrun), device, weight dtype, autocast context, the log, and
-    the checkpoint to resume from. Fails early on a bad --image_init or --llm folder."""
+    """Process group (under torchrun), device, weight dtype, autocast context, the log, and the checkpoint to resume
+    from. Fails early on a bad --image_init or --llm folder."""
     check_config(cfg)
     fsdp = cfg.parallel == "fsdp"
     distributed = "RANK" in os.environ or fsdp
@@ -705,12 +674,10 @@ def setup(cfg):
 
 
 def warm_up_encoder(cfg, model, env):
-    """Before the curriculum, on synthetic data: the encoder alone (and the image encoder,
-    with --images, unless it is a pretrained CLIP tower, which stays as loaded, as in GEM)
-    learns the generator's ground truth (warmup.py). The result is kept as
-    out_dir/encoder_warmup.safetensors (and image_warmup.safetensors); a run that finds
-    them loads them instead of training again. Every DDP rank trains the same copy (same
-    seed); DDP broadcasts rank 0's weights anyway."""
+    """Before the curriculum, on synthetic data: the encoder alone (and the image encoder, unless it is a pretrained
+    CLIP tower, kept as loaded as in GEM) learns the generator's ground truth (warmup.py). The result is kept as
+    out_dir/encoder_warmup.safetensors (and image_warmup.safetensors), which a later run loads instead of training
+    again. Every DDP rank trains the same copy (same seed)."""
     encoder, image_encoder = model.encoder, None if cfg.image_init else model.image_encoder
     files = [(encoder, env.out / "encoder_warmup.safetensors")] + (
         [(image_encoder, env.out / "image_warmup.safetensors")] if image_encoder is not None else [])
@@ -727,11 +694,10 @@ def warm_up_encoder(cfg, model, env):
         warnings.warn(f"{problem}: not reused, warming up again")
     r = fit_encoder_to_truth(encoder, wcfg, image_encoder, desc="encoder warm-up" if env.rank == 0 else None,
                              report=False)
+    env.log({"event": "encoder_warmup", "steps": steps, **{f"val_{k}": v for k, v in r.items()}})
     if env.rank == 0:
         for module, path in files:
             save_encoder_weights(module, path, module.cfg, made_by)
-    env.log({"event": "encoder_warmup", "steps": steps, **{f"val_{k}": v for k, v in r.items()}})
-    if env.rank == 0:
         print(f"encoder warm-up: {steps} steps, validation {summary(r)}")
 
 
@@ -748,10 +714,9 @@ def warmup_file_problem(path, made_by):
 
 
 def forward_backward(cfg, env, train_model, model, split, probs, stage, step):
-    """Accumulate the gradients of this process's micro-batches of one step.
-    -> (mean loss, text tokens, ECG seconds); under DDP gradients are averaged over processes
-    only at the last micro-batch (no_sync before it). FSDP reduce-scatters them at every one:
-    holding whole unsharded gradients until the last would undo what sharding saves."""
+    """Accumulate the gradients of this process's micro-batches of one step. -> (mean loss, text tokens, ECG
+    seconds). DDP averages gradients over processes only at the last micro-batch (no_sync before it); FSDP
+    reduce-scatters them at every one: holding whole unsharded gradients would undo what sharding saves."""
     n = cfg.grad_accum // env.world
     loss_sum, n_tok, n_ecg_s = torch.zeros((), device=env.device), 0, 0.0
     for m in range(n):
@@ -768,9 +733,8 @@ def forward_backward(cfg, env, train_model, model, split, probs, stage, step):
 
 
 def update(cfg, env, model, opt, loss_sum):
-    """Clip, average loss and gradient norm over processes, and step the optimizer if both
-    are finite (a non-finite step is skipped: the weights stay as they were).
-    -> (loss, gradient norm, finite)"""
+    """Clip, average loss and gradient norm over processes, and step the optimizer if both are finite (a non-finite
+    step is skipped: the weights stay as they were). -> (loss, gradient norm, finite)"""
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                           cfg.grad_clip or float("inf"))
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm   # FSDP: the norm over all shards
@@ -813,18 +777,12 @@ class Meter:
 
 
 def shard_model(cfg, model, env):
-    """FSDP2, in place: each transformer block of the LLM becomes one group whose weights,
-    gradients and AdamW state are split over the processes (gathered whole just before the
-    block runs, freed after); the ECG encoder is one group too, then the root takes the rest
-    (embeddings, head, projector). The encoder is not split block by block because its blocks
-    run once per group of equal-shaped windows, a count that differs between processes, while
-    FSDP's gathers must match call for call; the encoder itself runs once per batch on every
-    process (every row past stage 0 has an ECG). Each process keeps its slice of its own copy,
-    which the seed made identical. Frozen weights are sharded too; the optimizer sees only the
-    trainable ones. A sharded model cannot grow, so every stage's LoRA is added first (its B is
-    zero: nothing changes until it trains, though with --lora_dropout its masks are drawn from
-    then on, so they differ from a DDP run's). On CUDA the model computes and reduces gradients
-    in bf16 over fp32 master weights."""
+    """FSDP2, in place: each LLM block becomes one group whose weights, gradients and AdamW state are split over the
+    processes (gathered whole just before the block runs, freed after); the ECG encoder is one group, the root takes
+    the rest. The encoder is not split block by block: its blocks run once per group of equal-shaped windows, a count
+    that differs between processes, while FSDP's gathers must match call for call. Frozen weights are sharded too.
+    A sharded model cannot grow, so every stage's LoRA is added first (B = 0: nothing changes until it trains, though
+    --lora_dropout masks are drawn from then on, unlike DDP's). On CUDA: bf16 compute over fp32 master weights."""
     for stage in curriculum(cfg):
         prepare_stage(model, stage, cfg)
     bf16 = torch.bfloat16 if env.device.type == "cuda" else None
@@ -834,8 +792,8 @@ def shard_model(cfg, model, env):
 
 
 def gather_model(cfg, model, env):
-    """FSDP, at the end: the whole weights gathered (through CPU memory) into a fresh unsharded
-    model on rank 0, which finish() saves as the usual folder and evaluates. -> it (None elsewhere)"""
+    """FSDP, at the end: the whole weights gathered (through CPU memory) into a fresh unsharded model on rank 0,
+    which finish() saves and evaluates. -> it (None elsewhere)"""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.rank:
         return None
@@ -847,8 +805,8 @@ def gather_model(cfg, model, env):
 
 
 def run_stage(cfg, env, model, data, stage, progress):
-    """The steps of one stage, from progress.step on: forward/backward, update, logging,
-    validation loss, checkpoints. -> True when --stop_after ends the run here."""
+    """The steps of one stage, from progress.step on: forward/backward, update, logging, validation loss,
+    checkpoints. -> True when --stop_after ends the run here."""
     opt = make_optimizer(model, cfg, stage.lr)
     if progress.resume_stage == stage.index:   # the checkpoint of this stage: weights, optimizer, RNG
         meta = load_checkpoint(env.resume_from, model, opt, env.fsdp)
@@ -860,6 +818,7 @@ def run_stage(cfg, env, model, data, stage, progress):
     val_probs = data["val"].weights(stage.tasks, required=False)
     bar = tqdm(total=stage.steps, initial=progress.step, desc=f"stage {stage.index} {stage.name}", disable=env.rank > 0)
     meter, n_bad, n_unread = Meter(), 0, len(split.bad)
+    shares = env.rank == 0 or env.fsdp   # takes part in checkpoints and validation (FSDP: every process, in step)
     try:
         while progress.step < stage.steps:
             step = progress.step
@@ -873,33 +832,29 @@ def run_stage(cfg, env, model, data, stage, progress):
             if not finite:
                 env.log({"event": "nan", "stage": stage.index, "step": step, "loss": str(loss), "in_a_row": n_bad})
                 bar.write(f"stage {stage.index} step {step}: non-finite loss or gradient, step skipped")
-            state = {"stage": stage.index, "step": step, "global_step": progress.global_step}
             if n_bad >= cfg.max_nan_steps:
-                path = save_checkpoint(cfg, model, opt, state, env.fsdp) if env.rank == 0 or env.fsdp else None
+                path = save_checkpoint(cfg, model, opt, progress.at(stage), env.fsdp) if shares else None
                 raise FloatingPointError(f"{n_bad} non-finite steps in a row at stage {stage.index} step {step}; "
                                          f"the last good weights are kept in {path}")
             progress.advance(loss if finite else None)
             bar.update(1)
             step = progress.step
             if finite and (step % cfg.log_interval == 0 or step == stage.steps):
-                rec = {"stage": stage.index, "step": step, "global_step": progress.global_step, "loss": loss,
-                       "lr": lr, "grad_norm": norm, **meter.rates(env.world)}
+                rec = {**progress.at(stage), "loss": loss, "lr": lr, "grad_norm": norm, **meter.rates(env.world)}
                 if env.device.type == "cuda":   # the GPU checks read it (docs/RESULTS.md)
                     rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 env.log(rec)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tok_per_s']:.0f}", ecg_s_s=f"{rec['ecg_s_per_s']:.0f}")
             n_unread = report_skipped(split, n_unread, env, bar)
-            # FSDP: every process takes part in each forward (each gathers the weights with the others)
-            if (env.rank == 0 or env.fsdp) and (step % cfg.eval_interval == 0 or step == stage.steps) \
-                    and cfg.eval_batches and val_probs is not None:
+            if shares and (step % cfg.eval_interval == 0 or step == stage.steps) and cfg.eval_batches \
+                    and val_probs is not None:
                 v = val_loss(cfg, model, data["val"], val_probs, stage, env)
-                env.log({"stage": stage.index, "step": step, "global_step": progress.global_step, "val_loss": v})
+                env.log({**progress.at(stage), "val_loss": v})
                 if env.rank == 0:
                     bar.write(f"stage {stage.index} step {step}: val loss {v:.4f}")
             stop = bool(cfg.stop_after) and progress.steps_this_run >= cfg.stop_after
-            if (env.rank == 0 or env.fsdp) and (step % cfg.ckpt_interval == 0 or step == stage.steps or stop):
-                save_checkpoint(cfg, model, opt, {"stage": stage.index, "step": step,
-                                                  "global_step": progress.global_step}, env.fsdp)
+            if shares and (step % cfg.ckpt_interval == 0 or step == stage.steps or stop):
+                save_checkpoint(cfg, model, opt, progress.at(stage), env.fsdp)
             if stop:
                 return True
     finally:
@@ -908,8 +863,7 @@ def run_stage(cfg, env, model, data, stage, progress):
 
 
 def report_skipped(split, n_unread, env, bar):
-    """Rows that could not be used since the last call (unreadable record, too long): logged
-    and named. -> how many are known now."""
+    """Log and name the rows found unusable since the last call (unreadable, too long). -> how many are known."""
     if len(split.bad) > n_unread:
         new = list(split.bad.items())[n_unread:]
         env.log({"event": "skipped_rows", "total": len(split.bad),
@@ -920,8 +874,8 @@ def report_skipped(split, n_unread, env, bar):
 
 @dataclass
 class Progress:
-    """Where the run is: the step within the current stage, the step over all stages, the
-    steps this process has run (for --stop_after), the finite losses so far."""
+    """Where the run is: the step within the current stage, the step over all stages, the steps this process has
+    run (for --stop_after), the finite losses so far."""
     step: int = 0
     global_step: int = 0
     steps_this_run: int = 0
@@ -933,10 +887,13 @@ class Progress:
         if loss is not None:
             self.losses.append(loss)
 
+    def at(self, stage):   # what the log and the checkpoints record of it
+        return {"stage": stage.index, "step": self.step, "global_step": self.global_step}
+
 
 def run_stages(cfg, env, model, data):
-    """Every stage of the curriculum, a resumed run skipping the finished ones.
-    -> (losses, True when the run was stopped early by --stop_after)."""
+    """Every stage of the curriculum, a resumed run skipping the finished ones. -> (losses, stopped by
+    --stop_after)."""
     progress = Progress()
     if env.resume_from:
         progress.resume_stage = json.loads((env.resume_from / "state.json").read_text())["stage"]
@@ -975,8 +932,8 @@ def rows_per_task(rows, n, per_type=0, seed=0):
 
 
 def finish(cfg, model, data, log):
-    """Held-out evaluation, the ECG-blanked ablation, the chance level (no model: the most
-    frequent training answer to each question), and the model folder for generate/eval.py."""
+    """The model folder for generate/eval.py, then held-out evaluation, the ECG-blanked ablation, the follow-up
+    questions and the chance level (no model: the most frequent training answer to each question)."""
     model.save(Path(cfg.out_dir) / "model")
     if cfg.llm and lora_layers(model.llm):   # the LoRA alone too, for peft users of the same --llm folder
         save_peft_adapter(model.llm, Path(cfg.out_dir) / "model" / "lora_adapter", base_model=cfg.llm)
