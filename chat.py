@@ -16,11 +16,13 @@ them in. It joins model.py (the LLM) and ecg_encoder.py (the encoders).
 A model's *inputs* are, per prompt, a list of ECGRecords (data.py; the signal in mV at the encoder's rate) and
 paper-ECG images (uint8 RGB (H, W, 3)): a row's inputs as they are read.
 """
+import hashlib
 import itertools
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -165,6 +167,7 @@ class ECGChat(nn.Module):
         self.ecg_token_id = tokenizer.added[self.format.marks[2]]
         self.img_token_id = tokenizer.added[self.format.marks[5]]
         self.max_seq_len = max_seq_len or llm.config.max_position_embeddings
+        self.token_cache, self.token_cache_size = None, 0   # see cache_encoder_tokens
 
     def stop_ids(self):
         return tuple(i for i in (self.tokenizer.eos_id, self.tokenizer.added[self.format.end]) if i is not None)
@@ -197,7 +200,28 @@ class ECGChat(nn.Module):
             return []
         if isinstance(self.encoder, AnyECG):   # one (12, T) record at a time, as their encode_and_project_ecg
             return [self.encoder(e.signal) for e in ecgs]
-        return [self.projector(t) for t in self.encoder([e.signal for e in ecgs], [list(e.leads) for e in ecgs])]
+        if self.token_cache is None:
+            return [self.projector(t) for t in self.encoder([e.signal for e in ecgs], [list(e.leads) for e in ecgs])]
+        return [self.projector(self.cached_tokens(e)) for e in ecgs]
+
+    def cache_encoder_tokens(self, size):
+        """While the encoder is frozen (train.py's stages after the warm-up), keep the tokens of up to `size` ECGs:
+        it gives the same tokens every time, and encoding is about a quarter of a step. Each ECG is encoded alone,
+        so its tokens do not depend on the batch that first met it (a resumed run gets the same ones). 0: off."""
+        self.token_cache, self.token_cache_size = ({} if size else None), size
+
+    @torch.no_grad()
+    def cached_tokens(self, ecg):
+        """The frozen encoder's tokens of one ECGRecord, (n_tokens, C_enc), looked up by the signal's content."""
+        signal = np.ascontiguousarray(ecg.signal)
+        key = (hashlib.blake2b(signal.tobytes(), digest_size=16).digest(), signal.shape, str(signal.dtype),
+               tuple(ecg.leads))
+        tokens = self.token_cache.get(key)
+        if tokens is None:
+            tokens = self.encoder([signal], [list(ecg.leads)])[0]
+            if len(self.token_cache) < self.token_cache_size:
+                self.token_cache[key] = tokens
+        return tokens
 
     def encode_images(self, images):
         """[uint8 RGB (H, W, 3), ...] -> [(n_tokens, C_llm), ...]"""

@@ -88,6 +88,7 @@ class Config:
     test_data: str = arg("", "anyECG-format JSON evaluated at the end (synthetic: the held-out split)")
     workers: int = arg(4, "processes reading records in parallel (real data; 0 or 1: in the main process)")
     ecg_cache: int = arg(1024, "prepared records kept in memory (real data; the rest streams from disk)")
+    token_cache: int = arg(100000, "a frozen encoder's tokens of this many ECGs kept, each encoded once (0: off)")
     train_patients: int = arg(1000, "synthetic patients for training (about 9 rows each)")
     val_patients: int = arg(40, "synthetic patients for validation loss and the in-training eval")
     test_patients: int = arg(640, "synthetic patients of the fixed held-out test split (about 60 long clips)")
@@ -108,14 +109,14 @@ class Config:
     encoder_init: str = arg("", "encoder weights to start from (safetensors with config: warmup.py --save)")
     images: bool = arg(False, "GEM's image modality: report + grounded rows also from paper printouts")
     image_init: str = arg("", "with --images: a Hugging Face CLIP folder, kept frozen (GEM: CLIP ViT-L/336)")
-    encoder_warmup_steps: int = arg(2400, "synthetic data: first the encoder alone learns the truth (0: off)")
+    encoder_warmup_steps: int = arg(1200, "synthetic data: first the encoder alone learns the truth (0: off)")
     encoder_warmup_lr: float = arg(1e-3, "learning rate of the encoder warm-up")
     lora_targets: str = arg("q_proj,k_proj", "LLM linears that get LoRA (anyECG: q_proj,k_proj)")
     lora_r: int = arg(8, "LoRA rank")
     lora_alpha: float = arg(16.0, "LoRA scale numerator (scale = alpha / r)")
     lora_dropout: float = arg(0.1, "dropout on the LoRA input")
     # curriculum. tasks: comma list of task[:weight] or "all"; train: parts of encoder,projector,llm,lora
-    stage0_steps: int = arg(500, "language pretraining steps (skipped with --llm)")
+    stage0_steps: int = arg(400, "language pretraining steps (skipped with --llm)")
     stage0_lr: float = arg(2e-3, "stage 0 peak learning rate")
     stage0_tasks: str = arg("all", "stage 0 text comes from these tasks")
     stage0_train: str = arg("llm", "stage 0 trainable parts")
@@ -127,7 +128,7 @@ class Config:
     stage2_lr: float = arg(1e-3, "stage 2 peak learning rate")
     stage2_tasks: str = arg("report,location:2,location_long:4", "stage 2 task mix")
     stage2_train: str = arg("projector,llm", "stage 2 trainable parts (as stage 1)")
-    stage3_steps: int = arg(900, "all-task stage steps")
+    stage3_steps: int = arg(850, "all-task stage steps")
     stage3_lr: float = arg(1e-3, "stage 3 peak learning rate")
     stage3_tasks: str = arg("report,grounded,ecgqa,location,location_long:4,multi:4",
                             "stage 3 task mix (weights per row: the few long clips and multi-ECG rows 4x)")
@@ -272,7 +273,7 @@ def check_config(cfg):
     rules = [("at least 1", lambda v: v >= 1, counts + patients),
              ("not negative", lambda v: v >= 0, ("encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps",
                                                  "stage3_steps", "test_rows", "test_rows_per_type", "stop_after",
-                                                 "eval_batches", "gen_eval_rows", "workers")),
+                                                 "eval_batches", "gen_eval_rows", "workers", "token_cache")),
              ("above 0", lambda v: v > 0, ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr", "encoder_warmup_lr")),
              ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac"))]
     bad = [f"--{k} {getattr(cfg, k)}: {rule}" for rule, ok, names in rules for k in names if not ok(getattr(cfg, k))]
@@ -331,6 +332,10 @@ def prepare_stage(model, stage, cfg):
                      cfg.lora_dropout)
     model.set_trainable(**{part: part in stage.train for part in ("encoder", "projector", "llm", "lora")},
                         image_encoder=False if cfg.image_init else None)  # GEM keeps CLIP frozen
+    # a frozen encoder's tokens: computed once per ECG (not under FSDP, whose ranks must run the encoder together)
+    frozen = "encoder" not in stage.train and cfg.parallel != "fsdp"
+    if not frozen or model.token_cache is None:
+        model.cache_encoder_tokens(cfg.token_cache if frozen else 0)
 
 
 # --------------------------------------------------------------------------- data: anyECG rows and their inputs
@@ -934,6 +939,7 @@ def rows_per_task(rows, n, per_type=0, seed=0):
 def finish(cfg, model, data, log):
     """The model folder for generate/eval.py, then held-out evaluation, the ECG-blanked ablation, the follow-up
     questions and the chance level (no model: the most frequent training answer to each question)."""
+    model.cache_encoder_tokens(0)   # encode as eval.py does, so its table is eval.py's on the saved model
     model.save(Path(cfg.out_dir) / "model")
     if cfg.llm and lora_layers(model.llm):   # the LoRA alone too, for peft users of the same --llm folder
         save_peft_adapter(model.llm, Path(cfg.out_dir) / "model" / "lora_adapter", base_model=cfg.llm)

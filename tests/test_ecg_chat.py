@@ -374,3 +374,21 @@ def test_a_rows_history_and_followups_are_turns_of_one_chat_and_every_answer_is_
     learnt = [i for i, x in zip(ids, labels) if x != -100]
     end = tok.added[END_TURN]
     assert learnt == tok.encode("yes") + [end] + tok.encode("Report: Sinus rhythm") + [end] + tok.encode("no") + [end]
+
+
+def test_cached_encoder_tokens_are_each_ecgs_own_encoding_alone(tok):
+    # train.py's frozen-encoder cache: an ECG's tokens are looked up by content, computed once with the ECG
+    # encoded alone; a batch mixing cached and new ECGs gives each its own tokens
+    model = make_chat(tok)
+    recs = [ECGRecord(ecg(s, leads, seed).signal.numpy(), 100.0, list(leads))
+            for s, leads, seed in [(10, ("I", "II", "V1"), 1), (7.3, ("II",), 2), (10, ("I", "II", "V1"), 3)]]
+    with torch.no_grad():
+        alone = [model.projector(model.encoder([r.signal], [r.leads])[0]) for r in recs]
+        model.cache_encoder_tokens(2)
+        first = model.encode_ecgs(recs[:2])
+        again = model.encode_ecgs([recs[1], recs[2], recs[0]])
+        assert len(model.token_cache) == 2                                  # full: the third is encoded, not kept
+        for got, want in zip(first + again, [alone[0], alone[1], alone[1], alone[2], alone[0]]):
+            assert torch.equal(got, want)
+        model.cache_encoder_tokens(0)
+        assert model.token_cache is None and len(model.encode_ecgs(recs)) == 3
