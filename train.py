@@ -332,8 +332,9 @@ def prepare_stage(model, stage, cfg):
                      cfg.lora_dropout)
     model.set_trainable(**{part: part in stage.train for part in ("encoder", "projector", "llm", "lora")},
                         image_encoder=False if cfg.image_init else None)  # GEM keeps CLIP frozen
-    # a frozen encoder's tokens: computed once per ECG (not under FSDP, whose ranks must run the encoder together)
-    frozen = "encoder" not in stage.train and cfg.parallel != "fsdp"
+    # a frozen encoder's tokens: computed once per ECG (not under FSDP, whose ranks must run the encoder together,
+    # nor with encoder dropout, which makes every pass differ)
+    frozen = "encoder" not in stage.train and cfg.parallel != "fsdp" and not getattr(model.encoder.cfg, "dropout", 0)
     if not frozen or model.token_cache is None:
         model.cache_encoder_tokens(cfg.token_cache if frozen else 0)
 

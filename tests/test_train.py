@@ -483,3 +483,19 @@ def test_the_test_rows_are_drawn_per_task_and_per_question_type():
                                           for k in kinds)
     assert picked == train.rows_per_task(rows, 20, per_type=5)   # fixed
     assert sum("followups" in r for r in rows) > 0.2 * sum(r["task"] == "report" for r in rows)
+
+
+def test_a_frozen_encoder_has_its_tokens_cached_and_a_trained_one_or_fsdp_does_not(setup):
+    cfg, data, model = setup
+    stage = train.curriculum(cfg)[1]
+    frozen = replace(stage, train=stage.train - {"encoder"})
+    train.prepare_stage(model, frozen, cfg)
+    assert model.token_cache == {} and model.token_cache_size == cfg.token_cache
+    model.encode_ecgs(data["train"].inputs_of(data["train"].rows[0]))
+    assert len(model.token_cache) == 1
+    train.prepare_stage(model, frozen, cfg)            # the next frozen stage keeps what was encoded
+    assert len(model.token_cache) == 1
+    train.prepare_stage(model, replace(frozen, train=frozen.train | {"encoder"}), cfg)
+    assert model.token_cache is None
+    train.prepare_stage(model, frozen, replace(cfg, parallel="fsdp"))
+    assert model.token_cache is None
