@@ -13,9 +13,8 @@ Reading order: leads -> wave shapes -> patients -> beat morphology -> rhythms ->
 ground truth and report statements -> `synth_ecg` -> patients over time.
 Coordinates: x = patient's left, y = towards the feet, z = anterior.
 """
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -31,23 +30,15 @@ LIMB_LEADS, CHEST_LEADS = STANDARD_LEADS[:6], STANDARD_LEADS[6:]
 # from these two. Chest leads use Dower's transform from the vectorcardiogram (Dower et al. 1980, with
 # Frank's posterior Z flipped to anterior): V1 looks right-anterior, V6 left-lateral, and V2-V4 are large
 # because they sit close.
-
-_CHEST_VECTORS = {"V1": (-0.515, 0.157, 0.917), "V2": (0.044, 0.164, 1.387), "V3": (0.882, 0.098, 1.277),
-                  "V4": (1.213, 0.127, 0.601), "V5": (1.125, 0.127, 0.086), "V6": (0.831, 0.076, -0.230)}
-
-
-def _lead_vectors():
-    lead_i, lead_ii = np.array([1.0, 0.0, 0.0]), np.array([0.5, math.sqrt(3) / 2, 0.0])
-    vectors = {"I": lead_i, "II": lead_ii, "III": lead_ii - lead_i,
-               "aVR": -(lead_i + lead_ii) / 2, "aVL": lead_i - lead_ii / 2, "aVF": lead_ii - lead_i / 2}
-    return vectors | {name: np.array(v) for name, v in _CHEST_VECTORS.items()}
-
-
-LEAD_VECTORS = _lead_vectors()   # name -> (3,) projection vector
+_I, _II = np.array([1.0, 0.0, 0.0]), np.array([0.5, math.sqrt(3) / 2, 0.0])
+LEAD_VECTORS = {   # name -> (3,) projection vector
+    "I": _I, "II": _II, "III": _II - _I, "aVR": -(_I + _II) / 2, "aVL": _I - _II / 2, "aVF": _II - _I / 2,
+    "V1": np.array([-0.515, 0.157, 0.917]), "V2": np.array([0.044, 0.164, 1.387]),
+    "V3": np.array([0.882, 0.098, 1.277]), "V4": np.array([1.213, 0.127, 0.601]),
+    "V5": np.array([1.125, 0.127, 0.086]), "V6": np.array([0.831, 0.076, -0.230])}
 
 
 # --------------------------------------------------------------------------- wave shapes
-
 def bump(u, peak_at=0.5, power=2.0):
     """Smooth hump on u in [0, 1], zero outside, peak 1 at u = peak_at: sin(pi * u**g)**power with g chosen so
     the peak lands at peak_at; power > 1 makes the ends flat (so onset/offset are where the wave really is)."""
@@ -80,7 +71,6 @@ def waves_of(waves, kind):
 
 
 # --------------------------------------------------------------------------- patients
-
 FINDINGS = ("brady", "tachy", "af", "flutter", "pac", "pvc", "lbbb", "rbbb", "avb1",
             "st_elev", "st_depr", "t_inv", "long_qt", "low_voltage", "lad", "rad")
 
@@ -154,30 +144,26 @@ def make_patient(seed, findings=None, pid=None):
 
 def _draw_findings(rng):
     """Findings at rates that give every label enough examples to learn from."""
-    f = set()
-    rhythm = _pick(rng, ["sinus", "af", "flutter"], [0.74, 0.17, 0.09])
-    if rhythm != "sinus":
-        f.add(rhythm)
-    else:
-        f |= {x for x in [_pick(rng, [None, "brady", "tachy"], [0.6, 0.2, 0.2])] if x}
+    f = {_pick(rng, ["sinus", "af", "flutter"], [0.74, 0.17, 0.09])}   # None and "sinus" are taken out at the end
+    if "sinus" in f:
+        f.add(_pick(rng, [None, "brady", "tachy"], [0.6, 0.2, 0.2]))
         f |= {x for x, p in [("avb1", 0.15), ("pac", 0.2)] if rng.random() < p}
     if rng.random() < 0.18:
         f.add("pvc")
-    f |= {x for x in [_pick(rng, [None, "lbbb", "rbbb"], [0.72, 0.14, 0.14])] if x}
+    f.add(_pick(rng, [None, "lbbb", "rbbb"], [0.72, 0.14, 0.14]))
     if not f & {"lbbb", "rbbb"}:            # primary ST-T changes only without a block
-        f |= {x for x in [_pick(rng, [None, "st_elev", "st_depr"], [0.76, 0.12, 0.12])] if x}
+        f.add(_pick(rng, [None, "st_elev", "st_depr"], [0.76, 0.12, 0.12]))
         if "st_elev" not in f and rng.random() < 0.14:
             f.add("t_inv")
     f |= {x for x, p in [("long_qt", 0.14), ("low_voltage", 0.12)] if rng.random() < p}
-    f |= {x for x in [_pick(rng, [None, "lad", "rad"], [0.82, 0.11, 0.07])] if x}
-    return f
+    f.add(_pick(rng, [None, "lad", "rad"], [0.82, 0.11, 0.07]))
+    return f - {None, "sinus"}
 
 
 # --------------------------------------------------------------------------- beat morphology
 # Times are seconds relative to QRS onset. Each QRS is a few overlapping bumps whose directions rotate like
 # the real activation front: septum (right, anterior), apex, free wall (left, inferior), base (up, back).
 # Bundle branch blocks reorder and slow it.
-
 def _frontal(angle_deg, size, z=0.0):
     a = math.radians(angle_deg)
     return np.array([size * math.cos(a), size * math.sin(a), z])
@@ -203,32 +189,24 @@ def _t_vector(p, rng):
     t = _frontal(np.clip(p.axis_deg, 15, 60) + rng.uniform(-10, 10), rng.uniform(0.25, 0.4), 0.12)
     if p.conduction != "normal":   # LBBB: secondary, discordant; RBBB: inverted in V1-V2 only
         return np.array([-0.25, -0.05, 0.35] if p.conduction == "lbbb" else [0.2, 0.2, -0.2])
-    if p.t_inv == "diffuse":
-        return -t
-    if p.t_inv == "inferior":
-        return t * np.array([1, -1.6, 1])
-    if p.t_inv == "anterior":
-        return t * np.array([1, 1, -1]) - np.array([0, 0, 0.3])
-    return t
+    return {"diffuse": -t, "inferior": t * np.array([1, -1.6, 1]),
+            "anterior": t * np.array([1, 1, -1]) - np.array([0, 0, 0.3])}.get(p.t_inv, t)
 
 
 _ST_VECTORS = {"elev_inferior": np.array([-0.15, 1.0, 0.0]), "elev_anterior": np.array([0.0, 0.0, 0.8]),
                "elev_lateral": np.array([1.0, -0.35, 0.1]), "depr": np.array([-0.7, -0.7, -0.2])}
 
 
+def _turn_frontal(a):
+    """Rotation by `a` radians about the front-to-back (z) axis, i.e. within the frontal plane."""
+    return np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+
+
 def _jitter(v, rng, size=0.15):
     """Small random rotation and scaling of a dipole direction (person-to-person variety)."""
     a, b = rng.normal(0, size, 2)
-    rot = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
     tilt = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
-    return rot @ tilt @ v * rng.uniform(1 - size, 1 + size)
-
-
-def _rotate_frontal(waves, degrees):
-    """Turn waves about the front-to-back (z) axis, i.e. within the frontal plane."""
-    a = math.radians(degrees)
-    rot = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
-    return [w._replace(vector=rot @ w.vector) for w in waves]
+    return _turn_frontal(a) @ tilt @ v * rng.uniform(1 - size, 1 + size)
 
 
 def _render_waves_fine(waves, t0, t1, fs=2000.0):
@@ -253,7 +231,8 @@ def beat_waves(p, qt_s):
     rng = np.random.default_rng(p.morph_seed)
     q, pr, p_dur = p.qrs_ms / 1000, p.pr_ms / 1000, p.p_ms / 1000
     qrs = [w._replace(vector=_jitter(w.vector, rng)) for w in _qrs_waves(p, q)]
-    qrs = _rotate_frontal(qrs, p.axis_deg - frontal_axis(qrs))   # measured axis = the patient's
+    turn = _turn_frontal(math.radians(p.axis_deg - frontal_axis(qrs)))   # measured axis = the patient's
+    qrs = [w._replace(vector=turn @ w.vector) for w in qrs]
     # voltage: make "low voltage" unmistakable either way (< 0.5 mV vs > 0.8 mV in limb leads)
     target = rng.uniform(0.28, 0.42) if p.low_voltage else max(limb_qrs_p2p(qrs), rng.uniform(0.8, 1.6))
     qrs = [w._replace(vector=w.vector * target / limb_qrs_p2p(qrs)) for w in qrs]
@@ -288,7 +267,6 @@ def r_peak_offset(waves):
 # --------------------------------------------------------------------------- rhythms
 # Each returns QRS-onset times (s) and beat kinds ("main", "A", "V"), plus the times of lone sinus P waves
 # hidden by PVCs.
-
 def qt_seconds(p):
     """QT from QTc by Bazett (QT = QTc * sqrt(RR)), kept long enough to fit QRS + ST + T."""
     return max(p.qtc_ms / 1000 * math.sqrt(60 / p.hr_bpm), p.qrs_ms / 1000 + 0.16)
@@ -364,7 +342,6 @@ def early_pvcs(p, onsets, rng):
 
 
 # --------------------------------------------------------------------------- rendering
-
 def render_beats(onsets, waves, fs, n, scale=None):
     """Dipole (3, n) of one beat type placed at QRS-onset times `onsets` (s), vectorised:
     every (beat, sample) pair of a wave is evaluated at once and summed with bincount."""
@@ -402,7 +379,6 @@ def fibrillation_waves(n, fs, rng):
 
 
 # --------------------------------------------------------------------------- noise
-
 DEFAULT_NOISE = {"baseline": 0.08, "hum": 0.01, "emg": 0.01}   # mV at noise=1.0
 
 
@@ -431,7 +407,6 @@ def electrode_noise(n, fs, levels, rng, mains_hz):
 
 
 # --------------------------------------------------------------------------- ground truth
-
 @dataclass
 class Truth:
     """What the record shows, exactly. Intervals in ms; pr_ms is None without P waves."""
@@ -504,7 +479,6 @@ def report_statements(p, waves, hr, symbols, leads):
 
 
 # --------------------------------------------------------------------------- the generator
-
 def synth_ecg(patient, duration_s=10.0, fs=500.0, leads=None, noise=1.0, seed=0, mains_hz=50.0):
     """Simulate one recording of `patient` -> (ECGRecord, Truth); the same (patient, arguments, seed) give
     identical bytes. leads: any subset of STANDARD_LEADS (default all 12), in the order wanted. noise: 0 for a
@@ -521,7 +495,6 @@ def synth_ecg(patient, duration_s=10.0, fs=500.0, leads=None, noise=1.0, seed=0,
     qt_s = qt_seconds(patient)
     waves = beat_waves(patient, qt_s)
     main = next(k for k in waves if k in "NLR")
-
     # when: QRS onsets and beat kinds
     hidden_p, atrial = np.zeros(0), np.zeros((3, n))
     if patient.rhythm == "sinus":
@@ -536,21 +509,18 @@ def synth_ecg(patient, duration_s=10.0, fs=500.0, leads=None, noise=1.0, seed=0,
         waves[main] = [w for w in waves[main] if w.kind != "P"]
     keep = (onsets > -1.5) & (onsets < duration_s + 0.5)
     onsets, kinds = onsets[keep], kinds[keep]
-
     # what: render every beat type, with a small respiratory modulation of beat size
     breath = 1 + 0.06 * np.sin(2 * np.pi * beat_rng.uniform(0.2, 0.33) * onsets + beat_rng.uniform(0, 6.3))
     dipole = atrial.copy()                                                  # (3, samples)
     for kind, symbol in [("main", main), ("A", "A"), ("V", "V")]:
         dipole += render_beats(onsets[kinds == kind], waves[symbol], fs, n, breath[kinds == kind])
     dipole += render_beats(hidden_p, waves["p"], fs, n)
-
     # annotate every beat whose R peak falls inside the record
     symbols_all = np.array([{"main": main, "A": "A", "V": "V"}[k] for k in kinds])
     r_time = onsets + np.array([r_peak_offset(waves[s]) for s in symbols_all]) if len(onsets) else onsets
     r_sample = np.round(r_time * fs).astype(np.int64)
     inside = (r_sample >= 0) & (r_sample < n)
     beat_samples, beat_symbols = r_sample[inside], [str(s) for s in symbols_all[inside]]
-
     signal = _project(dipole, leads, noise_levels(noise), fs, seed, mains_hz)
     truth = _measure(patient, waves, qt_s, beat_samples, beat_symbols, leads, fs, duration_s)
     return ECGRecord(signal, float(fs), leads), truth
@@ -589,30 +559,26 @@ def _measure(p, waves, qt_s, beat_samples, beat_symbols, leads, fs, duration_s):
 
 
 # --------------------------------------------------------------------------- patients over time
-
+_NO_ST_T = dict(st="none", st_mv=0.0, t_inv="none")   # a new block brings its own ST-T, replacing a primary change
 EVENTS = {   # what can change between two visits, and how
-    "new_af": lambda p, r: dataclasses.replace(p, rhythm="af", hr_bpm=r.uniform(80, 130), pac_per_min=0.0),
-    "new_lbbb": lambda p, r: dataclasses.replace(p, conduction="lbbb", qrs_ms=round(r.uniform(135, 170)),
-                                                  st="none", st_mv=0.0, t_inv="none"),
-    "new_rbbb": lambda p, r: dataclasses.replace(p, conduction="rbbb", qrs_ms=round(r.uniform(128, 160)),
-                                                  st="none", st_mv=0.0, t_inv="none"),
-    "qt_prolongation": lambda p, r: dataclasses.replace(p, qtc_ms=round(r.uniform(490, 560))),
-    "new_avb1": lambda p, r: dataclasses.replace(p, pr_ms=round(r.uniform(220, 320))),
-    "rate_up": lambda p, r: dataclasses.replace(p, hr_bpm=round(r.uniform(106, 140), 1)),
-    "rate_down": lambda p, r: dataclasses.replace(p, hr_bpm=round(r.uniform(42, 54), 1)),
-    "new_st_elevation": lambda p, r: dataclasses.replace(p, st="elev_inferior", st_mv=r.uniform(0.2, 0.35)),
-    "new_pvcs": lambda p, r: dataclasses.replace(p, pvc_per_min=r.uniform(8, 16)),
-    "low_voltage": lambda p, r: dataclasses.replace(p, low_voltage=True),
-}
+    "new_af": lambda p, r: replace(p, rhythm="af", hr_bpm=r.uniform(80, 130), pac_per_min=0.0),
+    "new_lbbb": lambda p, r: replace(p, conduction="lbbb", qrs_ms=round(r.uniform(135, 170)), **_NO_ST_T),
+    "new_rbbb": lambda p, r: replace(p, conduction="rbbb", qrs_ms=round(r.uniform(128, 160)), **_NO_ST_T),
+    "qt_prolongation": lambda p, r: replace(p, qtc_ms=round(r.uniform(490, 560))),
+    "new_avb1": lambda p, r: replace(p, pr_ms=round(r.uniform(220, 320))),
+    "rate_up": lambda p, r: replace(p, hr_bpm=round(r.uniform(106, 140), 1)),
+    "rate_down": lambda p, r: replace(p, hr_bpm=round(r.uniform(42, 54), 1)),
+    "new_st_elevation": lambda p, r: replace(p, st="elev_inferior", st_mv=r.uniform(0.2, 0.35)),
+    "new_pvcs": lambda p, r: replace(p, pvc_per_min=r.uniform(8, 16)),
+    "low_voltage": lambda p, r: replace(p, low_voltage=True)}
 
 
 def event_allowed(p, event):
     """Only changes that make sense for this person now (no 'new AF' in AF, no block on a block)."""
-    return {"new_af": p.rhythm == "sinus", "new_lbbb": p.conduction == "normal",
-            "new_rbbb": p.conduction == "normal", "qt_prolongation": p.qtc_ms < 470,
-            "new_avb1": p.rhythm == "sinus" and p.pr_ms <= 200,
-            "rate_up": p.rhythm == "sinus" and 60 <= p.hr_bpm <= 100,
-            "rate_down": p.rhythm == "sinus" and 60 <= p.hr_bpm <= 100,
+    sinus, normal_rate = p.rhythm == "sinus", 60 <= p.hr_bpm <= 100
+    return {"new_af": sinus, "new_lbbb": p.conduction == "normal", "new_rbbb": p.conduction == "normal",
+            "qt_prolongation": p.qtc_ms < 470, "new_avb1": sinus and p.pr_ms <= 200,
+            "rate_up": sinus and normal_rate, "rate_down": sinus and normal_rate,
             "new_st_elevation": p.st == "none" and p.conduction == "normal",
             "new_pvcs": p.pvc_per_min == 0, "low_voltage": not p.low_voltage}[event]
 
@@ -633,17 +599,16 @@ def patient_history(patient, n_visits, seed, change_prob=0.7):
 
 
 # --------------------------------------------------------------------------- a look at it
-
 def gallery(path="docs/synthetic_ecgs.svg"):
     """One sheet: a normal 12-lead record, then rhythm strips of AF, PVCs, LBBB, RBBB and flutter."""
-    rec, truth = synth_ecg(dataclasses.replace(make_patient(1, findings=set()), axis_deg=45), 10, 500, noise=0.4, seed=1)
+    rec, truth = synth_ecg(replace(make_patient(1, findings=set()), axis_deg=45), 10, 500, noise=0.4, seed=1)
     rows, labels = list(rec.signal), list(rec.leads)
     strips = [({"af"}, "II", "AF"), ({"pvc"}, "II", "PVC"), ({"lbbb"}, "V1", "LBBB"), ({"lbbb"}, "I", "LBBB"),
               ({"rbbb"}, "V1", "RBBB"), ({"flutter"}, "II", "flutter")]
     for k, (findings, lead, name) in enumerate(strips):
         p = make_patient(10 + k % 4 if name != "LBBB" else 12, findings=findings)
         if name == "PVC":
-            p = dataclasses.replace(p, pvc_per_min=12.0)
+            p = replace(p, pvc_per_min=12.0)
         strip, _ = synth_ecg(p, 10, 500, leads=[lead], noise=0.4, seed=k)
         rows.append(strip.signal[0])
         labels.append(f"{name} {lead}")

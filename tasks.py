@@ -25,7 +25,6 @@ from synth import STATEMENTS, Patient, make_patient, patient_history, sees_front
 
 # --------------------------------------------------------------------------- 1. task builders
 # Question paraphrases per task (the location ones are anyECG's own wording).
-
 REPORT_QUESTIONS = [
     "May I have the official report for the ECG provided?", "Give me a detailed report on this ECG.",
     "Provide me with the report of this ECG.", "Please write the machine report for this ECG.",
@@ -224,7 +223,6 @@ def multi_row(paths, truths, days, rng):
 
 
 # --------------------------------------------------------------------------- 2. synthetic data
-
 LEAD_SETS = [  # (leads, share): home-style reduced-lead records are half of the data
     (tuple(STANDARD_LEADS), 0.5), (("I",), 0.15), (("II",), 0.15), (("II", "V5"), 0.1), (("II", "V1"), 0.1)]
 NATIVE_FS = [100, 250, 360, 500]        # rates records are "recorded" at, before resampling
@@ -303,10 +301,9 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
     Per patient: 1 visit (half of them) or 2..max_visits visits over time (max 6); each visit a 10 s record in a
     random lead set and native rate, with a report, a grounded interpretation, ECG-QA questions (one asked as the
     follow-up of the report or the grounded chat in FOLLOWUP_SHARE of them: rows' "followups"), and (mostly for
-    patients with ectopy or a block) a 10 s localization clip. Some patients add a long clip (20 s ..
-    max_long_s); patients with several visits add multi-ECG and comparison questions.
-    split: "train", "val" or "test". The test split always uses TEST_SEED, so it is fixed across runs, and
-    patients of different splits come from disjoint seed streams."""
+    patients with ectopy or a block) a 10 s localization clip. Some patients add a long clip (20 s .. max_long_s);
+    patients with several visits add multi-ECG and comparison questions. split: "train", "val" or "test"; the test
+    split always uses TEST_SEED, so it is fixed across runs, and the splits draw their patients from disjoint seeds."""
     if split not in SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
     tasks = set(tasks or TASKS)
@@ -329,7 +326,10 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
                 then = ecgqa_single_row(path, truth, rng)
                 visit_rows[int(rng.integers(2))]["followups"] = [[then["question"], then["answer"]]]
             rows += [r for r in visit_rows if r["task"] in tasks]
-            if "location" in tasks and rng.random() < _location_chance(p):
+            # clips mostly from people with ectopic beats; blocks (whole-clip answers) and beat-free records (the
+            # "No ... Found" answers) less often
+            chance = 1.0 if p.pac_per_min > 0 or p.pvc_per_min > 0 else 0.4 if p.conduction != "normal" else 0.25
+            if "location" in tasks and rng.random() < chance:
                 rows.append(_location_clip(specs, f"{path}_loc", p, 10.0, rng, "location"))
         if "location_long" in tasks and rng.random() < long_share:
             length = float(rng.uniform(20, max_long_s)) if max_long_s > 20 else max_long_s
@@ -369,12 +369,6 @@ def _add_spec(specs, path, patient, duration, rng, holter=False):
                       float(rng.uniform(0.2, 1.5)), int(rng.integers(2**31)))
     specs[path] = spec
     return spec.generate()[1]
-
-
-def _location_chance(p):
-    """Clips mostly from people with ectopic beats; blocks (whole-clip answers) and
-    beat-free records (the 'No ... Found' answers) less often."""
-    return 1.0 if p.pac_per_min > 0 or p.pvc_per_min > 0 else 0.4 if p.conduction != "normal" else 0.25
 
 
 def _location_clip(specs, path, patient, length, rng, task, holter=False):

@@ -1,12 +1,11 @@
 """
 warmup.py — the encoders alone, taught the synthetic ground truth directly.
 
-train.py runs this before the curriculum (the encoder warm-up), and `python warmup.py` runs it
-on its own as a probe of how fast an encoder learns. Why it exists: through the LLM's
-next-token loss alone, the encoder gets a weak and late signal (the answers are templated, so
-the language prior explains most tokens), and a tiny model trained that way answers the same
-with the ECG as without it. With small linear heads on its tokens and the generator's exact
-truth as targets, the encoder learns in minutes. The heads are thrown away afterwards; the
+train.py runs this before the curriculum (the encoder warm-up), and `python warmup.py` runs it on its own as a
+probe of how fast an encoder learns. Why it exists: through the LLM's next-token loss alone, the encoder gets a
+weak and late signal (the answers are templated, so the language prior explains most tokens), and a tiny model
+trained that way answers the same with the ECG as without it. With small linear heads on its tokens and the
+generator's exact truth as targets, the encoder learns in minutes. The heads are thrown away afterwards; the
 encoder keeps what it learned.
 
   on the mean of an ECG's tokens   the report statements (multi-label), HR, PR, QRS, QT
@@ -131,9 +130,8 @@ def scores(out, items):
 
 @torch.no_grad()
 def evaluate(encoder, image_encoder, heads, test):
-    """Scores on held-out items: statement micro F1, HR MAE, per-channel beat-token F1 (and the count of
-    each channel's positive tokens), and the image head's F1 and HR MAE when there is one (P, Y: the
-    statement predictions)."""
+    """Scores on held-out items: statement micro F1, HR MAE, per-channel beat-token F1 (and the count of each
+    channel's positive tokens), the image head's F1 and HR MAE when there is one (P, Y: statement predictions)."""
     encoder.eval()
     outs = [ecg_outputs(encoder, heads, test[i:i + 64]) for i in range(0, len(test), 64)]
     f1, hr_mae, P, Y = scores(torch.cat([o[0] for o in outs]), test)
@@ -165,11 +163,10 @@ def ectopy_first(items, share=ECTOPY_SHARE):
 
 
 def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe", report=True):
-    """Train `encoder` (and `image_encoder`, if given) in place with linear heads on the
-    synthetic ground truth; see the file's docstring for the targets. desc: the progress
-    bar's name (None: no bar); report: print scores as it goes and a per-statement table.
-    -> {"statement_f1", "hr_mae", "beat_f1"} on cfg.held_out (+ "image_statement_f1",
-    "image_hr_mae" with an image encoder)."""
+    """Train `encoder` (and `image_encoder`, if given) in place with linear heads on the synthetic ground truth;
+    see the file's docstring for the targets. desc: the progress bar's name (None: no bar); report: print scores
+    as it goes and a per-statement table. -> {"statement_f1", "hr_mae", "beat_f1", "beat_n"} on cfg.held_out
+    (+ "image_statement_f1", "image_hr_mae" with an image encoder)."""
     torch.manual_seed(cfg.seed)
     train = make_items("train", cfg.train_patients, cfg.seed, encoder, image_encoder)
     test = make_items(cfg.held_out, cfg.test_patients, cfg.seed, encoder, image_encoder)
