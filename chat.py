@@ -327,7 +327,7 @@ class ECGChat(nn.Module):
             raise ValueError(f"{d / 'config.json'}: no 'nanoecg' section, so this is a plain LLM "
                              f"checkpoint, not an ECG-chat model (train one with train.py --llm {d})")
         llm = LLM.from_pretrained(d, dtype=dtype, device=device)
-        encoder = ECGEncoder(EncoderConfig(**raw["nanoecg"]["encoder"]))
+        encoder = ECGEncoder(EncoderConfig.from_dict(raw["nanoecg"]["encoder"]))
         image_cfg = raw["nanoecg"].get("image_encoder")
         image_encoder = ImageEncoder(ImageEncoderConfig(**image_cfg)) if image_cfg else None
         model = cls(llm, encoder, Tokenizer(d), raw["nanoecg"].get("max_seq_len"), image_encoder,

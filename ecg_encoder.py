@@ -52,6 +52,7 @@ class EncoderConfig:
     dropout: float = 0.0
     max_abs_mv: float = 20.0        # clamp: beyond this it is saturation / artefact
     max_period_s: float = 4 * 3600  # slowest time-code period, so hours stay distinct
+    rhythm: bool = True             # add each patch's beat timing (rhythm_features) to its embedding
 
     def __post_init__(self):
         self.leads = tuple(self.leads)  # a list from JSON becomes a tuple again
@@ -62,6 +63,10 @@ class EncoderConfig:
         assert abs(self.pool * self.tokens_per_second - self.fs / self.patch_size) < 1e-9, \
             "tokens_per_second must divide the patch rate fs / patch_size"
         assert self.patches_per_window % self.pool == 0, "a window must hold a whole number of output tokens"
+
+    @classmethod
+    def from_dict(cls, d):  # a saved config; files written before the rhythm features have none
+        return cls(**({"rhythm": False} | d))
 
     @property
     def patch_s(self):  # seconds per patch
@@ -82,6 +87,51 @@ class EncoderConfig:
     @classmethod
     def base(cls, **kw):  # ViT-Base like anyECG: 2 s patches, 5 tokens per 10 s
         return cls(**(dict(patch_size=200, tokens_per_second=0.5, d_model=768, n_layers=12, n_heads=12) | kw))
+
+
+# --------------------------------------------------------------------------- beat timing, measured
+def beat_times(x, fs):
+    """QRS complexes of one ECG (L, N) in mV -> their sample indices (n,). The absolute slope summed over the
+    leads and smoothed over 80 ms peaks at each QRS; a beat is a peak that is the largest within +-250 ms (a
+    refractory period) and reaches 30 % of the largest within +-1 s (so the threshold follows the amplitude
+    along a Holter). A plain slope detector in the spirit of Pan-Tompkins; docs/RESULTS.md has how it does on
+    MIT-BIH 100 and on the synthetic records."""
+    slope = (x[:, 1:] - x[:, :-1]).abs().sum(0)[None, None].float()  # (1, 1, N-1)
+    k, r, w = (round(s * fs) for s in (0.04, 0.25, 1.0))
+    energy = F.avg_pool1d(slope, 2 * k + 1, 1, k, count_include_pad=False)  # (1, 1, N-1)
+    peak = ((energy == F.max_pool1d(energy, 2 * r + 1, 1, r)) & (energy > 0.3 * F.max_pool1d(energy, 2 * w + 1, 1, w))
+            & (energy > 1e-3))[0, 0]
+    t = torch.nonzero(peak)[:, 0] + 1  # a plateau can give neighbours: keep the first of each run
+    return t[torch.cat([torch.ones(min(1, len(t)), dtype=torch.bool, device=t.device), t.diff() > r])]
+
+
+def rhythm_features(x, fs, patch_size, n_patches):
+    """One ECG (L, N) -> (n_patches, 5), zeros in a patch without a beat. Per patch: the number of beats
+    starting in it; the shortest RR before one of them and the longest RR after one, each as its difference
+    from the local median RR (of the 17 RRs around it) in tenths of that median; the local median in tenths of
+    a second from 0.8 s; and the local irregularity (the mean change between successive RRs, in tenths of the
+    median). Why: a PAC differs from a sinus beat mostly in coming early (MIT-BIH 100's: 0.65-0.85 of the RR),
+    which one patch cannot see and which the attention did not learn to measure from the patches' shapes
+    (docs/RESULTS.md); a PVC adds a compensatory pause; AF is early and late beats throughout."""
+    t = beat_times(x, fs)
+    out = torch.zeros(n_patches, 5, device=x.device)
+    if len(t) < 3:  # no rhythm to speak of
+        return out
+    rr = t.diff().float()  # (n-1,)
+    around = lambda v: F.pad(v, (8, 8), value=float("nan")).unfold(0, 17, 1)  # (len(v), 17): +-8 neighbours
+    median = around(rr).nanmedian(-1).values  # (n-1,)
+    irregular = around(F.pad(rr.diff().abs(), (0, 1), value=float("nan"))).nanmean(-1).nan_to_num() / median
+    ratio = 10 * (rr / median - 1)
+    zero = ratio.new_zeros(1)
+    before, after = torch.cat([zero, ratio]), torch.cat([ratio, zero])  # (n,): the first / last beat count as on time
+    local = torch.cat([median[:1], median]) * 10 / fs - 8, 10 * torch.cat([irregular[:1], irregular])  # (n,) each
+    patch = t // patch_size
+    out[:, 0].index_add_(0, patch, torch.ones_like(before))
+    out[:, 1].scatter_reduce_(0, patch, before, "amin", include_self=False)
+    out[:, 2].scatter_reduce_(0, patch, after, "amax", include_self=False)
+    for c, v in zip((3, 4), local):
+        out[:, c].scatter_reduce_(0, patch, v, "mean", include_self=False)
+    return out.clamp(-10, 10)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -134,6 +184,7 @@ class ECGEncoder(nn.Module):
         self.patch_proj = nn.Linear(P + 2, d)  # the patch's shape, its mean and its std, in mV
         self.patch_out_norm = nn.LayerNorm(d)
         self.lead_emb = nn.Embedding(len(cfg.leads), d)
+        self.rhythm_proj = nn.Linear(5, d) if cfg.rhythm else None  # rhythm_features -> the same width
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
 
@@ -188,10 +239,13 @@ class ECGEncoder(nn.Module):
         L, N = x.shape
         P, n_p = self.cfg.patch_size, self.num_patches(N)
         x = x.clamp(-self.cfg.max_abs_mv, self.cfg.max_abs_mv)
+        rhythm = rhythm_features(x, self.cfg.fs, P, n_p) if self.rhythm_proj is not None else None  # (n_p, 5)
         x = F.pad(x, (0, n_p * P - N)).view(L, n_p, P)  # (L, n_p, P)
         mean = x.mean(-1, keepdim=True)  # (L, n_p, 1)
         stats = torch.cat([mean, x.std(-1, correction=0, keepdim=True)], dim=-1)  # (L, n_p, 2)
-        h = self.patch_out_norm(self.patch_proj(torch.cat([x - mean, stats], -1)))
+        h = self.patch_out_norm(self.patch_proj(torch.cat([x - mean, stats], -1)))  # (L, n_p, C)
+        if rhythm is not None:  # the same beat timing for every lead: it is the ECG's
+            h = h + self.rhythm_proj(rhythm.to(h.dtype))
         ids = torch.tensor([self.lead_index[n] for n in names], device=x.device)
         return h + self.lead_emb(ids)[:, None, :] + self._time(n_p, self.cfg.patch_s)  # (L, n_p, C)
 
@@ -491,7 +545,7 @@ def load_encoder_config(path):
     meta = file_metadata(path)
     if "config" not in meta:
         raise ValueError(f"{path} holds no encoder config in its metadata")
-    return EncoderConfig(**json.loads(meta["config"]))
+    return EncoderConfig.from_dict(json.loads(meta["config"]))
 
 
 # --------------------------------------------------------------------------- anyECG-chat's own encoder and checkpoint

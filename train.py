@@ -690,7 +690,8 @@ def warm_up_encoder(cfg, model, env):
     steps = cfg.encoder_warmup_steps
     wcfg = WarmupConfig(steps, cfg.encoder_warmup_lr, cfg.batch_size, cfg.train_patients,
                         eval_every=steps, seed=cfg.seed, held_out="val")
-    made_by = {"warmup": asdict(wcfg), "image": image_encoder is not None}
+    made_by = {"warmup": asdict(wcfg), "image": image_encoder is not None,
+               "encoder": json.loads(json.dumps(asdict(encoder.cfg)))}  # as the file's JSON reads back
     if all(path.exists() for _, path in files):
         problem = next(filter(None, (warmup_file_problem(path, made_by) for _, path in files)), None)
         if problem is None:

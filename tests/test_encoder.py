@@ -2,15 +2,18 @@
 window independence, gradients, bad input, weights I/O. Tiny preset, CPU, fp32."""
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bench import count_flops
-from data import STANDARD_LEADS
-from ecg_encoder import (ECGEncoder, EncoderConfig, Projector, check_fits, load_encoder_config, load_encoder_weights,
-                         save_encoder_weights)
+from data import STANDARD_LEADS, load_ecg, prepare_ecg
+from ecg_encoder import (ECGEncoder, EncoderConfig, Projector, beat_times, check_fits, load_encoder_config,
+                         load_encoder_weights, rhythm_features, save_encoder_weights)
 
+PHYSIONET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "physionet"
 FS = 100  # the tiny preset's rate; the tests state expectations in seconds and samples
 
 
@@ -175,7 +178,7 @@ def test_absolute_time_code_is_added_at_the_output(tps):
 
 
 def test_windows_are_independent():
-    enc = make_encoder()
+    enc = make_encoder(rhythm=False)  # the attention; the rhythm features measure across borders (tested below)
     x = ecg(2, 45, seed=9)
     y = x.clone()
     y[:, 2000:3000] += 1.0  # change samples of window 3 only (20-30 s)
@@ -183,6 +186,72 @@ def test_windows_are_independent():
     assert maxdiff(a[:40], b[:40]) <= 1e-6   # windows 1 and 2: tokens 0-39
     assert maxdiff(a[60:], b[60:]) <= 1e-6   # windows 4 and 5
     assert maxdiff(a[40:60], b[40:60]) > 1e-2
+
+
+# --- beat timing (rhythm features) ----------------------------------------------
+
+def pulse_train(onsets_s, seconds, n_leads=2):
+    """A flat ECG with a 60 ms, 1 mV triangular QRS at each onset (s)."""
+    x = torch.zeros(n_leads, round(seconds * FS))
+    for t in onsets_s:
+        i = round(t * FS)
+        x[:, i:i + 3] += torch.tensor([0.5, 1.0, 0.5])
+    return x
+
+
+def test_rhythm_features_measure_an_early_beat_and_a_pause():
+    onsets = [0.2 + k for k in range(5)] + [4.9] + [5.9 + k for k in range(4)]  # RR 1 s; the 6th comes at 0.7 s
+    f = rhythm_features(pulse_train(onsets, 10), FS, 50, 20)  # (20 patches of 0.5 s, 5)
+    assert f[:, 0].sum() == len(onsets) and f[9, 0] == 1  # each beat in its patch: 4.9 s is patch 9
+    assert f[9, 1] == pytest.approx(-3, abs=0.2)         # 0.7 of the median RR: 3 tenths early
+    assert f[9, 2] == pytest.approx(0, abs=0.2)          # reset: the next RR is normal
+    assert f[8, 2] == pytest.approx(-3, abs=0.2)         # the beat before it (4.2 s) is followed early
+    assert f[9, 3] == pytest.approx(10 - 8, abs=0.2)     # the local median RR, 1 s, in tenths from 0.8 s
+    assert f[9, 4] == pytest.approx(10 * 0.6 / 8, abs=0.05)  # RR changes 0.3 s twice in 8 changes
+    assert (f[[0, 2, 4], 1:3].abs() < 0.2).all() and (f[[1, 3, 5]] == 0).all()  # on time; no beat
+    compensated = [0.2 + k for k in range(5)] + [4.9, 6.2, 7.2, 8.2, 9.2]  # a PVC's full compensatory pause
+    assert rhythm_features(pulse_train(compensated, 10), FS, 50, 20)[9, 2] == pytest.approx(3, abs=0.2)
+
+
+def test_rhythm_features_change_the_tokens_and_old_configs_have_none():
+    x = pulse_train([0.2 + k for k in range(10)], 10)
+    y = pulse_train([0.2 + k for k in range(5)] + [4.9] + [5.9 + k for k in range(4)], 10)
+    a, b = encode(make_encoder(), [x, y], [["I", "II"]] * 2)
+    assert maxdiff(a[9:11], b[9:11]) > 1e-2  # the early beat's tokens
+    cfg = EncoderConfig.tiny().__dict__ | {"leads": list(STANDARD_LEADS)}
+    del cfg["rhythm"]  # as saved before the field existed
+    old = EncoderConfig.from_dict(cfg)
+    assert not old.rhythm and ECGEncoder(old).rhythm_proj is None
+    assert EncoderConfig.from_dict(EncoderConfig.tiny().__dict__) == EncoderConfig.tiny()
+
+
+def test_beat_times_find_the_synthetic_beats():
+    from tasks import build_synthetic_dataset
+    ds = build_synthetic_dataset(40, seed=3, split="train", tasks=["report"])
+    found = total = extra = 0
+    for row in ds.rows:
+        _, truth = ds.record(row["ecg_path"][0])
+        ecg = ds.inputs(row)[0]
+        t = beat_times(torch.from_numpy(ecg.signal.astype("float32")), FS).numpy()
+        true = np.asarray(truth.beat_samples) / truth.fs * FS
+        near = np.abs(true[:, None] - t[None, :]) < 0.15 * FS  # (true, found): within a wide QRS
+        found, total, extra = found + near.any(1).sum(), total + len(true), extra + (~near.any(0)).sum()
+    assert found >= 0.96 * total and extra <= 0.04 * total, (found, extra, total)
+
+
+@pytest.mark.skipif(not (PHYSIONET / "100.atr").exists(), reason="../shared/data/physionet/100 is not here")
+def test_beat_times_find_every_beat_of_mit_bih_100():
+    wfdb = pytest.importorskip("wfdb")
+    rec = prepare_ecg(load_ecg(PHYSIONET / "100"), fs=FS)
+    t = beat_times(torch.from_numpy(rec.signal), FS).numpy()
+    ann = wfdb.rdann(str(PHYSIONET / "100"), "atr")
+    beat = np.isin(ann.symbol, list("NLRAaJSVEFjfe/Q"))
+    true = ann.sample[beat] / 360 * FS
+    nearest = np.abs(true[:, None] - t[None, :]).min(1)  # (beats,)
+    assert len(t) == len(true) and (nearest < 0.1 * FS).all()
+    pacs = [np.abs(t - s).argmin() for s in true[np.array(ann.symbol)[beat] == "A"]]
+    f = rhythm_features(torch.from_numpy(rec.signal), FS, 50, -(-rec.signal.shape[1] // 50))
+    assert (f[t[pacs] // 50, 1] < -1.2).all()  # every one of its 33 PACs is measured early
 
 
 # --- training ------------------------------------------------------------------

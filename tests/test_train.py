@@ -407,6 +407,10 @@ def test_a_diverging_warm_up_stops_clearly_and_a_poisoned_warm_up_file_is_not_re
     assert all(torch.isfinite(t).all() for t in load_file(str(path)).values())      # replaced by a good one
     with pytest.warns(UserWarning, match="made by another warm-up"):                 # other settings: not reused
         train.warm_up_encoder(replace(cfg, encoder_warmup_steps=3), fresh, env)
+    deeper = replace(cfg, encoder_warmup_steps=3, encoder_layers=fresh.encoder.cfg.n_layers + 1)
+    other = train.build_model(deeper, model.tokenizer, torch.device("cpu"), torch.float32)
+    with pytest.warns(UserWarning, match="made by another warm-up"):                 # another encoder: not loaded
+        train.warm_up_encoder(deeper, other, env)
 
 
 def test_values_a_run_cannot_use_are_named_before_anything_is_built(tmp_path):
