@@ -4,16 +4,18 @@ the image encoder for paper printouts (GEM's second modality): a small ViT, or a
 (`load_clip_vision`). Last, anyECG-chat's own encoder and projector (`AnyECG`, `load_anyecg`), beside nanoECG's.
 
 Design in one paragraph. Each lead is cut on its own into patches of `patch_size` samples (anyECG-style), so a token
-is (one lead, one stretch of time); its embedding is the patch's shape and amplitude + a learned embedding of its lead
-name + a fixed sinusoidal code of its ABSOLUTE start time in seconds. Absent leads make no tokens: they cost nothing
-and cannot be mistaken for a flat lead. Attention is local to windows of `window_s` seconds (every lead and patch in a
-window attends to every other, nothing crosses a window border), so cost and memory are linear in duration and an
-hour-long Holter encodes on a laptop. To spend no attention on padding, the windows of a batch are grouped by shape
-(n_leads, n_patches) and each group runs as one dense (B, T, C) batch through `F.scaled_dot_product_attention` (full
-10 s windows of 12-lead ECGs together, a short last window in a small group of its own); `packed="nested"` instead
-packs every window into one nested jagged tensor (SDPA's variable-length path). At the output the present leads are
-averaged per patch (the token count does not depend on the lead count), consecutive patches are average-pooled to
-`tokens_per_second`, and the absolute time code is added again so the LLM can read "at 12.3 s" off a token.
+is (one lead, one stretch of time); its embedding is the patch's shape and amplitude + a learned embedding of its
+lead name + a fixed sinusoidal code of its ABSOLUTE start time in seconds + its beats' timing, measured (RR before
+and after over the local median RR: `rhythm_features`, the one input that sees across windows). Absent leads make no
+tokens: they cost nothing and cannot be mistaken for a flat lead. Attention is local to windows of `window_s`
+seconds (every lead and patch in a window attends to every other, nothing crosses a window border), so cost and
+memory are linear in duration and an hour-long Holter encodes on a laptop. To spend no attention on padding, the
+windows of a batch are grouped by shape (n_leads, n_patches) and each group runs as one dense (B, T, C) batch
+through `F.scaled_dot_product_attention` (full 10 s windows of 12-lead ECGs together, a short last window in a small
+group of its own); `packed="nested"` instead packs every window into one nested jagged tensor (SDPA's
+variable-length path). At the output the present leads are averaged per patch (the token count does not depend on
+the lead count), consecutive patches are average-pooled to `tokens_per_second`, and the absolute time code is added
+again so the LLM can read "at 12.3 s" off a token.
 
 Why no min-max scaling (anyECG scales each lead to [-1, 1]): amplitude in mV is diagnostic (low voltage, ST
 shift), so signals are only clamped to +-`max_abs_mv`. Why no per-patch LayerNorm (anyECG has one): it would blow
