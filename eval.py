@@ -66,6 +66,8 @@ def anyecg_iou(pred, ref):
                 for text in (pred, ref))
     except ValueError:
         return 0.0
+    if any(len(span) != 2 for span in p + r):   # a span with no "-" ("Duration: 3.2s"): their parser fails too
+        return 0.0
     inter = sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in p for a2, b2 in r)
     union = sum(b - a for a, b in merge_intervals(p + r))
     return inter / union if union > 0 else 0.0

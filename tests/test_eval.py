@@ -65,6 +65,8 @@ def test_iou_intervals(pred, ref, iou):
     ("Duration: 1.0s-3.0s.", "Duration: 1.0s-3.0s", 0.0),                  # their parser: "3.0s." is no number
     ("Duration: 1.0s-3.0s, 2.0s-4.0s", "Duration: 1.0s-4.0s", 4 / 3),      # overlaps summed pairwise: 2 + 2 over 3
     ("Duration: 0.0s-2.0s, 1.0s-3.0s", "Duration: 1.0s-2.0s, 2.5s-4.0s", 2.5 / 4.0),   # (1 + 1 + 0.5) / 4
+    ("Duration: 3.2s", "Duration: 3.0s-4.0s", 0.0),                        # a span without its end: 0, no crash
+    ("Duration: 1.0s-2.0s-3.0s", "Duration: 1.0s-3.0s", 0.0),               # "2.0s-3.0s" is no number
 ])
 def test_anyecg_own_iou_sums_pairwise_overlaps(pred, ref, theirs):
     assert ev.anyecg_iou(pred, ref) == pytest.approx(theirs)
