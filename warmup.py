@@ -130,16 +130,18 @@ def scores(out, items):
 
 @torch.no_grad()
 def evaluate(encoder, image_encoder, heads, test):
-    """Scores on held-out items: statement micro F1, HR MAE, per-channel beat-token F1 (and the count of each
-    channel's positive tokens), the image head's F1 and HR MAE when there is one (P, Y: statement predictions)."""
+    """Scores on held-out items: statement micro F1, HR MAE, per-channel beat-token F1 (with a 95 % interval over
+    the ECGs, and the count of each channel's positive tokens), the image head's F1 and HR MAE when there is one
+    (P, Y: statement predictions)."""
     encoder.eval()
     outs = [ecg_outputs(encoder, heads, test[i:i + 64]) for i in range(0, len(test), 64)]
     f1, hr_mae, P, Y = scores(torch.cat([o[0] for o in outs]), test)
-    bp = torch.cat([b for o in outs for b in o[1]]) > heads.beat_threshold
-    by = torch.cat([it.beats for it in test]) > 0
-    beat_f1 = [2 * (bp & by)[:, c].sum().item() / max(1, bp[:, c].sum().item() + by[:, c].sum().item())
-               for c in range(len(BEAT_CHANNELS))]
-    result = {"statement_f1": f1, "hr_mae": hr_mae, "beat_f1": beat_f1, "beat_n": by.sum(0).tolist(), "P": P, "Y": Y}
+    said = [b > heads.beat_threshold for o in outs for b in o[1]]  # per ECG (tokens, 5)
+    counts = torch.stack([torch.stack([(p & y).sum(0), p.sum(0), y.sum(0)])  # (ECGs, 3, 5): hits, said, true
+                          for p, y in zip(said, (it.beats > 0 for it in test))]).double()
+    beat_f1, beat_f1_95 = beat_f1_interval(counts)
+    result = {"statement_f1": f1, "hr_mae": hr_mae, "beat_f1": beat_f1, "beat_f1_95": beat_f1_95,
+              "beat_n": counts[:, 2].sum(0).long().tolist(), "P": P, "Y": Y}
     with_image = [it for it in test if it.image is not None]
     if image_encoder is not None and with_image:
         image_encoder.eval()
@@ -149,6 +151,17 @@ def evaluate(encoder, image_encoder, heads, test):
         image_encoder.train()
     encoder.train()
     return result
+
+
+def beat_f1_interval(counts, draws=2000, seed=0):
+    """Per-channel token F1 from per-ECG counts (ECGs, 3 = hits / said / true, channels), and its 95 % bootstrap
+    interval over the ECGs drawn again with replacement (A beats are few: the interval says how few)."""
+    weights = torch.from_numpy(np.random.default_rng(seed).multinomial(len(counts), [1 / len(counts)] * len(counts),
+                                                                       size=draws)).double()  # (draws, ECGs)
+    sums = torch.cat([counts.sum(0, keepdim=True), torch.einsum("de,ekc->dkc", weights, counts)])  # (1 + draws, 3, C)
+    f1 = 2 * sums[:, 0] / (sums[:, 1] + sums[:, 2]).clamp(min=1)  # (1 + draws, C)
+    lo, hi = f1[1:].quantile(torch.tensor([0.025, 0.975], dtype=f1.dtype), dim=0)
+    return f1[0].tolist(), list(zip(lo.tolist(), hi.tolist()))
 
 
 def ectopy_first(items, share=ECTOPY_SHARE):
@@ -165,7 +178,7 @@ def ectopy_first(items, share=ECTOPY_SHARE):
 def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe", report=True):
     """Train `encoder` (and `image_encoder`, if given) in place with linear heads on the synthetic ground truth;
     see the file's docstring for the targets. desc: the progress bar's name (None: no bar); report: print scores
-    as it goes and a per-statement table. -> {"statement_f1", "hr_mae", "beat_f1", "beat_n"} on cfg.held_out
+    as it goes and a per-statement table. -> {"statement_f1", "hr_mae", "beat_f1", "beat_f1_95", "beat_n"} on cfg.held_out
     (+ "image_statement_f1", "image_hr_mae" with an image encoder)."""
     torch.manual_seed(cfg.seed)
     train = make_items("train", cfg.train_patients, cfg.seed, encoder, image_encoder)
@@ -216,7 +229,8 @@ def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe",
 def summary(r):
     """One line of an evaluate() result."""
     image = f"  image: F1 {r['image_statement_f1']:.3f} HR MAE {r['image_hr_mae']:.1f}" if "image_hr_mae" in r else ""
-    beats = " ".join(f"{c} {v:.2f} (n={n})" for c, v, n in zip(BEAT_CHANNELS, r["beat_f1"], r["beat_n"]))
+    beats = " ".join(f"{c} {v:.2f} [{lo:.2f}, {hi:.2f}] (n={n})"
+                     for c, v, (lo, hi), n in zip(BEAT_CHANNELS, r["beat_f1"], r["beat_f1_95"], r["beat_n"]))
     return f"statement micro F1 {r['statement_f1']:.3f}  HR MAE {r['hr_mae']:.1f} bpm  beat-token F1 {beats}{image}"
 
 

@@ -40,6 +40,13 @@ def test_command_line_saves_an_encoder_with_its_config(tmp_path, capsys):
     assert load_encoder_config(path) == EncoderConfig.tiny(d_model=32, n_layers=1)
 
 
+def test_beat_f1_interval_is_the_f1_of_ecgs_drawn_again():
+    counts = torch.tensor([[[2, 2, 2]], [[0, 1, 1]], [[0, 0, 0]]], dtype=torch.float64).transpose(1, 2)  # (3, 3, 1)
+    f1, ci = warmup.beat_f1_interval(counts, draws=500)
+    assert f1 == [2 * 2 / (3 + 3)]                          # all hits over all said and true
+    assert 0 <= ci[0][0] < f1[0] < ci[0][1] == 1.0           # drawing the first ECG alone gives 1
+
+
 def test_beat_tokens_are_decided_at_the_threshold_of_the_weighted_loss():
     # the loss weighs positives by w, so "beat" is logit > log(w): the same logits give a positive at
     # threshold 0 and none at a threshold above them
@@ -53,5 +60,7 @@ def test_beat_tokens_are_decided_at_the_threshold_of_the_weighted_loss():
     n_tokens = sum(len(it.beats) for it in test)
     assert r["beat_n"][0] == sum(int(it.beats[:, 0].sum()) for it in test) > 0
     assert abs(r["beat_f1"][0] - 2 * r["beat_n"][0] / (n_tokens + r["beat_n"][0])) < 1e-9   # every token said "beat"
+    lo, hi = r["beat_f1_95"][0]
+    assert lo <= r["beat_f1"][0] <= hi and hi - lo > 0    # the ECGs drawn again: an interval around it
     heads.beat_threshold = torch.full((len(warmup.BEAT_CHANNELS),), 1.5)
     assert warmup.evaluate(enc, None, heads, test)["beat_f1"] == [0.0] * len(warmup.BEAT_CHANNELS)
