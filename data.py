@@ -3,7 +3,8 @@ data.py — ECG records and the files they come from. The ground floor: it impor
 
 Read top to bottom:
   1. Records      `ECGRecord` (mV (leads, samples), fs, leads), lead and task names, `atomic_write` (every file
-                  write), `read_json`, `read_tensors` (weights from .safetensors, or .bin/.pth without unpickling code).
+                  write), `read_json`, `read_tensors` (weights from .safetensors, or .bin/.pth without unpickling code),
+                  `bootstrap_weights` (the resampling behind every 95 % interval).
   2. Lead names   the aliases real files use (MLII, D3, lower case, a lone "ECG", ...).
   3. Reading      `load_ecg`: WFDB records (any format, multi-file ones), .npy, .csv; one clear error per bad file.
   4. Cleaning     flat/empty leads, NaN/Inf repair, FFT resampling, `prepare_ecg` (as the model reads it), `cut_ecg`,
@@ -85,6 +86,14 @@ def read_tensors(path):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     return state
+
+
+def bootstrap_weights(n, draws=2000, seed=0):
+    """(1 + draws, n) weights of n scored items: row 0 counts each once, each later row is the n items drawn again
+    with replacement. Weights @ per-item counts = the statistic's counts as measured, then `draws` times
+    resampled; their 2.5 and 97.5 percentiles make every 95 % interval nanoECG reports (eval.py, warmup.py)."""
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=draws)  # (draws, n)
+    return np.vstack([np.ones(n), counts])
 
 
 # --------------------------------------------------------------------------- 2. lead names

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from chat import ECGChat, turns_of
-from data import (LOCATION_TASKS, TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, merge_intervals,
-                  parse_localization, row_paths)
+from data import (LOCATION_TASKS, TASKS, ECGRecord, RowECGReader, atomic_write, bootstrap_weights, load_rows,
+                  merge_intervals, parse_localization, row_paths)
 from synth import STATEMENTS
 
 
@@ -332,8 +332,7 @@ def bootstrap(rows, preds, baseline=None, draws=2000, seed=0):
 
     def parts_of(answers):   # (n, 3)
         return np.array([metric_parts(r, a)[1] for r, a in zip(rows, answers)], dtype=np.float64)
-    counts = np.random.default_rng(seed).multinomial(len(rows), np.full(len(rows), 1 / len(rows)), size=draws)
-    weights = np.vstack([np.ones(len(rows)), counts])   # row 0: the rows as they are, then the draws
+    weights = bootstrap_weights(len(rows), draws, seed)   # (1 + draws, n): the rows as they are, then the draws
     values = _from_sums(metric, weights @ parts_of(preds))
     if baseline is not None:
         values = values - _from_sums(metric, weights @ parts_of(baseline))

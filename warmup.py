@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import bootstrap_weights
 from ecg_encoder import ECGEncoder, EncoderConfig, save_encoder_weights
 from paper import WIDTH_MM, render_ecg
 from synth import STATEMENTS
@@ -156,9 +157,8 @@ def evaluate(encoder, image_encoder, heads, test):
 def beat_f1_interval(counts, draws=2000, seed=0):
     """Per-channel token F1 from per-ECG counts (ECGs, 3 = hits / said / true, channels), and its 95 % bootstrap
     interval over the ECGs drawn again with replacement (A beats are few: the interval says how few)."""
-    weights = torch.from_numpy(np.random.default_rng(seed).multinomial(len(counts), [1 / len(counts)] * len(counts),
-                                                                       size=draws)).double()  # (draws, ECGs)
-    sums = torch.cat([counts.sum(0, keepdim=True), torch.einsum("de,ekc->dkc", weights, counts)])  # (1 + draws, 3, C)
+    weights = torch.from_numpy(bootstrap_weights(len(counts), draws, seed))  # (1 + draws, ECGs)
+    sums = torch.einsum("de,ekc->dkc", weights, counts)  # (1 + draws, 3, C): as measured, then each draw
     f1 = 2 * sums[:, 0] / (sums[:, 1] + sums[:, 2]).clamp(min=1)  # (1 + draws, C)
     lo, hi = f1[1:].quantile(torch.tensor([0.025, 0.975], dtype=f1.dtype), dim=0)
     return f1[0].tolist(), list(zip(lo.tolist(), hi.tolist()))
@@ -178,8 +178,8 @@ def ectopy_first(items, share=ECTOPY_SHARE):
 def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe", report=True):
     """Train `encoder` (and `image_encoder`, if given) in place with linear heads on the synthetic ground truth;
     see the file's docstring for the targets. desc: the progress bar's name (None: no bar); report: print scores
-    as it goes and a per-statement table. -> {"statement_f1", "hr_mae", "beat_f1", "beat_f1_95", "beat_n"} on cfg.held_out
-    (+ "image_statement_f1", "image_hr_mae" with an image encoder)."""
+    as it goes and a per-statement table. -> {"statement_f1", "hr_mae", "beat_f1", "beat_f1_95", "beat_n"} on
+    cfg.held_out (+ "image_statement_f1", "image_hr_mae" with an image encoder)."""
     torch.manual_seed(cfg.seed)
     train = make_items("train", cfg.train_patients, cfg.seed, encoder, image_encoder)
     test = make_items(cfg.held_out, cfg.test_patients, cfg.seed, encoder, image_encoder)
