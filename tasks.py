@@ -9,6 +9,12 @@ tasks.py — the anyECG / GEM tasks, and the synthetic dataset the default run t
                      "synth/train/tr0-00012/v2_loc"; the dataset regenerates them from their spec (same seed ->
                      same bytes) or writes them as WFDB records + JSON so any anyECG tool can read them.
 Rows are plain dicts in the anyECG format (see data.py for reading such files).
+
+BALANCE. A closed question (yes/no, trend, which ECG) tests reading only if its answer cannot be guessed from the
+question. Left alone, the generator's answers are lopsided: "Does this ECG show ...?" is yes 58 % of the time, a
+series of 2-6 ECGs keeps its heart rate within 10 bpm in 62 % and its rhythm in 66 %, and a model learns those answers instead
+of reading. So yes/no questions are yes half the time, and multi-ECG rows with a series' usual answer are kept only
+in part (MULTI_KEEP), as VQA v2 balanced its answers against language priors.
 """
 import functools
 import json
@@ -143,8 +149,9 @@ def ecgqa_single_row(path, t, rng):
     """One ECG-QA style question about one ECG: verify (yes/no), choose, or query."""
     have = set(findings_of(t))
     kind = str(rng.choice(["verify", "choose", "query"]))
-    if kind == "verify":
-        s = str(rng.choice(sorted(have))) if have and rng.random() < 0.5 else str(rng.choice(askable([t])))
+    if kind == "verify":   # yes and no equally often (see BALANCE)
+        absent = [s for s in askable([t]) if s not in have]
+        s = str(rng.choice(sorted(have) if have and (rng.random() < 0.5 or not absent) else absent))
         q, a, tid = f"Does this ECG show {s.lower()}?", "yes" if s in have else "no", 1
     elif kind == "choose":
         options = [("Is the QRS complex of this ECG narrow or wide?", "wide" if t.qrs_ms >= 120 else "narrow", 20),
@@ -178,8 +185,10 @@ def ecgqa_comparison_row(paths, truths, rng, consecutive):
     pool = set(askable(truths))
     first, second = ([s for s in findings_of(t) if s in pool] for t in truths)
     kind = "verify" if rng.random() < 0.4 else "query"
-    if kind == "verify":
-        s = str(rng.choice(sorted(set(first) | set(second)) if rng.random() < 0.6 else sorted(pool)))
+    if kind == "verify":   # yes and no equally often (see BALANCE); a "no" mostly names a finding of one of them
+        both = sorted(set(first) & set(second))
+        one = sorted((set(first) | set(second)) - set(both)) if rng.random() < 0.6 else []
+        s = str(rng.choice(both if both and rng.random() < 0.5 else one or sorted(pool - set(both))))
         q, a = f"Do both ECGs show {s.lower()}?", "yes" if s in first and s in second else "no"
     else:
         q, a = [("Which findings are present in the first ECG but absent in the second ECG?",
@@ -191,13 +200,19 @@ def ecgqa_comparison_row(paths, truths, rng, consecutive):
             "question_type": f"comparison_{'consecutive' if consecutive else 'irrelevant'}-{kind}"}
 
 
-def multi_row(paths, truths, days, rng):
-    """2-6 ECGs of one patient over time; short answers that can be checked exactly."""
+MULTI_KINDS = ("per_ecg_report", "new_findings", "resolved_findings", "first_appearance", "hr_trend", "rhythm_change")
+# A series changes little: most heart rates stay within 10 bpm, most rhythms and findings stay. Rows with those
+# answers are kept only this often (see BALANCE).
+MULTI_KEEP = {("hr_trend", "unchanged"): 0.25, ("hr_trend", "increased"): 0.6, ("rhythm_change", "no"): 0.5,
+              ("resolved_findings", "none"): 0.55, ("first_appearance", "ECG1"): 0.4}
+
+
+def multi_row(kind, paths, truths, days, rng):
+    """A question of type `kind` (MULTI_KINDS) about 2-6 ECGs of one patient over time; short answers that can be
+    checked exactly."""
     pool = set(askable(truths))
     seen = [[s for s in findings_of(t) if s in pool] for t in truths]
     span = f"These {len(truths)} ECGs of one patient were recorded over {days[-1] - days[0]} days. "
-    kind = str(rng.choice(["per_ecg_report", "new_findings", "resolved_findings", "first_appearance",
-                           "hr_trend", "rhythm_change"]))
     if kind == "per_ecg_report":
         q = "What are the key findings in each ECG report?"
         a = " ".join(f"ECG{k + 1}: {', '.join(t.statements)}." for k, t in enumerate(truths))
@@ -294,11 +309,11 @@ class SyntheticDataset:
         return json_path
 
 
-def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, max_visits=4,
+def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, max_visits=6,
                             long_share=0.1, max_long_s=60.0, fs=100):
     """The one call train.py needs: `n_patients` simulated people -> SyntheticDataset.
 
-    Per patient: 1 visit (half of them) or 2..max_visits visits over time (max 6); each visit a 10 s record in a
+    Per patient: 1 visit (half of them) or 2..max_visits visits over time (at most 6); each visit a 10 s record in a
     random lead set and native rate, with a report, a grounded interpretation, ECG-QA questions (one asked as the
     follow-up of the report or the grounded chat in FOLLOWUP_SHARE of them: rows' "followups"), and (mostly for
     patients with ectopy or a block) a 10 s localization clip. Some patients add a long clip (20 s .. max_long_s);
@@ -335,8 +350,9 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
             length = float(rng.uniform(20, max_long_s)) if max_long_s > 20 else max_long_s
             rows.append(_location_clip(specs, f"synth/{split}/{patient.pid}/long", visits[-1][1], length, rng,
                                        "location_long", holter=True))
-        if n_visits >= 2 and "multi" in tasks:
-            rows.append(multi_row(visit_paths, visit_truths, [d for d, _, _ in visits], rng))
+        if n_visits >= 2 and "multi" in tasks:   # every question type about the series, then balanced
+            series = [multi_row(kind, visit_paths, visit_truths, [d for d, _, _ in visits], rng) for kind in MULTI_KINDS]
+            rows += [r for r in series if rng.random() < MULTI_KEEP.get((r["question_type"], r["answer"]), 1.0)]
         if n_visits >= 2 and "ecgqa" in tasks:
             k = int(rng.integers(n_visits - 1))
             rows.append(ecgqa_comparison_row(visit_paths[k:k + 2], visit_truths[k:k + 2], rng, consecutive=True))
