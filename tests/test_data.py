@@ -9,6 +9,7 @@ tests that need them skip with a reason when that folder is absent.
 import json
 import math
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 import data
 import synth
-from chat import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, SPECIAL_TOKENS, USER, _run_lengths, encode_chat
+from chat import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, SPECIAL_TOKENS, USER, _block_counts, encode_chat
 from data import (BEAT_NAMES, STANDARD_LEADS, ECGRecord, RowECGReader, load_ecg, load_rows, localization_answer,
                   parse_localization, prepare_ecg, resample)
 from model import train_tokenizer
@@ -371,6 +372,16 @@ def test_dataset_has_every_task_and_valid_rows(dataset):
             assert r["question"].endswith("Please answer briefly.") and r["question_type"]
 
 
+def test_closed_answers_are_balanced_so_that_the_question_alone_does_not_give_them():
+    rows = build_synthetic_dataset(300, seed=5, tasks=["ecgqa", "multi"]).rows
+    verify = [r["answer"] for r in rows if r["question_type"] == "single-verify"]
+    assert 0.45 < verify.count("yes") / len(verify) < 0.55
+    for kind in ("hr_trend", "rhythm_change", "first_appearance", "resolved_findings", "new_findings"):
+        (_, first), (_, second) = Counter(r["answer"] for r in rows if r["question_type"] == kind).most_common(2)
+        assert first == second, kind   # the most frequent answer is no more frequent than the runner-up
+    assert len({r["question_type"] for r in rows if r["task"] == "multi"}) == 6
+
+
 def test_dataset_answers_match_the_ecgs(dataset):
     for row in dataset.rows[:80]:
         ecgs = dataset.inputs(row)
@@ -433,8 +444,8 @@ def test_encode_chat_blocks_and_loss_mask(tokenizer):
     assert [lab for lab in labels if lab != -100] == target
     end = tokenizer.added[END_TURN]
     assert labels[-1] == end and labels[ids.index(end)] == -100, "the user's <|end|> carries no loss"
-    # blocks are consecutive runs of placeholders, in ECG order: what ECGChat checks
-    assert _run_lengths([i == tokenizer.added[ECG_TOKEN] for i in ids]) == [3, 5]
+    # the placeholders of each block, in ECG order: what ECGChat checks
+    assert _block_counts(ids, tokenizer.added[ECG_START], tokenizer.added[ECG_TOKEN]) == [3, 5]
 
 
 def test_encode_chat_multi_turn_and_generation_prompt(tokenizer):
