@@ -3,9 +3,8 @@ chat.py — the ECG chat model: an LLM that reads ECGs (and paper printouts of t
 them in. It joins model.py (the LLM) and ecg_encoder.py (the encoders).
 
   1. Chat format   the added tokens and `encode_chat`, the template with its loss labels:
-                     <bos><|user|>ECG1:<ecg> 0<ecg_token><ecg_token> 1<ecg_token>...</ecg>ECG2:...
-                     <img><img_token>x m</img>question<|end|><|assistant|>answer<|end|>
-                   (" 0", " 1": text time stamps, one per second of ECG, between its tokens)
+                     <bos><|user|>ECG1:<ecg><ecg_token>x n</ecg>ECG2:...<img><img_token>x m</img>question<|end|>
+                     <|assistant|>answer<|end|>
                    No newlines around the markers, so a generation prompt is exactly the start of a training
                    sequence. An instruct checkpoint keeps its own format (`ChatFormat`: Llama-3's, ChatML), the
                    blocks on its reserved tokens where it has them.
@@ -18,6 +17,7 @@ A model's *inputs* are, per prompt, a list of ECGRecords (data.py; the signal in
 paper-ECG images (uint8 RGB (H, W, 3)): a row's inputs as they are read.
 """
 import hashlib
+import itertools
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -91,30 +91,22 @@ def choose_format(tokenizer, name="auto"):
 
 
 def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False, image_token_counts=(),
-                fmt=FORMATS["nanoecg"], label_ecgs=False, token_s=0.0):
+                fmt=FORMATS["nanoecg"], label_ecgs=False):
     """turns: [("user", text), ("assistant", text), ...]; ecg_token_counts: placeholder tokens per ECG
     (encoder.num_tokens); image_token_counts: per image. -> (input_ids, labels), two equal-length lists, -100
     where no loss. The whole conversation is written out in `fmt` and encoded at once, as a Hugging Face chat
     template would be; the labels are the tokens that start inside an answer (through its `end`).
     add_generation_prompt: end with the opening of an assistant turn, for the model to continue.
     label_ecgs: with several ECGs, name each block ("ECG1:", "ECG2:", ...) as the answers name them: without a name
-    nothing tells the model which block a question or an answer means (their time codes all start at 0).
-    token_s: seconds of ECG per token; with it, each block carries its time in text, " 0" before the token starting
-    at 0 s, " 1" before the one at 1 s, ... (whole seconds). Why: an answer such as "Duration: 6.1s-7.7s" then
-    copies the stamp beside the token that holds the beat, as video chat models read frame times; a time code
-    added to the token's vector must instead be decoded into digits, which a small LLM hardly learns."""
+    nothing tells the model which block a question or an answer means (their time codes all start at 0)."""
     ecg_start, ecg_end, ecg, img_start, img_end, img = fmt.marks
     encoded = {t: tokenizer.encode(t) for t in (ecg_start, ecg_end, ecg, img_start, img_end, img, fmt.end)}
     bad = {t: ids for t, ids in encoded.items() if len(ids) != 1}
     if bad:
         raise ValueError(f"tokenizer does not encode special tokens as single ids: {bad}")
     named = label_ecgs and len(ecg_token_counts) > 1
-
-    def stamp(k):   # " 6" before the token that starts at 6 s
-        t = round(k * token_s, 6)
-        return f" {t:g}" if token_s and t == int(t) else ""
-    blocks = "".join((f"ECG{k + 1}:" if named else "") + ecg_start + "".join(stamp(j) + ecg for j in range(int(n)))
-                     + ecg_end for k, n in enumerate(ecg_token_counts)) + \
+    blocks = "".join((f"ECG{k + 1}:" if named else "") + ecg_start + ecg * int(n) + ecg_end
+                     for k, n in enumerate(ecg_token_counts)) + \
         "".join(img_start + img * int(n) + img_end for n in image_token_counts)
     text, answers, placed = "", [], not blocks
     for role, content in turns:
@@ -158,7 +150,7 @@ class ECGChat(nn.Module):
     the `<img>` blocks. chat_format: "auto" (the tokenizer's own: Llama-3, ChatML, or nanoECG's) or a FORMATS name."""
 
     def __init__(self, llm, encoder, tokenizer, max_seq_len=None, image_encoder=None, chat_format="auto",
-                 label_ecgs=False, time_stamps=False):
+                 label_ecgs=False):
         super().__init__()
         self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
         w = llm.embed_tokens.weight
@@ -170,7 +162,6 @@ class ECGChat(nn.Module):
             image_encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
         self.format = choose_format(tokenizer, chat_format)   # adds the tokens the vocabulary lacks
         self.label_ecgs = label_ecgs                           # "ECG1:" before each block of a multi-ECG prompt
-        self.time_stamps = time_stamps                         # " 6" before the ECG token at 6 s (encode_chat)
         if tokenizer.vocab_size > llm.config.vocab_size:
             llm.resize_vocab(tokenizer.vocab_size)  # room for the added special tokens
         self.ecg_token_id = tokenizer.added[self.format.marks[2]]
@@ -199,7 +190,7 @@ class ECGChat(nn.Module):
         counts = [self.encoder.num_tokens(e.signal.shape[1]) for e in ecgs]
         ids, labels = encode_chat(self.tokenizer, turns, counts, add_generation_prompt,
                                   [self.image_encoder.num_tokens] * len(images) if images else [], self.format,
-                                  self.label_ecgs, 1 / self.encoder.cfg.tokens_per_second if self.time_stamps else 0)
+                                  self.label_ecgs)
         self.check_fits([e.signal.shape[1] for e in ecgs], len(ids) - sum(counts) + int(add_generation_prompt))
         return ids, labels
 
@@ -247,18 +238,17 @@ class ECGChat(nn.Module):
         if len(inputs) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} prompts but input lists for {len(inputs)}")
         per_prompt = [split_inputs(sample) for sample in inputs]
-        ecg_start, _, ecg, img_start, _, img = self.format.marks
-        x = self._splice(x, input_ids, ecg_start, ecg, [e for e, _ in per_prompt], self.encode_ecgs, "ECG")
-        return self._splice(x, input_ids, img_start, img, [im for _, im in per_prompt], self.encode_images, "image")
+        x = self._splice(x, input_ids == self.ecg_token_id, [e for e, _ in per_prompt], self.encode_ecgs, "ECG",
+                         self.format.marks[2])
+        return self._splice(x, input_ids == self.img_token_id, [im for _, im in per_prompt], self.encode_images,
+                            "image", self.format.marks[5])
 
-    def _splice(self, x, input_ids, start, placeholder, inputs, encode, kind):
-        """Overwrite the `placeholder` tokens of x (B, T, C) with the encoded inputs, prompt by prompt; each block
-        (from its `start` mark) must hold as many placeholders as its input gives tokens."""
-        start_id, slot_id = self.tokenizer.added[start], self.tokenizer.added[placeholder]
+    def _splice(self, x, slots, inputs, encode, kind, placeholder):
+        """Overwrite the `slots` (B, T) of x with the encoded inputs, prompt by prompt."""
         tokens = encode([e for sample in inputs for e in sample])                   # [(n_i, C)]
         counts = iter(len(t) for t in tokens)
         for b, sample in enumerate(inputs):
-            blocks, want = _block_counts(input_ids[b].tolist(), start_id, slot_id), [next(counts) for _ in sample]
+            blocks, want = _run_lengths(slots[b].tolist()), [next(counts) for _ in sample]
             if blocks != want:
                 raise ValueError(f"prompt {b}: placeholder blocks of {blocks} {placeholder}s but its "
                                  f"{len(sample)} {kind}(s) give {want} tokens; build the prompt with "
@@ -267,7 +257,6 @@ class ECGChat(nn.Module):
             return x
         # masked_scatter fills the True slots in row-major order: prompt by prompt, and within
         # a prompt block by block, which is exactly the order of the flattened input list.
-        slots = input_ids == slot_id                                                # (B, T)
         return x.masked_scatter(slots[..., None], torch.cat(tokens).to(x.dtype))
 
     def forward(self, input_ids, inputs, labels=None, attention_mask=None):
@@ -312,7 +301,7 @@ class ECGChat(nn.Module):
         projector sit beside it under ecg_encoder.* / ecg_projector.* (images: img_encoder.*, img_projector.*)."""
         extra = {f"{prefix}{k}": v for prefix, module in self._parts() for k, v in module.state_dict().items()}
         nanoecg = {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len,
-                   "chat_format": self.format.name, "label_ecgs": self.label_ecgs, "time_stamps": self.time_stamps}
+                   "chat_format": self.format.name, "label_ecgs": self.label_ecgs}
         if self.image_encoder is not None:
             nanoecg["image_encoder"] = asdict(self.image_encoder.cfg)
         save_pretrained(self.llm, out_dir, extra_tensors=extra, extra_config={"nanoecg": nanoecg})
@@ -342,8 +331,7 @@ class ECGChat(nn.Module):
         image_cfg = raw["nanoecg"].get("image_encoder")
         image_encoder = ImageEncoder(ImageEncoderConfig(**image_cfg)) if image_cfg else None
         model = cls(llm, encoder, Tokenizer(d), raw["nanoecg"].get("max_seq_len"), image_encoder,
-                    raw["nanoecg"].get("chat_format", "auto"), raw["nanoecg"].get("label_ecgs", False),
-                    raw["nanoecg"].get("time_stamps", False))
+                    raw["nanoecg"].get("chat_format", "auto"), raw["nanoecg"].get("label_ecgs", False))
         for module in (model.encoder, model.image_encoder):
             if module is not None:
                 module.to(llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
@@ -374,13 +362,6 @@ class ECGChat(nn.Module):
                 load_state(module, state, f"{path} ({prefix}*)")
 
 
-def _block_counts(ids, start_id, slot_id):
-    """Placeholders per block: [<ecg> p p " 1" p </ecg> <ecg> p </ecg>] -> [3, 1] (one placed before any block
-    opens counts as a block of its own, so that the check fails)."""
-    counts = []
-    for i in ids:
-        if i == start_id or (i == slot_id and not counts):
-            counts.append(0)
-        if i == slot_id:
-            counts[-1] += 1
-    return counts
+def _run_lengths(flags):
+    """[F, T, T, F, T] -> [2, 1]: lengths of the runs of True values."""
+    return [len(list(run)) for flag, run in itertools.groupby(flags) if flag]

@@ -95,7 +95,6 @@ class Config:
     # model
     llm: str = arg("", "Hugging Face LLM folder (Llama, Mistral, Qwen); empty: a tiny LLM from scratch (+ stage 0)")
     label_ecgs: bool = arg(True, "name each ECG of a multi-ECG prompt (ECG1:, ECG2:, ...) as questions and answers do")
-    time_stamps: bool = arg(True, "write each ECG's time in text between its tokens (\" 6\" before the one at 6 s)")
     chat_format: str = arg("auto", "prompt layout: auto (the checkpoint's own: llama3, chatml) | nanoecg | llama3 | "
                                    "chatml")
     vocab_size: int = arg(1000, "sentencepiece vocabulary trained on the task text (from scratch)")
@@ -503,7 +502,7 @@ def build_model(cfg, tok, device, dtype):
         image_encoder = load_clip_vision(cfg.image_init) if cfg.image_init else ImageEncoder(image_config(cfg))
         image_encoder = image_encoder.to(device, dtype)
     return ECGChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, image_encoder, cfg.chat_format,
-                   cfg.label_ecgs, cfg.time_stamps)
+                   cfg.label_ecgs)
 
 
 def image_config(cfg):

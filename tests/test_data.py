@@ -17,7 +17,7 @@ import pytest
 
 import data
 import synth
-from chat import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, SPECIAL_TOKENS, USER, _block_counts, encode_chat
+from chat import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, SPECIAL_TOKENS, USER, _run_lengths, encode_chat
 from data import (BEAT_NAMES, STANDARD_LEADS, ECGRecord, RowECGReader, load_ecg, load_rows, localization_answer,
                   parse_localization, prepare_ecg, resample)
 from model import train_tokenizer
@@ -444,8 +444,8 @@ def test_encode_chat_blocks_and_loss_mask(tokenizer):
     assert [lab for lab in labels if lab != -100] == target
     end = tokenizer.added[END_TURN]
     assert labels[-1] == end and labels[ids.index(end)] == -100, "the user's <|end|> carries no loss"
-    # the placeholders of each block, in ECG order: what ECGChat checks
-    assert _block_counts(ids, tokenizer.added[ECG_START], tokenizer.added[ECG_TOKEN]) == [3, 5]
+    # blocks are consecutive runs of placeholders, in ECG order: what ECGChat checks
+    assert _run_lengths([i == tokenizer.added[ECG_TOKEN] for i in ids]) == [3, 5]
 
 
 def test_encode_chat_multi_turn_and_generation_prompt(tokenizer):

@@ -362,31 +362,6 @@ def test_several_ecgs_are_named_as_the_answers_name_them_and_one_is_not(tok, tmp
     assert ECGChat.load(tmp_path / "m").label_ecgs is True
 
 
-def test_time_stamps_name_each_whole_second_and_the_tokens_still_land_in_their_blocks(tok, tmp_path):
-    turns = [("user", "Where is the PVC?"), ("assistant", "Duration: 1.1s-1.6s")]
-    ids, labels = encode_chat(tok, turns, [5, 3], token_s=0.5)          # 2.5 s and 1.5 s
-    blocks = tok.decode(ids).split(ECG_START)[1:]
-    t = ECG_TOKEN
-    assert [b.split(ECG_END)[0].replace(" ", "") for b in blocks] == [f"0{t}{t}1{t}{t}2{t}", f"0{t}{t}1{t}"]
-    plain, plain_labels = encode_chat(tok, turns, [5, 3])
-    assert [x for x in labels if x != -100] == [x for x in plain_labels if x != -100]   # the answer is unchanged
-    assert encode_chat(tok, turns, [3], token_s=2.0)[0] != encode_chat(tok, turns, [3], token_s=0.5)[0]
-    model = make_chat(tok)
-    model.time_stamps = True
-    ecgs = [ecg(10, seed=1), ecg(4.5, ("II",), seed=2)]
-    ids, _ = model.prompt([("user", "Where?")], ecgs, add_generation_prompt=True)
-    assert tok.decode(ids).count(" 9" + ECG_TOKEN) == 1 and ids.count(model.ecg_token_id) == 20 + 9
-    with torch.no_grad():
-        x = model.embed(torch.tensor([ids]), [ecgs])[0]
-        slots = [k for k, i in enumerate(ids) if i == model.ecg_token_id]
-        alone = torch.cat([model.projector(model.encoder([e.signal], [e.leads])[0]) for e in ecgs])
-        assert (x[slots] - alone).abs().max() <= 1e-5                  # stamps between them move no token
-        with pytest.raises(ValueError, match=r"placeholder blocks of \[20, 9\].*\[20\]"):
-            model.embed(torch.tensor([ids]), [ecgs[:1]])
-    model.save(tmp_path / "m")
-    assert ECGChat.load(tmp_path / "m").time_stamps is True
-
-
 def test_a_rows_history_and_followups_are_turns_of_one_chat_and_every_answer_is_learnt(tok):
     from chat import turns_of
     row = {"question": "Report?", "answer": "Report: Sinus rhythm", "history": [["Is it readable?", "yes"]],

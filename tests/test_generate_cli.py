@@ -14,7 +14,7 @@ import torch
 
 import generate
 import paper
-from chat import SPECIAL_TOKENS, ECGChat, _block_counts
+from chat import SPECIAL_TOKENS, ECGChat, _run_lengths
 from data import BEAT_NAMES, ECGRecord, prepare_ecg
 from ecg_encoder import ECGEncoder, EncoderConfig
 from model import LLM, LLMConfig, train_tokenizer
@@ -201,8 +201,8 @@ def test_reads_a_paper_image_alone_or_with_the_signal(ckpt, tmp_path):
     ecg, image = prepare_ecg(rec, 100.0), paper.read_image(png)
     generate.chat_turn(model, [("user", "Report?")], [ecg, image], 3)
     ids, inputs = seen[0]
-    marks = [model.tokenizer.added[m] for m in model.format.marks]
-    assert _block_counts(ids, marks[0], marks[2]) == [20] and _block_counts(ids, marks[3], marks[5]) == [32]
+    assert _run_lengths([i == model.ecg_token_id for i in ids]) == [20]
+    assert _run_lengths([i == model.img_token_id for i in ids]) == [32]
     assert ids.index(model.ecg_token_id) < ids.index(model.img_token_id) and inputs[0] is ecg and inputs[1] is image
     r = run_cli("--ckpt", ckpt, "--image", png, "--prompt", "Report?")
     assert r.returncode != 0 and "has no image encoder" in r.stderr and "Traceback" not in r.stderr
