@@ -16,6 +16,11 @@ series of ECGs keeps its heart rate within 10 bpm in about 70 % and its rhythm i
 those answers instead of reading. So yes/no questions are yes half the time, and in each multi-ECG question type the
 most frequent answer is thinned to the count of the runner-up (`thin_common_answers`), as VQA v2 balanced its
 answers against language priors.
+
+READ FIRST. A comparison of two ECGs is two readings and a step. Answered in one word, the LLM has to read both
+ECGs and compare them inside one token's computation; so heart-rate trends and rhythm changes are answered as GEM
+grounds its diagnoses: the readings first ("ECG1 72 bpm, ECG3 95 bpm: increased"), scored on the conclusion
+(data.conclusion).
 """
 import functools
 import json
@@ -26,8 +31,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data import (BEAT_NAMES, LOCATION_TASKS, STANDARD_LEADS, TASKS, cut_ecg, localization_answer, prepare_ecg,
-                  row_paths)
+from data import (BEAT_NAMES, LOCATION_TASKS, STANDARD_LEADS, TASKS, conclusion, cut_ecg, localization_answer,
+                  prepare_ecg, row_paths)
 from paper import render_ecg
 from synth import STATEMENTS, Patient, make_patient, patient_history, sees_frontal_plane, synth_ecg
 
@@ -225,12 +230,16 @@ def multi_row(kind, paths, truths, days, rng):
         s = str(rng.choice(present if present and rng.random() < 0.7 else sorted(pool)))
         first = next((k for k, f in enumerate(seen) if s in f), None)
         q, a = f"In which ECG does {s.lower()} first appear?", f"ECG{first + 1}" if first is not None else "none"
-    elif kind == "hr_trend":
-        d = truths[-1].hr_bpm - truths[0].hr_bpm
-        q, a = "How does the heart rate change from the first to the last ECG?", (
-            "increased" if d >= 10 else "decreased" if d <= -10 else "unchanged")
-    else:
-        q, a = "Does the rhythm change across these ECGs?", "yes" if len({t.statements[0] for t in truths}) > 1 else "no"
+    elif kind == "hr_trend":   # the two rates read first, then compared (see READ FIRST)
+        first, last = round(truths[0].hr_bpm), round(truths[-1].hr_bpm)
+        trend = "increased" if last - first >= 10 else "decreased" if last - first <= -10 else "unchanged"
+        q = "How does the heart rate change from the first to the last ECG?"
+        a = f"ECG1 {first} bpm, ECG{len(truths)} {last} bpm: {trend}"
+    else:   # each rhythm read first, then compared
+        rhythms = [t.statements[0] for t in truths]
+        q = "Does the rhythm change across these ECGs?"
+        read = ", ".join(f"ECG{k + 1} {r.lower()}" for k, r in enumerate(rhythms))
+        a = f"{read}: {'yes' if len(set(rhythms)) > 1 else 'no'}"
     return {"question": span + q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "multi",
             "question_type": kind, "days": list(days)}
 
@@ -372,10 +381,11 @@ def thin_common_answers(rows, rng):
             by_type.setdefault(r["question_type"], []).append(k)
     drop = set()
     for group in by_type.values():
-        counts = Counter(rows[k]["answer"] for k in group).most_common(2)
+        counts = Counter(conclusion(rows[k]["answer"]) for k in group).most_common(2)
         if len(counts) == 2:
             (top, n_top), (_, n_next) = counts
-            drop |= set(rng.permutation([k for k in group if rows[k]["answer"] == top])[:n_top - n_next].tolist())
+            tops = [k for k in group if conclusion(rows[k]["answer"]) == top]
+            drop |= set(rng.permutation(tops)[:n_top - n_next].tolist())
     return [r for k, r in enumerate(rows) if k not in drop]
 
 
