@@ -524,12 +524,6 @@ def parse_localization(text):
     return [(float(a), float(b)) for a, b in _SPAN.findall(text) if float(b) >= float(a)] or None
 
 
-def conclusion(answer):
-    """A short answer that shows its reading first, "ECG1 72 bpm, ECG3 95 bpm: increased", is scored (and balanced)
-    on what follows its last ": "; any other short answer is its own conclusion."""
-    return answer.rsplit(": ", 1)[-1]
-
-
 # --------------------------------------------------------------------------- 6. anyECG rows
 _LOCATION_FIELDS = {"abnormal_type": str, "ecg_start": int, "ecg_end": int}
 

@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from chat import ECGChat, turns_of
-from data import (LOCATION_TASKS, TASKS, ECGRecord, RowECGReader, atomic_write, bootstrap_weights, conclusion,
-                  load_rows, merge_intervals, parse_localization, row_paths)
+from data import (LOCATION_TASKS, TASKS, ECGRecord, RowECGReader, atomic_write, bootstrap_weights, load_rows,
+                  merge_intervals, parse_localization, row_paths)
 from synth import STATEMENTS
 
 
@@ -236,14 +236,13 @@ def measurement_mae(preds, refs):
 # --------------------------------------------------------------------------- 2. scoring: each task's metrics
 def row_score(row, pred):
     """The per-row number a task has, else None: localization IoU; for short answers, right or wrong as sets of
-    items (set_match; an answer that shows its reading first, on its conclusion); for a per-ECG report, its
-    statement F1 (per_ecg_f1)."""
+    items (set_match); for a per-ECG report, its statement F1 (per_ecg_f1)."""
     if row["task"] in LOCATION_TASKS:
         return localization_iou(pred, row["answer"])
     if row.get("question_type") == "per_ecg_report":
         return per_ecg_f1(pred, row["answer"])
     if row["task"] == "ecgqa" or (row["task"] == "multi" and "question_type" in row):
-        return set_match(conclusion(pred), conclusion(row["answer"]))
+        return set_match(pred, row["answer"])
     return None
 
 

@@ -9,30 +9,17 @@ tasks.py — the anyECG / GEM tasks, and the synthetic dataset the default run t
                      "synth/train/tr0-00012/v2_loc"; the dataset regenerates them from their spec (same seed ->
                      same bytes) or writes them as WFDB records + JSON so any anyECG tool can read them.
 Rows are plain dicts in the anyECG format (see data.py for reading such files).
-
-BALANCE. A closed question (yes/no, trend, which ECG) tests reading only if its answer cannot be guessed from the
-question. Left alone, the generator's answers are lopsided: "Does this ECG show ...?" is yes 58 % of the time; a
-series of ECGs keeps its heart rate within 10 bpm in about 70 % and its rhythm in about 80 %; and a model learns
-those answers instead of reading. So yes/no questions are yes half the time, and in each multi-ECG question type the
-most frequent answer is thinned to the count of the runner-up (`thin_common_answers`), as VQA v2 balanced its
-answers against language priors.
-
-READ FIRST. A comparison of two ECGs is two readings and a step. Answered in one word, the LLM has to read both
-ECGs and compare them inside one token's computation; so heart-rate trends and rhythm changes are answered as GEM
-grounds its diagnoses: the readings first ("ECG1 72 bpm, ECG3 95 bpm: increased"), scored on the conclusion
-(data.conclusion).
 """
 import functools
 import json
 import os
 import warnings
-from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
 
-from data import (BEAT_NAMES, LOCATION_TASKS, STANDARD_LEADS, TASKS, conclusion, cut_ecg, localization_answer,
-                  prepare_ecg, row_paths)
+from data import (BEAT_NAMES, LOCATION_TASKS, STANDARD_LEADS, TASKS, cut_ecg, localization_answer, prepare_ecg,
+                  row_paths)
 from paper import render_ecg
 from synth import STATEMENTS, Patient, make_patient, patient_history, sees_frontal_plane, synth_ecg
 
@@ -156,9 +143,8 @@ def ecgqa_single_row(path, t, rng):
     """One ECG-QA style question about one ECG: verify (yes/no), choose, or query."""
     have = set(findings_of(t))
     kind = str(rng.choice(["verify", "choose", "query"]))
-    if kind == "verify":   # yes and no equally often (see BALANCE)
-        absent = [s for s in askable([t]) if s not in have]
-        s = str(rng.choice(sorted(have) if have and (rng.random() < 0.5 or not absent) else absent))
+    if kind == "verify":
+        s = str(rng.choice(sorted(have))) if have and rng.random() < 0.5 else str(rng.choice(askable([t])))
         q, a, tid = f"Does this ECG show {s.lower()}?", "yes" if s in have else "no", 1
     elif kind == "choose":
         options = [("Is the QRS complex of this ECG narrow or wide?", "wide" if t.qrs_ms >= 120 else "narrow", 20),
@@ -192,10 +178,8 @@ def ecgqa_comparison_row(paths, truths, rng, consecutive):
     pool = set(askable(truths))
     first, second = ([s for s in findings_of(t) if s in pool] for t in truths)
     kind = "verify" if rng.random() < 0.4 else "query"
-    if kind == "verify":   # yes and no equally often (see BALANCE); a "no" mostly names a finding of one of them
-        both = sorted(set(first) & set(second))
-        one = sorted((set(first) | set(second)) - set(both)) if rng.random() < 0.6 else []
-        s = str(rng.choice(both if both and rng.random() < 0.5 else one or sorted(pool - set(both))))
+    if kind == "verify":
+        s = str(rng.choice(sorted(set(first) | set(second)) if rng.random() < 0.6 else sorted(pool)))
         q, a = f"Do both ECGs show {s.lower()}?", "yes" if s in first and s in second else "no"
     else:
         q, a = [("Which findings are present in the first ECG but absent in the second ECG?",
@@ -207,15 +191,13 @@ def ecgqa_comparison_row(paths, truths, rng, consecutive):
             "question_type": f"comparison_{'consecutive' if consecutive else 'irrelevant'}-{kind}"}
 
 
-MULTI_KINDS = ("per_ecg_report", "new_findings", "resolved_findings", "first_appearance", "hr_trend", "rhythm_change")
-
-
-def multi_row(kind, paths, truths, days, rng):
-    """A question of type `kind` (MULTI_KINDS) about 2-6 ECGs of one patient over time; short answers that can be
-    checked exactly."""
+def multi_row(paths, truths, days, rng):
+    """2-6 ECGs of one patient over time; short answers that can be checked exactly."""
     pool = set(askable(truths))
     seen = [[s for s in findings_of(t) if s in pool] for t in truths]
     span = f"These {len(truths)} ECGs of one patient were recorded over {days[-1] - days[0]} days. "
+    kind = str(rng.choice(["per_ecg_report", "new_findings", "resolved_findings", "first_appearance",
+                           "hr_trend", "rhythm_change"]))
     if kind == "per_ecg_report":
         q = "What are the key findings in each ECG report?"
         a = " ".join(f"ECG{k + 1}: {', '.join(t.statements)}." for k, t in enumerate(truths))
@@ -230,16 +212,12 @@ def multi_row(kind, paths, truths, days, rng):
         s = str(rng.choice(present if present and rng.random() < 0.7 else sorted(pool)))
         first = next((k for k, f in enumerate(seen) if s in f), None)
         q, a = f"In which ECG does {s.lower()} first appear?", f"ECG{first + 1}" if first is not None else "none"
-    elif kind == "hr_trend":   # the two rates read first, then compared (see READ FIRST)
-        first, last = round(truths[0].hr_bpm), round(truths[-1].hr_bpm)
-        trend = "increased" if last - first >= 10 else "decreased" if last - first <= -10 else "unchanged"
-        q = "How does the heart rate change from the first to the last ECG?"
-        a = f"ECG1 {first} bpm, ECG{len(truths)} {last} bpm: {trend}"
-    else:   # each rhythm read first, then compared
-        rhythms = [t.statements[0] for t in truths]
-        q = "Does the rhythm change across these ECGs?"
-        read = ", ".join(f"ECG{k + 1} {r.lower()}" for k, r in enumerate(rhythms))
-        a = f"{read}: {'yes' if len(set(rhythms)) > 1 else 'no'}"
+    elif kind == "hr_trend":
+        d = truths[-1].hr_bpm - truths[0].hr_bpm
+        q, a = "How does the heart rate change from the first to the last ECG?", (
+            "increased" if d >= 10 else "decreased" if d <= -10 else "unchanged")
+    else:
+        q, a = "Does the rhythm change across these ECGs?", "yes" if len({t.statements[0] for t in truths}) > 1 else "no"
     return {"question": span + q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "multi",
             "question_type": kind, "days": list(days)}
 
@@ -320,7 +298,7 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
                             long_share=0.1, max_long_s=60.0, fs=100):
     """The one call train.py needs: `n_patients` simulated people -> SyntheticDataset.
 
-    Per patient: 1 visit (half of them) or 2..max_visits visits over time (at most 6); each visit a 10 s record in a
+    Per patient: 1 visit (half of them) or 2..max_visits visits over time (max 6); each visit a 10 s record in a
     random lead set and native rate, with a report, a grounded interpretation, ECG-QA questions (one asked as the
     follow-up of the report or the grounded chat in FOLLOWUP_SHARE of them: rows' "followups"), and (mostly for
     patients with ectopy or a block) a 10 s localization clip. Some patients add a long clip (20 s .. max_long_s);
@@ -357,8 +335,8 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
             length = float(rng.uniform(20, max_long_s)) if max_long_s > 20 else max_long_s
             rows.append(_location_clip(specs, f"synth/{split}/{patient.pid}/long", visits[-1][1], length, rng,
                                        "location_long", holter=True))
-        if n_visits >= 2 and "multi" in tasks:   # every question type about the series (thinned below)
-            rows += [multi_row(kind, visit_paths, visit_truths, [d for d, _, _ in visits], rng) for kind in MULTI_KINDS]
+        if n_visits >= 2 and "multi" in tasks:
+            rows.append(multi_row(visit_paths, visit_truths, [d for d, _, _ in visits], rng))
         if n_visits >= 2 and "ecgqa" in tasks:
             k = int(rng.integers(n_visits - 1))
             rows.append(ecgqa_comparison_row(visit_paths[k:k + 2], visit_truths[k:k + 2], rng, consecutive=True))
@@ -366,27 +344,9 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
             rows.append(ecgqa_comparison_row([previous[0], visit_paths[0]], [previous[1], visit_truths[0]], rng,
                                              consecutive=False))
         previous = (visit_paths[0], visit_truths[0])
-    rows = thin_common_answers(rows, np.random.default_rng([SPLIT_CODES[split], seed, n_patients]))  # own stream
     for row in rows:
         row["dataset"] = "synthetic"
     return SyntheticDataset(rows, specs, fs)
-
-
-def thin_common_answers(rows, rng):
-    """BALANCE: in each multi-ECG question type with short answers, rows with the most frequent answer are kept
-    only as often as those with the runner-up."""
-    by_type = {}
-    for k, r in enumerate(rows):
-        if r["task"] == "multi" and r["question_type"] != "per_ecg_report":
-            by_type.setdefault(r["question_type"], []).append(k)
-    drop = set()
-    for group in by_type.values():
-        counts = Counter(conclusion(rows[k]["answer"]) for k in group).most_common(2)
-        if len(counts) == 2:
-            (top, n_top), (_, n_next) = counts
-            tops = [k for k in group if conclusion(rows[k]["answer"]) == top]
-            drop |= set(rng.permutation(tops)[:n_top - n_next].tolist())
-    return [r for k, r in enumerate(rows) if k not in drop]
 
 
 def add_image_rows(ds, px_per_mm):

@@ -130,8 +130,8 @@ class Config:
     stage2_train: str = arg("projector,llm", "stage 2 trainable parts (as stage 1)")
     stage3_steps: int = arg(700, "all-task stage steps")
     stage3_lr: float = arg(1e-3, "stage 3 peak learning rate")
-    stage3_tasks: str = arg("report,grounded,ecgqa,location,location_long:4,multi",
-                            "stage 3 task mix (weights per row: the few long clips 4x)")
+    stage3_tasks: str = arg("report,grounded,ecgqa,location,location_long:4,multi:4",
+                            "stage 3 task mix (weights per row: the few long clips and multi-ECG rows 4x)")
     stage3_train: str = arg("projector,llm", "stage 3 trainable parts (as stage 1)")
     # optimization
     batch_size: int = arg(16, "examples per micro-batch (per process)")

@@ -8,9 +8,7 @@ tests that need them skip with a reason when that folder is absent.
 """
 import json
 import math
-import re
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -371,19 +369,6 @@ def test_dataset_has_every_task_and_valid_rows(dataset):
             assert all(s in synth.STATEMENTS for s in r["answer"][8:].split(", "))
         if r["task"] == "ecgqa":
             assert r["question"].endswith("Please answer briefly.") and r["question_type"]
-
-
-def test_closed_answers_are_balanced_so_that_the_question_alone_does_not_give_them():
-    rows = build_synthetic_dataset(300, seed=5, tasks=["ecgqa", "multi"]).rows
-    verify = [r["answer"] for r in rows if r["question_type"] == "single-verify"]
-    assert 0.45 < verify.count("yes") / len(verify) < 0.55
-    for kind in ("hr_trend", "rhythm_change", "first_appearance", "resolved_findings", "new_findings"):
-        answers = Counter(data.conclusion(r["answer"]) for r in rows if r["question_type"] == kind)
-        (_, first), (_, second) = answers.most_common(2)
-        assert first == second, kind   # the most frequent answer is no more frequent than the runner-up
-    assert len({r["question_type"] for r in rows if r["task"] == "multi"}) == 6
-    trend = next(r for r in rows if r["question_type"] == "hr_trend")
-    assert re.fullmatch(r"ECG1 \d+ bpm, ECG[2-6] \d+ bpm: (increased|decreased|unchanged)", trend["answer"])
 
 
 def test_dataset_answers_match_the_ecgs(dataset):

@@ -451,16 +451,6 @@ def test_lists_of_findings_are_right_in_any_order_and_exact_match_stays_beside()
     assert s["accuracy_micro"] == 0.5 and s["exact_match"] == 0.0
 
 
-def test_an_answer_that_reads_first_is_scored_on_its_conclusion():
-    row = {"task": "multi", "question_type": "hr_trend", "answer": "ECG1 72 bpm, ECG3 95 bpm: increased",
-           "ecg_path": ["a", "b", "c"]}
-    assert ev.row_score(row, "ECG1 70 bpm, ECG3 99 bpm: increased") == 1.0    # readings off, the trend right
-    assert ev.row_score(row, "ECG1 72 bpm, ECG3 95 bpm: unchanged") == 0.0
-    assert ev.row_score(row, "increased") == 1.0 and ev.row_score(row, "ECG1 72 bpm") == 0.0
-    s = ev.score_task("multi", [row, row], ["ECG1 70 bpm, ECG3 99 bpm: increased", row["answer"]])
-    assert s["accuracy_micro"] == 1.0 and s["exact_match"] == 0.5
-
-
 def test_a_per_ecg_report_is_scored_ecg_by_ecg_and_its_shape_is_counted():
     ref = "ECG1: Sinus rhythm, Normal ECG. ECG2: Atrial fibrillation, Abnormal ECG."
     row = {"task": "multi", "question_type": "per_ecg_report", "answer": ref, "ecg_path": ["a", "b"]}
