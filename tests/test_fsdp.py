@@ -18,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
+import config
 import train
 from chat import ECGChat
 from data import ECGRecord
@@ -56,15 +58,15 @@ def runs(tmp_path_factory):
     """One process without FSDP (the reference); 2-process FSDP stopped at STOP, then resumed
     on 2 processes (fsdp/) and on 1 (one/: a process group of one, in this process)."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    single = train.train(train.Config(out_dir=str(tmp / "single"), **TINY))
+    single = train.train(config.Config(out_dir=str(tmp / "single"), **TINY))
     (tmp / "fsdp").mkdir()
     shutil.copytree(tmp / "single" / "tokenizer", tmp / "fsdp" / "tokenizer")   # the same tokenizer
     torchrun(tmp / "fsdp", "--parallel=fsdp", f"--stop_after={STOP}")
-    ckpt = train.latest_checkpoint(tmp / "fsdp")
+    ckpt = checkpoints.latest_checkpoint(tmp / "fsdp")
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
     shutil.copytree(tmp / "fsdp", tmp / "one")
     torchrun(tmp / "fsdp", "--resume", "--grad_checkpoint")   # recomputed activations: the same numbers
-    rest = train.train(train.Config(out_dir=str(tmp / "one"), resume=True, **TINY, parallel="fsdp"))
+    rest = train.train(config.Config(out_dir=str(tmp / "one"), resume=True, **TINY, parallel="fsdp"))
     return tmp, single, rest, (ckpt.name, files)
 
 
@@ -85,7 +87,7 @@ def test_fsdp_checkpoint_is_sharded_safetensors_and_resumes_on_another_world_siz
     assert not list((tmp / "fsdp" / "checkpoints").glob(".tmp_*"))
     assert losses(tmp / "one")[:STOP] + rest == pytest.approx(single, rel=1e-5, abs=1e-6)   # 2 processes -> 1
     with pytest.raises(ValueError, match=r"parallel: 'fsdp' -> 'ddp'"):   # a sharded checkpoint is not DDP's
-        train.train(train.Config(out_dir=str(tmp / "one"), resume=True, **TINY))
+        train.train(config.Config(out_dir=str(tmp / "one"), resume=True, **TINY))
 
 
 def test_fsdp_final_folder_loads_in_ecgchat_and_transformers(runs):

@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import checkpoints
+import config
 import train
 from chat import ECGChat
 from data import ECGRecord
@@ -35,7 +37,7 @@ TINY = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=400, encoder
 
 
 def tiny(tmp_path, **kw):
-    return train.Config(out_dir=str(tmp_path), **{**TINY, **kw})
+    return config.Config(out_dir=str(tmp_path), **{**TINY, **kw})
 
 
 def safe_open_metadata(path):
@@ -52,11 +54,11 @@ def log_of(out_dir, key="loss"):
 
 def test_unknown_config_key_lists_close_matches(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key 'stage1_step'.*stage1_steps"):
-        train.parse_config(["--stage1_step", "3"])
+        config.parse_config(["--stage1_step", "3"])
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps({"batch_sise": 4}))
     with pytest.raises(ValueError, match=rf"{bad}.*'batch_sise'.*batch_size"):
-        train.parse_config(["--config", str(bad)])
+        config.parse_config(["--config", str(bad)])
     for text, why in [("{not json", "cannot read config JSON"), ("[1, 2]", "expected a JSON object"),
                       ('{"batch_size": "ten"}', 'batch_size must be int, got "ten"'),
                       ('{"batch_size": null}', "batch_size must be int, got null"),
@@ -64,19 +66,19 @@ def test_unknown_config_key_lists_close_matches(tmp_path):
                       ('{"images": 1}', "images must be bool, got 1"), ('{"seed": [1]}', r"seed must be int, got \[1\]")]:
         (tmp_path / "m.json").write_text(text)
         with pytest.raises(ValueError, match=rf"m\.json: {why}"):
-            train.parse_config(["--config", str(tmp_path / "m.json")])
+            config.parse_config(["--config", str(tmp_path / "m.json")])
     good = tmp_path / "g.json"
     good.write_text(json.dumps({"batch_size": 4, "stage2_tasks": "location"}))
-    cfg = train.parse_config(["--config", str(good), "--batch-size", "5", "--resume"])
+    cfg = config.parse_config(["--config", str(good), "--batch-size", "5", "--resume"])
     assert (cfg.batch_size, cfg.stage2_tasks, cfg.resume) == (5, "location", True)  # flags beat the file
-    anyecg = train.parse_config(["--llm", "x"])  # anyECG's recipe with --llm: frozen LLM, then LoRA
+    anyecg = config.parse_config(["--llm", "x"])  # anyECG's recipe with --llm: frozen LLM, then LoRA
     assert (anyecg.stage1_lr, anyecg.stage1_train, anyecg.stage3_train) == (1e-4, "encoder,projector",
                                                                             "encoder,projector,lora")
-    assert train.parse_config([]).stage1_train == "projector,llm"  # the tiny LLM trains whole, the warmed-up encoder stays
+    assert config.parse_config([]).stage1_train == "projector,llm"  # the tiny LLM trains whole, the warmed-up encoder stays
     for argv in (["--data", "rows.json"], ["--encoder_warmup_steps", "0"]):  # no warm-up: the stages train the encoder
-        assert train.parse_config(argv).stage3_train == "encoder,projector,llm"
-    assert train.parse_config(["--data", "rows.json", "--encoder_init", "e.safetensors"]).stage3_train == "projector,llm"
-    assert train.parse_config(["--llm", "x", "--stage1_train", "llm"]).stage1_train == "llm"  # flags win
+        assert config.parse_config(argv).stage3_train == "encoder,projector,llm"
+    assert config.parse_config(["--data", "rows.json", "--encoder_init", "e.safetensors"]).stage3_train == "projector,llm"
+    assert config.parse_config(["--llm", "x", "--stage1_train", "llm"]).stage1_train == "llm"  # flags win
     with pytest.raises(ValueError, match="unknown task 'locaton'"):
         train.curriculum(replace(cfg, stage2_tasks="locaton"))
 
@@ -94,7 +96,7 @@ def test_llm_folder_that_is_not_llama_names_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     out = tmp_path_factory.mktemp("stages")
-    cfg = train.Config(out_dir=str(out), **TINY)
+    cfg = config.Config(out_dir=str(out), **TINY)
     data = train.load_data(cfg, lambda record: None)
     model = train.build_model(cfg, train.build_tokenizer(cfg, data, 0), torch.device("cpu"), torch.float32)
     return cfg, data, model
@@ -163,16 +165,16 @@ def test_resume_mid_stage_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     full = train.train(tiny(tmp_path / "a"))
     # stop in stage 2 (steps 3 + 3 + 2), where LoRA dropout draws from the torch RNG
     first = train.train(tiny(tmp_path / "b", stop_after=8))
-    assert train.latest_checkpoint(tmp_path / "b").name == "step_0000008"
+    assert checkpoints.latest_checkpoint(tmp_path / "b").name == "step_0000008"
     # a checkpoint is safetensors and JSON only: nothing that unpickles
-    assert {f.suffix for f in train.latest_checkpoint(tmp_path / "b").iterdir()} == {".safetensors", ".json"}
+    assert {f.suffix for f in checkpoints.latest_checkpoint(tmp_path / "b").iterdir()} == {".safetensors", ".json"}
     # --resume is the run that was started: flags that would change it are refused, all named in one message
     for flags, named in [(["--dim", "48", "--seed", "8"], "seed: 7 -> 8; dim: 32 -> 48"),
                          (["--stage3_steps", "5"], "stage3_steps: 3 -> 5")]:
         with pytest.raises(ValueError, match=named):
-            train.train(train.parse_config(["--resume", f"--out_dir={tmp_path / 'b'}", *flags]))
+            train.train(config.parse_config(["--resume", f"--out_dir={tmp_path / 'b'}", *flags]))
     # with no other flag it takes the saved config (not today's defaults); a safe change is logged
-    rest = train.train(train.parse_config(["--resume", f"--out_dir={tmp_path / 'b'}", "--log_interval", "1",
+    rest = train.train(config.parse_config(["--resume", f"--out_dir={tmp_path / 'b'}", "--log_interval", "1",
                                            "--eval_batches", "2"]))
     changes = [r for r in map(json.loads, (tmp_path / "b" / "log.jsonl").read_text().splitlines())
                if r.get("event") == "resume_changes"]
@@ -194,12 +196,12 @@ def test_a_run_killed_by_sigkill_resumes_to_the_losses_of_an_uninterrupted_run(t
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 240
-        while train.latest_checkpoint(tmp_path / "b") is None and proc.poll() is None and time.time() < deadline:
+        while checkpoints.latest_checkpoint(tmp_path / "b") is None and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)   # no chance to clean up: whatever is on disk now is what resume finds
     finally:
         proc.wait()
-    killed_at = json.loads((train.latest_checkpoint(tmp_path / "b") / "state.json").read_text())["global_step"]
+    killed_at = json.loads((checkpoints.latest_checkpoint(tmp_path / "b") / "state.json").read_text())["global_step"]
     assert 0 < killed_at < len(full), "the kill landed after the first checkpoint and before the end"
     before = [r["loss"] for r in log_of(tmp_path / "b")][:killed_at]
     rest = train.train(tiny(tmp_path / "b", resume=True, **kw))
@@ -232,7 +234,7 @@ def test_crash_between_temp_write_and_rename_keeps_the_previous_checkpoint(setup
     cfg, _, model = setup
     cfg = replace(cfg, out_dir=str(tmp_path))
     opt = train.make_optimizer(model, cfg, 1e-3)
-    first = train.save_checkpoint(cfg, model, opt, {"stage": 1, "step": 1, "global_step": 1})
+    first = checkpoints.save_checkpoint(cfg, model, opt, {"stage": 1, "step": 1, "global_step": 1})
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         for p in model.parameters():
@@ -240,12 +242,12 @@ def test_crash_between_temp_write_and_rename_keeps_the_previous_checkpoint(setup
 
     def crash(*args):
         raise KeyboardInterrupt("killed between temp write and rename")
-    monkeypatch.setattr(train.os, "replace", crash)
+    monkeypatch.setattr(checkpoints.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(cfg, model, opt, {"stage": 1, "step": 2, "global_step": 2})
+        checkpoints.save_checkpoint(cfg, model, opt, {"stage": 1, "step": 2, "global_step": 2})
     monkeypatch.undo()
-    assert train.latest_checkpoint(tmp_path) == first
-    meta = train.load_checkpoint(first, model, opt)
+    assert checkpoints.latest_checkpoint(tmp_path) == first
+    meta = checkpoints.load_checkpoint(first, model, opt)
     assert meta["step"] == 1 and all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
 
 
@@ -267,7 +269,7 @@ def test_nan_step_is_skipped_and_repeated_nan_stops_with_checkpoint(tmp_path, mo
     calls.update(n=0, bad={"all"})
     with pytest.raises(FloatingPointError, match="3 non-finite steps"):
         train.train(tiny(tmp_path / "b"))
-    kept = train.latest_checkpoint(tmp_path / "b")
+    kept = checkpoints.latest_checkpoint(tmp_path / "b")
     assert all(torch.isfinite(t).all() for t in load_file(str(kept / "model.safetensors")).values())
     # the run resumes from the weights kept at the stop, once the cause is gone
     calls.update(n=0, bad=set())
@@ -435,7 +437,7 @@ def test_half_written_checkpoint_folders_are_cleaned_up(setup, tmp_path):
     stale = tmp_path / "checkpoints" / ".tmp_killed"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"half")
-    train.save_checkpoint(cfg, model, train.make_optimizer(model, cfg, 1e-3), {"stage": 1, "step": 1, "global_step": 1})
+    checkpoints.save_checkpoint(cfg, model, train.make_optimizer(model, cfg, 1e-3), {"stage": 1, "step": 1, "global_step": 1})
     assert not stale.exists() and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001"]
 
 
