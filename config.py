@@ -65,7 +65,7 @@ class Config:
     lora_alpha: float = arg(16.0, "LoRA scale numerator (scale = alpha / r)")
     lora_dropout: float = arg(0.1, "dropout on the LoRA input")
     # curriculum. tasks: comma list of task[:weight] or "all"; train: parts of encoder,projector,llm,lora
-    stage0_steps: int = arg(400, "language pretraining steps (skipped with --llm)")
+    stage0_steps: int = arg(250, "language pretraining steps (skipped with --llm)")
     stage0_lr: float = arg(2e-3, "stage 0 peak learning rate")
     stage0_tasks: str = arg("all", "stage 0 text comes from these tasks")
     stage0_train: str = arg("llm", "stage 0 trainable parts")
@@ -77,7 +77,7 @@ class Config:
     stage2_lr: float = arg(1e-3, "stage 2 peak learning rate")
     stage2_tasks: str = arg("report,location:2,location_long:4", "stage 2 task mix")
     stage2_train: str = arg("projector,llm", "stage 2 trainable parts (as stage 1)")
-    stage3_steps: int = arg(700, "all-task stage steps")
+    stage3_steps: int = arg(600, "all-task stage steps")
     stage3_lr: float = arg(1e-3, "stage 3 peak learning rate")
     stage3_tasks: str = arg("report,grounded,ecgqa:0.34,location,location_long:4,multi",
                             "stage 3 task mix (weights per row: the few long clips 4x; the extra questions' tasks less)")
@@ -221,9 +221,10 @@ def check_config(cfg):
               "lora_r")
     patients = () if cfg.data else ("train_patients", "val_patients", "test_patients")   # synthetic: each split some
     rules = [("at least 1", lambda v: v >= 1, counts + patients),
-             ("not negative", lambda v: v >= 0, ("extra_questions", "encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps",
-                                                 "stage3_steps", "test_rows", "test_rows_per_type", "stop_after",
-                                                 "eval_batches", "gen_eval_rows", "workers", "token_cache")),
+             ("not negative", lambda v: v >= 0, ("extra_questions", "encoder_warmup_steps", "stage0_steps",
+                                                 "stage1_steps", "stage2_steps", "stage3_steps", "test_rows",
+                                                 "test_rows_per_type", "stop_after", "eval_batches", "gen_eval_rows",
+                                                 "workers", "token_cache")),
              ("above 0", lambda v: v > 0, ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr", "encoder_warmup_lr")),
              ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac"))]
     bad = [f"--{k} {getattr(cfg, k)}: {rule}" for rule, ok, names in rules for k in names if not ok(getattr(cfg, k))]

@@ -80,15 +80,13 @@ def listing(items):
 
 
 def read_first(truths, answer):
-    """An answer that shows its reading first: each ECG's findings, then the conclusion the question asks for
-    ("Findings: sinus rhythm, left bundle branch block, abnormal ecg. Answer: yes"; several ECGs: "ECG1: ... ECG2:
-    ... Answer: ECG2"). The conclusion then follows from text the model has just written, a step it can learn from
-    text alone (stage 0), instead of from the ECG tokens directly. The findings are written in lower case, as the
-    questions and listings name them, so that a finding asked about and the same finding read are the same tokens.
-    Scored on the conclusion (data.conclusion)."""
+    """An answer that shows its reading first: each ECG's report, then the conclusion the question asks for
+    ("Report: Sinus rhythm, Left bundle branch block. Answer: yes"; several ECGs: "ECG1: ... ECG2: ... Answer: ECG2").
+    The conclusion then follows from text the model has just written, a step it can learn from text alone (stage 0),
+    instead of from the ECG tokens directly. Scored on the conclusion (data.conclusion)."""
     if len(truths) == 1:
-        return f"Findings: {listing(truths[0].statements)}. Answer: {answer}"
-    return " ".join(f"ECG{k + 1}: {listing(t.statements)}." for k, t in enumerate(truths)) + f" Answer: {answer}"
+        return f"Report: {', '.join(truths[0].statements)}. Answer: {answer}"
+    return " ".join(f"ECG{k + 1}: {', '.join(t.statements)}." for k, t in enumerate(truths)) + f" Answer: {answer}"
 
 
 def report_row(path, truth, rng):
