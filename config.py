@@ -38,8 +38,6 @@ class Config:
     token_cache: int = arg(100000, "a frozen encoder's tokens of this many ECGs kept, each encoded once (0: off)")
     train_patients: int = arg(1000, "synthetic patients for training (about 9 rows each)")
     val_patients: int = arg(40, "synthetic patients for validation loss and the in-training eval")
-    extra_questions: int = arg(3, "synthetic training split: this many more ECG-QA questions per ECG, multi-ECG and "
-                                  "comparison questions per series")
     test_patients: int = arg(640, "synthetic patients of the fixed held-out test split (about 60 long clips)")
     # model
     llm: str = arg("", "Hugging Face LLM folder (Llama, Mistral, Qwen); empty: a tiny LLM from scratch (+ stage 0)")
@@ -77,10 +75,10 @@ class Config:
     stage2_lr: float = arg(1e-3, "stage 2 peak learning rate")
     stage2_tasks: str = arg("report,location:2,location_long:4", "stage 2 task mix")
     stage2_train: str = arg("projector,llm", "stage 2 trainable parts (as stage 1)")
-    stage3_steps: int = arg(600, "all-task stage steps")
+    stage3_steps: int = arg(700, "all-task stage steps")
     stage3_lr: float = arg(1e-3, "stage 3 peak learning rate")
-    stage3_tasks: str = arg("report,grounded,ecgqa:0.34,location,location_long:4,multi",
-                            "stage 3 task mix (weights per row: the few long clips 4x; the extra questions' tasks less)")
+    stage3_tasks: str = arg("report,grounded,ecgqa,location,location_long:4,multi:4",
+                            "stage 3 task mix (weights per row: the few long clips and multi-ECG rows 4x)")
     stage3_train: str = arg("projector,llm", "stage 3 trainable parts (as stage 1)")
     # optimization
     batch_size: int = arg(16, "examples per micro-batch (per process)")
@@ -221,10 +219,9 @@ def check_config(cfg):
               "lora_r")
     patients = () if cfg.data else ("train_patients", "val_patients", "test_patients")   # synthetic: each split some
     rules = [("at least 1", lambda v: v >= 1, counts + patients),
-             ("not negative", lambda v: v >= 0, ("extra_questions", "encoder_warmup_steps", "stage0_steps",
-                                                 "stage1_steps", "stage2_steps", "stage3_steps", "test_rows",
-                                                 "test_rows_per_type", "stop_after", "eval_batches", "gen_eval_rows",
-                                                 "workers", "token_cache")),
+             ("not negative", lambda v: v >= 0, ("encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps",
+                                                 "stage3_steps", "test_rows", "test_rows_per_type", "stop_after",
+                                                 "eval_batches", "gen_eval_rows", "workers", "token_cache")),
              ("above 0", lambda v: v > 0, ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr", "encoder_warmup_lr")),
              ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac"))]
     bad = [f"--{k} {getattr(cfg, k)}: {rule}" for rule, ok, names in rules for k in names if not ok(getattr(cfg, k))]

@@ -524,12 +524,6 @@ def parse_localization(text):
     return [(float(a), float(b)) for a, b in _SPAN.findall(text) if float(b) >= float(a)] or None
 
 
-def conclusion(answer):
-    """What a short answer concludes: after its last "Answer:" when it shows its reading first (tasks.read_first),
-    else the whole answer. Short answers are scored, and their chance level counted, on it."""
-    return answer.rsplit("Answer:", 1)[-1].strip()
-
-
 # --------------------------------------------------------------------------- 6. anyECG rows
 _LOCATION_FIELDS = {"abnormal_type": str, "ecg_start": int, "ecg_end": int}
 

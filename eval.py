@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from chat import ECGChat, turns_of
-from data import (LOCATION_TASKS, TASKS, ECGRecord, RowECGReader, atomic_write, bootstrap_weights, conclusion,
-                  load_rows, merge_intervals, parse_localization, row_paths)
+from data import (LOCATION_TASKS, TASKS, ECGRecord, RowECGReader, atomic_write, bootstrap_weights, load_rows,
+                  merge_intervals, parse_localization, row_paths)
 from synth import STATEMENTS
 
 
@@ -242,7 +242,7 @@ def row_score(row, pred):
     if row.get("question_type") == "per_ecg_report":
         return per_ecg_f1(pred, row["answer"])
     if row["task"] == "ecgqa" or (row["task"] == "multi" and "question_type" in row):
-        return set_match(conclusion(pred), conclusion(row["answer"]))
+        return set_match(pred, row["answer"])
     return None
 
 
@@ -261,7 +261,7 @@ def score_task(task, rows, preds):
             theirs = group_mean([anyecg_iou(p, r["answer"]) for r, p in zip(rows, preds)], groups)
             out |= {"anyecg_iou_micro": theirs["micro"], "anyecg_iou_macro": theirs["macro"]}
         else:   # the stricter rule beside: the text exactly as the reference; and per-ECG reports' shape
-            out["exact_match"] = sum(exact_match(*map(conclusion, pr)) for pr in zip(preds, refs)) / len(rows)
+            out["exact_match"] = sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(rows)
             per_ecg = [one_part_per_ecg(p, len(r["ecg_path"])) for r, p in zip(rows, preds)
                        if r.get("question_type") == "per_ecg_report"]
             if per_ecg:
@@ -376,8 +376,8 @@ def prior_answers(train_rows, rows):
     this is the chance level that the ECG-blanked ablation should fall to."""
     by_question, by_task = {}, {}
     for r in train_rows:
-        by_question.setdefault((r["task"], r["question"]), Counter())[conclusion(r["answer"])] += 1
-        by_task.setdefault(r["task"], Counter())[conclusion(r["answer"])] += 1
+        by_question.setdefault((r["task"], r["question"]), Counter())[r["answer"]] += 1
+        by_task.setdefault(r["task"], Counter())[r["answer"]] += 1
     guesses = [by_question.get((r["task"], r["question"])) or by_task.get(r["task"]) for r in rows]
     return [c.most_common(1)[0][0] if c else "" for c in guesses]
 

@@ -79,16 +79,6 @@ def listing(items):
     return ", ".join(s.lower() for s in items) if items else "none"
 
 
-def read_first(truths, answer):
-    """An answer that shows its reading first: each ECG's report, then the conclusion the question asks for
-    ("Report: Sinus rhythm, Left bundle branch block. Answer: yes"; several ECGs: "ECG1: ... ECG2: ... Answer: ECG2").
-    The conclusion then follows from text the model has just written, a step it can learn from text alone (stage 0),
-    instead of from the ECG tokens directly. Scored on the conclusion (data.conclusion)."""
-    if len(truths) == 1:
-        return f"Report: {', '.join(truths[0].statements)}. Answer: {answer}"
-    return " ".join(f"ECG{k + 1}: {', '.join(t.statements)}." for k, t in enumerate(truths)) + f" Answer: {answer}"
-
-
 def report_row(path, truth, rng):
     return {"question": str(rng.choice(REPORT_QUESTIONS)), "answer": "Report: " + ", ".join(truth.statements),
             "ecg_path": [path], "task": "report"}
@@ -179,8 +169,7 @@ def ecgqa_single_row(path, t, rng):
             options.append(("Which abnormal findings does this ECG show?",
                             listing([s for s in findings_of(t) if s not in RHYTHMS]), 33))
         q, a, tid = options[rng.integers(len(options))]
-    numeric = tid in (20, 21, 22, 42)   # thresholds on measurements: answered directly
-    return {"question": q + BRIEF, "answer": a if numeric else read_first([t], a), "ecg_path": [path], "task": "ecgqa",
+    return {"question": q + BRIEF, "answer": a, "ecg_path": [path], "task": "ecgqa",
             "question_type": f"single-{kind}", "template_id": int(tid)}
 
 
@@ -198,7 +187,7 @@ def ecgqa_comparison_row(paths, truths, rng, consecutive):
                 ("Which findings are present in the second ECG but absent in the first ECG?",
                  listing([s for s in second if s not in first])),
                 ("Which findings do both ECGs share?", listing([s for s in first if s in second]))][rng.integers(3)]
-    return {"question": q + BRIEF, "answer": read_first(truths, a), "ecg_path": list(paths), "task": "ecgqa",
+    return {"question": q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "ecgqa",
             "question_type": f"comparison_{'consecutive' if consecutive else 'irrelevant'}-{kind}"}
 
 
@@ -229,8 +218,6 @@ def multi_row(paths, truths, days, rng):
             "increased" if d >= 10 else "decreased" if d <= -10 else "unchanged")
     else:
         q, a = "Does the rhythm change across these ECGs?", "yes" if len({t.statements[0] for t in truths}) > 1 else "no"
-    if kind not in ("per_ecg_report", "hr_trend"):   # a report is its own reading; a trend compares numbers
-        a = read_first(truths, a)
     return {"question": span + q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "multi",
             "question_type": kind, "days": list(days)}
 
@@ -308,7 +295,7 @@ class SyntheticDataset:
 
 
 def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, max_visits=4,
-                            long_share=0.1, max_long_s=60.0, fs=100, extra=0):
+                            long_share=0.1, max_long_s=60.0, fs=100):
     """The one call train.py needs: `n_patients` simulated people -> SyntheticDataset.
 
     Per patient: 1 visit (half of them) or 2..max_visits visits over time (max 6); each visit a 10 s record in a
@@ -353,7 +340,6 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
         if n_visits >= 2 and "ecgqa" in tasks:
             k = int(rng.integers(n_visits - 1))
             rows.append(ecgqa_comparison_row(visit_paths[k:k + 2], visit_truths[k:k + 2], rng, consecutive=True))
-        rows += extra_questions(visit_paths, visit_truths, visits, tasks, extra, [SPLIT_CODES[split], seed, i, 1])
         if previous and "ecgqa" in tasks and rng.random() < 0.3:
             rows.append(ecgqa_comparison_row([previous[0], visit_paths[0]], [previous[1], visit_truths[0]], rng,
                                              consecutive=False))
@@ -361,22 +347,6 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
     for row in rows:
         row["dataset"] = "synthetic"
     return SyntheticDataset(rows, specs, fs)
-
-
-def extra_questions(paths, truths, visits, tasks, n, seed):
-    """n more ECG-QA questions per ECG and n more comparison / multi-ECG questions per series, drawn from their own
-    random stream (the other rows stay as they were). More questions about the same ECGs: the rule that turns a
-    reading into an answer gets n times the examples, which stage 0 reads as text."""
-    rng, rows = np.random.default_rng(seed), []
-    for _ in range(n):
-        if "ecgqa" in tasks:
-            rows += [ecgqa_single_row(p, t, rng) for p, t in zip(paths, truths)]
-        if len(paths) >= 2 and "multi" in tasks:
-            rows.append(multi_row(paths, truths, [d for d, _, _ in visits], rng))
-        if len(paths) >= 2 and "ecgqa" in tasks:
-            k = int(rng.integers(len(paths) - 1))
-            rows.append(ecgqa_comparison_row(paths[k:k + 2], truths[k:k + 2], rng, consecutive=True))
-    return rows
 
 
 def add_image_rows(ds, px_per_mm):

@@ -145,7 +145,7 @@ def load_data(cfg, log):
         return load_real_data(cfg, log)
     out = {}
     for split, n in [("train", cfg.train_patients), ("val", cfg.val_patients), ("test", cfg.test_patients)]:
-        ds = build_synthetic_dataset(n, seed=cfg.seed, split=split, extra=cfg.extra_questions * (split == "train"))
+        ds = build_synthetic_dataset(n, seed=cfg.seed, split=split)
         if cfg.images:  # printouts drawn at exactly the image encoder's input width
             add_image_rows(ds, image_config(cfg).width / WIDTH_MM)
         out[split] = Split(ds.rows, ds.inputs)
