@@ -402,6 +402,23 @@ def test_dataset_is_deterministic_and_test_split_is_held_out(dataset):
     assert not patients(test_a) & patients(dataset) and not morphs(test_a) & morphs(dataset)
 
 
+def test_the_rule_on_readings_analysis_answers_every_question_as_the_generator_does():
+    """docs/analysis/rule_on_readings.py writes the question rules again from the question text: on the generator's
+    truth it must give every ECG-QA and multi-ECG answer of the test split, or its figures in RESULTS mean nothing."""
+    import importlib.util
+    from eval import row_score
+    path = Path(__file__).resolve().parents[1] / "docs" / "analysis" / "rule_on_readings.py"
+    spec = importlib.util.spec_from_file_location("rule_on_readings", path)
+    analysis = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(analysis)
+    ds = build_synthetic_dataset(60, split="test")
+    rows = [r for r in ds.rows if r["task"] in ("ecgqa", "multi")]
+    assert len({r["question_type"] for r in rows}) >= 10
+    for row in rows:
+        truths = [ds.record(p)[1] for p in row["ecg_path"]]
+        assert row_score(row, analysis.answer(row, truths)) == 1.0, row
+
+
 def test_dataset_written_to_disk_reads_back(tmp_path):
     ds = build_synthetic_dataset(4, seed=5, tasks=["report", "location"])
     json_path = ds.write(tmp_path, "train")

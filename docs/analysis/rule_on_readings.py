@@ -1,0 +1,130 @@
+"""
+rule_on_readings.py — is it the reading or the reasoning? An analysis behind docs/RESULTS.md, not part of the library.
+
+A trained model reads every ECG of the held-out ECG-QA and multi-ECG test rows on its own: the report question gives
+its statements, the grounded question its heart rate, PR, QRS and QTc. The generator's own rule then answers each
+question from those readings, and the answers are scored as eval.py scores the model's. The same rule on the
+generator's truth must score 1.0 (a check of this script). If the rule on the model's readings scores far above the
+model's own answers, what the model lacks is the step from reading to answer, not the reading.
+
+  python docs/analysis/rule_on_readings.py out/model        # after `python train.py`; about 2 minutes on 2 cores
+
+The rules are written again here from the question text, since the task builders draw each question and its answer
+together (tasks.py); tasks.py is the reference for them.
+"""
+
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
+
+from chat import ECGChat  # noqa: E402
+from eval import bootstrap, evaluate, find_statements, parse_measurements, row_score  # noqa: E402
+from tasks import (GROUNDED_QUESTIONS, REPORT_QUESTIONS, RHYTHMS, STATEMENTS, askable,  # noqa: E402
+                   build_synthetic_dataset, findings_of, listing)
+from train import rows_per_task  # noqa: E402
+
+BY_LOWER = {s.lower(): s for s in STATEMENTS}
+
+
+def read_every_ecg(model, ds, paths):
+    """{path: a Truth-like reading}: statements (rhythm first), leads, hr_bpm, pr_ms, qrs_ms, qtc_ms."""
+    ask = [{"question": q, "answer": "", "ecg_path": [p], "task": task} for p in paths
+           for task, q in (("report", REPORT_QUESTIONS[0]), ("grounded", GROUNDED_QUESTIONS[0]))]
+    _, preds = evaluate(model, ask, ds.inputs, 16, 256)
+    said = {(p["task"], p["ecg_path"][0]): p["prediction"] for p in preds}
+    out = {}
+    for p in paths:
+        st = sorted(find_statements(said["report", p]), key=lambda s: (s not in RHYTHMS, STATEMENTS.index(s)))
+        st = st if st and st[0] in RHYTHMS else ["Sinus rhythm"] + st
+        m, g = parse_measurements(said["grounded", p]), said["grounded", p]
+        qtc = re.search(r"QT/QTc:\s*[\d.]+/([\d.]+)", g)
+        out[p] = SimpleNamespace(statements=st, leads=list(ds.specs[p].leads), hr_bpm=m["hr"] or 75, pr_ms=m["pr"],
+                                 qrs_ms=m["qrs"] or 90, qtc_ms=float(qtc.group(1)) if qtc else 420)
+    return out
+
+
+def single_answer(q, t):
+    have = set(findings_of(t))
+    if m := re.match(r"Does this ECG show (.*)\?$", q):
+        return "yes" if BY_LOWER[m.group(1)] in have else "no"
+    if "narrow or wide" in q:
+        return "wide" if t.qrs_ms >= 120 else "narrow"
+    if "slow, normal or fast" in q:
+        return "slow" if t.hr_bpm < 60 else "fast" if t.hr_bpm > 100 else "normal"
+    if "normal or prolonged" in q:
+        return "prolonged" if t.qtc_ms > 470 else "normal"
+    if q.startswith("Which rhythm does") or q == "What is the rhythm of this ECG?":
+        return t.statements[0].lower()
+    if "premature beats" in q:
+        return listing([s for s in findings_of(t) if s.startswith("Premature")])
+    if "conduction abnormalities" in q:
+        return listing([s for s in findings_of(t) if "block" in s])
+    if "numeric features" in q:
+        above = [n for n, hit in [("heart rate", t.hr_bpm > 100), ("pr interval", (t.pr_ms or 0) > 200),
+                                  ("qrs duration", t.qrs_ms >= 120), ("qt interval", t.qtc_ms > 470)] if hit]
+        return ", ".join(above) or "none"
+    if "abnormal findings" in q:
+        return listing([s for s in findings_of(t) if s not in RHYTHMS])
+    raise ValueError(f"no rule for {q!r}")
+
+
+def series_answer(row, q, ts):
+    pool = set(askable(ts))
+    seen = [[s for s in findings_of(x) if s in pool] for x in ts]
+    if row["task"] == "ecgqa":   # the comparison form, two ECGs
+        first, second = seen
+        if m := re.match(r"Do both ECGs show (.*)\?$", q):
+            return "yes" if BY_LOWER[m.group(1)] in first and BY_LOWER[m.group(1)] in second else "no"
+        if "first ECG but absent in the second" in q:
+            return listing([s for s in first if s not in second])
+        if "second ECG but absent in the first" in q:
+            return listing([s for s in second if s not in first])
+        return listing([s for s in first if s in second])
+    kind = row["question_type"]
+    if kind == "per_ecg_report":
+        return " ".join(f"ECG{k + 1}: {', '.join(x.statements)}." for k, x in enumerate(ts))
+    if kind == "new_findings":
+        return listing([s for s in seen[-1] if s not in seen[0]])
+    if kind == "resolved_findings":
+        return listing([s for s in seen[0] if s not in seen[-1]])
+    if kind == "first_appearance":
+        s = BY_LOWER[re.search(r"In which ECG does (.*) first appear\?", q).group(1)]
+        first = next((k for k, f in enumerate(seen) if s in f), None)
+        return f"ECG{first + 1}" if first is not None else "none"
+    if kind == "hr_trend":
+        d = ts[-1].hr_bpm - ts[0].hr_bpm
+        return "increased" if d >= 10 else "decreased" if d <= -10 else "unchanged"
+    return "yes" if len({x.statements[0] for x in ts}) > 1 else "no"   # rhythm_change
+
+
+def answer(row, ts):
+    q = row["question"].removesuffix(" Please answer briefly.")
+    q = q.split(" days. ", 1)[-1]   # multi-ECG questions open with "These N ECGs ... over D days. "
+    return single_answer(q, ts[0]) if len(ts) == 1 else series_answer(row, q, ts)
+
+
+def main(model_dir):
+    model = ECGChat.load(model_dir)
+    ds = build_synthetic_dataset(640, seed=1337, split="test")   # the default run's test split and rows
+    rows = [r for r in rows_per_task(ds.rows, 150, 40) if r["task"] in ("ecgqa", "multi")]
+    paths = sorted({p for r in rows for p in r["ecg_path"]})
+    print(f"{len(rows)} ECG-QA and multi-ECG test rows, {len(paths)} ECGs")
+    readings = read_every_ecg(model, ds, paths)
+    for name, get in [("rule on the truth", lambda p: ds.record(p)[1]), ("rule on the model's readings", readings.get)]:
+        preds = [answer(r, [get(p) for p in r["ecg_path"]]) for r in rows]
+        for task in ("ecgqa", "multi"):
+            rr, pp = zip(*[(r, p) for r, p in zip(rows, preds) if r["task"] == task])
+            metric, v, lo, hi = bootstrap(list(rr), list(pp))
+            per = {t: np.mean([row_score(r, p) for r, p in zip(rr, pp) if r["question_type"] == t])
+                   for t in sorted({r["question_type"] for r in rr})}
+            print(f"{name}, {task}: {metric} {v:.3f} [{lo:.3f}, {hi:.3f}]; " +
+                  ", ".join(f"{t} {s:.3f}" for t, s in per.items()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "out/model")
