@@ -147,7 +147,8 @@ def _unknown_key(key, source):
 def parse_config(argv=None, usage=__doc__):
     """defaults < preset (--llm: anyECG's; an untrained encoder: trained in every stage) < --config < flags.
     usage: the text --help shows above the flags (train.py passes its own docstring)."""
-    p = argparse.ArgumentParser(prog="train.py", description=usage, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+    p = argparse.ArgumentParser(prog="train.py", description=usage, allow_abbrev=False,
+                                argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="--resume continues with the config saved in the checkpoint; beside it only "
                                        f"these fields may change: {', '.join(RESUME_SAFE)}")
@@ -215,8 +216,8 @@ def read_config_file(path):
 def check_config(cfg):
     """Every value a run cannot work with, named in one error before anything is built."""
     counts = ("batch_size", "grad_accum", "bucket_steps", "log_interval", "eval_interval", "ckpt_interval",
-              "keep_ckpts", "max_new_tokens", "max_seq_len", "dim", "n_layers", "n_heads", "n_kv_heads", "max_nan_steps",
-              "lora_r")
+              "keep_ckpts", "max_new_tokens", "max_seq_len", "dim", "n_layers", "n_heads", "n_kv_heads",
+              "max_nan_steps", "lora_r")
     patients = () if cfg.data else ("train_patients", "val_patients", "test_patients")   # synthetic: each split some
     rules = [("at least 1", lambda v: v >= 1, counts + patients),
              ("not negative", lambda v: v >= 0, ("encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps",
