@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
 
 from chat import ECGChat  # noqa: E402
+from config import Config  # noqa: E402
 from eval import bootstrap, evaluate, find_statements, parse_measurements, row_score  # noqa: E402
 from tasks import (GROUNDED_QUESTIONS, REPORT_QUESTIONS, RHYTHMS, STATEMENTS, askable,  # noqa: E402
                    build_synthetic_dataset, findings_of, listing)
@@ -110,8 +111,9 @@ def answer(row, ts):
 
 def main(model_dir):
     model = ECGChat.load(model_dir)
-    ds = build_synthetic_dataset(640, seed=1337, split="test")   # the default run's test split and rows
-    rows = [r for r in rows_per_task(ds.rows, 150, 40) if r["task"] in ("ecgqa", "multi")]
+    cfg = Config()   # the default run's test split and rows
+    ds = build_synthetic_dataset(cfg.test_patients, split="test")
+    rows = [r for r in rows_per_task(ds.rows, cfg.test_rows, cfg.test_rows_per_type) if r["task"] in ("ecgqa", "multi")]
     paths = sorted({p for r in rows for p in r["ecg_path"]})
     print(f"{len(rows)} ECG-QA and multi-ECG test rows, {len(paths)} ECGs")
     readings = read_every_ecg(model, ds, paths)
