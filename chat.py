@@ -1,24 +1,23 @@
 """
-chat.py — the ECG chat model: an LLM that reads ECGs (and paper printouts of them), and the prompt format it reads
-them in. It joins model.py (the LLM) and ecg_encoder.py (the encoders).
+chat.py — the ECG chat model: an LLM that reads ECGs, and the prompt format it reads them in. It joins model.py (the
+LLM) and ecg_encoder.py (the encoder).
 
   1. Chat format   the added tokens and `encode_chat`, the template with its loss labels:
-                     <bos><|user|>ECG1:<ecg><ecg_token>x n</ecg>ECG2:...<img><img_token>x m</img>question<|end|>
-                     <|assistant|>answer<|end|>
+                     <bos><|user|>ECG1:<ecg><ecg_token>x n</ecg>ECG2:...question<|end|><|assistant|>answer<|end|>
                    No newlines around the markers, so a generation prompt is exactly the start of a training
                    sequence. An instruct checkpoint keeps its own format (`ChatFormat`: Llama-3's, ChatML), the
                    blocks on its reserved tokens where it has them.
-  2. ECGChat       tokenizer + LLM + ECG encoder + projector (+ image encoder and its projector). `prompt` is the
-                   one prompt builder (training, evaluation and the chat all call it); `embed` overwrites each
-                   placeholder block with its input's projected tokens (nanoVLM-style splicing); forward with the
-                   loss; generate; freezing per part; save/load as one folder; `from_anyecg`: anyECG-chat's release.
+  2. ECGChat       tokenizer + LLM + ECG encoder + projector. `prompt` is the one prompt builder (training,
+                   evaluation and the chat all call it); `embed` overwrites each placeholder block with its ECG's
+                   projected tokens (nanoVLM-style splicing); forward with the loss; generate; freezing per part;
+                   save/load as one folder.
 
-A model's *inputs* are, per prompt, a list of ECGRecords (data.py; the signal in mV at the encoder's rate) and
-paper-ECG images (uint8 RGB (H, W, 3)): a row's inputs as they are read.
+A model's *inputs* are, per prompt, a list of ECGRecords (data.py; the signal in mV at the encoder's rate). Other
+inputs plug in beside them: images/chat.py adds paper-ECG images (GEM's second modality) on the <img> marks,
+anyecg/release.py runs anyECG-chat's own encoder.
 """
 import hashlib
 import itertools
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -29,9 +28,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from data import ECGRecord, read_json
-from ecg_encoder import (AnyECG, ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, Projector, check_fits,
-                         load_anyecg, load_state)
-from model import LLM, Tokenizer, generate, left_pad, load_peft_adapter, save_pretrained
+from ecg_encoder import ECGEncoder, EncoderConfig, Projector, load_state
+from model import LLM, Tokenizer, generate, left_pad, save_pretrained
 
 
 # --------------------------------------------------------------------------- 1. Chat format
@@ -42,7 +40,7 @@ ECG_TOKEN = "<ecg_token>"    # placeholder: its embedding is overwritten by one 
 USER = "<|user|>"            # chat-turn markers
 ASSISTANT = "<|assistant|>"
 END_TURN = "<|end|>"
-IMG_START, IMG_END, IMG_TOKEN = "<img>", "</img>", "<img_token>"   # the same, for a paper-ECG image
+IMG_START, IMG_END, IMG_TOKEN = "<img>", "</img>", "<img_token>"   # the same, for a paper-ECG image (images/)
 SPECIAL_TOKENS = [ECG_START, ECG_END, ECG_TOKEN, USER, ASSISTANT, END_TURN, IMG_START, IMG_END, IMG_TOKEN]
 
 
@@ -90,24 +88,15 @@ def choose_format(tokenizer, name="auto"):
     return fmt
 
 
-def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False, image_token_counts=(),
-                fmt=FORMATS["nanoecg"], label_ecgs=False):
-    """turns: [("user", text), ("assistant", text), ...]; ecg_token_counts: placeholder tokens per ECG
-    (encoder.num_tokens); image_token_counts: per image. -> (input_ids, labels), two equal-length lists, -100
-    where no loss. The whole conversation is written out in `fmt` and encoded at once, as a Hugging Face chat
+def encode_chat(tokenizer, turns, blocks="", add_generation_prompt=False, fmt=FORMATS["nanoecg"]):
+    """turns: [("user", text), ("assistant", text), ...]; blocks: the inputs' placeholder blocks
+    (ECGChat.placeholders), written before the first user message. -> (input_ids, labels), two equal-length lists,
+    -100 where no loss. The whole conversation is written out in `fmt` and encoded at once, as a Hugging Face chat
     template would be; the labels are the tokens that start inside an answer (through its `end`).
-    add_generation_prompt: end with the opening of an assistant turn, for the model to continue.
-    label_ecgs: with several ECGs, name each block ("ECG1:", "ECG2:", ...) as the answers name them: without a name
-    nothing tells the model which block a question or an answer means (their time codes all start at 0)."""
-    ecg_start, ecg_end, ecg, img_start, img_end, img = fmt.marks
-    encoded = {t: tokenizer.encode(t) for t in (ecg_start, ecg_end, ecg, img_start, img_end, img, fmt.end)}
-    bad = {t: ids for t, ids in encoded.items() if len(ids) != 1}
+    add_generation_prompt: end with the opening of an assistant turn, for the model to continue."""
+    bad = {t: ids for t in (*fmt.marks, fmt.end) if len(ids := tokenizer.encode(t)) != 1}
     if bad:
         raise ValueError(f"tokenizer does not encode special tokens as single ids: {bad}")
-    named = label_ecgs and len(ecg_token_counts) > 1
-    blocks = "".join((f"ECG{k + 1}:" if named else "") + ecg_start + ecg * int(n) + ecg_end
-                     for k, n in enumerate(ecg_token_counts)) + \
-        "".join(img_start + img * int(n) + img_end for n in image_token_counts)
     text, answers, placed = "", [], not blocks
     for role, content in turns:
         if role == "user":
@@ -121,11 +110,20 @@ def encode_chat(tokenizer, turns, ecg_token_counts, add_generation_prompt=False,
         else:
             raise ValueError(f"turn role must be 'user' or 'assistant', got {role!r}")
     if not placed:
-        raise ValueError("the ECG and image blocks go before the first user message, but there is no user turn")
+        raise ValueError("the input blocks go before the first user message, but there is no user turn")
     ids, starts = tokenizer.encode_offsets(text + (fmt.assistant if add_generation_prompt else ""))
     labels = [i if any(a <= s < b for a, b in answers) else -100 for i, s in zip(ids, starts)]
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []   # Qwen has no <bos>
     return bos + ids, [-100] * len(bos) + labels
+
+
+def ecg_blocks(counts, fmt=FORMATS["nanoecg"], named=False):
+    """The placeholder blocks of ECGs of `counts` tokens each: '<ecg><ecg_token> x n</ecg>', in order. named: 'ECG1:',
+    'ECG2:' ... before each block when there are several, as questions and answers name them: without a name nothing
+    tells the model which block a question means (their time codes all start at 0)."""
+    start, end, token = fmt.marks[:3]
+    named = named and len(counts) > 1
+    return "".join((f"ECG{k + 1}:" if named else "") + start + token * int(n) + end for k, n in enumerate(counts))
 
 
 def turns_of(row, answered=True):
@@ -139,75 +137,89 @@ def turns_of(row, answered=True):
 
 
 def split_inputs(inputs):
-    """A prompt's inputs -> (its ECGRecords, its images), each in order."""
+    """A prompt's inputs -> (its ECGRecords, the others), each in order."""
     return [x for x in inputs if isinstance(x, ECGRecord)], [x for x in inputs if not isinstance(x, ECGRecord)]
 
 
 # --------------------------------------------------------------------------- 2. The ECG chat model
 class ECGChat(nn.Module):
     """An LLM that reads ECGs: the n = encoder.num_tokens(samples) placeholders of each ECG's block are overwritten
-    by its projected encoder tokens, in order; paper-ECG images (GEM's second modality) enter the same way through
-    the `<img>` blocks. chat_format: "auto" (the tokenizer's own: Llama-3, ChatML, or nanoECG's) or a FORMATS name."""
+    by its projected encoder tokens, in order. chat_format: "auto" (the tokenizer's own: Llama-3, ChatML, or
+    nanoECG's) or a FORMATS name. projector: by default anyECG's Linear -> GELU -> Linear, built here; an encoder that
+    projects its own tokens (anyecg/) comes with nn.Identity()."""
 
-    def __init__(self, llm, encoder, tokenizer, max_seq_len=None, image_encoder=None, chat_format="auto",
-                 label_ecgs=False):
+    def __init__(self, llm, encoder, tokenizer, max_seq_len=None, chat_format="auto", label_ecgs=False,
+                 projector=None):
         super().__init__()
         self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
         w = llm.embed_tokens.weight
-        # anyECG-chat's encoder projects each 10 s window itself: its first token is the mean of projected CLS tokens
-        self.projector = nn.Identity() if isinstance(encoder, AnyECG) else \
+        self.projector = projector if projector is not None else \
             Projector(encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
-        self.image_encoder = image_encoder
-        self.image_projector = None if image_encoder is None else Projector(
-            image_encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
         self.format = choose_format(tokenizer, chat_format)   # adds the tokens the vocabulary lacks
         self.label_ecgs = label_ecgs                           # "ECG1:" before each block of a multi-ECG prompt
         if tokenizer.vocab_size > llm.config.vocab_size:
             llm.resize_vocab(tokenizer.vocab_size)  # room for the added special tokens
         self.ecg_token_id = tokenizer.added[self.format.marks[2]]
-        self.img_token_id = tokenizer.added[self.format.marks[5]]
         self.max_seq_len = max_seq_len or llm.config.max_position_embeddings
         self.token_cache, self.token_cache_size = None, 0   # see cache_encoder_tokens
 
     def stop_ids(self):
         return tuple(i for i in (self.tokenizer.eos_id, self.tokenizer.added[self.format.end]) if i is not None)
 
-    def check_fits(self, ecg_samples, n_text_tokens=0):
-        """ECG lengths (samples) + text must fit the context: a clear error otherwise."""
-        return check_fits(self.encoder, ecg_samples, self.max_seq_len, n_text_tokens)
-
+    # ---- prompts
     def prompt(self, turns, inputs, add_generation_prompt=False):
-        """The conversation `turns` about `inputs` (a prompt's ECGRecords and images) -> (input_ids, labels), one
-        placeholder block per input. A ValueError says why an input cannot be read by this model, or that the prompt
-        (with room for one new token when generating) does not fit the context."""
-        ecgs, images = split_inputs(inputs)
-        if images and self.image_encoder is None:
-            raise ValueError("the prompt has images but the model has no image encoder")
+        """The conversation `turns` about `inputs` (a prompt's ECGRecords) -> (input_ids, labels), one placeholder
+        block per input. A ValueError says why an input cannot be read by this model, or that the prompt (with room
+        for one new token when generating) does not fit the context."""
+        ids, labels = encode_chat(self.tokenizer, turns, self.placeholders(inputs), add_generation_prompt, self.format)
+        ecgs = [e.signal.shape[1] for e in split_inputs(inputs)[0]]
+        n_ecg = sum(self.encoder.num_tokens(n) for n in ecgs)
+        self.check_fits(ecgs, len(ids) - n_ecg + int(add_generation_prompt))
+        return ids, labels
+
+    def check_inputs(self, inputs):
+        """A ValueError for inputs of one prompt that this model cannot read: it reads ECGRecords."""
+        other = split_inputs(inputs)[1]
+        if other:
+            raise ValueError(f"the prompt has {len(other)} input(s) that are not ECGRecords (images?), but this model "
+                             "reads ECGs only (train one that reads images with train.py --images)")
+
+    def placeholders(self, inputs):
+        """The inputs' placeholder blocks, in order (ecg_blocks). A ValueError for an input this model cannot read."""
+        self.check_inputs(inputs)
+        ecgs = split_inputs(inputs)[0]
         short = [e.signal.shape[1] for e in ecgs if e.signal.shape[1] < self.encoder.cfg.patch_size]
         if short:
             raise ValueError(f"an ECG of {short[0]} samples is shorter than one encoder patch "
                              f"({self.encoder.cfg.patch_size} samples)")
-        counts = [self.encoder.num_tokens(e.signal.shape[1]) for e in ecgs]
-        ids, labels = encode_chat(self.tokenizer, turns, counts, add_generation_prompt,
-                                  [self.image_encoder.num_tokens] * len(images) if images else [], self.format,
-                                  self.label_ecgs)
-        self.check_fits([e.signal.shape[1] for e in ecgs], len(ids) - sum(counts) + int(add_generation_prompt))
-        return ids, labels
+        return ecg_blocks([self.encoder.num_tokens(e.signal.shape[1]) for e in ecgs], self.format, self.label_ecgs)
 
+    def check_fits(self, ecg_samples, n_text_tokens=0):
+        """The ECG tokens of ECGs of these lengths (samples), or a clear error if they and n_text_tokens do not fit
+        the context."""
+        n_ecg = sum(self.encoder.num_tokens(n) for n in ecg_samples)
+        if n_ecg + n_text_tokens > self.max_seq_len:
+            secs = ", ".join(f"{n / self.encoder.cfg.fs:g}" for n in ecg_samples)
+            room = max(0, self.max_seq_len - n_text_tokens)
+            raise ValueError(f"ECG(s) of {secs} s need {n_ecg} tokens, plus {n_text_tokens} text tokens; the LLM "
+                             f"context allows {self.max_seq_len} (room for about {self.encoder.max_seconds(room):g} s of "
+                             "ECG). Use a shorter part of the ECG, or a model trained with a longer context "
+                             "(train.py --max_seq_len).")
+        return n_ecg
+
+    # ---- ECG tokens into the LLM
     def encode_ecgs(self, ecgs):
         """[ECGRecord, ...] -> [(n_tokens_i, C_llm), ...]"""
         if not ecgs:
             return []
-        if isinstance(self.encoder, AnyECG):   # one (12, T) record at a time, as their encode_and_project_ecg
-            return [self.encoder(e.signal) for e in ecgs]
         if self.token_cache is None:
             return [self.projector(t) for t in self.encoder([e.signal for e in ecgs], [list(e.leads) for e in ecgs])]
         return [self.projector(self.cached_tokens(e)) for e in ecgs]
 
     def cache_encoder_tokens(self, size):
         """While the encoder is frozen (train.py's stages after the warm-up), keep the tokens of up to `size` ECGs:
-        it gives the same tokens every time, and encoding is about a quarter of a step. Each ECG is encoded alone,
-        so its tokens do not depend on the batch that first met it (a resumed run gets the same ones). 0: off."""
+        it gives the same tokens every time, and encoding is a good part of a step. Each ECG is encoded alone, so its
+        tokens do not depend on the batch that first met it (a resumed run gets the same ones). 0: off."""
         self.token_cache, self.token_cache_size = ({} if size else None), size
 
     @torch.no_grad()
@@ -223,28 +235,19 @@ class ECGChat(nn.Module):
                 self.token_cache[key] = tokens
         return tokens
 
-    def encode_images(self, images):
-        """[uint8 RGB (H, W, 3), ...] -> [(n_tokens, C_llm), ...]"""
-        if not images:
-            return []
-        if self.image_encoder is None:
-            raise ValueError("images given, but this model has no image encoder")
-        return list(self.image_projector(self.image_encoder(images)))
-
     def embed(self, input_ids, inputs):
-        """input_ids (B, T) -> embeddings (B, T, C), each placeholder block overwritten by its ECG's (image's)
-        tokens. inputs: per prompt a list of ECGRecords and images."""
+        """input_ids (B, T) -> embeddings (B, T, C), each ECG placeholder block overwritten by its ECG's tokens.
+        inputs: per prompt a list of ECGRecords."""
         x = self.llm.embed_tokens(input_ids)                                        # (B, T, C)
         if len(inputs) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} prompts but input lists for {len(inputs)}")
-        per_prompt = [split_inputs(sample) for sample in inputs]
-        x = self._splice(x, input_ids == self.ecg_token_id, [e for e, _ in per_prompt], self.encode_ecgs, "ECG",
-                         self.format.marks[2])
-        return self._splice(x, input_ids == self.img_token_id, [im for _, im in per_prompt], self.encode_images,
-                            "image", self.format.marks[5])
+        for sample in inputs:
+            self.check_inputs(sample)
+        ecgs = [split_inputs(sample)[0] for sample in inputs]
+        return self.splice(x, input_ids == self.ecg_token_id, ecgs, self.encode_ecgs, "ECG", self.format.marks[2])
 
-    def _splice(self, x, slots, inputs, encode, kind, placeholder):
-        """Overwrite the `slots` (B, T) of x with the encoded inputs, prompt by prompt."""
+    def splice(self, x, slots, inputs, encode, kind, placeholder):
+        """Overwrite the `slots` (B, T) of x with the encoded inputs (per prompt a list), prompt by prompt."""
         tokens = encode([e for sample in inputs for e in sample])                   # [(n_i, C)]
         counts = iter(len(t) for t in tokens)
         for b, sample in enumerate(inputs):
@@ -272,7 +275,7 @@ class ECGChat(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, inputs, max_new_tokens=256, **sampling):
-        """prompts: token-id lists (from `prompt`); inputs: per prompt its ECGRecords and images, encoded once."""
+        """prompts: token-id lists (from `prompt`); inputs: per prompt its ECGRecords, encoded once."""
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.max_seq_len:
             raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds "
@@ -284,35 +287,36 @@ class ECGChat(nn.Module):
         return generate(self.llm, ids, mask, inputs_embeds=x, max_new_tokens=max_new_tokens,
                         tokenizer=self.tokenizer, **sampling)
 
-    def set_trainable(self, encoder=True, projector=True, llm=False, lora=True, image_encoder=None):
-        """Freeze or unfreeze each part (the curriculum's stages differ only in this). The image encoder follows
-        the ECG encoder unless image_encoder says otherwise; the image projector follows the projector."""
-        image_encoder = encoder if image_encoder is None else image_encoder
-        for module, on in [(self.encoder, encoder), (self.projector, projector),
-                           (self.image_encoder, image_encoder), (self.image_projector, projector)]:
-            for p in module.parameters() if module is not None else []:
+    def set_trainable(self, encoder=True, projector=True, llm=False, lora=True):
+        """Freeze or unfreeze each part (the curriculum's stages differ only in this)."""
+        for module, on in [(self.encoder, encoder), (self.projector, projector)]:
+            for p in module.parameters():
                 p.requires_grad_(on)
         for name, p in self.llm.named_parameters():
             p.requires_grad_(lora if ".lora_" in name else llm)
 
     # ---- one folder: config.json + model.safetensors + tokenizer, LLaVA-style
     def save(self, out_dir):
-        """The LLM part is a plain Hugging Face Llama (LoRA merged) that transformers reads; encoder and
-        projector sit beside it under ecg_encoder.* / ecg_projector.* (images: img_encoder.*, img_projector.*)."""
-        extra = {f"{prefix}{k}": v for prefix, module in self._parts() for k, v in module.state_dict().items()}
-        nanoecg = {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len,
-                   "chat_format": self.format.name, "label_ecgs": self.label_ecgs}
-        if self.image_encoder is not None:
-            nanoecg["image_encoder"] = asdict(self.image_encoder.cfg)
-        save_pretrained(self.llm, out_dir, extra_tensors=extra, extra_config={"nanoecg": nanoecg})
+        """The LLM part is a plain Hugging Face Llama (LoRA merged) that transformers reads; the other parts sit
+        beside it under their prefixes (ecg_encoder.*, ecg_projector.*), their settings under "nanoecg"."""
+        extra = {f"{prefix}{k}": v for prefix, module in self.parts().items() for k, v in module.state_dict().items()}
+        save_pretrained(self.llm, out_dir, extra_tensors=extra, extra_config={"nanoecg": self.settings()})
         self.tokenizer.save(out_dir)
 
-    def _parts(self):
-        """(weight-name prefix, module) of everything beside the LLM in the checkpoint."""
-        parts = [("ecg_encoder.", self.encoder), ("ecg_projector.", self.projector)]
-        if self.image_encoder is not None:
-            parts += [("img_encoder.", self.image_encoder), ("img_projector.", self.image_projector)]
-        return parts
+    def parts(self):
+        """{weight-name prefix: module} of everything beside the LLM in the checkpoint."""
+        return {"ecg_encoder.": self.encoder, "ecg_projector.": self.projector}
+
+    def settings(self):
+        """What load() needs beside the weights to build this model again."""
+        return {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len,
+                "chat_format": self.format.name, "label_ecgs": self.label_ecgs}
+
+    @classmethod
+    def from_settings(cls, llm, tokenizer, settings, **parts):
+        """The model a folder's "nanoecg" settings describe, with untrained parts beside the LLM (load fills them)."""
+        return cls(llm, ECGEncoder(EncoderConfig(**settings["encoder"])), tokenizer, settings.get("max_seq_len"),
+                   settings.get("chat_format", "auto"), settings.get("label_ecgs", False), **parts)
 
     @classmethod
     def load(cls, ckpt_dir, dtype=None, device=None):
@@ -327,37 +331,23 @@ class ECGChat(nn.Module):
             raise ValueError(f"{d / 'config.json'}: no 'nanoecg' section, so this is a plain LLM "
                              f"checkpoint, not an ECG-chat model (train one with train.py --llm {d})")
         llm = LLM.from_pretrained(d, dtype=dtype, device=device)
-        encoder = ECGEncoder(EncoderConfig.from_dict(raw["nanoecg"]["encoder"]))
-        image_cfg = raw["nanoecg"].get("image_encoder")
-        image_encoder = ImageEncoder(ImageEncoderConfig(**image_cfg)) if image_cfg else None
-        model = cls(llm, encoder, Tokenizer(d), raw["nanoecg"].get("max_seq_len"), image_encoder,
-                    raw["nanoecg"].get("chat_format", "auto"), raw["nanoecg"].get("label_ecgs", False))
-        for module in (model.encoder, model.image_encoder):
-            if module is not None:
-                module.to(llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
+        model = cls.from_settings(llm, Tokenizer(d), raw["nanoecg"])
+        for module in model.parts().values():
+            module.to(llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype)
         model._load_parts(d / "model.safetensors")
         return model.eval()
 
-    @classmethod
-    def from_anyecg(cls, ckpt_dir, llm_dir, dtype=None, device=None):
-        """anyECG-chat's release: their ECG encoder and projector (ecg_encoder.load_anyecg) and their LoRA adapter
-        (adapter_config.json + adapter_model.safetensors, as peft saves it) from ckpt_dir, on the
-        Llama-3-8B-Instruct folder llm_dir. Prompts use Llama-3's template with each ECG block on the reserved
-        tokens 128003-128005, as theirs; the ECGs must be read as theirs are (data.anyecg_input, 12 x T at 100 Hz).
-        The encoder stays in float32, as in their code; its tokens are cast to the LLM's dtype when spliced."""
-        llm = LLM.from_pretrained(llm_dir, dtype=dtype, device=device)
-        if not (Path(ckpt_dir) / "adapter_config.json").is_file():
-            warnings.warn(f"{ckpt_dir}: no LoRA adapter (adapter_config.json); the LLM runs as it is (a stage-1 "
-                          "checkpoint)")
-        else:
-            load_peft_adapter(llm, ckpt_dir)
-        encoder = load_anyecg(ckpt_dir).to(llm.embed_tokens.weight.device)
-        return cls(llm, encoder, Tokenizer(llm_dir), chat_format="llama3").eval()
-
     def _load_parts(self, path):
-        """Encoder(s) and projector(s) from the checkpoint file; a mismatch is one error naming file and keys."""
+        """The parts beside the LLM from the checkpoint file; a mismatch is one error naming file and keys, and so are
+        weights that belong to no part of this model."""
+        prefixes = tuple(self.parts())
         with safe_open(str(path), framework="pt") as f:
-            for prefix, module in self._parts():
+            other = sorted({k.split(".")[0] + ".*" for k in f.keys()
+                            if not k.startswith(prefixes + ("model.", "lm_head."))})
+            if other:
+                raise ValueError(f"{path}: weights {other} belong to no part of this model (one trained with "
+                                 "--images loads with images.chat.load_chat)")
+            for prefix, module in self.parts().items():
                 state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
                 load_state(module, state, f"{path} ({prefix}*)")
 

@@ -2,7 +2,7 @@
 config.py — every setting of a training run: the `Config` dataclass, whose fields are also the command-line flags
 (and the keys of a --config JSON file), the presets that change the defaults (anyECG's recipe with --llm; an
 untrained encoder trained in every stage), and the checks that refuse a value a run cannot work with, or a
---resume that would change what the run learns.
+--resume that would change what the run learns (a run's checkpoints: out_dir/checkpoints/step_N, train.py).
 
 Precedence: defaults < preset < --config file < flags. `python train.py --help` lists every field with its help
 text and default; the help is the field's metadata, written once, beside the field.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from chat import FORMATS
-from checkpoints import latest_checkpoint
+from ecg_encoder import ENCODER_PRESETS
 
 
 def arg(default, help):
@@ -53,7 +53,8 @@ class Config:
     encoder: str = arg("tiny", "ECG encoder preset: tiny | base (anyECG's ViT-Base shape)")
     encoder_dim: int = arg(0, "override the preset's width (0: keep)")
     encoder_layers: int = arg(0, "override the preset's depth (0: keep)")
-    encoder_init: str = arg("", "encoder weights to start from (safetensors with config: warmup.py --save)")
+    encoder_init: str = arg("", "encoder weights to start from (safetensors with its config: "
+                                "python -m synthetic.warmup --save)")
     images: bool = arg(False, "GEM's image modality: report + grounded rows also from paper printouts")
     image_init: str = arg("", "with --images: a Hugging Face CLIP folder, kept frozen (GEM: CLIP ViT-L/336)")
     encoder_warmup_steps: int = arg(900, "synthetic data: first the encoder alone learns the truth (0: off)")
@@ -172,6 +173,12 @@ def parse_config(argv=None, usage=__doc__):
     return Config(**{**preset, **merged})
 
 
+def latest_checkpoint(out_dir):
+    """The newest checkpoint folder of the run in out_dir, or None."""
+    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))  # temp folders start with "."
+    return found[-1] if found else None
+
+
 def saved_config(checkpoint):
     """The config fields a checkpoint's state.json holds ({} without a checkpoint: setup says so)."""
     if checkpoint is None:
@@ -230,5 +237,7 @@ def check_config(cfg):
         bad.append(f"--parallel {cfg.parallel}: ddp or fsdp")
     if cfg.chat_format not in ("auto", *FORMATS):
         bad.append(f"--chat_format {cfg.chat_format}: auto, {', '.join(FORMATS)}")
+    if cfg.encoder not in ENCODER_PRESETS:
+        bad.append(f"--encoder {cfg.encoder}: {' or '.join(ENCODER_PRESETS)}")
     if bad:
         raise ValueError("config: " + "; ".join(bad))

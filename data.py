@@ -2,13 +2,11 @@
 data.py — ECG records and the files they come from. The ground floor: it imports nothing of the project.
 
 Read top to bottom:
-  1. Records      `ECGRecord` (mV (leads, samples), fs, leads), lead and task names, `atomic_write` (every file
-                  write), `read_json`, `read_tensors` (weights from .safetensors, or .bin/.pth without unpickling code),
-                  `bootstrap_weights` (the resampling behind every 95 % interval).
+  1. Records      `ECGRecord` (mV (leads, samples), fs, leads), the lead, task, beat and report-statement names,
+                  `atomic_write` (every file write), `read_json`.
   2. Lead names   the aliases real files use (MLII, D3, lower case, a lone "ECG", ...).
   3. Reading      `load_ecg`: WFDB records (any format, multi-file ones), .npy, .csv; one clear error per bad file.
-  4. Cleaning     flat/empty leads, NaN/Inf repair, FFT resampling, `prepare_ecg` (as the model reads it), `cut_ecg`,
-                  `anyecg_input` (as anyECG-chat's own encoder reads it).
+  4. Cleaning     flat/empty leads, NaN/Inf repair, FFT resampling, `prepare_ecg` (as the model reads it), `cut_ecg`.
   5. Localization the anyECG answer rule ("Duration: 1.3s-2.9s"), interval merging, the parser.
   6. anyECG rows  `load_rows` (bad rows skipped and counted) and `RowECGReader` (a row's ECG(s), lazily, cached).
                   nanoECG adds two optional fields: `history` and `followups`, [question, answer] pairs asked
@@ -26,13 +24,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 
 # --------------------------------------------------------------------------- 1. records
 STANDARD_LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 TASKS = ("report", "location", "location_long", "ecgqa", "multi", "grounded")   # the tasks nanoECG trains
 LOCATION_TASKS = ("location", "location_long")   # rows that name a clip [ecg_start, ecg_end) of their record
+STATEMENTS = [   # the report statements (MIMIC-IV-ECG machine-report style) the generator writes and eval.py scores
+    "Sinus rhythm", "Sinus bradycardia", "Sinus tachycardia", "Atrial fibrillation", "Atrial flutter",
+    "Premature atrial contractions", "Premature ventricular contractions", "1st degree A-V block",
+    "Left bundle branch block", "Right bundle branch block", "Left axis deviation", "Right axis deviation",
+    "Low QRS voltages", "ST elevation", "ST depression", "T wave inversion", "Prolonged QT interval",
+    "Normal ECG", "Normal ECG except for rate", "Borderline ECG", "Abnormal ECG"]
 
 
 class ECGRecord(NamedTuple):
@@ -68,32 +71,6 @@ def read_json(path):
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_tensors(path):
-    """{name: tensor} from a .safetensors file, or from a PyTorch pickle (.bin, .pth) read with weights_only=True:
-    tensors come back, any other object is refused, because a full unpickle can run code the file carries."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # UnpicklingError for a refused object, RuntimeError for a torn file
-        raise ValueError(f"{path}: not a plain state dict of tensors ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    return state
-
-
-def bootstrap_weights(n, draws=2000, seed=0):
-    """(1 + draws, n) weights of n scored items: row 0 counts each once, each later row is the n items drawn again
-    with replacement. Weights @ per-item counts = the statistic's counts as measured, then `draws` times
-    resampled; their 2.5 and 97.5 percentiles make every 95 % interval nanoECG reports (eval.py, warmup.py)."""
-    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=draws)  # (draws, n)
-    return np.vstack([np.ones(n), counts])
 
 
 # --------------------------------------------------------------------------- 2. lead names
@@ -188,11 +165,13 @@ def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, sta
     return ECGRecord(np.ascontiguousarray(signal, dtype=np.float32), float(fs), names)
 
 
-def _clip(name, n, start, end):
-    """Slice [start, end) of a record of n samples (None: its start / end); an error naming `name` if not inside."""
+def _clip(name, n, start, end, fs=None):
+    """Slice [start, end) of a record of n samples (None: its start / end); an error naming `name` if not inside.
+    Every part of a record nanoECG takes is checked here. With fs the error gives the times too."""
     start, end = 0 if start is None else int(start), n if end is None else int(end)
     if not 0 <= start < end <= n:
-        raise ValueError(f"{name}: clip [{start}, {end}) is outside the record's {n} samples")
+        secs = f" ({start / fs:g}-{end / fs:g} s of {n / fs:.2f} s)" if fs else ""
+        raise ValueError(f"{name}: clip [{start}, {end}) is not inside the record's {n} samples{secs}")
     return slice(start, end)
 
 
@@ -203,9 +182,7 @@ def _read_wfdb(record, lead_names, start=None, end=None, units=None):
     header = record + ".hea"
     if not os.path.isfile(header):
         raise FileNotFoundError(f"{header}: no such WFDB header (record '{record}')")
-    if start is not None and end is not None and not 0 <= start < end:
-        raise ValueError(f"{record}: clip [{start}, {end}) is empty or negative")
-    try:
+    try:   # a clip outside the record fails here too, and _diagnose_wfdb names it (_clip)
         rec = wfdb.rdrecord(record, sampfrom=int(start or 0), sampto=None if end is None else int(end))
     except Exception as e:
         _diagnose_wfdb(record, start, end)
@@ -433,42 +410,7 @@ def prepare_ecg(record, fs=100, name="ECG", max_seconds=None):
 
 def cut_ecg(rec, start, end, name="ECG"):
     """Samples [start, end) of a record (None: its start / its end); an error naming `name` if not inside it."""
-    return ECGRecord(rec.signal[:, _clip(name, rec.signal.shape[1], start, end)], rec.fs, rec.leads)
-
-
-def anyecg_input(record):
-    """anyECG-chat's own preprocessing of a record (their anyecg/utils.py: `get_ecg_from_path`, `ecg_transform`), what
-    ecg_encoder.load_anyecg reads: (12, T) float32 at 100 Hz, leads in STANDARD_LEADS order (others dropped), absent
-    leads zero, each lead min-max scaled to [-1, 1], then NaN -> 0. Faithful, quirks included: a flat or absent lead
-    is 0/0 and so all 0, and one NaN sample spreads through the FFT and the min/max and zeroes its whole lead. Their
-    loader keeps only the first 5000 samples of a 12-lead file, or a location row's [ecg_start, ecg_end): cut first."""
-    signal, fs, leads = record
-    x = np.asarray(signal, dtype=np.float64)  # float64 like their wfdb.rdsamp: scipy would keep a float32 in float32
-    if fs != 100:  # their int() truncation and their order of operations, so T is the same
-        n = int(x.shape[1] * 100 / fs)
-        if n < 1:
-            raise ValueError(f"{x.shape[1]} samples at {fs:g} Hz are not one sample at 100 Hz")
-        x = fft_resample(x, n)
-    out = np.zeros((len(STANDARD_LEADS), x.shape[1]))  # (12, T)
-    for i, lead in enumerate(STANDARD_LEADS):
-        if lead in leads:
-            out[i] = x[leads.index(lead)]
-    lo, hi = out.min(axis=1, keepdims=True), out.max(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):  # the 0/0 of flat leads is meant: NaN, then 0
-        out = (out - lo) / (hi - lo) * 2 - 1
-    return np.nan_to_num(out, nan=0.0).astype(np.float32)
-
-
-def fft_resample(x, num):
-    """scipy.signal.resample(x, num, axis=-1) of a real x with numpy's FFT: keep the lower band of the two lengths.
-    When that band's length m is even, its top bin stands for the +-m/2 pair of a two-sided spectrum: it is doubled
-    when shortening (the pair folds into one bin) and halved when lengthening (it splits into two)."""
-    n = x.shape[-1]
-    m = min(n, num)
-    spec = np.fft.rfft(x, axis=-1)[..., :m // 2 + 1]
-    if m % 2 == 0 and num != n:
-        spec[..., m // 2] *= 2 if num < n else 0.5
-    return np.fft.irfft(spec / (n / num), n=num, axis=-1)  # irfft drops the imaginary part of an even num's top bin
+    return ECGRecord(rec.signal[:, _clip(name, rec.signal.shape[1], start, end, rec.fs)], rec.fs, rec.leads)
 
 
 # --------------------------------------------------------------------------- 5. localization

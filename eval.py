@@ -7,10 +7,10 @@ Read top to bottom:
   2. Scoring       `score_rows`: each task's metrics over rows, with bootstrap intervals; the chance level
                    `prior_answers`; paired differences; `print_table`.
   3. Evaluating    `evaluate(model, rows, inputs_of)`: batched generation over anyECG rows, the ECG optionally blanked
-                   (--ablate-ecg) to see how much it matters.
+                   (--ablate-ecg) to see how much it matters; `evaluate_held_out`: the tables train.py ends with.
   4. Command line  python eval.py --ckpt DIR --data FILE.json --ecg-root DIR --out results.json
                    [--ablate-ecg] [--batch-size 8] [--max-new-tokens 256] [--limit N]
-How fast a model is: bench.py. How fast the encoder alone learns: warmup.py.
+How fast a model is: python -m bench.speed. How fast the encoder alone learns: python -m synthetic.warmup.
 """
 import argparse
 import json
@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -26,10 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chat import ECGChat, turns_of
-from data import (LOCATION_TASKS, TASKS, ECGRecord, RowECGReader, atomic_write, bootstrap_weights, load_rows,
-                  merge_intervals, parse_localization, row_paths)
-from synth import STATEMENTS
+from chat import turns_of
+from data import (LOCATION_TASKS, STATEMENTS, TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, merge_intervals,
+                  parse_localization, row_paths)
+from images.chat import load_chat
 
 
 # --------------------------------------------------------------------------- 1. metrics: answer texts -> numbers
@@ -324,21 +325,36 @@ def _from_sums(metric, s):   # s (..., 3): summed metric_parts -> the metric
         return s[..., 0] / s[..., 1]   # NaN when no row counts (no answer stated a heart rate)
 
 
-def bootstrap(rows, preds, baseline=None, draws=2000, seed=0):
-    """The main metric of rows of one task, and its 95 % percentile interval over the rows drawn again with
-    replacement `draws` times. With `baseline` (other answers to the same rows, e.g. with the ECG blanked): the
-    paired difference preds - baseline and its interval, the same draws for both. -> (metric, value, lo, hi)"""
-    metric = metric_parts(rows[0], preds[0])[0]
+def bootstrap_weights(n, draws=2000, seed=0):
+    """(1 + draws, n) weights of n scored items: row 0 counts each once, each later row is the n items drawn again
+    with replacement. Weights @ per-item counts = the statistic's counts as measured, then `draws` times resampled."""
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=draws)  # (draws, n)
+    return np.vstack([np.ones(n), counts])
 
-    def parts_of(answers):   # (n, 3)
-        return np.array([metric_parts(r, a)[1] for r, a in zip(rows, answers)], dtype=np.float64)
-    weights = bootstrap_weights(len(rows), draws, seed)   # (1 + draws, n): the rows as they are, then the draws
-    values = _from_sums(metric, weights @ parts_of(preds))
-    if baseline is not None:
-        values = values - _from_sums(metric, weights @ parts_of(baseline))
-    point, drawn = values[0], values[1:]
-    lo, hi = np.nanpercentile(drawn, [2.5, 97.5]) if np.isfinite(drawn).any() else (np.nan, np.nan)
-    return metric, float(point), float(lo), float(hi)
+
+def bootstrap_interval(statistic, *parts, draws=2000, seed=0):
+    """A statistic of sums over items, as measured and with its 95 % percentile interval over the items drawn again
+    with replacement `draws` times: every interval nanoECG reports. parts: per-item arrays (n, k), the same draws for
+    all; statistic(*sums) maps their sums (1 + draws, k) to values (1 + draws, ...). -> (value, lo, hi)"""
+    weights = bootstrap_weights(len(parts[0]), draws, seed)   # (1 + draws, n): the items as they are, then the draws
+    values = statistic(*(weights @ p for p in parts))
+    drawn = values[1:]
+    lo, hi = np.nanpercentile(drawn, [2.5, 97.5], axis=0) if np.isfinite(drawn).any() else (np.nan, np.nan)
+    return values[0], lo, hi
+
+
+def bootstrap(rows, preds, baseline=None, draws=2000, seed=0):
+    """The main metric of rows of one task, and its 95 % interval over the rows drawn again. With `baseline` (other
+    answers to the same rows, e.g. with the ECG blanked): the paired difference preds - baseline and its interval,
+    the same draws for both. -> (metric, value, lo, hi)"""
+    metric = metric_parts(rows[0], preds[0])[0]
+    answers = [preds] + ([baseline] if baseline is not None else [])
+    parts = [np.array([metric_parts(r, a)[1] for r, a in zip(rows, these)], dtype=np.float64) for these in answers]
+
+    def difference(*sums):   # the metric of the answers, minus the baseline's
+        return _from_sums(metric, sums[0]) - (_from_sums(metric, sums[1]) if len(sums) > 1 else 0)
+    value, lo, hi = bootstrap_interval(difference, *parts, draws=draws, seed=seed)
+    return metric, float(value), float(lo), float(hi)
 
 
 def paired_difference(answers, baseline):
@@ -486,6 +502,52 @@ def evaluate(model, rows, inputs_of, batch_size=8, max_new_tokens=256, ablate_ec
     return scores, predictions
 
 
+def rows_per_task(rows, n, per_type=0, seed=0):
+    """At most n rows of each task (0: all), in a fixed order; with per_type, ECG-QA and multi rows are drawn per
+    question type instead, at most per_type of each, so that the rare types are measured too."""
+    if not n:
+        return rows
+    rng, out = np.random.default_rng(seed), []
+    for t in TASKS:
+        mine = [r for r in rows if r["task"] == t]
+        kinds = sorted({r.get("question_type", "") for r in mine}) if per_type and t in ("ecgqa", "multi") else [None]
+        for kind in kinds:
+            pool = [r for r in mine if kind is None or r.get("question_type", "") == kind]
+            out += [pool[i] for i in sorted(rng.permutation(len(pool))[:per_type if kind is not None else n])]
+    return out
+
+
+def evaluate_held_out(model, rows, inputs_of, train_rows, all_rows, out_dir, log, batch_size=8, max_new_tokens=256):
+    """The tables a training run ends with, on the held-out `rows`: the model's answers, the same with every ECG
+    blanked and the paired difference (how much each task reads the ECG), the single-ECG ECG-QA rows asked second in a
+    chat after a report exchange (as_followups; all_rows: where the reports are found), and the chance level (the
+    most frequent answer in train_rows). Each is printed, logged, and the answers written to out_dir."""
+    answers = {}
+    for name, ablate in [("test", False), ("test_ecg_blanked", True)]:
+        t0 = time.time()
+        scores, preds = evaluate(model, rows, inputs_of, batch_size, max_new_tokens, ablate_ecg=ablate)
+        log({"event": name, "scores": scores, "seconds": time.time() - t0})
+        print(f"\n{name} ({len(rows)} rows, {time.time() - t0:.0f} s)")
+        print_table(scores)
+        atomic_write(Path(out_dir) / f"{name}_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+        answers[name] = preds
+    effect = paired_difference(answers["test"], answers["test_ecg_blanked"])
+    log({"event": "test_ecg_effect", "scores": effect})
+    print("\nhow much each task reads the ECG: its main metric with the ECG minus with it blanked, same rows")
+    print_difference(effect, "with ECG - blanked")
+    followups = as_followups(rows, all_rows)
+    if followups:
+        _, preds = evaluate(model, followups, inputs_of, batch_size, max_new_tokens)
+        second = paired_difference(preds, answers["test"])
+        log({"event": "test_followup", "rows": len(followups), "scores": second})
+        print(f"\nasked second in a chat ({len(followups)} ECG-QA rows, after a report exchange), minus asked first")
+        print_difference(second, "second - first")
+    scores = score_rows(rows, prior_answers(train_rows, rows))
+    log({"event": "test_prior", "scores": scores})
+    print(f"\ntest_prior: chance level, the most frequent training answer to each question ({len(rows)} rows)")
+    print_table(scores)
+
+
 # --------------------------------------------------------------------------- 4. command line
 def main(argv=None):
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__,
@@ -511,7 +573,7 @@ def main(argv=None):
         p.error(f"--out {args.out}: " + ("a folder; give the path of a .json file" if os.path.isdir(args.out) else
                                          f"its folder {out_folder} does not exist"))
     try:
-        model = ECGChat.load(args.ckpt, device=args.device)
+        model = load_chat(args.ckpt, device=args.device)
         rows = load_rows(args.data)[:args.limit]
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

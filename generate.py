@@ -6,9 +6,10 @@ generate.py — chat with a trained model about ECGs, from the command line.
     python generate.py --anyecg DIR --llm LLAMA3_DIR --ecg PATH --prompt "..."  anyECG-chat's released model
 
 Any record data.load_ecg reads (WFDB, .npy with --fs/--lead-names, .csv), a lead subset (--leads) and a part of a
-long record (--start/--end, seconds), paper printouts (--image, PNG or JPEG through Pillow), sampling options, and
---plot out.svg: the first ECG drawn with the intervals the answer localizes shaded. stdout carries only the answers
-(so they can be piped); everything else goes to stderr. The sampling loop itself is model.generate.
+long record (--start/--end, seconds), paper printouts (--image, PNG or JPEG through Pillow; a model trained with
+train.py --images), sampling options, and --plot out.svg: the first ECG drawn with the intervals the answer localizes
+shaded. stdout carries only the answers (so they can be piped); everything else goes to stderr. The sampling loop
+itself is model.generate; anyECG-chat's release (its preprocessing, encoder, LoRA) is anyecg/release.py.
 """
 import argparse
 import os
@@ -17,23 +18,19 @@ import warnings
 
 import torch
 
-from chat import ECGChat
-from data import (STANDARD_LEADS, ECGRecord, anyecg_input, canonical_lead, cut_ecg, load_ecg, parse_localization,
-                  prepare_ecg)
-from paper import plot_ecg_svg, read_image
+from anyecg import release as anyecg
+from data import STANDARD_LEADS, ECGRecord, canonical_lead, cut_ecg, load_ecg, parse_localization, prepare_ecg
+from images.chat import load_chat
+from images.paper import plot_ecg_svg, read_image
 
 ANSWER_BUDGET = 64   # tokens an ECG must leave free for the answer (or --max-new-tokens, if smaller)
 
 
 def cut_seconds(rec, start=0.0, end=None, name="ECG"):
-    """The part [start, end) seconds of a record (end None: to its end). A start past the end is an error; an end
-    past it is clipped with a warning."""
+    """The part [start, end) seconds of a record (end None: to its end). An end past the record's is taken as its end,
+    with a warning; any other part outside the record is data.cut_ecg's error."""
     duration = rec.signal.shape[1] / rec.fs
-    if not 0 <= start < duration:
-        raise ValueError(f"{name}: --start {start:g} s is outside the record, which is {duration:.2f} s long")
-    if end is not None and end <= start:
-        raise ValueError(f"{name}: --end {end:g} s must be after --start {start:g} s")
-    if end is not None and end > duration:
+    if end is not None and end > duration and start < duration:
         warnings.warn(f"{name}: --end {end:g} s is past the end of the record; using its end, {duration:.2f} s")
         end = None
     return cut_ecg(rec, round(start * rec.fs), None if end is None else round(end * rec.fs), name)
@@ -108,11 +105,11 @@ def read_inputs(args, model):
     for path in args.ecg or []:
         rec = cut_seconds(load_ecg(path, leads=leads, fs=args.fs, lead_names=lead_names, units=args.units),
                           args.start, args.end, path)
-        read.append((rec, ECGRecord(anyecg_input(rec), 100.0, list(STANDARD_LEADS)) if args.anyecg else
+        # anyECG-chat's model reads an ECG as its own code prepares it, 12 lead slots at 100 Hz
+        read.append((rec, ECGRecord(anyecg.anyecg_input(rec), 100.0, list(STANDARD_LEADS)) if args.anyecg else
                      prepare_ecg(rec, model.encoder.cfg.fs, name=path)))
-    if args.image and model.image_encoder is None:
-        raise ValueError(f"{args.ckpt or args.anyecg} has no image encoder (train one with train.py --images)")
     images = [read_image(path) for path in args.image or []]
+    model.check_inputs(images)   # a model trained without --images reads none
     for path, im in zip(args.image or [], images):
         print(f"image {path}: {im.shape[1]} x {im.shape[0]} px -> {model.image_encoder.num_tokens} tokens",
               file=sys.stderr)
@@ -125,8 +122,8 @@ def read_inputs(args, model):
 
 
 def run_chat(args):
-    model = ECGChat.from_anyecg(args.anyecg, args.llm, device=args.device) if args.anyecg else \
-        ECGChat.load(args.ckpt, device=args.device)
+    model = anyecg.load_chat(args.anyecg, args.llm, device=args.device) if args.anyecg else \
+        load_chat(args.ckpt, device=args.device)
     read, images = read_inputs(args, model)
     ecgs = [prepared for _, prepared in read]
     budget = min(args.max_new_tokens, ANSWER_BUDGET)   # fail before the first question, not after a cut answer

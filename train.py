@@ -2,7 +2,7 @@
 train.py — the curriculum that turns a language model and an ECG encoder into an ECG chat model.
 
   warm-up  encoder    synthetic data only: the encoder alone, with small linear heads, learns the
-                      generator's truth (warmup.py); then it stays frozen, as GEM keeps its encoders
+                      generator's truth (synthetic/warmup.py); then it stays frozen, as GEM keeps its encoders
   stage 0  language   only for an LLM built from scratch: it learns to write the task text (no ECG)
   stage 1  report     the projector (and the LLM) learn to write reports from the ECG
   stage 2  localize   + localization (10 s and long clips)
@@ -18,16 +18,15 @@ An encoder that nothing trained before the curriculum (real data, no warm-up) tr
   python train.py --config my.json                 # the same fields as JSON (data, never executed)
   python train.py --resume                         # continue from the newest checkpoint in out_dir
   python train.py --llm path/to/TinyLlama --encoder base   # a Hugging Face Llama: anyECG's recipe
-  python train.py --data rows.json --ecg_root DIR  # anyECG-format rows (realdata.py builds them)
-  python train.py --encoder_init enc.safetensors   # start from a saved encoder (warmup.py --save)
+  python train.py --data rows.json --ecg_root DIR  # anyECG-format rows (python -m realdata.prepare builds them)
+  python train.py --encoder_init enc.safetensors   # start from a saved encoder (python -m synthetic.warmup --save)
   python train.py --images --image_init CLIP_DIR   # GEM: paper printouts too, read by a frozen CLIP tower
   torchrun --nproc_per_node 4 train.py ...         # DDP: one process per GPU (gloo on CPU)
   torchrun --nproc_per_node 8 train.py --parallel fsdp ...  # FSDP2: weights, gradients, AdamW state sharded
 
 It writes out_dir/log.jsonl (every figure), out_dir/checkpoints/step_N/ (weights, optimizer, RNG
 states; safetensors + JSON; FSDP: one file of shards per process) and at the end out_dir/model/,
-which generate.py and eval.py take. The settings are config.py's `Config`; the checkpoints are written and read
-by checkpoints.py.
+which generate.py and eval.py take. The settings are config.py's `Config`.
 """
 
 import contextlib
@@ -35,6 +34,8 @@ import json
 import math
 import multiprocessing
 import os
+import random
+import shutil
 import sys
 import time
 import warnings
@@ -46,24 +47,22 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm import tqdm
 
+from anyecg.peft import save_peft_adapter
 from chat import SPECIAL_TOKENS, ECGChat, turns_of
-from checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from config import check_config, check_resume, parse_config, warms_up_encoder
-from data import TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, read_json
-from ecg_encoder import (ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, clip_vision_config, file_metadata,
-                         load_clip_vision, load_encoder_config, load_encoder_weights, save_encoder_weights)
-from eval import as_followups, evaluate, paired_difference, print_difference, print_table, prior_answers, score_rows
-from model import (LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, save_peft_adapter,
-                   train_tokenizer)
-from paper import WIDTH_MM
-from tasks import add_image_rows, build_synthetic_dataset
-from warmup import WarmupConfig, fit_encoder_to_truth, summary
+from config import check_config, check_resume, latest_checkpoint, parse_config, warms_up_encoder
+from data import TASKS, ECGRecord, RowECGReader, load_rows, read_json
+from ecg_encoder import ENCODER_PRESETS, ECGEncoder, EncoderConfig, load_encoder_config, load_encoder_weights
+from eval import evaluate, evaluate_held_out, print_table, rows_per_task
+from images.chat import ImageChat
+from images.paper import WIDTH_MM
+from images.vit import ImageEncoder, ImageEncoderConfig, clip_vision_config, load_clip_vision
+from model import LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, train_tokenizer
+from parallel import fsdp
+from synthetic.tasks import add_image_rows, build_synthetic_dataset
+from synthetic.warmup import WarmupConfig, warm_up
 
 
 # --------------------------------------------------------------------------- the curriculum
@@ -111,8 +110,7 @@ def prepare_stage(model, stage, cfg):
             torch.manual_seed(cfg.seed)
             add_lora(model.llm, [t.strip() for t in cfg.lora_targets.split(",")], cfg.lora_r, cfg.lora_alpha,
                      cfg.lora_dropout)
-    model.set_trainable(**{part: part in stage.train for part in ("encoder", "projector", "llm", "lora")},
-                        image_encoder=False if cfg.image_init else None)  # GEM keeps CLIP frozen
+    model.set_trainable(**{part: part in stage.train for part in ("encoder", "projector", "llm", "lora")})
     # a frozen encoder's tokens: computed once per ECG (not under FSDP, whose ranks must run the encoder together,
     # nor with encoder dropout, which makes every pass differ)
     frozen = "encoder" not in stage.train and cfg.parallel != "fsdp" and not getattr(model.encoder.cfg, "dropout", 0)
@@ -120,14 +118,15 @@ def prepare_stage(model, stage, cfg):
         model.cache_encoder_tokens(cfg.token_cache if frozen else 0)
 
 
-# --------------------------------------------------------------------------- data: anyECG rows and their inputs
+# --------------------------------------------------------------------------- data: rows, and batches of them
 class Split:
     """Rows and the function that fetches a row's inputs (ECGRecords, paper images). Synthetic splits keep whole
     examples in memory (`keep_inputs`); real data keeps only the token ids and streams its ECGs from disk through the
-    reader's LRU cache. A row that cannot be used is skipped for good, its reason in `bad`."""
+    reader's LRU cache, read ahead by a pool of `workers` processes. A row that cannot be used is skipped for good,
+    its reason in `bad`."""
 
-    def __init__(self, rows, inputs_of, keep_inputs=True, pool=None):
-        self.rows, self.inputs_of, self.keep_inputs, self.pool = rows, inputs_of, keep_inputs, pool
+    def __init__(self, rows, inputs_of, keep_inputs=True, workers=None):
+        self.rows, self.inputs_of, self.keep_inputs, self.workers = rows, inputs_of, keep_inputs, workers
         self.cache, self.bad = {}, {}
 
     def weights(self, tasks, required=True):
@@ -138,6 +137,10 @@ class Split:
             raise ValueError(f"the task weights {zero} are 0" if zero else
                              f"no rows of tasks {sorted(tasks)} in the training data")
         return w / w.sum() if w.sum() else None
+
+    def prefetch(self, indices):
+        """Start reading these rows' records in the worker processes; they load while the caller goes on."""
+        self.inputs_of.prefetch([self.rows[i] for i in indices if i not in self.bad], self.workers)
 
 
 def load_data(cfg, log):
@@ -155,8 +158,8 @@ def load_data(cfg, log):
 
 def load_real_data(cfg, log):
     """--data a.json[,b.json...]: anyECG rows (malformed ones skipped with a warning). Rows with a "split" field
-    (realdata.py writes one) go to their split; without one, every 50th row is validation. The test split:
-    --test_data, else the rows marked test, else val."""
+    (python -m realdata.prepare writes one) go to their split; without one, every 50th row is validation. The test
+    split: --test_data, else the rows marked test, else val."""
     rows = []
     for path in cfg.data.split(","):
         kept = load_rows(path)
@@ -169,10 +172,11 @@ def load_real_data(cfg, log):
     test = load_rows(cfg.test_data) if cfg.test_data else marked["test"] or val
     reader = RowECGReader(cfg.ecg_root, fs=100, cache_size=cfg.ecg_cache)
     # worker processes, spawned (safe next to CUDA and threads), that read records in parallel
-    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) if cfg.workers > 1 else None
+    workers = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) \
+        if cfg.workers > 1 else None
     log({"event": "splits", "train": len(train), "val": len(val), "test": len(test)})
-    return {name: Split(r, reader, keep_inputs=False, pool=pool) for name, r in zip(("train", "val", "test"),
-                                                                                   (train, val, test))}
+    return {name: Split(r, reader, keep_inputs=False, workers=workers)
+            for name, r in zip(("train", "val", "test"), (train, val, test))}
 
 
 def example(split, i, model, text_only):
@@ -202,33 +206,28 @@ def example(split, i, model, text_only):
     return dict(ex, inputs=inputs)
 
 
-def examples(split, indices, model, text_only):
-    """example() for many rows; with a pool of reader processes, their records are first read in parallel."""
-    if split.pool and not text_only:
-        split.inputs_of.prefetch([split.rows[i] for i in indices if i not in split.bad], split.pool)
-    return [example(split, int(i), model, text_only) for i in indices]
-
-
-def micro_batch(cfg, split, probs, model, stage, step, micro):
-    """The micro-batch of global index `micro` in step `step` of `stage`: a pure function of (seed, stage, step,
-    micro), so resuming needs no sampler state and each DDP rank takes its own micro indices. `bucket_steps`
-    consecutive steps share one pool of rows sorted by length, each step one slice of it: less padding."""
-    k, B = cfg.bucket_steps, cfg.batch_size
-    if split.pool and stage.index and step % k == 0:
-        # real data: start reading the next pool's records now, so they load while this pool trains
-        nxt = np.random.default_rng([cfg.seed, stage.index, step // k + 1, micro])
-        split.inputs_of.prefetch([split.rows[i] for i in nxt.choice(len(split.rows), k * B, p=probs)], split.pool)
+def get_batch(cfg, split, probs, model, stage, step, micro):
+    """The micro-batch of global index `micro` in step `step` of `stage`, collated. A pure function of (seed, stage,
+    step, micro), so resuming needs no sampler state and each DDP rank takes its own micro indices. `bucket_steps`
+    consecutive steps share one set of candidate rows sorted by length, each step one slice of it: less padding."""
+    k, B, text_only = cfg.bucket_steps, cfg.batch_size, stage.index == 0
+    if split.workers and stage.index and step % k == 0:
+        # real data: start reading the next candidates' records now, so they load while these train
+        split.prefetch(np.random.default_rng([cfg.seed, stage.index, step // k + 1, micro]).choice(
+            len(split.rows), k * B, p=probs))
     rng = np.random.default_rng([cfg.seed, stage.index, step // k, micro])
-    pool = examples(split, rng.choice(len(split.rows), k * B, p=probs), model, stage.index == 0)
-    while None in pool:  # unusable rows: draw others (the same rows always fail, so resume is exact)
-        if len(split.bad) == len(split.rows):
+    candidates = []
+    while len(candidates) < k * B:   # unusable rows: draw others (the same rows always fail, so resume is exact)
+        drawn = rng.choice(len(split.rows), k * B - len(candidates), p=probs)
+        if split.workers and not text_only:
+            split.prefetch(drawn)
+        candidates += [e for e in (example(split, int(i), model, text_only) for i in drawn) if e is not None]
+        if len(candidates) < k * B and len(split.bad) == len(split.rows):
             raise RuntimeError(f"no record of the {len(split.rows)} rows could be read; first error: "
                                f"{next(iter(split.bad.values()))}")
-        pool = [e for e in pool if e is not None]
-        pool += examples(split, rng.choice(len(split.rows), k * B - len(pool), p=probs), model, stage.index == 0)
-    pool.sort(key=lambda e: len(e["input_ids"]))
+    candidates.sort(key=lambda e: len(e["input_ids"]))
     j = rng.permutation(k)[step % k]  # the slices in random order, so lengths do not cycle
-    return collate(pool[j * B:(j + 1) * B], model.tokenizer.pad_id)
+    return collate(candidates[j * B:(j + 1) * B], model.tokenizer.pad_id)
 
 
 def collate(examples, pad_id):
@@ -277,18 +276,17 @@ def build_model(cfg, tok, device, dtype):
         encoder = load_encoder_weights(ECGEncoder(load_encoder_config(cfg.encoder_init)), cfg.encoder_init)
     else:
         over = {k: v for k, v in [("d_model", cfg.encoder_dim), ("n_layers", cfg.encoder_layers)] if v}
-        encoder = ECGEncoder(getattr(EncoderConfig, cfg.encoder)(**over))
-    image_encoder = None
-    if cfg.images:
-        image_encoder = load_clip_vision(cfg.image_init) if cfg.image_init else ImageEncoder(image_config(cfg))
-        image_encoder = image_encoder.to(device, dtype)
-    return ECGChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, image_encoder, cfg.chat_format,
-                   cfg.label_ecgs)
+        encoder = ECGEncoder(EncoderConfig(**ENCODER_PRESETS[cfg.encoder] | over))
+    if not cfg.images:
+        return ECGChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, cfg.chat_format, cfg.label_ecgs)
+    image_encoder = load_clip_vision(cfg.image_init) if cfg.image_init else ImageEncoder(image_config(cfg))
+    return ImageChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, cfg.chat_format, cfg.label_ecgs,
+                     image_encoder.to(device, dtype), train_image_encoder=not cfg.image_init)  # GEM: CLIP frozen
 
 
 def image_config(cfg):
     """The image encoder's shape: the tiny ViT trained here, or the pretrained CLIP tower's."""
-    return clip_vision_config(cfg.image_init) if cfg.image_init else ImageEncoderConfig.tiny()
+    return clip_vision_config(cfg.image_init) if cfg.image_init else ImageEncoderConfig()
 
 
 def make_optimizer(model, cfg, lr):
@@ -314,141 +312,100 @@ def checkpoint_activations(llm):
         block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(block.forward)
 
 
-# --------------------------------------------------------------------------- the phases of a run
-# set-up, warm-up, stages (each step: forward/backward, update, logging, checkpoint), final evaluation, teardown
-def setup(cfg):
-    """Process group (under torchrun), device, weight dtype, autocast context, the log, and the checkpoint to resume
-    from. Fails early on a bad --image_init or --llm folder."""
-    check_config(cfg)
-    fsdp = cfg.parallel == "fsdp"
-    distributed = "RANK" in os.environ or fsdp
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if distributed:   # torchrun's processes; --parallel fsdp without torchrun: a group of one (FSDP on one GPU)
-        alone = {} if "RANK" in os.environ else dict(rank=0, world_size=1, store=dist.HashStore())
-        dist.init_process_group("nccl" if cuda else "gloo", **alone)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if cfg.grad_accum % world:
-        raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    # FSDP keeps fp32 master weights and computes in bf16 through its mixed-precision policy (shard_model)
-    dtype = {"auto": torch.bfloat16 if cuda and cfg.llm and not fsdp else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def log(record):  # one JSON object per line, appended (a resumed run continues the file)
-        if rank == 0:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-
-    if cfg.images and fsdp:   # batches with and without images would run different collectives
-        raise ValueError("--images is not supported with --parallel fsdp yet; use ddp")
-    if cfg.image_init and not cfg.images:
-        raise ValueError("--image_init is the image encoder of --images; add --images")
-    if cfg.llm:  # fail before the data is built if the folder is not a Llama-family checkpoint
-        read_hf_config(cfg.llm), checkpoint_files(cfg.llm)
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        raise FileNotFoundError(f"{out / 'checkpoints'}: --resume given but no checkpoint there")
-    log({"event": "config", **asdict(cfg), "world_size": world, "resume_from": str(resume_from or "")})
-    if resume_from:
-        check_resume(cfg, resume_from, log)
-    return SimpleNamespace(distributed=distributed, fsdp=fsdp, rank=rank, world=world, device=device, dtype=dtype,
-                           ctx=ctx, out=out, log=log, resume_from=resume_from)
-
-
-def warm_up_encoder(cfg, model, env):
-    """Before the curriculum, on synthetic data: the encoder alone (and the image encoder, unless it is a pretrained
-    CLIP tower, kept as loaded as in GEM) learns the generator's ground truth (warmup.py). The result is kept as
-    out_dir/encoder_warmup.safetensors (and image_warmup.safetensors), which a later run loads instead of training
-    again. Every DDP rank trains the same copy (same seed)."""
-    encoder, image_encoder = model.encoder, None if cfg.image_init else model.image_encoder
-    files = [(encoder, env.out / "encoder_warmup.safetensors")] + (
-        [(image_encoder, env.out / "image_warmup.safetensors")] if image_encoder is not None else [])
-    steps = cfg.encoder_warmup_steps
-    wcfg = WarmupConfig(steps, cfg.encoder_warmup_lr, cfg.batch_size, cfg.train_patients,
-                        eval_every=steps, seed=cfg.seed, held_out="val")
-    made_by = {"warmup": asdict(wcfg), "image": image_encoder is not None,
-               "encoder": json.loads(json.dumps(asdict(encoder.cfg)))}  # as the file's JSON reads back
-    if all(path.exists() for _, path in files):
-        problem = next(filter(None, (warmup_file_problem(path, made_by) for _, path in files)), None)
-        if problem is None:
-            for module, path in files:
-                load_encoder_weights(module, path)
-            return
-        warnings.warn(f"{problem}: not reused, warming up again")
-    r = fit_encoder_to_truth(encoder, wcfg, image_encoder, desc="encoder warm-up" if env.rank == 0 else None,
-                             report=False)
-    env.log({"event": "encoder_warmup", "steps": steps, **{f"val_{k}": v for k, v in r.items()}})
-    if env.rank == 0:
-        for module, path in files:
-            save_encoder_weights(module, path, module.cfg, made_by)
-        print(f"encoder warm-up: {steps} steps, validation {summary(r)}")
-
-
-def warmup_file_problem(path, made_by):
-    """Why a warm-up file found in out_dir cannot be reused (None: it can): made by other settings, or poisoned."""
+# --------------------------------------------------------------------------- the training loop
+def run_stage(cfg, env, model, data, stage, progress):
+    """The steps of one stage, from progress.step on. -> True when --stop_after ends the run here."""
+    opt = make_optimizer(model, cfg, stage.lr)
+    if progress.resume_stage == stage.index:   # the checkpoint of this stage: weights, optimizer, RNG
+        meta = load_checkpoint(env.resume_from, model, opt, env.fsdp, show=env.rank == 0)
+        progress.step, progress.global_step = meta["step"], meta["global_step"]
+    # DDP: a whole copy per process, gradients averaged in backward (FSDP: sharded before the stages)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if env.distributed and not env.fsdp else model
+    split, probs = data["train"], data["train"].weights(stage.tasks)
+    n_micro = cfg.grad_accum // env.world    # this process's micro-batches per step
+    shares = env.rank == 0 or env.fsdp       # writes checkpoints and validates (FSDP: every process, in step)
+    bar = tqdm(total=stage.steps, initial=progress.step, desc=f"stage {stage.index} {stage.name}", disable=env.rank > 0)
+    meter, n_bad, n_skipped = Meter(), 0, len(split.bad)
     try:
-        if json.loads(file_metadata(path).get("made_by", "null")) != made_by:
-            return f"{path} was made by another warm-up (its settings differ from this run's)"
-        if not all(torch.isfinite(t).all() for t in load_file(str(path)).values()):
-            return f"{path} holds non-finite weights (NaN/Inf)"
-    except ValueError as e:
-        return str(e)
-    return None
+        while progress.step < stage.steps:
+            step, lr = progress.step, lr_at(progress.step, stage, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = torch.zeros((), device=env.device)
+            for m in range(n_micro):   # forward and backward, the gradients accumulated over the micro-batches
+                batch = get_batch(cfg, split, probs, model, stage, step, env.rank + m * env.world)
+                meter.count(batch, model.tokenizer.pad_id)
+                # DDP: gradients averaged at the last micro-batch only (FSDP reduce-scatters at every one)
+                no_sync = env.distributed and not env.fsdp and m < n_micro - 1
+                with env.ctx, (train_model.no_sync() if no_sync else contextlib.nullcontext()):
+                    _, micro_loss = train_model(batch["input_ids"].to(env.device), batch["inputs"],
+                                                labels=batch["labels"].to(env.device))
+                    (micro_loss / n_micro).backward()
+                loss += micro_loss.detach() / n_micro
+            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                  cfg.grad_clip or float("inf"))
+            stats = torch.stack([loss, (fsdp.full(norm) if env.fsdp else norm).to(loss)])   # FSDP: over all shards
+            if env.distributed:   # the mean over processes; a non-finite value on any spreads to all
+                dist.all_reduce(stats)
+                stats /= env.world
+            loss, norm = stats.tolist()
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            if finite:   # a non-finite step is skipped: the weights stay as they were
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            n_bad = 0 if finite else n_bad + 1
+            if not finite:   # logged; --max_nan_steps of them in a row stop the run, the last good weights kept
+                skip_step(cfg, env, model, opt, stage, progress, loss, n_bad, bar)
+            progress.advance(loss if finite else None)
+            bar.update(1)
+            step = progress.step
+            if finite and (step % cfg.log_interval == 0 or step == stage.steps):
+                rates = meter.rates(env)
+                env.log({**progress.position(stage), "loss": loss, "lr": lr, "grad_norm": norm, **rates})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rates['tok_per_s']:.0f}")
+            n_skipped = report_skipped(split, n_skipped, env, bar)
+            if shares and (step % cfg.eval_interval == 0 or step == stage.steps):
+                validate(cfg, env, model, data["val"], stage, progress, bar)
+            stop = bool(cfg.stop_after) and progress.steps_this_run >= cfg.stop_after
+            if shares and (step % cfg.ckpt_interval == 0 or step == stage.steps or stop):
+                save_checkpoint(cfg, model, opt, progress.position(stage), env.fsdp)
+            if stop:
+                return True
+    finally:
+        bar.close()
+    return False
 
 
-def forward_backward(cfg, env, train_model, model, split, probs, stage, step):
-    """Accumulate the gradients of this process's micro-batches of one step. -> (mean loss, text tokens, ECG
-    seconds). DDP averages gradients over processes only at the last micro-batch (no_sync before it); FSDP
-    reduce-scatters them at every one: holding whole unsharded gradients would undo what sharding saves."""
-    n = cfg.grad_accum // env.world
-    loss_sum, n_tok, n_ecg_s = torch.zeros((), device=env.device), 0, 0.0
-    for m in range(n):
-        batch = micro_batch(cfg, split, probs, model, stage, step, env.rank + m * env.world)
-        n_tok += int((batch["input_ids"] != model.tokenizer.pad_id).sum())
-        n_ecg_s += ecg_seconds(batch)
-        ids, labels = batch["input_ids"].to(env.device), batch["labels"].to(env.device)     # (B, T) each
-        no_sync = env.distributed and not env.fsdp and m < n - 1
-        with env.ctx, (train_model.no_sync() if no_sync else contextlib.nullcontext()):
-            _, loss = train_model(ids, batch["inputs"], labels=labels)
-            (loss / n).backward()
-        loss_sum += loss.detach() / n
-    return loss_sum, n_tok, n_ecg_s
-
-
-def update(cfg, env, model, opt, loss_sum):
-    """Clip, average loss and gradient norm over processes, and step the optimizer if both are finite (a non-finite
-    step is skipped: the weights stay as they were). -> (loss, gradient norm, finite)"""
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                          cfg.grad_clip or float("inf"))
-    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm   # FSDP: the norm over all shards
-    stats = torch.stack([loss_sum, norm.to(loss_sum)])                                  # (2,)
-    if env.distributed:
-        dist.all_reduce(stats)  # mean loss over processes; any non-finite value spreads
-        stats /= env.world
-    loss, norm = stats.tolist()
-    finite = math.isfinite(loss) and math.isfinite(norm)
-    if finite:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss, norm, finite
+def skip_step(cfg, env, model, opt, stage, progress, loss, n_bad, bar):
+    """A step whose loss or gradient was not finite, and so skipped: logged and named; after max_nan_steps of them in
+    a row, the run stops with the last good weights in a checkpoint."""
+    step = progress.step
+    env.log({"event": "nan", "stage": stage.index, "step": step, "loss": str(loss), "in_a_row": n_bad})
+    bar.write(f"stage {stage.index} step {step}: non-finite loss or gradient, step skipped")
+    if n_bad >= cfg.max_nan_steps:
+        shares = env.rank == 0 or env.fsdp
+        path = save_checkpoint(cfg, model, opt, progress.position(stage), env.fsdp) if shares else None
+        raise FloatingPointError(f"{n_bad} non-finite steps in a row at stage {stage.index} step {step}; "
+                                 f"the last good weights are kept in {path}")
 
 
 @torch.no_grad()
-def val_loss(cfg, model, split, probs, stage, env):
+def validate(cfg, env, model, split, stage, progress, bar):
+    """The loss on eval_batches fixed batches of val rows of the stage's tasks, logged (none of them: nothing)."""
+    probs = split.weights(stage.tasks, required=False)
+    if probs is None or not cfg.eval_batches:
+        return
     model.eval()
     losses = []
     for j in range(cfg.eval_batches):  # fixed batches: no stage has 10**9 steps
-        batch = micro_batch(cfg, split, probs, model, stage, 10**9 + j, 0)
+        batch = get_batch(cfg, split, probs, model, stage, 10**9 + j, 0)
         with env.ctx:
             losses.append(model(batch["input_ids"].to(env.device), batch["inputs"],
                                 labels=batch["labels"].to(env.device))[1].item())
     model.train()
-    return float(np.mean(losses))
+    env.log({**progress.position(stage), "val_loss": float(np.mean(losses))})
+    if env.rank == 0:
+        bar.write(f"stage {stage.index} step {progress.step}: val loss {np.mean(losses):.4f}")
 
 
 class Meter:
@@ -457,103 +414,24 @@ class Meter:
     def __init__(self):
         self.t0, self.tokens, self.ecg_s = time.time(), 0, 0.0
 
-    def rates(self, world):
+    def count(self, batch, pad_id):
+        self.tokens += int((batch["input_ids"] != pad_id).sum())
+        self.ecg_s += ecg_seconds(batch)
+
+    def rates(self, env):
+        """Over all processes, since the last call; on a GPU also the peak memory so far."""
         dt = time.time() - self.t0
-        out = {"tok_per_s": self.tokens * world / dt, "ecg_s_per_s": self.ecg_s * world / dt}
+        out = {"tok_per_s": self.tokens * env.world / dt, "ecg_s_per_s": self.ecg_s * env.world / dt}
+        if env.device.type == "cuda":
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.__init__()
         return out
 
 
-def shard_model(cfg, model, env):
-    """FSDP2, in place: each LLM block becomes one group whose weights, gradients and AdamW state are split over the
-    processes (gathered whole just before the block runs, freed after); the ECG encoder is one group, the root takes
-    the rest. The encoder is not split block by block: its blocks run once per group of equal-shaped windows, a count
-    that differs between processes, while FSDP's gathers must match call for call. Frozen weights are sharded too.
-    A sharded model cannot grow, so every stage's LoRA is added first (B = 0: nothing changes until it trains, though
-    --lora_dropout masks are drawn from then on, unlike DDP's). On CUDA: bf16 compute over fp32 master weights."""
-    for stage in curriculum(cfg):
-        prepare_stage(model, stage, cfg)
-    bf16 = torch.bfloat16 if env.device.type == "cuda" else None
-    policy = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16)
-    for module in [*model.llm.layers, model.encoder, model]:
-        fully_shard(module, mp_policy=policy)
-
-
-def gather_model(cfg, model, env):
-    """FSDP, at the end: the whole weights gathered (through CPU memory) into a fresh unsharded model on rank 0,
-    which finish() saves and evaluates. -> it (None elsewhere)"""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if env.rank:
-        return None
-    whole = build_model(cfg, model.tokenizer, env.device, env.dtype)
-    for stage in curriculum(cfg):
-        prepare_stage(whole, stage, cfg)   # the same LoRA adapters
-    whole.load_state_dict(full)
-    return whole
-
-
-def run_stage(cfg, env, model, data, stage, progress):
-    """The steps of one stage, from progress.step on: forward/backward, update, logging, validation loss,
-    checkpoints. -> True when --stop_after ends the run here."""
-    opt = make_optimizer(model, cfg, stage.lr)
-    if progress.resume_stage == stage.index:   # the checkpoint of this stage: weights, optimizer, RNG
-        meta = load_checkpoint(env.resume_from, model, opt, env.fsdp)
-        progress.step, progress.global_step = meta["step"], meta["global_step"]
-        if env.rank == 0:
-            print(f"resumed from {env.resume_from} (stage {stage.index}, step {progress.step})")
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if env.distributed and not env.fsdp else model
-    split, probs = data["train"], data["train"].weights(stage.tasks)
-    val_probs = data["val"].weights(stage.tasks, required=False)
-    bar = tqdm(total=stage.steps, initial=progress.step, desc=f"stage {stage.index} {stage.name}", disable=env.rank > 0)
-    meter, n_bad, n_unread = Meter(), 0, len(split.bad)
-    shares = env.rank == 0 or env.fsdp   # takes part in checkpoints and validation (FSDP: every process, in step)
-    try:
-        while progress.step < stage.steps:
-            step = progress.step
-            lr = lr_at(step, stage, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss_sum, tok, ecg_s = forward_backward(cfg, env, train_model, model, split, probs, stage, step)
-            meter.tokens, meter.ecg_s = meter.tokens + tok, meter.ecg_s + ecg_s
-            loss, norm, finite = update(cfg, env, model, opt, loss_sum)
-            n_bad = 0 if finite else n_bad + 1
-            if not finite:
-                env.log({"event": "nan", "stage": stage.index, "step": step, "loss": str(loss), "in_a_row": n_bad})
-                bar.write(f"stage {stage.index} step {step}: non-finite loss or gradient, step skipped")
-            if n_bad >= cfg.max_nan_steps:
-                path = save_checkpoint(cfg, model, opt, progress.at(stage), env.fsdp) if shares else None
-                raise FloatingPointError(f"{n_bad} non-finite steps in a row at stage {stage.index} step {step}; "
-                                         f"the last good weights are kept in {path}")
-            progress.advance(loss if finite else None)
-            bar.update(1)
-            step = progress.step
-            if finite and (step % cfg.log_interval == 0 or step == stage.steps):
-                rec = {**progress.at(stage), "loss": loss, "lr": lr, "grad_norm": norm, **meter.rates(env.world)}
-                if env.device.type == "cuda":   # the GPU checks read it (docs/RESULTS.md)
-                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                env.log(rec)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tok_per_s']:.0f}", ecg_s_s=f"{rec['ecg_s_per_s']:.0f}")
-            n_unread = report_skipped(split, n_unread, env, bar)
-            if shares and (step % cfg.eval_interval == 0 or step == stage.steps) and cfg.eval_batches \
-                    and val_probs is not None:
-                v = val_loss(cfg, model, data["val"], val_probs, stage, env)
-                env.log({**progress.at(stage), "val_loss": v})
-                if env.rank == 0:
-                    bar.write(f"stage {stage.index} step {step}: val loss {v:.4f}")
-            stop = bool(cfg.stop_after) and progress.steps_this_run >= cfg.stop_after
-            if shares and (step % cfg.ckpt_interval == 0 or step == stage.steps or stop):
-                save_checkpoint(cfg, model, opt, progress.at(stage), env.fsdp)
-            if stop:
-                return True
-    finally:
-        bar.close()
-    return False
-
-
-def report_skipped(split, n_unread, env, bar):
+def report_skipped(split, n_known, env, bar):
     """Log and name the rows found unusable since the last call (unreadable, too long). -> how many are known."""
-    if len(split.bad) > n_unread:
-        new = list(split.bad.items())[n_unread:]
+    if len(split.bad) > n_known:
+        new = list(split.bad.items())[n_known:]
         env.log({"event": "skipped_rows", "total": len(split.bad),
                  "new": [f"row {split.rows[i].get('file_index', i)}: {e}" for i, e in new]})
         bar.write(f"{len(split.bad)} rows skipped so far: unreadable or too long (latest: {new[-1][1]})")
@@ -575,7 +453,7 @@ class Progress:
         if loss is not None:
             self.losses.append(loss)
 
-    def at(self, stage):   # what the log and the checkpoints record of it
+    def position(self, stage):   # what the log and the checkpoints record of it
         return {"stage": stage.index, "step": self.step, "global_step": self.global_step}
 
 
@@ -604,53 +482,164 @@ def run_stages(cfg, env, model, data):
     return progress.losses, False
 
 
-def rows_per_task(rows, n, per_type=0, seed=0):
-    """At most n rows of each task (0: all), in a fixed order; with per_type, ECG-QA and multi rows are drawn per
-    question type instead, at most per_type of each, so that the rare types are measured too."""
-    if not n:
-        return rows
-    rng, out = np.random.default_rng(seed), []
-    for t in TASKS:
-        mine = [r for r in rows if r["task"] == t]
-        kinds = sorted({r.get("question_type", "") for r in mine}) if per_type and t in ("ecgqa", "multi") else [None]
-        for kind in kinds:
-            pool = [r for r in mine if kind is None or r.get("question_type", "") == kind]
-            out += [pool[i] for i in sorted(rng.permutation(len(pool))[:per_type if kind is not None else n])]
-    return out
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(cfg, model, opt, position, sharded=False):
+    """out_dir/checkpoints/step_N/: model.safetensors (LoRA unmerged), optimizer.safetensors, state.json (stage, step,
+    config, python/numpy RNG) + rng.safetensors (torch RNG): safetensors and JSON only, nothing pickled. The folder
+    appears by one rename, so a crash leaves the older checkpoints as they were. Under FSDP every process calls it
+    and writes its own shards of the weights and the AdamW state; rank 0 writes the rest and renames."""
+    root = Path(cfg.out_dir) / "checkpoints"
+    rank = dist.get_rank() if sharded else 0
+    bad = nonfinite_weights(model, sharded)
+    if bad:   # never keep poisoned weights as "the last good ones"
+        raise FloatingPointError(f"non-finite weights in {bad[:3]} ({len(bad)} tensors): no checkpoint written; "
+                                 f"the newest one is {latest_checkpoint(cfg.out_dir)}")
+    final = root / f"step_{position['global_step']:07d}"
+    if final.exists():
+        return final
+    tmp = root / f".tmp_{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_*"):   # half-written by a run that was killed: never a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    if sharded:   # FSDP: each process's slices, written once the folder exists and all on disk before the rename
+        dist.barrier()
+        fsdp.save_shards(model, opt, tmp / "shards")
+        dist.barrier()
+        if rank:
+            return final
+    else:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        names = {p: n for n, p in model.named_parameters()}
+        state = {f"{names[p]}::{k}": v.detach().cpu().contiguous() for p, s in opt.state.items() for k, v in s.items()}
+        save_file(state, str(tmp / "optimizer.safetensors"))
+    save_file({"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available()
+                                                 else {})}, str(tmp / "rng.safetensors"))
+    np_state = np.random.get_state()
+    meta = {**position, "config": asdict(cfg), "python_rng": list(random.getstate()),
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, final)  # atomic: the checkpoint exists whole or not at all
+    for old in sorted(root.glob("step_*"))[:-cfg.keep_ckpts]:
+        shutil.rmtree(old)  # only after the new one is complete
+    return final
+
+
+def nonfinite_weights(model, sharded=False):
+    """Names of the weights holding NaN/Inf (FSDP: in any process's shard; every process gets the same list)."""
+    names, params = zip(*model.named_parameters())
+    ok = torch.stack([torch.isfinite(fsdp.local(p) if sharded else p).all() for p in params]).int()
+    if sharded:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return [n for n, good in zip(names, ok.tolist()) if not good]
+
+
+def load_checkpoint(path, model, opt, sharded=False, show=False):
+    """Weights and optimizer state into a model/optimizer built for the same stage; every RNG. -> state.json"""
+    if sharded:
+        fsdp.load_shards(path / "shards", model, opt)
+    else:
+        load_model(model, str(path / "model.safetensors"))  # strict: mismatched keys are named
+        params = dict(model.named_parameters())
+        for key, v in load_file(str(path / "optimizer.safetensors")).items():
+            name, k = key.split("::")
+            opt.state[params[name]][k] = v.to(params[name].device) if k != "step" else v
+    meta = json.loads((path / "state.json").read_text())
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    random.setstate((meta["python_rng"][0], tuple(meta["python_rng"][1]), meta["python_rng"][2]))
+    n = meta["numpy_rng"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    if show:
+        print(f"resumed from {path} (stage {meta['stage']}, step {meta['step']})")
+    return meta
+
+
+# --------------------------------------------------------------------------- a run, phase by phase
+# set-up, warm-up, stages (each step: forward/backward, update, logging, checkpoint), final evaluation, teardown
+def setup(cfg):
+    """Process group (under torchrun), device, weight dtype, autocast context, the log, and the checkpoint to resume
+    from. Fails early on a bad --image_init or --llm folder."""
+    check_config(cfg)
+    is_fsdp = cfg.parallel == "fsdp"
+    distributed = "RANK" in os.environ or is_fsdp
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if distributed:   # torchrun's processes; --parallel fsdp without torchrun: a group of one (FSDP on one GPU)
+        alone = {} if "RANK" in os.environ else dict(rank=0, world_size=1, store=dist.HashStore())
+        dist.init_process_group("nccl" if cuda else "gloo", **alone)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if cfg.grad_accum % world:
+        raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # FSDP keeps fp32 master weights and computes in bf16 through its mixed-precision policy (parallel/fsdp.py)
+    dtype = {"auto": torch.bfloat16 if cuda and cfg.llm and not is_fsdp else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(record):  # one JSON object per line, appended (a resumed run continues the file)
+        if rank == 0:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    if cfg.images and is_fsdp:   # batches with and without images would run different collectives
+        raise ValueError("--images is not supported with --parallel fsdp yet; use ddp")
+    if cfg.image_init and not cfg.images:
+        raise ValueError("--image_init is the image encoder of --images; add --images")
+    if cfg.llm:  # fail before the data is built if the folder is not a Llama-family checkpoint
+        read_hf_config(cfg.llm), checkpoint_files(cfg.llm)
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise FileNotFoundError(f"{out / 'checkpoints'}: --resume given but no checkpoint there")
+    log({"event": "config", **asdict(cfg), "world_size": world, "resume_from": str(resume_from or "")})
+    if resume_from:
+        check_resume(cfg, resume_from, log)
+    return SimpleNamespace(distributed=distributed, fsdp=is_fsdp, rank=rank, world=world, device=device, dtype=dtype,
+                           ctx=ctx, out=out, log=log, resume_from=resume_from)
+
+
+def warm_up_encoder(cfg, model, env):
+    """The warm-up (synthetic/warmup.py) with this run's settings: the encoder, and the image encoder unless it is a
+    pretrained CLIP tower (kept as loaded, as in GEM). Every DDP rank trains the same copy (same seed)."""
+    steps = cfg.encoder_warmup_steps
+    wcfg = WarmupConfig(steps, cfg.encoder_warmup_lr, cfg.batch_size, cfg.train_patients, eval_every=steps,
+                        seed=cfg.seed, held_out="val")
+    image_encoder = model.image_encoder if cfg.images and not cfg.image_init else None
+    warm_up(model.encoder, image_encoder, wcfg, env.out, env.log, show=env.rank == 0)
+
+
+def gather_model(cfg, model, env):
+    """FSDP, at the end: the whole weights in a fresh unsharded model on rank 0, which finish() saves and evaluates.
+    -> it (None elsewhere)"""
+    state = fsdp.full_state_dict(model, env.rank)
+    if state is None:
+        return None
+    whole = build_model(cfg, model.tokenizer, env.device, env.dtype)
+    for stage in curriculum(cfg):
+        prepare_stage(whole, stage, cfg)   # the same LoRA adapters
+    whole.load_state_dict(state)
+    return whole
 
 
 def finish(cfg, model, data, log):
-    """The model folder for generate/eval.py, then held-out evaluation, the ECG-blanked ablation, the follow-up
-    questions and the chance level (no model: the most frequent training answer to each question)."""
+    """The model folder for generate/eval.py, then the held-out tables (eval.evaluate_held_out): the answers, the
+    ECG-blanked ablation, the follow-up questions and the chance level."""
     model.cache_encoder_tokens(0)   # encode as eval.py does, so its table is eval.py's on the saved model
     model.save(Path(cfg.out_dir) / "model")
     if cfg.llm and lora_layers(model.llm):   # the LoRA alone too, for peft users of the same --llm folder
         save_peft_adapter(model.llm, Path(cfg.out_dir) / "model" / "lora_adapter", base_model=cfg.llm)
-    test, rows, answers = data["test"], rows_per_task(data["test"].rows, cfg.test_rows, cfg.test_rows_per_type), {}
-    for name, ablate in [("test", False), ("test_ecg_blanked", True)]:
-        t0 = time.time()
-        scores, preds = evaluate(model, rows, test.inputs_of, cfg.batch_size, cfg.max_new_tokens, ablate_ecg=ablate)
-        log({"event": name, "scores": scores, "seconds": time.time() - t0})
-        print(f"\n{name} ({len(rows)} rows, {time.time() - t0:.0f} s)")
-        print_table(scores)
-        atomic_write(Path(cfg.out_dir) / f"{name}_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
-        answers[name] = preds
-    effect = paired_difference(answers["test"], answers["test_ecg_blanked"])
-    log({"event": "test_ecg_effect", "scores": effect})
-    print("\nhow much each task reads the ECG: its main metric with the ECG minus with it blanked, same rows")
-    print_difference(effect, "with ECG - blanked")
-    followups = as_followups(rows, test.rows)
-    if followups:   # asked second in a chat, after a report exchange about the same ECG
-        _, preds = evaluate(model, followups, test.inputs_of, cfg.batch_size, cfg.max_new_tokens)
-        second = paired_difference(preds, answers["test"])
-        log({"event": "test_followup", "rows": len(followups), "scores": second})
-        print(f"\nasked second in a chat ({len(followups)} ECG-QA rows, after a report exchange), minus asked first")
-        print_difference(second, "second - first")
-    scores = score_rows(rows, prior_answers(data["train"].rows, rows))
-    log({"event": "test_prior", "scores": scores})
-    print(f"\ntest_prior: chance level, the most frequent training answer to each question ({len(rows)} rows)")
-    print_table(scores)
-    print(f"\nmodel saved to {Path(cfg.out_dir) / 'model'} (python generate.py --ckpt {Path(cfg.out_dir) / 'model'} ...)")
+    test = data["test"]
+    evaluate_held_out(model, rows_per_task(test.rows, cfg.test_rows, cfg.test_rows_per_type), test.inputs_of,
+                      data["train"].rows, test.rows, cfg.out_dir, log, cfg.batch_size, cfg.max_new_tokens)
+    folder = Path(cfg.out_dir) / "model"
+    print(f"\nmodel saved to {folder} (python generate.py --ckpt {folder} ...)")
 
 
 def train(cfg):
@@ -672,7 +661,11 @@ def train(cfg):
         if cfg.compile:
             model.llm.compile()
         if env.fsdp:
-            shard_model(cfg, model, env)
+            # a sharded model cannot grow: every stage's LoRA is added first (B = 0, so nothing changes until it
+            # trains, though --lora_dropout masks are drawn from then on, unlike DDP's)
+            for stage in curriculum(cfg):
+                prepare_stage(model, stage, cfg)
+            fsdp.shard(model, env.device)
         losses, stopped = run_stages(cfg, env, model, data)                      # stages
         if env.fsdp and not stopped:
             model = gather_model(cfg, model, env)
@@ -681,8 +674,8 @@ def train(cfg):
         ok = True
         return losses
     finally:                                                                    # teardown
-        if data and data["train"].pool:
-            data["train"].pool.shutdown(cancel_futures=True)
+        if data and data["train"].workers:
+            data["train"].workers.shutdown(cancel_futures=True)
         if env.distributed:
             if ok:
                 dist.barrier()

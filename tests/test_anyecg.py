@@ -1,4 +1,4 @@
-"""Tests for anyECG-chat's own encoder (ecg_encoder.load_anyecg) and preprocessing (data.anyecg_input): a small
+"""Tests for anyECG-chat's own encoder (anyecg/release.py: load_anyecg) and preprocessing (anyecg_input): a small
 random checkpoint in their key layout (width 128, depth 2), its output against a plain re-statement of their
 `ViT.encode` + projection + `encode_and_project_ecg`, key and shape errors, the token count rule, .pth and
 .safetensors, weights_only; the preprocessing against scipy.signal.resample (when scipy is there)."""
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from data import STANDARD_LEADS, ECGRecord, anyecg_input
-from ecg_encoder import load_anyecg
+from anyecg.release import anyecg_input, load_anyecg
+from data import STANDARD_LEADS, ECGRecord
 
 D, DEPTH, HEADS, D_MLP, D_LLM = 128, 2, 2, 256, 96  # their heads are 64 wide
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import bench
+from bench import speed as bench
 
 
 def test_subcommands_parse_and_explain_themselves(capsys):

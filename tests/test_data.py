@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 import data
-import synth
-from chat import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, SPECIAL_TOKENS, USER, _run_lengths, encode_chat
+from chat import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, SPECIAL_TOKENS, USER, _run_lengths, ecg_blocks, encode_chat
 from data import (BEAT_NAMES, STANDARD_LEADS, ECGRecord, RowECGReader, load_ecg, load_rows, localization_answer,
                   parse_localization, prepare_ecg, resample)
+from helpers import write_dataset
 from model import train_tokenizer
-from tasks import build_synthetic_dataset
+from synthetic.tasks import build_synthetic_dataset
 
 PHYSIONET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "physionet"
 needs_physionet = pytest.mark.skipif(not (PHYSIONET / "100.hea").is_file(),
@@ -366,7 +366,7 @@ def test_dataset_has_every_task_and_valid_rows(dataset):
     for r in dataset.rows:
         if r["task"] == "report":
             assert r["answer"].startswith("Report: ")
-            assert all(s in synth.STATEMENTS for s in r["answer"][8:].split(", "))
+            assert all(s in data.STATEMENTS for s in r["answer"][8:].split(", "))
         if r["task"] == "ecgqa":
             assert r["question"].endswith("Please answer briefly.") and r["question_type"]
 
@@ -421,7 +421,7 @@ def test_the_rule_on_readings_analysis_answers_every_question_as_the_generator_d
 
 def test_dataset_written_to_disk_reads_back(tmp_path):
     ds = build_synthetic_dataset(4, seed=5, tasks=["report", "location"])
-    json_path = ds.write(tmp_path, "train")
+    json_path = write_dataset(ds, tmp_path, "train")
     rows = load_rows(json_path)
     assert len(rows) == len(ds.rows)
     for row in rows:
@@ -441,7 +441,7 @@ def tokenizer(tmp_path_factory):
 
 def test_encode_chat_blocks_and_loss_mask(tokenizer):
     q, a = "Does this ECG show atrial fibrillation?", "yes"
-    ids, labels = encode_chat(tokenizer, [("user", q), ("assistant", a)], [3, 5])
+    ids, labels = encode_chat(tokenizer, [("user", q), ("assistant", a)], ecg_blocks([3, 5]))
     text = f"{USER}{ECG_START}{ECG_TOKEN * 3}{ECG_END}{ECG_START}{ECG_TOKEN * 5}{ECG_END}{q}{END_TURN}{ASSISTANT}{a}{END_TURN}"
     assert ids == tokenizer.encode(text, bos=True), "same ids as encoding the whole conversation"
     assert len(labels) == len(ids)
@@ -456,13 +456,13 @@ def test_encode_chat_blocks_and_loss_mask(tokenizer):
 
 def test_encode_chat_multi_turn_and_generation_prompt(tokenizer):
     turns = [("user", "Report?"), ("assistant", "Report: Sinus rhythm"), ("user", "Rate?"), ("assistant", "fast")]
-    ids, labels = encode_chat(tokenizer, turns, [2])
+    ids, labels = encode_chat(tokenizer, turns, ecg_blocks([2]))
     target = tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100])
     assert target == "Report: Sinus rhythm<|end|>fast<|end|>"
-    prompt, _ = encode_chat(tokenizer, turns[:1], [2], add_generation_prompt=True)
+    prompt, _ = encode_chat(tokenizer, turns[:1], ecg_blocks([2]), add_generation_prompt=True)
     assert prompt[-1] == tokenizer.added[ASSISTANT] and ids[:len(prompt)] == prompt, "prompt is a prefix"
     with pytest.raises(ValueError, match="role"):
-        encode_chat(tokenizer, [("system", "x")], [])
+        encode_chat(tokenizer, [("system", "x")], "")
 
 
 @pytest.mark.parametrize("bad", [{"followups": [["q"]]}, {"history": "q? a"}, {"followups": [["q", 3]]}])

@@ -1,5 +1,6 @@
 """Tests for the ECG-chat model in chat.py: splicing ECG tokens into placeholder blocks,
-gradients and freezing, the context guard, save/load, and generation with ECGs."""
+gradients and freezing, the context guard, save/load, and generation with ECGs; and the one
+that reads paper images too (images/chat.py)."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from chat import (ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, IMG_END, IMG_START, IMG_TOKEN, SPECIAL_TOKENS,
-                  USER, ECGChat, encode_chat)
+                  USER, ECGChat, ecg_blocks, encode_chat)
 from data import ECGRecord
 from ecg_encoder import ECGEncoder, EncoderConfig
 from model import LLM, LLMConfig, Tokenizer, add_lora, train_tokenizer
@@ -25,7 +26,7 @@ def make_chat(tok, seed=0, max_seq_len=512):
     torch.manual_seed(seed)
     llm = LLM(LLMConfig(vocab_size=tok.base_vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_seq_len)).init_weights()
-    enc = ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=2, n_heads=2))
+    enc = ECGEncoder(EncoderConfig(d_model=32, n_layers=2, n_heads=2))
     return ECGChat(llm, enc, tok).eval()
 
 
@@ -121,9 +122,11 @@ def test_loss_only_on_labelled_tokens(tok):
 
 def test_ecg_longer_than_context_is_a_clear_error(tok):
     model = make_chat(tok, max_seq_len=128)
-    with pytest.raises(ValueError, match=r"LLM context allows 128.*--max_seq_len"):
+    # an hour at 2 tokens/s = 7200 ECG tokens
+    with pytest.raises(ValueError, match=r"7200 tokens.*LLM context allows 128.*shorter part of the ECG.*--max_seq_len"):
         model.check_fits([100 * 3600], n_text_tokens=30)
     assert model.check_fits([1000], n_text_tokens=30) == 20
+    assert model.check_fits([1000, 500], n_text_tokens=30) == 30   # several ECGs: their tokens together
     long_prompt = torch.zeros(1, 129, dtype=torch.long)
     with pytest.raises(ValueError, match="max_seq_len=128"):
         model(long_prompt, [[]])
@@ -170,7 +173,7 @@ def test_load_errors_name_the_file(tok, tmp_path):
     with pytest.raises(ValueError, match="nanoecg"):
         ECGChat.load(tmp_path / "plain")
     cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
-    cfg["nanoecg"] = {"encoder": {**EncoderConfig.tiny(d_model=48, n_layers=2, n_heads=2).__dict__}}
+    cfg["nanoecg"] = {"encoder": {**EncoderConfig(d_model=48, n_layers=2, n_heads=2).__dict__}}
     (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg, default=list))
     with pytest.raises(ValueError, match="ecg_encoder"):
         ECGChat.load(tmp_path / "plain")
@@ -180,12 +183,13 @@ def test_load_errors_name_the_file(tok, tmp_path):
 
 
 def make_image_chat(tok, seed=0):
-    from ecg_encoder import ImageEncoder, ImageEncoderConfig
+    from images.chat import ImageChat
+    from images.vit import ImageEncoder, ImageEncoderConfig
     model = make_chat(tok, seed)
     torch.manual_seed(seed + 1)
     img_enc = ImageEncoder(ImageEncoderConfig(height=32, width=64, out_rows=2, out_cols=4, d_model=32, n_layers=1,
                                               n_heads=2))
-    return ECGChat(model.llm, model.encoder, tok, image_encoder=img_enc).eval()
+    return ImageChat(model.llm, model.encoder, tok, image_encoder=img_enc).eval()
 
 
 def image(seed, h=40, w=90):
@@ -198,8 +202,7 @@ def test_image_and_ecg_tokens_each_land_in_their_own_block_in_order(tok):
     samples = [([ecg(10, seed=1), ecg(6, ("II",), seed=2)], [image(3)]),   # both modalities
                ([], [image(4), image(5, 80, 60)]),                          # images only, two sizes
                ([ecg(8, seed=6)], [])]                                       # signal only
-    prompts = [encode_chat(tok, [("user", "What rhythm?")], [model.encoder.num_tokens(x.signal.shape[1]) for x in e],
-                           add_generation_prompt=True, image_token_counts=[n_img] * len(im))[0] for e, im in samples]
+    prompts = [model.prompt([("user", "What rhythm?")], e + im, add_generation_prompt=True)[0] for e, im in samples]
     T = max(map(len, prompts))
     ids = torch.tensor([p + [tok.pad_id] * (T - len(p)) for p in prompts])
     with torch.no_grad():
@@ -227,16 +230,24 @@ def test_image_and_ecg_tokens_each_land_in_their_own_block_in_order(tok):
 def test_image_model_saves_loads_and_a_missing_image_is_a_clear_error(tok, tmp_path):
     model = make_image_chat(tok)
     ecgs, images = [ecg(10, seed=1)], [image(3)]
-    ids = torch.tensor([encode_chat(tok, [("user", "What rhythm?")], [model.encoder.num_tokens(1000)],
-                                    add_generation_prompt=True, image_token_counts=[model.image_encoder.num_tokens])[0]])
+    ids = torch.tensor([model.prompt([("user", "What rhythm?")], ecgs + images, add_generation_prompt=True)[0]])
     model.save(tmp_path / "ckpt")
-    back = ECGChat.load(tmp_path / "ckpt")
+    from images.chat import load_chat
+    back = load_chat(tmp_path / "ckpt")
+    assert type(back) is type(model) and type(load_chat(make_saved(tok, tmp_path / "plain"))) is ECGChat
     with torch.no_grad():
         assert torch.allclose(model(ids, [ecgs + images]), back(ids, [ecgs + images]), atol=1e-5)
     with pytest.raises(ValueError, match=r"placeholder blocks of \[8\] <img_token>s but its 0 image"):
         model(ids, [ecgs])
-    with pytest.raises(ValueError, match="no image encoder"):
+    with pytest.raises(ValueError, match="not ECGRecords .images.., but this model reads ECGs only"):
         make_chat(tok)(ids, [ecgs + images])
+    with pytest.raises(ValueError, match=r"weights \['img_encoder.\*', 'img_projector.\*'\] belong to no part"):
+        ECGChat.load(tmp_path / "ckpt")   # the ECG-only model would drop them: an error, not a silent half model
+
+
+def make_saved(tok, folder):
+    make_chat(tok).save(folder)
+    return folder
 
 
 def test_a_damaged_checkpoint_file_is_named(tok, tmp_path):
@@ -297,7 +308,7 @@ def instruct_chat(folder):
     torch.manual_seed(0)
     llm = LLM(LLMConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1)).init_weights()
-    return ECGChat(llm, ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=1, n_heads=2)), tok).eval()
+    return ECGChat(llm, ECGEncoder(EncoderConfig(d_model=32, n_layers=1, n_heads=2)), tok).eval()
 
 
 @pytest.mark.parametrize("kind", ["llama3", "chatml"])
@@ -343,20 +354,20 @@ def test_an_unknown_chat_format_is_named(tmp_path):
     folder = make_instruct_tokenizer(tmp_path / "chatml", "chatml")
     with pytest.raises(ValueError, match="chat format 'vicuna' unknown; known: auto, nanoecg, llama3, chatml"):
         ECGChat(LLM(LLMConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=2, num_key_value_heads=1)), ECGEncoder(EncoderConfig.tiny()),
+                              num_attention_heads=2, num_key_value_heads=1)), ECGEncoder(EncoderConfig()),
                 Tokenizer(folder), chat_format="vicuna")
 
 
 def test_several_ecgs_are_named_as_the_answers_name_them_and_one_is_not(tok, tmp_path):
     model = make_chat(tok)
     turns = [("user", "Which ECG shows a longer QT?"), ("assistant", "the second")]
-    plain, _ = encode_chat(tok, turns, [3, 2])
-    named, labels = encode_chat(tok, turns, [3, 2], label_ecgs=True)
+    plain, _ = encode_chat(tok, turns, ecg_blocks([3, 2]))
+    named, labels = encode_chat(tok, turns, ecg_blocks([3, 2], named=True))
     text = tok.decode(named)
     assert text.index("ECG1:") < text.index(ECG_START) < text.index("ECG2:") < text.rindex(ECG_START)
     assert [i for i in named if i in tok.id_to_added] == [i for i in plain if i in tok.id_to_added]   # same blocks
-    assert [x for x in labels if x != -100] == [x for x in encode_chat(tok, turns, [3, 2])[1] if x != -100]
-    assert encode_chat(tok, turns, [3], label_ecgs=True) == encode_chat(tok, turns, [3])   # one ECG: no name
+    assert [x for x in labels if x != -100] == [x for x in encode_chat(tok, turns, ecg_blocks([3, 2]))[1] if x != -100]
+    assert ecg_blocks([3], named=True) == ecg_blocks([3])   # one ECG: no name
     model.label_ecgs = True
     model.save(tmp_path / "m")
     assert ECGChat.load(tmp_path / "m").label_ecgs is True
@@ -370,7 +381,7 @@ def test_a_rows_history_and_followups_are_turns_of_one_chat_and_every_answer_is_
                              ("assistant", "Report: Sinus rhythm"), ("user", "Is there atrial fibrillation?"),
                              ("assistant", "no")]
     assert turns_of(row, answered=False) == turns_of(row)[:3]
-    ids, labels = encode_chat(tok, turns_of(row), [2])
+    ids, labels = encode_chat(tok, turns_of(row), ecg_blocks([2]))
     learnt = [i for i, x in zip(ids, labels) if x != -100]
     end = tok.added[END_TURN]
     assert learnt == tok.encode("yes") + [end] + tok.encode("Report: Sinus rhythm") + [end] + tok.encode("no") + [end]

@@ -19,7 +19,7 @@ from chat import SPECIAL_TOKENS, ECGChat
 from data import BEAT_NAMES, ECGRecord, load_ecg, localization_answer, merge_intervals
 from ecg_encoder import ECGEncoder, EncoderConfig
 from model import LLM, LLMConfig, train_tokenizer
-from tasks import build_synthetic_dataset
+from synthetic.tasks import build_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PHYSIONET = ROOT.parent / "shared" / "data" / "physionet"
@@ -224,7 +224,7 @@ def tiny_chat(tmp, seed=0):
     torch.manual_seed(seed)
     llm = LLM(LLMConfig(vocab_size=tok.base_vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)).init_weights()
-    return ECGChat(llm, ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=2, n_heads=2)), tok).eval()
+    return ECGChat(llm, ECGEncoder(EncoderConfig(d_model=32, n_layers=2, n_heads=2)), tok).eval()
 
 
 @pytest.fixture(scope="module")
@@ -474,3 +474,17 @@ def test_followups_ask_an_ecgqa_row_after_the_report_of_its_ecg_and_pair_with_it
         report = next(r for r in rows if r["task"] == "report" and r["ecg_path"] == f["ecg_path"])
         assert f["history"] == [[report["question"], report["answer"]]]
         assert ev.turns_of(f, answered=False)[-1] == ("user", f["question"])
+
+
+def test_the_test_rows_are_drawn_per_task_and_per_question_type():
+    rows = build_synthetic_dataset(200, split="test").rows
+    picked = ev.rows_per_task(rows, 20, per_type=5)
+    for task in ("report", "grounded", "location"):
+        assert sum(r["task"] == task for r in picked) == 20
+    for task in ("ecgqa", "multi"):
+        kinds = {r["question_type"] for r in rows if r["task"] == task}
+        mine = [r["question_type"] for r in picked if r["task"] == task]
+        assert set(mine) == kinds and all(mine.count(k) == min(5, sum(r.get("question_type") == k for r in rows))
+                                          for k in kinds)
+    assert picked == ev.rows_per_task(rows, 20, per_type=5)   # fixed
+    assert sum("followups" in r for r in rows) > 0.2 * sum(r["task"] == "report" for r in rows)

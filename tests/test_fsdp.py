@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoints
 import config
 import train
 from chat import ECGChat
@@ -62,7 +61,7 @@ def runs(tmp_path_factory):
     (tmp / "fsdp").mkdir()
     shutil.copytree(tmp / "single" / "tokenizer", tmp / "fsdp" / "tokenizer")   # the same tokenizer
     torchrun(tmp / "fsdp", "--parallel=fsdp", f"--stop_after={STOP}")
-    ckpt = checkpoints.latest_checkpoint(tmp / "fsdp")
+    ckpt = config.latest_checkpoint(tmp / "fsdp")
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
     shutil.copytree(tmp / "fsdp", tmp / "one")
     torchrun(tmp / "fsdp", "--resume", "--grad_checkpoint")   # recomputed activations: the same numbers

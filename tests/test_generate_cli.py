@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import generate
-import paper
+from images import paper
 from chat import SPECIAL_TOKENS, ECGChat, _run_lengths
 from data import BEAT_NAMES, ECGRecord, prepare_ecg
 from ecg_encoder import ECGEncoder, EncoderConfig
 from model import LLM, LLMConfig, train_tokenizer
-from synth import make_patient, synth_ecg
+from synthetic.generator import make_patient, synth_ecg
 
 ROOT = Path(__file__).resolve().parents[1]
 PHYSIONET = ROOT.parent / "shared" / "data" / "physionet"
@@ -36,7 +36,7 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     llm = LLM(LLMConfig(vocab_size=tok.base_vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)).init_weights()
-    ECGChat(llm, ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=2, n_heads=2)), tok).save(d / "ckpt")
+    ECGChat(llm, ECGEncoder(EncoderConfig(d_model=32, n_layers=2, n_heads=2)), tok).save(d / "ckpt")
     return d / "ckpt"
 
 
@@ -116,7 +116,7 @@ def test_cut_seconds():
     assert generate.cut_seconds(rec, 2.5, 4.0).signal[0, [0, -1]].tolist() == [250, 399]
     with pytest.warns(UserWarning, match="past the end"):
         assert generate.cut_seconds(rec, 19.0, 99.0).signal.shape == (1, 100)
-    with pytest.raises(ValueError, match="--end 3 s must be after --start 5 s"):
+    with pytest.raises(ValueError, match=r"clip \[500, 300\) is not inside the record's 2000 samples \(5-3 s of 20.00 s\)"):
         generate.cut_seconds(rec, 5, 3)
 
 
@@ -144,7 +144,7 @@ def test_bad_inputs_give_one_clear_error(ckpt, tmp_path, capsys):
     msg = error_of(capsys, *base, "--ecg", tmp_path / "odd.npy")
     assert "pass load_ecg(path, fs=..., lead_names=[...])" in msg
     msg = error_of(capsys, *base, "--ecg", PHYSIONET / "100", "--start", 5000)
-    assert "100: --start 5000 s is outside the record, which is 1805.56 s long" in msg
+    assert "100: clip [1800000, 650000) is not inside the record's 650000 samples (5000-1805.56 s of 1805.56 s)" in msg
     msg = error_of(capsys, *base, "--ecg", PHYSIONET / "100")               # 30 min do not fit 512 tokens
     assert "the LLM context allows 512" in msg
     broken = tmp_path / "broken"
@@ -173,18 +173,18 @@ def test_implausible_amplitudes_are_named_and_an_ecg_must_leave_room_for_the_ans
 
 
 def test_reads_a_paper_image_alone_or_with_the_signal(ckpt, tmp_path):
-    """--image: a PNG printout (drawn by paper.py) read through Pillow, alone or with --ecg;
+    """--image: a PNG printout (drawn by images/paper.py) read through Pillow, alone or with --ecg;
     a checkpoint without an image encoder says so."""
     pytest.importorskip("PIL", reason="Pillow (optional) reads user images")
-    from ecg_encoder import ImageEncoder, ImageEncoderConfig
-    from paper import render_ecg, write_png
-    from synth import make_patient, synth_ecg
+    from images.chat import ImageChat, load_chat
+    from images.paper import render_ecg, write_png
+    from images.vit import ImageEncoder, ImageEncoderConfig
     rec, _ = synth_ecg(make_patient(6), 10.0, 500.0, seed=6)
     png = tmp_path / "printout.png"
     write_png(render_ecg(rec.signal, rec.fs, list(rec.leads), px_per_mm=2.0), png)
     np.save(tmp_path / "ecg.npy", rec.signal)
     plain = ECGChat.load(ckpt)
-    with_images = ECGChat(plain.llm, plain.encoder, plain.tokenizer, image_encoder=ImageEncoder(
+    with_images = ImageChat(plain.llm, plain.encoder, plain.tokenizer, image_encoder=ImageEncoder(
         ImageEncoderConfig(d_model=32, n_layers=1, n_heads=2)))
     with_images.save(tmp_path / "img_ckpt")
     alone = run_cli("--ckpt", tmp_path / "img_ckpt", "--image", png, "--prompt", "Report?", "--max-new-tokens", "5")
@@ -195,7 +195,7 @@ def test_reads_a_paper_image_alone_or_with_the_signal(ckpt, tmp_path):
     assert both.returncode == 0, both.stderr
     assert "printout.png: 532 x 276 px -> 32 tokens" in both.stderr and "ecg.npy: 10.0 s at 500 Hz" in both.stderr
     # the answer to both is asked with both: a 20-token ECG block, then a 32-token image block, each input spliced
-    model, seen = ECGChat.load(tmp_path / "img_ckpt"), []
+    model, seen = load_chat(tmp_path / "img_ckpt"), []
     real = model.generate
     model.generate = lambda prompts, inputs, **kw: seen.append((prompts[0], inputs[0])) or real(prompts, inputs, **kw)
     ecg, image = prepare_ecg(rec, 100.0), paper.read_image(png)
@@ -205,7 +205,7 @@ def test_reads_a_paper_image_alone_or_with_the_signal(ckpt, tmp_path):
     assert _run_lengths([i == model.img_token_id for i in ids]) == [32]
     assert ids.index(model.ecg_token_id) < ids.index(model.img_token_id) and inputs[0] is ecg and inputs[1] is image
     r = run_cli("--ckpt", ckpt, "--image", png, "--prompt", "Report?")
-    assert r.returncode != 0 and "has no image encoder" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "reads ECGs only" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--ckpt", ckpt, "--prompt", "Report?")
     assert r.returncode != 0 and "give at least one --ecg" in r.stderr
 
@@ -217,7 +217,8 @@ def test_anyecg_release_answers_as_their_code_does(tmp_path, capsys):
     transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
     from test_anyecg import D_LLM, ref_tokens, save_pth, their_state
     from test_ecg_chat import make_instruct_tokenizer
-    from data import anyecg_input, load_ecg
+    from anyecg.release import anyecg_input, load_chat
+    from data import load_ecg
     llama = make_instruct_tokenizer(tmp_path / "llama3", "llama3")
     tok = transformers.AutoTokenizer.from_pretrained(llama)
     torch.manual_seed(0)
@@ -255,7 +256,7 @@ def test_anyecg_release_answers_as_their_code_does(tmp_path, capsys):
         out = lora.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                             do_sample=False, eos_token_id=[tok.eos_token_id], pad_token_id=tok.eos_token_id)
 
-    model = ECGChat.from_anyecg(release, llama)
+    model = load_chat(release, llama)
     ecg = ECGRecord(x.numpy(), 100.0, list(generate.STANDARD_LEADS))
     prompt = model.prompt([("user", question)], [ecg], add_generation_prompt=True)[0]
     assert prompt == ids[0].tolist()

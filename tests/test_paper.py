@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import paper
-import synth
-from paper import INK, LEFT, MM_PER_MV, MM_PER_S, SEGMENT_S, baseline_mm, degrade, plot_ecg_svg, render_ecg, write_png
+from images import paper
+from synthetic import generator as synth
+from images.paper import INK, LEFT, MM_PER_MV, MM_PER_S, SEGMENT_S, baseline_mm, degrade, plot_ecg_svg, render_ecg, write_png
 
 TWELVE = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 PX = 4.0   # px per mm

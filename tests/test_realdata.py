@@ -1,4 +1,4 @@
-"""Tests for realdata.py: each builder on a small tree the test writes in the database's real
+"""Tests for realdata/prepare.py: each builder on a small tree the test writes in the database's real
 layout (WFDB files through wfdb.wrsamp / wrann, CSVs with the real column names), and the
 localization rows of the real MIT-BIH record 100 checked against its own `atr` file."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import wfdb
 
-import realdata
 from data import MITBIH_BEATS, RowECGReader, load_rows, parse_localization, row_problem
+from realdata import prepare as realdata
 
 ROOT = Path(__file__).resolve().parent.parent
 PHYSIONET = ROOT.parent / "shared" / "data" / "physionet"
@@ -132,13 +132,13 @@ def test_rows_from_real_mitbih_100_agree_with_its_atr_file():
 
 def test_cli_writes_rows_and_counts(mitdb, tmp_path):
     out = tmp_path / "rows.json"
-    r = subprocess.run([sys.executable, str(ROOT / "realdata.py"), "mitdb", "--root", str(mitdb), "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "realdata.prepare", "mitdb", "--root", str(mitdb), "--out", str(out),
                         "--prefix", "mitdb/"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     rows = load_rows(out)
     assert rows and all(p.startswith("mitdb/") for row in rows for p in row["ecg_path"])
     assert f"{out}: {len(rows)} rows" in r.stdout and "skipped 1 records" in r.stderr
-    bad = subprocess.run([sys.executable, str(ROOT / "realdata.py"), "ptbxl", "--root", str(tmp_path / "nothing")],
+    bad = subprocess.run([sys.executable, "-m", "realdata.prepare", "ptbxl", "--root", str(tmp_path / "nothing")],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "nothing/scp_statements.csv: no such file" in bad.stderr
     assert "Traceback" not in bad.stderr

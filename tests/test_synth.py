@@ -1,5 +1,5 @@
 """
-Tests of the synthetic ECG generator (synth.py): every claim a record makes about itself
+Tests of the synthetic ECG generator (synthetic/generator.py): every claim a record makes about itself
 is measured back from its samples with simple, independent code written here.
 
 Measurements use clean records (noise=0) at 1 kHz: outside the waves the signal is
@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from synth import STANDARD_LEADS, make_patient, patient_history, synth_ecg
+from synthetic.generator import STANDARD_LEADS, make_patient, patient_history, synth_ecg
 
 FS = 1000.0
 

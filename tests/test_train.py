@@ -18,13 +18,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import checkpoints
 import config
 import train
+from anyecg.peft import load_peft_adapter
 from chat import ECGChat
 from data import ECGRecord
-from model import LLM, load_peft_adapter
-from tasks import build_synthetic_dataset
+from helpers import write_dataset
+from images.chat import load_chat
+from model import LLM
+from synthetic.tasks import build_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=400, encoder_dim=32, encoder_layers=1,
@@ -111,7 +113,7 @@ def test_each_stage_lowers_the_loss_and_leaves_frozen_parts_bit_identical(setup)
         trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         assert frozen and trained
         opt = train.make_optimizer(model, cfg, 1e-2)
-        batch = train.micro_batch(cfg, data["train"], data["train"].weights(stage.tasks), model, stage, 0, 0)
+        batch = train.get_batch(cfg, data["train"], data["train"].weights(stage.tasks), model, stage, 0, 0)
         ids, labels, inputs = batch["input_ids"], batch["labels"], batch["inputs"]
         torch.manual_seed(0)
         losses = []
@@ -134,8 +136,8 @@ def test_each_stage_lowers_the_loss_and_leaves_frozen_parts_bit_identical(setup)
 def test_stage0_is_text_only_and_stage1_sees_ecgs(setup):
     cfg, data, model = setup
     s0, s1 = train.curriculum(cfg)[:2]
-    b0 = train.micro_batch(cfg, data["train"], data["train"].weights(s0.tasks), model, s0, 0, 0)
-    b1 = train.micro_batch(cfg, data["train"], data["train"].weights(s1.tasks), model, s1, 0, 0)
+    b0 = train.get_batch(cfg, data["train"], data["train"].weights(s0.tasks), model, s0, 0, 0)
+    b1 = train.get_batch(cfg, data["train"], data["train"].weights(s1.tasks), model, s1, 0, 0)
     assert all(e == [] for e in b0["inputs"]) and all(len(e) >= 1 for e in b1["inputs"])
     real = b0["input_ids"] != model.tokenizer.pad_id
     assert torch.equal(b0["labels"][:, 1:] != -100, real[:, 1:])  # stage 0: loss on every token but <bos>
@@ -165,9 +167,9 @@ def test_resume_mid_stage_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     full = train.train(tiny(tmp_path / "a"))
     # stop in stage 2 (steps 3 + 3 + 2), where LoRA dropout draws from the torch RNG
     first = train.train(tiny(tmp_path / "b", stop_after=8))
-    assert checkpoints.latest_checkpoint(tmp_path / "b").name == "step_0000008"
+    assert config.latest_checkpoint(tmp_path / "b").name == "step_0000008"
     # a checkpoint is safetensors and JSON only: nothing that unpickles
-    assert {f.suffix for f in checkpoints.latest_checkpoint(tmp_path / "b").iterdir()} == {".safetensors", ".json"}
+    assert {f.suffix for f in config.latest_checkpoint(tmp_path / "b").iterdir()} == {".safetensors", ".json"}
     # --resume is the run that was started: flags that would change it are refused, all named in one message
     for flags, named in [(["--dim", "48", "--seed", "8"], "seed: 7 -> 8; dim: 32 -> 48"),
                          (["--stage3_steps", "5"], "stage3_steps: 3 -> 5")]:
@@ -196,12 +198,12 @@ def test_a_run_killed_by_sigkill_resumes_to_the_losses_of_an_uninterrupted_run(t
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 240
-        while checkpoints.latest_checkpoint(tmp_path / "b") is None and proc.poll() is None and time.time() < deadline:
+        while config.latest_checkpoint(tmp_path / "b") is None and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)   # no chance to clean up: whatever is on disk now is what resume finds
     finally:
         proc.wait()
-    killed_at = json.loads((checkpoints.latest_checkpoint(tmp_path / "b") / "state.json").read_text())["global_step"]
+    killed_at = json.loads((config.latest_checkpoint(tmp_path / "b") / "state.json").read_text())["global_step"]
     assert 0 < killed_at < len(full), "the kill landed after the first checkpoint and before the end"
     before = [r["loss"] for r in log_of(tmp_path / "b")][:killed_at]
     rest = train.train(tiny(tmp_path / "b", resume=True, **kw))
@@ -234,7 +236,7 @@ def test_crash_between_temp_write_and_rename_keeps_the_previous_checkpoint(setup
     cfg, _, model = setup
     cfg = replace(cfg, out_dir=str(tmp_path))
     opt = train.make_optimizer(model, cfg, 1e-3)
-    first = checkpoints.save_checkpoint(cfg, model, opt, {"stage": 1, "step": 1, "global_step": 1})
+    first = train.save_checkpoint(cfg, model, opt, {"stage": 1, "step": 1, "global_step": 1})
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         for p in model.parameters():
@@ -242,12 +244,12 @@ def test_crash_between_temp_write_and_rename_keeps_the_previous_checkpoint(setup
 
     def crash(*args):
         raise KeyboardInterrupt("killed between temp write and rename")
-    monkeypatch.setattr(checkpoints.os, "replace", crash)
+    monkeypatch.setattr(train.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_checkpoint(cfg, model, opt, {"stage": 1, "step": 2, "global_step": 2})
+        train.save_checkpoint(cfg, model, opt, {"stage": 1, "step": 2, "global_step": 2})
     monkeypatch.undo()
-    assert checkpoints.latest_checkpoint(tmp_path) == first
-    meta = checkpoints.load_checkpoint(first, model, opt)
+    assert config.latest_checkpoint(tmp_path) == first
+    meta = train.load_checkpoint(first, model, opt)
     assert meta["step"] == 1 and all(torch.equal(p, saved[n]) for n, p in model.named_parameters())
 
 
@@ -269,7 +271,7 @@ def test_nan_step_is_skipped_and_repeated_nan_stops_with_checkpoint(tmp_path, mo
     calls.update(n=0, bad={"all"})
     with pytest.raises(FloatingPointError, match="3 non-finite steps"):
         train.train(tiny(tmp_path / "b"))
-    kept = checkpoints.latest_checkpoint(tmp_path / "b")
+    kept = config.latest_checkpoint(tmp_path / "b")
     assert all(torch.isfinite(t).all() for t in load_file(str(kept / "model.safetensors")).values())
     # the run resumes from the weights kept at the stop, once the cause is gone
     calls.update(n=0, bad=set())
@@ -282,7 +284,7 @@ def test_anyecg_file_with_malformed_rows_and_missing_records_trains_and_counts_t
     that are too long for the context are skipped when drawn, counted and named in the log; rows marked "split": "val" form the
     validation split; the run goes on to the end."""
     ds = build_synthetic_dataset(4, seed=3, split="train")
-    path = ds.write(tmp_path / "ecgs", "rows")
+    path = write_dataset(ds, tmp_path / "ecgs", "rows")
     rows = json.loads(Path(path).read_text())
     for r in rows[:3]:
         r["split"] = "val"
@@ -310,7 +312,7 @@ def test_encoder_init_starts_from_saved_encoder_and_names_a_mismatch(setup, tmp_
     a file that does not fit an encoder is one error naming the file and the keys."""
     from ecg_encoder import ECGEncoder, EncoderConfig, save_encoder_weights
     cfg, data, model = setup
-    pretrained = ECGEncoder(EncoderConfig.tiny(d_model=48, n_layers=2))
+    pretrained = ECGEncoder(EncoderConfig(d_model=48, n_layers=2))
     save_encoder_weights(pretrained, tmp_path / "enc.safetensors", pretrained.cfg)
     cfg2 = replace(cfg, encoder_init=str(tmp_path / "enc.safetensors"))
     chat = train.build_model(cfg2, model.tokenizer, torch.device("cpu"), torch.float32)
@@ -353,7 +355,7 @@ def test_images_train_every_modality_and_are_scored_apart(tmp_path):
     cfg = tiny(tmp_path, images=True, train_patients=6, test_rows=0, stage0_steps=1, stage2_steps=1, stage3_steps=2,
                stage1_tasks="report", batch_size=6)
     train.train(cfg)
-    back = ECGChat.load(tmp_path / "model")
+    back = load_chat(tmp_path / "model")
     start = train.build_model(cfg, back.tokenizer, torch.device("cpu"), torch.float32)   # same seed: the init
     assert back.image_encoder is not None and back.image_encoder.num_tokens == 32
     assert not torch.equal(back.image_encoder.pos_emb, start.image_encoder.pos_emb)
@@ -369,7 +371,7 @@ def test_images_with_a_pretrained_clip_tower_keep_it_frozen(tmp_path):
     """--image_init: GEM's setup, the image encoder is a pretrained CLIP vision tower that
     no stage trains (its projector does learn); the saved model loads it back."""
     transformers = pytest.importorskip("transformers")
-    from ecg_encoder import load_clip_vision
+    from images.vit import load_clip_vision
     clip_cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                              num_attention_heads=2, image_size=56, patch_size=14)
     transformers.CLIPVisionModel(clip_cfg).save_pretrained(tmp_path / "clip")
@@ -378,7 +380,7 @@ def test_images_with_a_pretrained_clip_tower_keep_it_frozen(tmp_path):
     cfg = tiny(tmp_path / "run", images=True, image_init=str(tmp_path / "clip"), train_patients=6, test_rows=0,
                stage0_steps=1, stage2_steps=1, stage3_steps=2, stage1_tasks="report", batch_size=6)
     train.train(cfg)
-    back = ECGChat.load(tmp_path / "run" / "model")
+    back = load_chat(tmp_path / "run" / "model")
     loaded = load_clip_vision(tmp_path / "clip")
     assert back.image_encoder.cfg.clip
     for name, p in loaded.state_dict().items():
@@ -437,7 +439,7 @@ def test_half_written_checkpoint_folders_are_cleaned_up(setup, tmp_path):
     stale = tmp_path / "checkpoints" / ".tmp_killed"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"half")
-    checkpoints.save_checkpoint(cfg, model, train.make_optimizer(model, cfg, 1e-3), {"stage": 1, "step": 1, "global_step": 1})
+    train.save_checkpoint(cfg, model, train.make_optimizer(model, cfg, 1e-3), {"stage": 1, "step": 1, "global_step": 1})
     assert not stale.exists() and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001"]
 
 
@@ -475,20 +477,6 @@ def test_llm_a_tokenizer_json_checkpoint_trains_stages_1_to_3(tmp_path, kind):
     ids = torch.randint(0, 500, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (base(ids) - back.llm.float()(ids)[..., :500]).abs().max() <= 1e-4
-
-
-def test_the_test_rows_are_drawn_per_task_and_per_question_type():
-    rows = build_synthetic_dataset(200, split="test").rows
-    picked = train.rows_per_task(rows, 20, per_type=5)
-    for task in ("report", "grounded", "location"):
-        assert sum(r["task"] == task for r in picked) == 20
-    for task in ("ecgqa", "multi"):
-        kinds = {r["question_type"] for r in rows if r["task"] == task}
-        mine = [r["question_type"] for r in picked if r["task"] == task]
-        assert set(mine) == kinds and all(mine.count(k) == min(5, sum(r.get("question_type") == k for r in rows))
-                                          for k in kinds)
-    assert picked == train.rows_per_task(rows, 20, per_type=5)   # fixed
-    assert sum("followups" in r for r in rows) > 0.2 * sum(r["task"] == "report" for r in rows)
 
 
 def test_a_frozen_encoder_has_its_tokens_cached_and_a_trained_one_or_fsdp_does_not(setup):

@@ -1,18 +1,19 @@
-"""Tests for warmup.py, the encoder alone on the synthetic ground truth (train.py's warm-up,
-and `python warmup.py` as a probe): it trains the encoders it is given, and its command line
+"""Tests for synthetic/warmup.py, the encoder alone on the synthetic ground truth (train.py's warm-up,
+and `python -m synthetic.warmup` as a probe): it trains the encoders it is given, and its command line
 saves an encoder that train.py --encoder_init reads."""
 
 import copy
 
 import torch
 
-import warmup
-from ecg_encoder import ECGEncoder, EncoderConfig, ImageEncoder, ImageEncoderConfig, load_encoder_config
+from synthetic import warmup
+from ecg_encoder import ECGEncoder, EncoderConfig, load_encoder_config
+from images.vit import ImageEncoder, ImageEncoderConfig
 
 
 def test_thirty_steps_read_the_held_out_ecgs_better_than_the_untrained_encoder():
     torch.manual_seed(0)
-    enc = ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=1, n_heads=2))
+    enc = ECGEncoder(EncoderConfig(d_model=32, n_layers=1, n_heads=2))
     untrained = copy.deepcopy(enc)
     kw = dict(train_patients=8, test_patients=4, lr=3e-3)
     r0 = warmup.fit_encoder_to_truth(untrained, warmup.WarmupConfig(steps=0, **kw), desc=None, report=False)
@@ -23,7 +24,7 @@ def test_thirty_steps_read_the_held_out_ecgs_better_than_the_untrained_encoder()
 
 
 def test_trains_the_image_encoder_beside_the_ecg_encoder():
-    enc = ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=1, n_heads=2))
+    enc = ECGEncoder(EncoderConfig(d_model=32, n_layers=1, n_heads=2))
     img = ImageEncoder(ImageEncoderConfig(height=32, width=64, d_model=16, n_layers=1, n_heads=2))
     before = img.pos_emb.detach().clone()
     r = warmup.fit_encoder_to_truth(enc, warmup.WarmupConfig(steps=2, train_patients=6, test_patients=6,
@@ -37,7 +38,7 @@ def test_command_line_saves_an_encoder_with_its_config(tmp_path, capsys):
                  "--d-model", "32", "--layers", "1", "--save", str(path)])
     out = capsys.readouterr().out
     assert "statement micro F1" in out and "Sinus rhythm" in out and "--encoder_init" in out
-    assert load_encoder_config(path) == EncoderConfig.tiny(d_model=32, n_layers=1)
+    assert load_encoder_config(path) == EncoderConfig(d_model=32, n_layers=1)
 
 
 def test_beat_f1_interval_is_the_f1_of_ecgs_drawn_again():
@@ -50,17 +51,17 @@ def test_beat_f1_interval_is_the_f1_of_ecgs_drawn_again():
 def test_beat_tokens_are_decided_at_the_threshold_of_the_weighted_loss():
     # the loss weighs positives by w, so "beat" is logit > log(w): the same logits give a positive at
     # threshold 0 and none at a threshold above them
-    enc = ECGEncoder(EncoderConfig.tiny(d_model=32, n_layers=1, n_heads=2))
+    enc = ECGEncoder(EncoderConfig(d_model=32, n_layers=1, n_heads=2))
     test = warmup.make_items("val", 3, 0, enc)
     heads = warmup.Heads(enc)
     with torch.no_grad():
         heads.beats.weight.zero_()
         heads.beats.bias.fill_(1.0)
-    r = warmup.evaluate(enc, None, heads, test)
+    r = warmup.score_heads(enc, None, heads, test)
     n_tokens = sum(len(it.beats) for it in test)
     assert r["beat_n"][0] == sum(int(it.beats[:, 0].sum()) for it in test) > 0
     assert abs(r["beat_f1"][0] - 2 * r["beat_n"][0] / (n_tokens + r["beat_n"][0])) < 1e-9   # every token said "beat"
     lo, hi = r["beat_f1_95"][0]
     assert lo <= r["beat_f1"][0] <= hi and hi - lo > 0    # the ECGs drawn again: an interval around it
     heads.beat_threshold = torch.full((len(warmup.BEAT_CHANNELS),), 1.5)
-    assert warmup.evaluate(enc, None, heads, test)["beat_f1"] == [0.0] * len(warmup.BEAT_CHANNELS)
+    assert warmup.score_heads(enc, None, heads, test)["beat_f1"] == [0.0] * len(warmup.BEAT_CHANNELS)

@@ -7,27 +7,24 @@ question from those readings, and the answers are scored as eval.py scores the m
 generator's truth must score 1.0 (a check of this script). If the rule on the model's readings scores far above the
 model's own answers, what the model lacks is the step from reading to answer, not the reading.
 
-  python docs/analysis/rule_on_readings.py out/model        # after `python train.py`; about 2 minutes on 2 cores
+  python -m docs.analysis.rule_on_readings out/model    # after `python train.py`; about 2 minutes on 2 cores
 
 The rules are written again here from the question text, since the task builders draw each question and its answer
-together (tasks.py); tasks.py is the reference for them.
+together (synthetic/tasks.py); synthetic/tasks.py is the reference for them.
 """
 
 import re
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository root
-
-from chat import ECGChat  # noqa: E402
-from config import Config  # noqa: E402
-from eval import bootstrap, evaluate, find_statements, parse_measurements, row_score  # noqa: E402
-from tasks import (GROUNDED_QUESTIONS, REPORT_QUESTIONS, RHYTHMS, STATEMENTS, askable,  # noqa: E402
-                   build_synthetic_dataset, findings_of, listing)
-from train import rows_per_task  # noqa: E402
+from chat import ECGChat
+from config import Config
+from data import STATEMENTS
+from eval import bootstrap, evaluate, find_statements, parse_measurements, row_score, rows_per_task
+from synthetic.tasks import (GROUNDED_QUESTIONS, REPORT_QUESTIONS, RHYTHMS, askable, build_synthetic_dataset,
+                             findings_of, listing)
 
 BY_LOWER = {s.lower(): s for s in STATEMENTS}
 

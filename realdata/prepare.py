@@ -1,5 +1,5 @@
 """
-realdata.py — downloaded databases -> anyECG-format training rows, with one command each.
+realdata/prepare.py — downloaded databases -> anyECG-format training rows, with one command each.
 
 The anyECG-chat release ships its rows but not the code that built them; this file is that code, so the rows can be
 rebuilt from the databases (and built for databases it left out). Every builder returns (rows, skipped): anyECG rows,
@@ -12,9 +12,9 @@ Read top to bottom:
   2. PTB-XL               report rows from ptbxl_database.csv; strat_fold 9 / 10 -> val / test, as PTB-XL recommends.
   3. MIMIC-IV-ECG         report rows from machine_measurements.csv, multi-ECG rows from each patient's serial ECGs.
   4. ECG-QA               its PTB-XL question files -> ecgqa rows.
-  5. Command line         python realdata.py {mitdb,edb,stdb,ptbxl,mimic,ecgqa} --root DIR --out rows.json
+  5. Command line         python -m realdata.prepare {mitdb,edb,stdb,ptbxl,mimic,ecgqa} --root DIR --out rows.json
 Training streams the records these rows name (data.RowECGReader + parallel reads in train.py); how fast
-they read: `python bench.py read`.
+they read: `python -m bench.speed read`.
 """
 import argparse
 import ast
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from data import BEAT_NAMES, MITBIH_BEATS, atomic_write, localization_answer
-from tasks import BRIEF, LOCATION_QUESTIONS, REPORT_QUESTIONS
+from synthetic.tasks import BRIEF, LOCATION_QUESTIONS, REPORT_QUESTIONS
 
 HOLTER_DATASETS = {"mitdb": "mit_bih_arrhythmia", "edb": "european_st_t", "stdb": "mit_bih_st_change"}
 
@@ -264,10 +264,10 @@ def ecgqa_rows(root, rate=500, prefix=""):
 
 # --------------------------------------------------------------------------- 5. command line
 EPILOG = """examples:
-  python realdata.py mitdb --root ~/physionet/mitdb --out data/mitdb.json
-  python realdata.py ptbxl --root ~/physionet/ptb-xl --out data/ptbxl.json --rate 100
-  python realdata.py mimic --root ~/physionet/mimic-iv-ecg --out data/mimic.json
-  python realdata.py ecgqa --root ~/ecgqa/ptbxl/paraphrased --out data/ecgqa.json
+  python -m realdata.prepare mitdb --root ~/physionet/mitdb --out data/mitdb.json
+  python -m realdata.prepare ptbxl --root ~/physionet/ptb-xl --out data/ptbxl.json --rate 100
+  python -m realdata.prepare mimic --root ~/physionet/mimic-iv-ecg --out data/mimic.json
+  python -m realdata.prepare ecgqa --root ~/ecgqa/ptbxl/paraphrased --out data/ecgqa.json
 then: python train.py --data data/mitdb.json --ecg_root ~/physionet/mitdb
 Several files share one --ecg_root when built with --prefix (e.g. --prefix mitdb/)."""
 
@@ -296,7 +296,7 @@ def build(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="realdata.py", description=__doc__, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="python -m realdata.prepare", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", choices=[*HOLTER_DATASETS, "ptbxl", "mimic", "ecgqa"],
                    help="mitdb / edb / stdb: MIT-BIH Arrhythmia / European ST-T / MIT-BIH ST Change "
@@ -325,7 +325,7 @@ def main(argv=None):
     try:
         build(args)
     except (OSError, ValueError) as e:   # a missing CSV or folder: one line naming it, no traceback
-        raise SystemExit(f"realdata.py {args.source}: {e}") from None
+        raise SystemExit(f"realdata.prepare {args.source}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-paper.py — ECGs on ECG paper: the standard 12-lead printout as an image (the input of GEM's image modality) and an
+images/paper.py — ECGs on ECG paper: the standard 12-lead printout as an image (the input of GEM's image modality) and an
 SVG of any record for people to look at. Numpy only. Most ECGs in clinicians' hands exist only on paper or as a PDF:
 this file draws a signal as a cart prints it, roughens it as a scan or phone photo does, and reads users' images.
 
@@ -10,7 +10,7 @@ Read top to bottom:
   3. Degradation  `degrade(image, rng)`: rotation, blur, noise, crop, colour shift.
   4. Files        `write_png` (zlib, no dependency), `read_image` (PNG/JPEG through Pillow, an optional dependency).
   5. SVG          `plot_ecg_svg`: any record, any length, one row per lead, intervals shaded (`generate.py --plot`).
-`python synth.py --printout out.png [--degrade]` draws a synthetic record with this file.
+`python -m synthetic.draw --printout out.png [--degrade]` draws a synthetic record with this file.
 """
 import math
 import re
@@ -30,6 +30,12 @@ LEFT, RIGHT, TOP, BOTTOM = 12.0, 4.0, 6.0, 4.0   # margins; the calibration puls
 ROW_MM = 32.0                         # row pitch: +-1.6 mV around each baseline before rows overlap
 WIDTH_MM, HEIGHT_MM = LEFT + 4 * SEGMENT_S * MM_PER_S + RIGHT, TOP + 4 * ROW_MM + BOTTOM
 PINK_MINOR, PINK_MAJOR, INK = (250, 218, 218), (238, 150, 150), (20, 20, 30)
+GRID_LINES = [(1.0, PINK_MINOR), (5.0, PINK_MAJOR)]   # (every so many mm, colour): 1 mm = 0.04 s or 0.1 mV
+
+
+def grid_positions(length_mm, step_mm):
+    """Where the grid lines of one kind cross a side of length_mm, in mm: 0, step, 2 step, ... (both drawings)."""
+    return np.arange(0, length_mm + 1e-6, step_mm)
 
 
 def baseline_mm(row):
@@ -72,9 +78,9 @@ def render_ecg(signal, fs, leads, px_per_mm=2.0, seconds=10.0):
 def paper(h, w, px_per_mm):
     """White paper with a 1 mm pink grid, every 5th line darker."""
     img = np.full((h, w, 3), 255, dtype=np.uint8)
-    for step, colour in [(1.0, PINK_MINOR), (5.0, PINK_MAJOR)]:
-        xs = np.round(np.arange(0, w / px_per_mm, step) * px_per_mm).astype(int)
-        ys = np.round(np.arange(0, h / px_per_mm, step) * px_per_mm).astype(int)
+    for step, colour in GRID_LINES:
+        xs = np.round(grid_positions(w / px_per_mm, step) * px_per_mm).astype(int)
+        ys = np.round(grid_positions(h / px_per_mm, step) * px_per_mm).astype(int)
         img[:, xs[xs < w]] = colour
         img[ys[ys < h], :] = colour
     return img
@@ -264,15 +270,16 @@ def _extent(x):
 
 
 def _paper_grid(x0, y0, w, h, mm_per_s):
-    """Pink small squares (when wide enough to see) under red 5 mm squares."""
+    """The printout's grid (GRID_LINES) as SVG paths over w x h px; the 1 mm lines only when wide enough to see.
+    A record compressed in time (mm_per_s < 25) keeps its vertical lines at 0.04 s and 0.2 s."""
     px, lines = _PX_PER_MM, []
-    for mm, colour, width in [(1, "#f6c6c6", 0.5), (5, "#e88a8a", 1.0)]:
+    for (mm, colour), width in zip(GRID_LINES, (0.5, 1.0)):
         if mm == 1 and mm_per_s < 10:
             continue
-        xs = np.arange(0, w + 1e-6, mm * px * (mm_per_s / 25 if mm_per_s < 25 else 1))
-        ys = np.arange(0, h + 1e-6, mm * px)
+        xs = grid_positions(w / px * min(1.0, 25 / mm_per_s), mm) * px * min(1.0, mm_per_s / 25)
+        ys = grid_positions(h / px, mm) * px
         d = "".join(f"M{x0 + x:.1f} {y0:.1f}v{h:.1f}" for x in xs) + "".join(f"M{x0:.1f} {y0 + y:.1f}h{w:.1f}" for y in ys)
-        lines.append(f'<path d="{d}" stroke="{colour}" stroke-width="{width}" fill="none"/>')
+        lines.append(f'<path d="{d}" stroke="#{bytes(colour).hex()}" stroke-width="{width}" fill="none"/>')
     return lines
 
 

@@ -1,5 +1,5 @@
 """
-tasks.py — the anyECG / GEM tasks, and the synthetic dataset the default run trains on.
+synthetic/tasks.py — the anyECG / GEM tasks, and the synthetic dataset the default run trains on.
 
   1. Task builders   question templates (about 10-18 paraphrases per task) and the rows of every task: report,
                      location, location_long, ecgqa (verify / choose / query, single and comparison), multi
@@ -7,21 +7,21 @@ tasks.py — the anyECG / GEM tasks, and the synthetic dataset the default run t
   2. Synthetic data  `build_synthetic_dataset`: seeded patients -> rows + ECGs, with a held-out test split
                      disjoint by patient. Synthetic ECGs live in memory, keyed by a path like
                      "synth/train/tr0-00012/v2_loc"; the dataset regenerates them from their spec (same seed ->
-                     same bytes) or writes them as WFDB records + JSON so any anyECG tool can read them.
+                     same bytes). `add_image_rows`: the same reports read from paper printouts (train.py --images).
 Rows are plain dicts in the anyECG format (see data.py for reading such files).
 """
 import functools
-import json
-import os
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 
-from data import (BEAT_NAMES, LOCATION_TASKS, STANDARD_LEADS, TASKS, cut_ecg, localization_answer, prepare_ecg,
-                  row_paths)
-from paper import render_ecg
-from synth import STATEMENTS, Patient, make_patient, patient_history, sees_frontal_plane, synth_ecg
+from data import (BEAT_NAMES, LOCATION_TASKS, STANDARD_LEADS, STATEMENTS, TASKS, cut_ecg, localization_answer,
+                  prepare_ecg, row_paths)
+from images.paper import render_ecg
+from synthetic.generator import (FAST_BPM, LEFT_AXIS, LONG_PR_MS, LONG_QTC_MS, LOW_VOLTAGE_MV, RIGHT_AXIS, SLOW_BPM,
+                                 ST_SHIFT_MV, T_INVERTED_MV, T_UPRIGHT_LEADS, WIDE_QRS_MS, Patient, make_patient,
+                                 patient_history, sees_frontal_plane, synth_ecg)
 
 # --------------------------------------------------------------------------- 1. task builders
 # Question paraphrases per task (the location ones are anyECG's own wording).
@@ -102,15 +102,16 @@ def grounded_answer(truth):
     elif "Atrial flutter" in found:
         why.append("Regular sawtooth flutter waves instead of P waves: atrial flutter.")
     else:
-        rate = "below 60" if t.hr_bpm < 60 else "above 100" if t.hr_bpm > 100 else "between 60 and 100"
+        rate = (f"below {SLOW_BPM}" if t.hr_bpm < SLOW_BPM else f"above {FAST_BPM}" if t.hr_bpm > FAST_BPM
+                else f"between {SLOW_BPM} and {FAST_BPM}")
         why.append(f"A P wave precedes every QRS and the rate is {rate} bpm: {t.statements[0].lower()}.")
     if "1st degree A-V block" in found:
-        why.append(f"PR {t.pr_ms:.0f} ms is longer than 200 ms: 1st degree A-V block.")
-    if t.qrs_ms >= 120:
+        why.append(f"PR {t.pr_ms:.0f} ms is longer than {LONG_PR_MS} ms: 1st degree A-V block.")
+    if t.qrs_ms >= WIDE_QRS_MS:
         shape = ("with broad notched R waves and no septal q waves laterally: left bundle branch block"
                  if "Left bundle branch block" in found else
                  "with a late R' wave in V1 and a wide S wave in lead I: right bundle branch block")
-        why.append(f"QRS {t.qrs_ms:.0f} ms is 120 ms or more, {shape}.")
+        why.append(f"QRS {t.qrs_ms:.0f} ms is {WIDE_QRS_MS} ms or more, {shape}.")
     else:
         why.append(f"QRS {t.qrs_ms:.0f} ms is narrow.")
     if "Premature atrial contractions" in found:
@@ -118,18 +119,20 @@ def grounded_answer(truth):
     if "Premature ventricular contractions" in found:
         why.append("Early wide beats without a P wave, followed by a compensatory pause: premature ventricular contractions.")
     if "Left axis deviation" in found or "Right axis deviation" in found:
-        why.append(f"Axis {t.axis_deg:.0f}° is {'beyond -30' if t.axis_deg < -30 else 'beyond +90'}°: "
-                   f"{'left' if t.axis_deg < -30 else 'right'} axis deviation.")
+        left = t.axis_deg < LEFT_AXIS
+        why.append(f"Axis {t.axis_deg:.0f}° is beyond {LEFT_AXIS if left else f'+{RIGHT_AXIS}'}°: "
+                   f"{'left' if left else 'right'} axis deviation.")
     if "Low QRS voltages" in found:
-        why.append("QRS amplitude is below 0.5 mV in every limb lead: low QRS voltages.")
-    for name, test, word in [("ST elevation", lambda v: v >= 0.1, "elevated"), ("ST depression", lambda v: v <= -0.1, "depressed")]:
+        why.append(f"QRS amplitude is below {LOW_VOLTAGE_MV} mV in every limb lead: low QRS voltages.")
+    for name, test, word in [("ST elevation", lambda v: v >= ST_SHIFT_MV, "elevated"),
+                             ("ST depression", lambda v: v <= -ST_SHIFT_MV, "depressed")]:
         if name in found:
             leads = [x for x in t.leads if test(t.lead_st_mv[x])]
             why.append(f"ST segment {word} in {', '.join(leads)}: {name.lower()}.")
     if "T wave inversion" in found:
-        leads = [x for x in t.leads if x in ("I", "II", "V3", "V4", "V5", "V6") and t.lead_t_mv[x] <= -0.05]
+        leads = [x for x in t.leads if x in T_UPRIGHT_LEADS and t.lead_t_mv[x] <= T_INVERTED_MV]
         why.append(f"T waves inverted in {', '.join(leads)}: T wave inversion.")
-    qt = "longer than 470 ms: prolonged QT interval" if "Prolonged QT interval" in found else "normal"
+    qt = f"longer than {LONG_QTC_MS} ms: prolonged QT interval" if "Prolonged QT interval" in found else "normal"
     why.append(f"QTc {t.qtc_ms:.0f} ms is {qt}.")
     return f"Measurements: {m}. Reasoning: {' '.join(why)} Diagnosis: {', '.join(t.statements)}."
 
@@ -147,18 +150,20 @@ def ecgqa_single_row(path, t, rng):
         s = str(rng.choice(sorted(have))) if have and rng.random() < 0.5 else str(rng.choice(askable([t])))
         q, a, tid = f"Does this ECG show {s.lower()}?", "yes" if s in have else "no", 1
     elif kind == "choose":
-        options = [("Is the QRS complex of this ECG narrow or wide?", "wide" if t.qrs_ms >= 120 else "narrow", 20),
+        options = [("Is the QRS complex of this ECG narrow or wide?", "wide" if t.qrs_ms >= WIDE_QRS_MS else "narrow",
+                    20),
                    ("Is the heart rate of this ECG slow, normal or fast?",
-                    "slow" if t.hr_bpm < 60 else "fast" if t.hr_bpm > 100 else "normal", 21),
+                    "slow" if t.hr_bpm < SLOW_BPM else "fast" if t.hr_bpm > FAST_BPM else "normal", 21),
                    ("Is the QT interval of this ECG normal or prolonged?",
-                    "prolonged" if t.qtc_ms > 470 else "normal", 22)]
+                    "prolonged" if t.qtc_ms > LONG_QTC_MS else "normal", 22)]
         other = str(rng.choice([r for r in RHYTHMS if r != t.statements[0]]))
         a_, b_ = (t.statements[0], other) if rng.random() < 0.5 else (other, t.statements[0])
         options.append((f"Which rhythm does this ECG show, {a_.lower()} or {b_.lower()}?", t.statements[0].lower(), 23))
         q, a, tid = options[rng.integers(len(options))]
     else:
-        above = [n for n, hit in [("heart rate", t.hr_bpm > 100), ("pr interval", (t.pr_ms or 0) > 200),
-                                  ("qrs duration", t.qrs_ms >= 120), ("qt interval", t.qtc_ms > 470)] if hit]
+        above = [n for n, hit in [("heart rate", t.hr_bpm > FAST_BPM), ("pr interval", (t.pr_ms or 0) > LONG_PR_MS),
+                                  ("qrs duration", t.qrs_ms >= WIDE_QRS_MS), ("qt interval", t.qtc_ms > LONG_QTC_MS)]
+                 if hit]
         options = [("What is the rhythm of this ECG?", t.statements[0].lower(), 30),
                    ("Which premature beats does this ECG show?",
                     listing([s for s in findings_of(t) if s.startswith("Premature")]), 31),
@@ -277,21 +282,6 @@ class SyntheticDataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return prepare_ecg(rec, self.fs, name=path)
-
-    def write(self, out_dir, name="data"):
-        """Write every record as WFDB (16-bit) under out_dir/<path> and the rows as
-        out_dir/<name>.json -- a folder any anyECG-format tool (eval.py) can read."""
-        import wfdb
-        for path, spec in self.specs.items():
-            rec, _ = spec.generate()
-            folder = os.path.join(out_dir, os.path.dirname(path))
-            os.makedirs(folder, exist_ok=True)
-            wfdb.wrsamp(os.path.basename(path), fs=rec.fs, units=["mV"] * len(rec.leads), sig_name=rec.leads,
-                        p_signal=rec.signal.T.astype(np.float64), fmt=["16"] * len(rec.leads), write_dir=folder)
-        json_path = os.path.join(out_dir, f"{name}.json")
-        with open(json_path, "w") as f:
-            json.dump(self.rows, f, indent=1)
-        return json_path
 
 
 def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, max_visits=4,

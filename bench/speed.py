@@ -1,5 +1,5 @@
 """
-bench.py — how fast, measured side by side in one run (these machines are shared and noisy, so a figure is
+bench/speed.py — how fast, measured side by side in one run (these machines are shared and noisy, so a figure is
 only ever compared with one taken beside it).
 
   encoder   time and peak memory of one single-lead ECG from 10 s to 1 h (time per ECG-second should be flat,
@@ -9,10 +9,10 @@ only ever compared with one taken beside it).
   speed     both, in one table set against the design's targets
   read      records/s reading PTB-XL-sized records through the training reader, in one process or several
 
-    python bench.py encoder [--device cpu|cuda] [--durations 10,60,600,3600] [--presets tiny,base]
-    python bench.py llm [--device cpu|cuda] [--dtype fp32|bf16]
-    python bench.py speed [--device cpu|cuda]
-    python bench.py read [--records 400] [--workers 1,2,4]
+    python -m bench.speed encoder [--device cpu|cuda] [--durations 10,60,600,3600] [--presets tiny,base]
+    python -m bench.speed llm [--device cpu|cuda] [--dtype fp32|bf16]
+    python -m bench.speed speed [--device cpu|cuda]
+    python -m bench.speed read [--records 400] [--workers 1,2,4]
 """
 import argparse
 import multiprocessing as mp
@@ -28,7 +28,7 @@ from torch.utils import flop_counter
 from tqdm import tqdm
 
 from data import STANDARD_LEADS, RowECGReader
-from ecg_encoder import ECGEncoder, EncoderConfig
+from ecg_encoder import ENCODER_PRESETS, ECGEncoder, EncoderConfig
 from model import LLM, generate
 
 
@@ -103,7 +103,7 @@ def _measure_one(preset, seconds, device, threads, what):
     """One ECG of `seconds`, in a fresh process: FLOPs and peak memory (what="memory") or median time ("time")."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    enc = ECGEncoder(getattr(EncoderConfig, preset)()).to(device).eval()
+    enc = ECGEncoder(EncoderConfig(**ENCODER_PRESETS[preset])).to(device).eval()
     x = torch.randn(1, round(seconds * enc.cfg.fs), device=device)
     run = lambda: enc([x], [["II"]])  # noqa: E731
     with torch.no_grad():
@@ -111,15 +111,20 @@ def _measure_one(preset, seconds, device, threads, what):
         if what == "time":
             return dict(time_s=median_time(run, device))
         peak = peak_bytes(run, device)
-    return dict(preset=preset, seconds=seconds, tokens=enc.internal_tokens(x.shape[1], 1),
+    return dict(preset=preset, seconds=seconds, tokens=internal_tokens(enc, x.shape[1], 1),
                 out=enc.num_tokens(x.shape[1]), flops=flops, peak_bytes=peak)
 
 
+def internal_tokens(enc, n_samples, n_leads):
+    """Tokens that go through the encoder's transformer: what costs FLOPs (its output is pooled from them)."""
+    return n_leads * enc.num_patches(n_samples)
+
+
 def _mixed_batch(device, threads):
-    """Windowed (dense groups / nested jagged) vs zero-padded to the longest, tiny preset."""
+    """Windowed (equal-shaped windows in dense groups) vs zero-padded to the longest, tiny preset."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    enc = ECGEncoder(EncoderConfig.tiny()).to(device).eval()
+    enc = ECGEncoder(EncoderConfig()).to(device).eval()
     spec = [(12, 8), (12, 10), (12, 10), (12, 25.5), (1, 60), (2, 137), (12, 300), (1, 600)]
     leads = [list(STANDARD_LEADS[:n]) if n > 1 else ["II"] for n, _ in spec]
     sigs = [torch.randn(n, round(s * enc.cfg.fs), device=device) for n, s in spec]
@@ -127,14 +132,10 @@ def _mixed_batch(device, threads):
     padded = [torch.nn.functional.pad(x, (0, longest - x.shape[1])) for x in sigs]
     rows = []
     with torch.no_grad():
-        for name, xs, packed in [("windowed, dense groups", sigs, "dense"),
-                                 ("windowed, nested jagged", sigs, "nested"),
-                                 ("zero-padded to longest", padded, "dense")]:
-            run = lambda: enc(xs, leads, packed=packed)  # noqa: E731
-            # FlopCounterMode cannot trace nested tensors; the nested path does the same math
-            flops = count_flops(run) if packed == "dense" else None
-            tokens = sum(enc.internal_tokens(x.shape[1], len(l)) for x, l in zip(xs, leads))
-            rows.append((name, tokens, flops, median_time(run, device, min_reps=2)))
+        for name, xs in [("windowed, dense groups", sigs), ("zero-padded to longest", padded)]:
+            run = lambda: enc(xs, leads)  # noqa: E731
+            tokens = sum(internal_tokens(enc, x.shape[1], len(l)) for x, l in zip(xs, leads))
+            rows.append((name, tokens, count_flops(run), median_time(run, device, min_reps=2)))
     return spec, rows
 
 
@@ -174,8 +175,7 @@ def print_encoder_tables(results, spec, rows, presets, device, threads):
     print(f"\nMixed batch, tiny preset, (leads, seconds): {spec}")
     print(f"{'path':<26} {'tokens':>8} {'GFLOP':>8} {'time s':>8}")
     for name, tokens, flops, sec in rows:
-        gflop = f"{flops / 1e9:8.2f}" if flops is not None else f"{'(same)':>8}"
-        print(f"{name:<26} {tokens:>8} {gflop} {sec:>8.3f}")
+        print(f"{name:<26} {tokens:>8} {flops / 1e9:8.2f} {sec:>8.3f}")
 
 
 # --------------------------------------------------------------------------- the LLM: ours vs transformers, in turns
@@ -320,7 +320,7 @@ def _llm_args(b):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("encoder", help="encoder time/memory vs ECG duration")

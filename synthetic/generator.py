@@ -1,5 +1,5 @@
 """
-synth.py — a synthetic 12-lead ECG generator with exact ground truth.
+synthetic/generator.py — a synthetic 12-lead ECG generator with exact ground truth.
 
 The heart is one electrical dipole, a 3-D vector that sweeps through a fixed sequence of waves every beat
 (P, the QRS components, ST, T). Every lead is that vector projected onto the lead's direction, so the
@@ -10,7 +10,7 @@ beats happen; beat types (normal, LBBB, RBBB, PAC, PVC) decide *what* each beat 
 wander, mains hum, muscle noise) is added per electrode, so the limb-lead identities survive it too.
 
 Reading order: leads -> wave shapes -> patients -> beat morphology -> rhythms -> rendering -> noise ->
-ground truth and report statements -> `synth_ecg` -> patients over time.
+ground truth and report statements -> `synth_ecg` -> patients over time. `python -m synthetic.draw` draws them.
 Coordinates: x = patient's left, y = towards the feet, z = anterior.
 """
 import math
@@ -20,9 +20,18 @@ from typing import NamedTuple
 import numpy as np
 
 from data import STANDARD_LEADS, ECGRecord
-from paper import degrade, plot_ecg_svg, render_ecg, write_png
 
 LIMB_LEADS, CHEST_LEADS = STANDARD_LEADS[:6], STANDARD_LEADS[6:]
+# The thresholds a machine reader applies: the report statements here, the task texts (synthetic/tasks.py) too
+SLOW_BPM, FAST_BPM = 60, 100                # sinus bradycardia below, tachycardia above
+LONG_PR_MS = 200                            # 1st degree A-V block above
+WIDE_QRS_MS = 120                           # a bundle branch block's QRS, at or above
+LONG_QTC_MS = 470                           # prolonged QT above
+LEFT_AXIS, RIGHT_AXIS = -30, 90             # axis deviation beyond, degrees
+LOW_VOLTAGE_MV = 0.5                        # low QRS voltages below, in every limb lead
+ST_SHIFT_MV = 0.1                           # ST elevation / depression at or beyond
+T_INVERTED_MV = -0.05                       # an inverted T wave, at or below
+T_UPRIGHT_LEADS = ["I", "II", "V3", "V4", "V5", "V6"]   # where a normal T is always upright
 
 
 # --------------------------------------------------------------------------- leads
@@ -289,7 +298,8 @@ def place_ectopics(p, sinus, rng):
     A PVC comes early (at 55-72 % of the RR) and leaves the sinus node alone: the next sinus beat is on time, a
     fully compensatory pause (the hidden sinus P still fires). A PAC comes early too but resets the sinus node:
     the next sinus beat follows a little over one cycle after it (the impulse has to reach the node first: 1.08-1.28
-    cycles, as MIT-BIH 100's 33 PACs, 1.10-1.27) and every later beat shifts with it, a non-compensatory pause."""
+    cycles) and every later beat shifts with it, a non-compensatory pause. Both ranges cover the PACs of MIT-BIH
+    record 100."""
     n = len(sinus)
     rr = np.diff(sinus, prepend=sinus[0] - 60 / p.hr_bpm)            # (beats,) RR before each beat
     per_beat = np.array([p.pvc_per_min, p.pac_per_min]) * rr.mean() / 60
@@ -301,8 +311,7 @@ def place_ectopics(p, sinus, rng):
             kind[k] = "main"
     early = kind != "main"
     times = sinus.copy()
-    # coupling interval / RR: PVCs 0.55-0.72; PACs only modestly early, 0.62-0.88 (MIT-BIH 100's 33 PACs: 0.64-0.84,
-    # median 0.74, against the median of the RRs before them)
+    # coupling interval / RR: PVCs 0.55-0.72; PACs only modestly early, 0.62-0.88
     coupling = np.where(kind == "A", rng.uniform(0.62, 0.88, n), rng.uniform(0.55, 0.72, n))
     times[early] = sinus[early] - rr[early] + coupling[early] * rr[early]
     shift = np.zeros(n)                                                # sinus-node resets by PACs
@@ -428,14 +437,7 @@ class Truth:
     duration_s: float
 
 
-STATEMENTS = [   # every statement the generator can produce, in report order
-    "Sinus rhythm", "Sinus bradycardia", "Sinus tachycardia", "Atrial fibrillation", "Atrial flutter",
-    "Premature atrial contractions", "Premature ventricular contractions", "1st degree A-V block",
-    "Left bundle branch block", "Right bundle branch block", "Left axis deviation", "Right axis deviation",
-    "Low QRS voltages", "ST elevation", "ST depression", "T wave inversion", "Prolonged QT interval",
-    "Normal ECG", "Normal ECG except for rate", "Borderline ECG", "Abnormal ECG"]
 BORDERLINE = {"Premature atrial contractions", "1st degree A-V block", "Left axis deviation", "Right axis deviation"}
-_T_UPRIGHT_LEADS = ["I", "II", "V3", "V4", "V5", "V6"]   # where a normal T is always upright
 
 
 def frontal_axis(qrs_waves):
@@ -456,23 +458,24 @@ def report_statements(p, waves, hr, symbols, leads):
     main = waves[next(k for k in waves if k in "NLR")]
     qrs = waves_of(main, "QRS")
     s = [{"af": "Atrial fibrillation", "flutter": "Atrial flutter"}.get(p.rhythm)
-         or ("Sinus bradycardia" if hr < 60 else "Sinus tachycardia" if hr > 100 else "Sinus rhythm")]
+         or ("Sinus bradycardia" if hr < SLOW_BPM else "Sinus tachycardia" if hr > FAST_BPM else "Sinus rhythm")]
     s += ["Premature atrial contractions"] if "A" in symbols else []
     s += ["Premature ventricular contractions"] if "V" in symbols else []
-    s += ["1st degree A-V block"] if p.rhythm == "sinus" and p.pr_ms > 200 else []
+    s += ["1st degree A-V block"] if p.rhythm == "sinus" and p.pr_ms > LONG_PR_MS else []
     s += {"lbbb": ["Left bundle branch block"], "rbbb": ["Right bundle branch block"]}.get(p.conduction, [])
     if sees_frontal_plane(leads):
         axis = frontal_axis(qrs)
-        s += ["Left axis deviation"] if axis < -30 else ["Right axis deviation"] if axis > 90 else []
-        s += ["Low QRS voltages"] if limb_qrs_p2p(qrs) < 0.5 else []
+        s += ["Left axis deviation"] if axis < LEFT_AXIS else ["Right axis deviation"] if axis > RIGHT_AXIS else []
+        s += ["Low QRS voltages"] if limb_qrs_p2p(qrs) < LOW_VOLTAGE_MV else []
     if p.st != "none":   # the ST shift each available lead shows is its projection
         shown = [LEAD_VECTORS[name] @ waves_of(main, "ST")[0].vector for name in leads]
-        s += ["ST elevation"] if p.st.startswith("elev") and max(shown) >= 0.1 else []
-        s += ["ST depression"] if p.st == "depr" and min(shown) <= -0.1 else []
+        s += ["ST elevation"] if p.st.startswith("elev") and max(shown) >= ST_SHIFT_MV else []
+        s += ["ST depression"] if p.st == "depr" and min(shown) <= -ST_SHIFT_MV else []
     if p.t_inv != "none":
         t = waves_of(main, "T")[0].vector
-        s += ["T wave inversion"] if any(LEAD_VECTORS[x] @ t <= -0.05 for x in leads if x in _T_UPRIGHT_LEADS) else []
-    s += ["Prolonged QT interval"] if p.qtc_ms > 470 else []
+        inverted = [LEAD_VECTORS[x] @ t <= T_INVERTED_MV for x in leads if x in T_UPRIGHT_LEADS]
+        s += ["T wave inversion"] if any(inverted) else []
+    s += ["Prolonged QT interval"] if p.qtc_ms > LONG_QTC_MS else []
     findings, sinus = set(s[1:]), s[0].startswith("Sinus")
     if sinus and not findings:
         return s + ["Normal ECG" if s[0] == "Sinus rhythm" else "Normal ECG except for rate"]
@@ -576,9 +579,9 @@ EVENTS = {   # what can change between two visits, and how
 
 def event_allowed(p, event):
     """Only changes that make sense for this person now (no 'new AF' in AF, no block on a block)."""
-    sinus, normal_rate = p.rhythm == "sinus", 60 <= p.hr_bpm <= 100
+    sinus, normal_rate = p.rhythm == "sinus", SLOW_BPM <= p.hr_bpm <= FAST_BPM
     return {"new_af": sinus, "new_lbbb": p.conduction == "normal", "new_rbbb": p.conduction == "normal",
-            "qt_prolongation": p.qtc_ms < 470, "new_avb1": sinus and p.pr_ms <= 200,
+            "qt_prolongation": p.qtc_ms < LONG_QTC_MS, "new_avb1": sinus and p.pr_ms <= LONG_PR_MS,
             "rate_up": sinus and normal_rate, "rate_down": sinus and normal_rate,
             "new_st_elevation": p.st == "none" and p.conduction == "normal",
             "new_pvcs": p.pvc_per_min == 0, "low_voltage": not p.low_voltage}[event]
@@ -597,43 +600,3 @@ def patient_history(patient, n_visits, seed, change_prob=0.7):
             p = EVENTS[event](p, rng)
         visits.append((day, p, event))
     return visits
-
-
-# --------------------------------------------------------------------------- a look at it
-def gallery(path="docs/synthetic_ecgs.svg"):
-    """One sheet: a normal 12-lead record, then rhythm strips of AF, PVCs, LBBB, RBBB and flutter."""
-    rec, truth = synth_ecg(replace(make_patient(1, findings=set()), axis_deg=45), 10, 500, noise=0.4, seed=1)
-    rows, labels = list(rec.signal), list(rec.leads)
-    strips = [({"af"}, "II", "AF"), ({"pvc"}, "II", "PVC"), ({"lbbb"}, "V1", "LBBB"), ({"lbbb"}, "I", "LBBB"),
-              ({"rbbb"}, "V1", "RBBB"), ({"flutter"}, "II", "flutter")]
-    for k, (findings, lead, name) in enumerate(strips):
-        p = make_patient(10 + k % 4 if name != "LBBB" else 12, findings=findings)
-        if name == "PVC":
-            p = replace(p, pvc_per_min=12.0)
-        strip, _ = synth_ecg(p, 10, 500, leads=[lead], noise=0.4, seed=k)
-        rows.append(strip.signal[0])
-        labels.append(f"{name} {lead}")
-    title = f"Synthetic ECGs from synth.py: a 12-lead record ({', '.join(truth.statements)}), then rhythm strips"
-    return plot_ecg_svg(np.stack(rows), 500, labels, path, title=title)
-
-
-def printout(path="ecg_paper.png", px_per_mm=3.0, degraded=False):
-    """Patient 11 (PACs, PVCs, RBBB, right axis) as a paper printout PNG (paper.render_ecg),
-    optionally as a scan or a phone photo would see it (paper.degrade)."""
-    rec, truth = synth_ecg(make_patient(11), 10.0, 500.0, seed=11)
-    img = render_ecg(rec.signal, rec.fs, list(rec.leads), px_per_mm=px_per_mm)
-    write_png(degrade(img, np.random.default_rng(0)) if degraded else img, path)
-    return f"{path}: {', '.join(truth.statements)}"
-
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="Draw synthetic ECGs: a gallery (SVG), or with --printout one "
-                                            "12-lead record as a paper printout (PNG).")
-    p.add_argument("out", nargs="?", help="output file (default docs/synthetic_ecgs.svg, or ecg_paper.png)")
-    p.add_argument("--printout", action="store_true", help="a 12-lead paper printout PNG instead of the gallery")
-    p.add_argument("--px-per-mm", type=float, default=3.0, help="printout resolution (3 px/mm: 800 x 414 px)")
-    p.add_argument("--degrade", action="store_true", help="the printout as a scan or phone photo would see it")
-    args = p.parse_args()
-    print(printout(args.out or "ecg_paper.png", args.px_per_mm, args.degrade) if args.printout
-          else gallery(args.out or "docs/synthetic_ecgs.svg"))

@@ -1,11 +1,11 @@
 """
-warmup.py — the encoders alone, taught the synthetic ground truth directly.
+synthetic/warmup.py — the encoders alone, taught the synthetic ground truth directly.
 
-train.py runs this before the curriculum (the encoder warm-up), and `python warmup.py` runs it on its own as a
-probe of how fast an encoder learns. Why it exists: through the LLM's next-token loss alone, the encoder gets a
-weak and late signal (the answers are templated, so the language prior explains most tokens), and a tiny model
-trained that way answers the same with the ECG as without it. With small linear heads on its tokens and the
-generator's exact truth as targets, the encoder learns in minutes. The heads are thrown away afterwards; the
+train.py runs this before the curriculum (the encoder warm-up, `warm_up`), and `python -m synthetic.warmup` runs it
+on its own as a probe of how fast an encoder learns. Why it exists: through the LLM's next-token loss alone, the
+encoder gets a weak and late signal (the answers are templated, so the language prior explains most tokens), and a
+tiny model trained that way answers the same with the ECG as without it. With small linear heads on its tokens and
+the generator's exact truth as targets, the encoder learns in minutes. The heads are thrown away afterwards; the
 encoder keeps what it learned.
 
   on the mean of an ECG's tokens   the report statements (multi-label), HR, PR, QRS, QT
@@ -14,23 +14,27 @@ encoder keeps what it learned.
   on the mean of an image's tokens the same statements and measurements, from the paper
                                    printout of each 12-lead record (train.py --images)
 
-    python warmup.py [--steps 400] [--train-patients 500] [--save enc.safetensors]
+    python -m synthetic.warmup [--steps 400] [--train-patients 500] [--save enc.safetensors]
 """
 import argparse
+import json
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from data import bootstrap_weights
-from ecg_encoder import ECGEncoder, EncoderConfig, save_encoder_weights
-from paper import WIDTH_MM, render_ecg
-from synth import STATEMENTS
-from tasks import build_synthetic_dataset
+from data import STATEMENTS
+from ecg_encoder import (ECGEncoder, EncoderConfig, file_metadata, load_encoder_weights, save_encoder_weights)
+from eval import bootstrap_interval
+from images.paper import WIDTH_MM, render_ecg
+from synthetic.tasks import build_synthetic_dataset
 
 BEAT_CHANNELS = ("beat", "A", "V", "L", "R")  # per-token targets
 TYPICAL = torch.tensor([80.0, 160.0, 100.0, 400.0])  # HR bpm, PR, QRS, QT ms: the heads predict offsets
@@ -130,7 +134,7 @@ def scores(out, items):
 
 
 @torch.no_grad()
-def evaluate(encoder, image_encoder, heads, test):
+def score_heads(encoder, image_encoder, heads, test):
     """Scores on held-out items: statement micro F1, HR MAE, per-channel beat-token F1 (with a 95 % interval over
     the ECGs, and the count of each channel's positive tokens), the image head's F1 and HR MAE when there is one
     (P, Y: statement predictions)."""
@@ -157,11 +161,13 @@ def evaluate(encoder, image_encoder, heads, test):
 def beat_f1_interval(counts, draws=2000, seed=0):
     """Per-channel token F1 from per-ECG counts (ECGs, 3 = hits / said / true, channels), and its 95 % bootstrap
     interval over the ECGs drawn again with replacement (A beats are few: the interval says how few)."""
-    weights = torch.from_numpy(bootstrap_weights(len(counts), draws, seed))  # (1 + draws, ECGs)
-    sums = torch.einsum("de,ekc->dkc", weights, counts)  # (1 + draws, 3, C): as measured, then each draw
-    f1 = 2 * sums[:, 0] / (sums[:, 1] + sums[:, 2]).clamp(min=1)  # (1 + draws, C)
-    lo, hi = f1[1:].quantile(torch.tensor([0.025, 0.975], dtype=f1.dtype), dim=0)
-    return f1[0].tolist(), list(zip(lo.tolist(), hi.tolist()))
+    n, _, channels = counts.shape
+
+    def f1(sums):   # (1 + draws, 3 * channels) -> (1 + draws, channels)
+        hits, said, true = sums.reshape(-1, 3, channels).transpose(1, 0, 2)
+        return 2 * hits / np.maximum(said + true, 1)
+    value, lo, hi = bootstrap_interval(f1, np.asarray(counts, dtype=np.float64).reshape(n, -1), draws=draws, seed=seed)
+    return value.tolist(), list(zip(lo.tolist(), hi.tolist()))
 
 
 def ectopy_first(items, share=ECTOPY_SHARE):
@@ -209,15 +215,15 @@ def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe",
             loss = loss + pooled_loss(image_outputs(image_encoder, heads, with_image), with_image)
         if not torch.isfinite(loss):   # stop before the update: the encoder keeps its last finite weights
             raise FloatingPointError(f"{desc or 'encoder warm-up'}: the loss is not finite at step {step} with "
-                                     f"lr {cfg.lr:g}; lower it (train.py --encoder_warmup_lr, warmup.py --lr)")
+                                     f"lr {cfg.lr:g}; lower it (train.py --encoder_warmup_lr, python -m synthetic.warmup --lr)")
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            r = evaluate(encoder, image_encoder, heads, test)
+            r = score_heads(encoder, image_encoder, heads, test)
             if report:
                 tqdm.write(f"step {step:5d}  loss {loss.item():.3f}  {summary(r)}  ({time.time() - t0:.0f} s)")
-    r = r or evaluate(encoder, image_encoder, heads, test)
+    r = r or score_heads(encoder, image_encoder, heads, test)
     P, Y = r.pop("P"), r.pop("Y")
     if report:
         tp, fp, fn = (P & Y).sum(0), (P & ~Y).sum(0), (~P & Y).sum(0)
@@ -227,11 +233,47 @@ def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe",
 
 
 def summary(r):
-    """One line of an evaluate() result."""
+    """One line of a score_heads() result."""
     image = f"  image: F1 {r['image_statement_f1']:.3f} HR MAE {r['image_hr_mae']:.1f}" if "image_hr_mae" in r else ""
     beats = " ".join(f"{c} {v:.2f} [{lo:.2f}, {hi:.2f}] (n={n})"
                      for c, v, (lo, hi), n in zip(BEAT_CHANNELS, r["beat_f1"], r["beat_f1_95"], r["beat_n"]))
     return f"statement micro F1 {r['statement_f1']:.3f}  HR MAE {r['hr_mae']:.1f} bpm  beat-token F1 {beats}{image}"
+
+
+def warm_up(encoder, image_encoder, cfg, out_dir, log, show=True):
+    """train.py's warm-up: fit_encoder_to_truth with cfg (a WarmupConfig), the result kept as
+    out_dir/encoder_warmup.safetensors (and image_warmup.safetensors), which a later run with the same settings
+    loads instead of training again. image_encoder: None to leave it as it is (GEM keeps a pretrained CLIP tower).
+    show: this process prints and writes (train.py's rank 0; every rank trains the same copy, same seed)."""
+    files = [(encoder, Path(out_dir) / "encoder_warmup.safetensors")] + (
+        [(image_encoder, Path(out_dir) / "image_warmup.safetensors")] if image_encoder is not None else [])
+    made_by = {"warmup": asdict(cfg), "image": image_encoder is not None,
+               "encoder": json.loads(json.dumps(asdict(encoder.cfg)))}  # as the file's JSON reads back
+    if all(path.exists() for _, path in files):
+        problem = next(filter(None, (warmup_file_problem(path, made_by) for _, path in files)), None)
+        if problem is None:
+            for module, path in files:
+                load_encoder_weights(module, path)
+            return
+        warnings.warn(f"{problem}: not reused, warming up again")
+    r = fit_encoder_to_truth(encoder, cfg, image_encoder, desc="encoder warm-up" if show else None, report=False)
+    log({"event": "encoder_warmup", "steps": cfg.steps, **{f"val_{k}": v for k, v in r.items()}})
+    if show:
+        for module, path in files:
+            save_encoder_weights(module, path, module.cfg, made_by)
+        print(f"encoder warm-up: {cfg.steps} steps, validation {summary(r)}")
+
+
+def warmup_file_problem(path, made_by):
+    """Why a warm-up file found in out_dir cannot be reused (None: it can): made by other settings, or poisoned."""
+    try:
+        if json.loads(file_metadata(path).get("made_by", "null")) != made_by:
+            return f"{path} was made by another warm-up (its settings differ from this run's)"
+        if not all(torch.isfinite(t).all() for t in load_file(str(path)).values()):
+            return f"{path} holds non-finite weights (NaN/Inf)"
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def main(argv=None):
@@ -246,7 +288,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = WarmupConfig(**{k: getattr(args, k) for k in vars(WarmupConfig()) if k != "held_out"})
     torch.manual_seed(cfg.seed)
-    encoder = ECGEncoder(EncoderConfig.tiny(d_model=args.d_model, n_layers=args.layers))
+    encoder = ECGEncoder(EncoderConfig(d_model=args.d_model, n_layers=args.layers))
     result = fit_encoder_to_truth(encoder, cfg)
     if args.save:
         save_encoder_weights(encoder, args.save, encoder.cfg)

@@ -1,0 +1,2 @@
+"""What the default run trains on, made here with exact ground truth: the ECG generator (generator.py), the task rows
+built from it (tasks.py), the encoder warm-up on its truth (warmup.py), and pictures of it (draw.py)."""
