@@ -42,8 +42,8 @@ def printout(path="ecg_paper.png", px_per_mm=3.0, degraded=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Draw synthetic ECGs: a gallery (SVG), or with --printout one "
-                                            "12-lead record as a paper printout (PNG).")
+    p = argparse.ArgumentParser(prog="python -m synthetic.draw", description="Draw synthetic ECGs: a gallery (SVG), "
+                                "or with --printout one 12-lead record as a paper printout (PNG).")
     p.add_argument("out", nargs="?", help="output file (default docs/synthetic_ecgs.svg, or ecg_paper.png)")
     p.add_argument("--printout", action="store_true", help="a 12-lead paper printout PNG instead of the gallery")
     p.add_argument("--px-per-mm", type=float, default=3.0, help="printout resolution (3 px/mm: 800 x 414 px)")

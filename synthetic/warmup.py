@@ -277,8 +277,9 @@ def warmup_file_problem(path, made_by):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The encoder alone on the synthetic ground truth: how fast it learns "
-                                            "statements, HR and beat positions (train.py's warm-up loop).")
+    p = argparse.ArgumentParser(prog="python -m synthetic.warmup",
+                                description="The encoder alone on the synthetic ground truth: how fast it learns "
+                                "statements, HR and beat positions (train.py's warm-up loop).")
     for name, default in vars(WarmupConfig()).items():
         if name != "held_out":
             p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
