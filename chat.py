@@ -172,9 +172,9 @@ class ECGChat(nn.Module):
         block per input. A ValueError says why an input cannot be read by this model, or that the prompt (with room
         for one new token when generating) does not fit the context."""
         ids, labels = encode_chat(self.tokenizer, turns, self.placeholders(inputs), add_generation_prompt, self.format)
-        ecgs = [e.signal.shape[1] for e in split_inputs(inputs)[0]]
-        n_ecg = sum(self.encoder.num_tokens(n) for n in ecgs)
-        self.check_fits(ecgs, len(ids) - n_ecg + int(add_generation_prompt))
+        lengths = [e.signal.shape[1] for e in split_inputs(inputs)[0]]   # samples per ECG
+        n_ecg = sum(self.encoder.num_tokens(n) for n in lengths)
+        self.check_fits(lengths, len(ids) - n_ecg + int(add_generation_prompt))
         return ids, labels
 
     def check_inputs(self, inputs):
