@@ -202,8 +202,8 @@ class ECGChat(nn.Module):
             secs = ", ".join(f"{n / self.encoder.cfg.fs:g}" for n in ecg_samples)
             room = max(0, self.max_seq_len - n_text_tokens)
             raise ValueError(f"ECG(s) of {secs} s need {n_ecg} tokens, plus {n_text_tokens} text tokens; the LLM "
-                             f"context allows {self.max_seq_len} (room for about {self.encoder.max_seconds(room):g} s of "
-                             "ECG). Use a shorter part of the ECG, or a model trained with a longer context "
+                             f"context allows {self.max_seq_len} (room for about {self.encoder.max_seconds(room):g} "
+                             "s of ECG). Use a shorter part of the ECG, or a model trained with a longer context "
                              "(train.py --max_seq_len).")
         return n_ecg
 

@@ -84,7 +84,7 @@ class Config:
     # optimization
     batch_size: int = arg(16, "examples per micro-batch (per process)")
     bucket_steps: int = arg(8, "steps drawn from one length-sorted pool of rows (1: no length grouping)")
-    grad_accum: int = arg(1, "micro-batches per optimizer step, over all processes")
+    grad_accum: int = arg(0, "micro-batches per optimizer step, over all processes (0: one per process)")
     weight_decay: float = arg(0.01, "AdamW decay on matrices (never on norms and biases)")
     beta2: float = arg(0.99, "AdamW beta2")
     warmup_frac: float = arg(0.1, "linear warmup, share of each stage's steps")
@@ -222,14 +222,15 @@ def read_config_file(path):
 
 def check_config(cfg):
     """Every value a run cannot work with, named in one error before anything is built."""
-    counts = ("batch_size", "grad_accum", "bucket_steps", "log_interval", "eval_interval", "ckpt_interval",
+    counts = ("batch_size", "bucket_steps", "log_interval", "eval_interval", "ckpt_interval",
               "keep_ckpts", "max_new_tokens", "max_seq_len", "dim", "n_layers", "n_heads", "n_kv_heads",
               "max_nan_steps", "lora_r")
     patients = () if cfg.data else ("train_patients", "val_patients", "test_patients")   # synthetic: each split some
     rules = [("at least 1", lambda v: v >= 1, counts + patients),
              ("not negative", lambda v: v >= 0, ("encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps",
                                                  "stage3_steps", "test_rows", "test_rows_per_type", "stop_after",
-                                                 "eval_batches", "gen_eval_rows", "workers", "token_cache")),
+                                                 "grad_accum", "eval_batches", "gen_eval_rows", "workers",
+                                                 "token_cache")),
              ("above 0", lambda v: v > 0, ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr", "encoder_warmup_lr")),
              ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac"))]
     bad = [f"--{k} {getattr(cfg, k)}: {rule}" for rule, ok, names in rules for k in names if not ok(getattr(cfg, k))]

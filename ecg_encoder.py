@@ -80,7 +80,8 @@ class EncoderConfig:
 
 
 # --tiny is the CPU default (~0.8M parameters, 20 tokens per 10 s); base is a ViT-Base like anyECG's (5 tokens per 10 s)
-ENCODER_PRESETS = {"tiny": {}, "base": dict(patch_size=200, tokens_per_second=0.5, d_model=768, n_layers=12, n_heads=12)}
+ENCODER_PRESETS = {"tiny": {},
+                   "base": dict(patch_size=200, tokens_per_second=0.5, d_model=768, n_layers=12, n_heads=12)}
 
 
 # --------------------------------------------------------------------------- beat timing, measured

@@ -322,7 +322,7 @@ def run_stage(cfg, env, model, data, stage, progress):
     # DDP: a whole copy per process, gradients averaged in backward (FSDP: sharded before the stages)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if env.distributed and not env.fsdp else model
     split, probs = data["train"], data["train"].weights(stage.tasks)
-    n_micro = cfg.grad_accum // env.world    # this process's micro-batches per step
+    n_micro = cfg.grad_accum // env.world or 1    # this process's micro-batches per step
     shares = env.rank == 0 or env.fsdp       # writes checkpoints and validates (FSDP: every process, in step)
     bar = tqdm(total=stage.steps, initial=progress.step, desc=f"stage {stage.index} {stage.name}", disable=env.rank > 0)
     meter, n_bad, n_skipped = Meter(), 0, len(split.bad)
@@ -572,8 +572,8 @@ def setup(cfg):
         alone = {} if "RANK" in os.environ else dict(rank=0, world_size=1, store=dist.HashStore())
         dist.init_process_group("nccl" if cuda else "gloo", **alone)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if cfg.grad_accum % world:
-        raise ValueError(f"grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
+    if cfg.grad_accum % world:   # 0, the default: one micro-batch per process
+        raise ValueError(f"--grad_accum {cfg.grad_accum} must be a multiple of the {world} processes (or 0: one each)")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)

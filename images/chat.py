@@ -49,7 +49,8 @@ class ImageChat(ECGChat):
 
     def set_trainable(self, encoder=True, projector=True, llm=False, lora=True):
         super().set_trainable(encoder, projector, llm, lora)
-        for module, on in [(self.image_encoder, encoder and self.train_image_encoder), (self.image_projector, projector)]:
+        for module, on in [(self.image_encoder, encoder and self.train_image_encoder),
+                           (self.image_projector, projector)]:
             for p in module.parameters():
                 p.requires_grad_(on)
 

@@ -1,6 +1,6 @@
 """
-images/paper.py — ECGs on ECG paper: the standard 12-lead printout as an image (the input of GEM's image modality) and an
-SVG of any record for people to look at. Numpy only. Most ECGs in clinicians' hands exist only on paper or as a PDF:
+images/paper.py — ECGs on ECG paper: the standard 12-lead printout as an image (the input of GEM's image modality),
+an SVG of any record for people to look at. Numpy only. Most ECGs in clinicians' hands exist only on paper or as a PDF:
 this file draws a signal as a cart prints it, roughens it as a scan or phone photo does, and reads users' images.
 
 Read top to bottom:
@@ -278,7 +278,8 @@ def _paper_grid(x0, y0, w, h, mm_per_s):
             continue
         xs = grid_positions(w / px * min(1.0, 25 / mm_per_s), mm) * px * min(1.0, mm_per_s / 25)
         ys = grid_positions(h / px, mm) * px
-        d = "".join(f"M{x0 + x:.1f} {y0:.1f}v{h:.1f}" for x in xs) + "".join(f"M{x0:.1f} {y0 + y:.1f}h{w:.1f}" for y in ys)
+        d = "".join(f"M{x0 + x:.1f} {y0:.1f}v{h:.1f}" for x in xs) + \
+            "".join(f"M{x0:.1f} {y0 + y:.1f}h{w:.1f}" for y in ys)
         lines.append(f'<path d="{d}" stroke="#{bytes(colour).hex()}" stroke-width="{width}" fill="none"/>')
     return lines
 

@@ -214,8 +214,9 @@ def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe",
         if image_encoder is not None and with_image:
             loss = loss + pooled_loss(image_outputs(image_encoder, heads, with_image), with_image)
         if not torch.isfinite(loss):   # stop before the update: the encoder keeps its last finite weights
-            raise FloatingPointError(f"{desc or 'encoder warm-up'}: the loss is not finite at step {step} with "
-                                     f"lr {cfg.lr:g}; lower it (train.py --encoder_warmup_lr, python -m synthetic.warmup --lr)")
+            raise FloatingPointError(f"{desc or 'encoder warm-up'}: the loss is not finite at step {step} with lr "
+                                     f"{cfg.lr:g}; lower it (train.py --encoder_warmup_lr, python -m synthetic.warmup "
+                                     "--lr)")
         opt.zero_grad()
         loss.backward()
         opt.step()

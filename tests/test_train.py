@@ -211,8 +211,10 @@ def test_a_run_killed_by_sigkill_resumes_to_the_losses_of_an_uninterrupted_run(t
 
 
 def test_two_process_ddp_matches_single_process_gradient_accumulation(tmp_path):
-    kw = dict(grad_accum=2, lora_dropout=0.0, stage0_steps=2, stage1_steps=2, stage2_steps=2, stage3_steps=2)
-    single = train.train(tiny(tmp_path / "single", **kw))
+    """Two processes with the default --grad_accum 0 (one micro-batch each, as the README's torchrun command runs)
+    against one process accumulating the same two micro-batches."""
+    kw = dict(lora_dropout=0.0, stage0_steps=2, stage1_steps=2, stage2_steps=2, stage3_steps=2)
+    single = train.train(tiny(tmp_path / "single", grad_accum=2, **kw))
     (tmp_path / "ddp").mkdir()
     os.symlink(tmp_path / "single" / "tokenizer", tmp_path / "ddp" / "tokenizer")  # same tokenizer
     args = [f"--{k}={v}" for k, v in {**TINY, **kw}.items()] + [f"--out_dir={tmp_path / 'ddp'}"]
