@@ -134,8 +134,9 @@ class Split:
         w = np.array([tasks.get(r["task"], 0.0) for r in self.rows])
         if w.sum() == 0 and required:
             zero = sorted(t for t, v in tasks.items() if v == 0)
+            present = ", ".join(sorted({r["task"] for r in self.rows}))
             raise ValueError(f"the task weights {zero} are 0" if zero else
-                             f"no rows of tasks {sorted(tasks)} in the training data")
+                             f"no rows of tasks {sorted(tasks)} in the training data, which has {present}")
         return w / w.sum() if w.sum() else None
 
     def prefetch(self, indices):
@@ -651,8 +652,12 @@ def train(cfg):
             warnings.simplefilter("ignore" if env.rank else "default")
             data = load_data(cfg, env.log)
         for stage in curriculum(cfg):   # every stage's task mix can be drawn from, before anything trains
-            if stage.steps:
-                data["train"].weights(stage.tasks)
+            try:
+                if stage.steps:
+                    data["train"].weights(stage.tasks)
+            except ValueError as e:
+                raise ValueError(f"stage {stage.index} ({stage.name}): {e}; choose its tasks with "
+                                 f"--stage{stage.index}_tasks, or --stage{stage.index}_steps 0 to skip it") from None
         model = build_model(cfg, build_tokenizer(cfg, data, env.rank), env.device, env.dtype)
         if warms_up_encoder(cfg) and not env.resume_from:                       # warm-up
             warm_up_encoder(cfg, model, env)

@@ -430,9 +430,14 @@ def test_values_a_run_cannot_use_are_named_before_anything_is_built(tmp_path):
     with pytest.raises(ValueError, match=r"--vocab_size 300: sentencepiece cannot build it .*Vocabulary size"):
         train.train(tiny(tmp_path / "b", vocab_size=300))
     # a task mix whose weights are all 0 is named before stage 0 trains, not after
-    with pytest.raises(ValueError, match=r"the task weights \['report'\] are 0"):
+    with pytest.raises(ValueError, match=r"stage 1 \(report\): the task weights \['report'\] are 0; .*--stage1_tasks"):
         train.train(tiny(tmp_path / "c", stage1_tasks="report:0"))
     assert not list((tmp_path / "c").glob("checkpoints/step_*"))
+    # real rows of one task (MIT-BIH's localization rows): the stages that cannot be drawn say what the data has
+    localization_only = train.Split([{"task": "location"}, {"task": "location_long"}], None)
+    with pytest.raises(ValueError, match=r"no rows of tasks \['report'\] in the training data, which has location, "
+                                         r"location_long"):
+        localization_only.weights({"report": 1.0})
 
 
 def test_half_written_checkpoint_folders_are_cleaned_up(setup, tmp_path):
