@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -251,13 +252,22 @@ def build_tokenizer(cfg, data, rank):
     if cfg.llm:
         return Tokenizer(cfg.llm)   # ECGChat adds the tokens its chat format needs and the vocabulary lacks
     tok_dir = Path(cfg.out_dir) / "tokenizer"
+    n_rows = len(data["train"].rows)
+
+    def texts():
+        return (t for r in data["train"].rows for t in (r["question"], r["answer"]))
     if rank == 0 and not (tok_dir / "tokenizer.model").is_file():
         try:
-            train_tokenizer((t for r in data["train"].rows for t in (r["question"], r["answer"])), tok_dir,
-                            cfg.vocab_size, SPECIAL_TOKENS)
+            train_tokenizer(texts(), tok_dir, cfg.vocab_size, SPECIAL_TOKENS)
         except RuntimeError as e:   # sentencepiece's own message, without its source location
-            raise ValueError(f"--vocab_size {cfg.vocab_size}: sentencepiece cannot build it from the text of the "
-                             f"{len(data['train'].rows)} training rows: {str(e).split('] ')[-1].strip()}") from None
+            why = str(e).split("] ")[-1].strip()
+            most = re.search(r"too high.*<= (\d+)", why)
+            if not most:
+                raise ValueError(f"--vocab_size {cfg.vocab_size}: sentencepiece cannot build it from the text of the "
+                                 f"{n_rows} training rows: {why}") from None
+            warnings.warn(f"--vocab_size {cfg.vocab_size}: the text of the {n_rows} training rows holds {most[1]} "
+                          f"pieces at most; the tokenizer has {most[1]}")   # few rows (one record's): still a run
+            train_tokenizer(texts(), tok_dir, int(most[1]), SPECIAL_TOKENS)
     if dist.is_initialized():
         dist.barrier()  # the other ranks read the file rank 0 wrote
     return Tokenizer(tok_dir, SPECIAL_TOKENS)

@@ -440,6 +440,17 @@ def test_values_a_run_cannot_use_are_named_before_anything_is_built(tmp_path):
         localization_only.weights({"report": 1.0})
 
 
+def test_a_vocabulary_larger_than_few_rows_hold_is_lowered_with_a_warning(tmp_path):
+    """Rows of one record (MIT-BIH 100's 39): sentencepiece cannot make 1000 pieces of their text; the run goes on
+    with as many as it can, and says so. A vocabulary too small stays an error (test above)."""
+    rows = [{"question": f"Where is beat {k}?", "answer": f"Duration: {k}.0s-{k}.5s"} for k in range(40)]
+    cfg = tiny(tmp_path, vocab_size=1000)
+    with pytest.warns(UserWarning, match=r"--vocab_size 1000: the text of the 40 training rows holds (\d+) pieces at "
+                                         r"most; the tokenizer has \1"):
+        tok = train.build_tokenizer(cfg, {"train": train.Split(rows, None)}, 0)
+    assert 260 < tok.base_vocab_size < 1000 and tok.decode(tok.encode("Where is beat 7?")) == "Where is beat 7?"
+
+
 def test_half_written_checkpoint_folders_are_cleaned_up(setup, tmp_path):
     cfg, _, model = setup
     cfg = replace(cfg, out_dir=str(tmp_path))
