@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from chat import FORMATS
-from ecg_encoder import ENCODER_PRESETS
+from ecg_encoder import ENCODER_PRESETS, EncoderConfig
 
 
 def arg(default, help):
@@ -132,6 +132,13 @@ def encoder_pretrained(cfg):
     return bool(cfg.encoder_init) or warms_up_encoder(cfg)
 
 
+def encoder_config(cfg):
+    """The EncoderConfig of --encoder with --encoder_dim / --encoder_layers over it (an encoder built here, not one
+    --encoder_init brings)."""
+    over = {k: v for k, v in [("d_model", cfg.encoder_dim), ("n_layers", cfg.encoder_layers)] if v}
+    return EncoderConfig(**ENCODER_PRESETS[cfg.encoder] | over)
+
+
 def _bool(s):
     if str(s).lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
@@ -240,5 +247,10 @@ def check_config(cfg):
         bad.append(f"--chat_format {cfg.chat_format}: auto, {', '.join(FORMATS)}")
     if cfg.encoder not in ENCODER_PRESETS:
         bad.append(f"--encoder {cfg.encoder}: {' or '.join(ENCODER_PRESETS)}")
+    elif not cfg.encoder_init:
+        try:
+            encoder_config(cfg)
+        except ValueError as e:
+            bad.append(f"--encoder {cfg.encoder} --encoder_dim {cfg.encoder_dim}: {e}")
     if bad:
         raise ValueError("config: " + "; ".join(bad))

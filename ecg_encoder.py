@@ -57,13 +57,17 @@ class EncoderConfig:
 
     def __post_init__(self):
         self.leads = tuple(self.leads)  # a list from JSON becomes a tuple again
-        assert self.d_model % self.n_heads == 0 and self.d_model % 2 == 0
         # windows and output tokens are whole numbers of patches: no output token straddles two windows
-        assert self.patches_per_window * self.patch_size == round(self.window_s * self.fs), \
-            "window_s must be a whole number of patches"
-        assert abs(self.pool * self.tokens_per_second - self.fs / self.patch_size) < 1e-9, \
-            "tokens_per_second must divide the patch rate fs / patch_size"
-        assert self.patches_per_window % self.pool == 0, "a window must hold a whole number of output tokens"
+        problems = [why for bad, why in [
+            (self.d_model % self.n_heads or self.d_model % 2, f"d_model {self.d_model} must be even and a multiple of "
+                                                             f"n_heads {self.n_heads}"),
+            (self.patches_per_window * self.patch_size != round(self.window_s * self.fs),
+             f"window_s {self.window_s:g} must be a whole number of patches"),
+            (abs(self.pool * self.tokens_per_second - self.fs / self.patch_size) > 1e-9,
+             f"tokens_per_second {self.tokens_per_second:g} must divide the patch rate fs / patch_size"),
+            (self.patches_per_window % self.pool, "a window must hold a whole number of output tokens")] if bad]
+        if problems:
+            raise ValueError(f"encoder config: {'; '.join(problems)}")
 
     @property
     def patch_s(self):  # seconds per patch

@@ -53,9 +53,9 @@ from tqdm import tqdm
 
 from anyecg.peft import save_peft_adapter
 from chat import SPECIAL_TOKENS, ECGChat, turns_of
-from config import check_config, check_resume, latest_checkpoint, parse_config, warms_up_encoder
+from config import check_config, check_resume, encoder_config, latest_checkpoint, parse_config, warms_up_encoder
 from data import TASKS, ECGRecord, RowECGReader, load_rows, read_json
-from ecg_encoder import ENCODER_PRESETS, ECGEncoder, EncoderConfig, load_encoder_config, load_encoder_weights
+from ecg_encoder import ECGEncoder, load_encoder_config, load_encoder_weights
 from eval import evaluate, evaluate_held_out, print_table, rows_per_task
 from images.chat import ImageChat
 from images.paper import WIDTH_MM
@@ -286,8 +286,7 @@ def build_model(cfg, tok, device, dtype):
     if cfg.encoder_init:  # a pretrained encoder brings its own config (GEM starts from one too)
         encoder = load_encoder_weights(ECGEncoder(load_encoder_config(cfg.encoder_init)), cfg.encoder_init)
     else:
-        over = {k: v for k, v in [("d_model", cfg.encoder_dim), ("n_layers", cfg.encoder_layers)] if v}
-        encoder = ECGEncoder(EncoderConfig(**ENCODER_PRESETS[cfg.encoder] | over))
+        encoder = ECGEncoder(encoder_config(cfg))
     if not cfg.images:
         return ECGChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, cfg.chat_format, cfg.label_ecgs)
     image_encoder = load_clip_vision(cfg.image_init) if cfg.image_init else ImageEncoder(image_config(cfg))

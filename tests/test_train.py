@@ -426,6 +426,9 @@ def test_values_a_run_cannot_use_are_named_before_anything_is_built(tmp_path):
         train.train(tiny(tmp_path / "a", stage1_lr=-0.1))
     with pytest.raises(ValueError, match=r"--test_rows_per_type -1: not negative; --chat_format vicuna: auto, nanoecg"):
         train.train(tiny(tmp_path / "a", test_rows_per_type=-1, chat_format="vicuna"))
+    with pytest.raises(ValueError, match=r"--encoder base --encoder_dim 64: encoder config: d_model 64 must be even and "
+                                         r"a multiple of n_heads 12"):   # anyECG's preset has 12 heads
+        train.train(tiny(tmp_path / "a", encoder="base", encoder_dim=64))
     assert not (tmp_path / "a" / "tokenizer").exists()
     with pytest.raises(ValueError, match=r"--vocab_size 300: sentencepiece cannot build it .*Vocabulary size"):
         train.train(tiny(tmp_path / "b", vocab_size=300))
