@@ -213,7 +213,7 @@ def read_image(path):
         raise ImportError(f"{path}: reading images needs Pillow, an optional dependency: pip install pillow") from None
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))     # writable: torch warns on read-only arrays
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
