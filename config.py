@@ -251,6 +251,7 @@ def check_config(cfg):
         try:
             encoder_config(cfg)
         except ValueError as e:
-            bad.append(f"--encoder {cfg.encoder} --encoder_dim {cfg.encoder_dim}: {e}")
+            hint = " (base is --llm's preset; --encoder tiny is the small one)" if cfg.llm else ""
+            bad.append(f"--encoder {cfg.encoder} --encoder_dim {cfg.encoder_dim}: {e}{hint}")
     if bad:
         raise ValueError("config: " + "; ".join(bad))
