@@ -126,14 +126,20 @@ def ecg_blocks(counts, fmt=FORMATS["nanoecg"], named=False):
     return "".join((f"ECG{k + 1}:" if named else "") + start + token * int(n) + end for k, n in enumerate(counts))
 
 
+ANSWER = "Answer:"   # ends a row's "reading": the dataset's own answer follows it (eval.final_answer)
+
+
 def turns_of(row, answered=True):
     """A row's conversation: its "history" (earlier [question, answer] exchanges about the same ECGs), its question,
     and when answered its answer and "followups" (later exchanges). history and followups are nanoECG's additions
-    to anyECG's row format; training learns every answer in them, evaluation asks the question after the history."""
+    to anyECG's row format; training learns every answer in them, evaluation asks the question after the history.
+    A row with a "reading" (also nanoECG's) is answered reading first: 'Reading: 72 bpm, ... Answer: yes', so the
+    model writes what it sees before it concludes from it (synthetic/skills.py teaches that step)."""
     def exchanges(pairs):
         return [turn for q, a in pairs for turn in (("user", q), ("assistant", a))]
     turns = exchanges(row.get("history", [])) + [("user", row["question"])]
-    return turns + [("assistant", row["answer"])] + exchanges(row.get("followups", [])) if answered else turns
+    answer = f"{row['reading']} {ANSWER} {row['answer']}" if row.get("reading") else row["answer"]
+    return turns + [("assistant", answer)] + exchanges(row.get("followups", [])) if answered else turns
 
 
 def split_inputs(inputs):
@@ -198,6 +204,9 @@ class ECGChat(nn.Module):
         """The ECG tokens of ECGs of these lengths (samples), or a clear error if they and n_text_tokens do not fit
         the context."""
         n_ecg = sum(self.encoder.num_tokens(n) for n in ecg_samples)
+        if not ecg_samples and n_text_tokens > self.max_seq_len:
+            raise ValueError(f"the text is {n_text_tokens} tokens; the LLM context allows {self.max_seq_len} "
+                             "(train.py --max_seq_len)")
         if n_ecg + n_text_tokens > self.max_seq_len:
             secs = ", ".join(f"{n / self.encoder.cfg.fs:g}" for n in ecg_samples)
             room = max(0, self.max_seq_len - n_text_tokens)

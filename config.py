@@ -39,6 +39,9 @@ class Config:
     train_patients: int = arg(1000, "synthetic patients for training (about 9 rows each)")
     val_patients: int = arg(40, "synthetic patients for validation loss and the in-training eval")
     test_patients: int = arg(640, "synthetic patients of the fixed held-out test split (about 60 long clips)")
+    skill_patients: int = arg(0, "synthetic patients whose truth makes stage 0's skill texts, 8 each (e.g. 1000; "
+                                 "with --text_batch 64)")
+    read_first: bool = arg(True, "synthetic ECG-QA and multi-ECG answers write the ECGs' reading first")
     # model
     llm: str = arg("", "Hugging Face LLM folder (Llama, Mistral, Qwen); empty: a tiny LLM from scratch (+ stage 0)")
     label_ecgs: bool = arg(True, "name each ECG of a multi-ECG prompt (ECG1:, ECG2:, ...) as questions and answers do")
@@ -66,7 +69,8 @@ class Config:
     # curriculum. tasks: comma list of task[:weight] or "all"; train: parts of encoder,projector,llm,lora
     stage0_steps: int = arg(250, "language pretraining steps (skipped with --llm)")
     stage0_lr: float = arg(2e-3, "stage 0 peak learning rate")
-    stage0_tasks: str = arg("all", "stage 0 text comes from these tasks")
+    text_batch: int = arg(0, "stage 0: texts per step, laid end to end in rows of max_seq_len (0: batch_size rows)")
+    stage0_tasks: str = arg("all,skills", "stage 0 text comes from these tasks (skills: synthetic/skills.py's)")
     stage0_train: str = arg("llm", "stage 0 trainable parts")
     stage1_steps: int = arg(250, "report stage steps")
     stage1_lr: float = arg(1e-3, "stage 1 peak learning rate")
@@ -237,7 +241,7 @@ def check_config(cfg):
              ("not negative", lambda v: v >= 0, ("encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps",
                                                  "stage3_steps", "test_rows", "test_rows_per_type", "stop_after",
                                                  "grad_accum", "eval_batches", "gen_eval_rows", "workers",
-                                                 "token_cache")),
+                                                 "token_cache", "skill_patients", "text_batch")),
              ("above 0", lambda v: v > 0, ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr", "encoder_warmup_lr")),
              ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac"))]
     bad = [f"--{k} {getattr(cfg, k)}: {rule}" for rule, ok, names in rules for k in names if not ok(getattr(cfg, k))]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chat import turns_of
+from chat import ANSWER, turns_of
 from data import (LOCATION_TASKS, STATEMENTS, TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, merge_intervals,
                   parse_localization, row_paths)
 from images.chat import load_chat
@@ -175,14 +175,21 @@ def normalise_answer(text):
     return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
 
 
+def final_answer(text):
+    """What follows the last "Answer:" (an answer that writes its reading first), else the whole text."""
+    return text.rsplit(ANSWER, 1)[-1]
+
+
 def exact_match(pred, ref):
-    return float(normalise_answer(pred) == normalise_answer(ref))
+    return float(normalise_answer(final_answer(pred)) == normalise_answer(ref))
 
 
 def set_match(pred, ref):
     """Short answers compared as sets of comma-separated items, each normalised: a list of findings is right in any
-    order ("pvcs, sinus rhythm" == "Sinus rhythm, PVCs"); a one-item answer ("yes", "ECG2") is plain exact match."""
-    pred, ref = (frozenset(normalise_answer(item) for item in text.split(",")) - {""} for text in (pred, ref))
+    order ("pvcs, sinus rhythm" == "Sinus rhythm, PVCs"); a one-item answer ("yes", "ECG2") is plain exact match.
+    An answer written after its reading is scored on what follows "Answer:"."""
+    pred, ref = (frozenset(normalise_answer(item) for item in text.split(",")) - {""}
+                 for text in (final_answer(pred), ref))
     return float(pred == ref)
 
 
@@ -496,7 +503,7 @@ def evaluate(model, rows, inputs_of, batch_size=8, max_new_tokens=256, ablate_ec
     scores = score_rows(done_rows, preds)
     scores["skipped"] = {"n": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)),
                          "rows": skipped}
-    keep = ("task", "modality", "abnormal_type", "question_type", "ecg_path", "question", "answer")
+    keep = ("task", "modality", "abnormal_type", "question_type", "ecg_path", "question", "reading", "answer")
     predictions = [{"index": rows[i].get("file_index", i), **{k: rows[i][k] for k in keep if k in rows[i]},
                     "prediction": p, "score": row_score(rows[i], p)} for i, p in answered]
     return scores, predictions

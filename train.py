@@ -3,7 +3,9 @@ train.py — the curriculum that turns a language model and an ECG encoder into 
 
   warm-up  encoder    synthetic data only: the encoder alone, with small linear heads, learns the
                       generator's truth (synthetic/warmup.py); then it stays frozen, as GEM keeps its encoders
-  stage 0  language   only for an LLM built from scratch: it learns to write the task text (no ECG)
+  stage 0  language   only for an LLM built from scratch: it learns to write the task text (no ECG), the loss on
+                      every token; with --skill_patients also the steps from a written reading to an answer
+                      (synthetic/skills.py), and with --text_batch many short texts packed end to end a step
   stage 1  report     the projector (and the LLM) learn to write reports from the ECG
   stage 2  localize   + localization (10 s and long clips)
   stage 3  all        reports, localization, ECG-QA, multi-ECG comparison, grounded answers
@@ -62,7 +64,8 @@ from images.paper import WIDTH_MM
 from images.vit import ImageEncoder, ImageEncoderConfig, clip_vision_config, load_clip_vision
 from model import LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, train_tokenizer
 from parallel import fsdp
-from synthetic.tasks import add_image_rows, build_synthetic_dataset
+from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
+from synthetic.tasks import TEST_SEED, add_image_rows, build_synthetic_dataset
 from synthetic.warmup import WarmupConfig, warm_up
 
 
@@ -82,8 +85,8 @@ def parse_tasks(spec):
     for item in spec.split(","):
         name, _, w = item.strip().partition(":")
         for t in (TASKS if name == "all" else [name]):
-            if t not in TASKS:
-                raise ValueError(f"unknown task {t!r} in {spec!r}; tasks: {', '.join(TASKS)}")
+            if t not in (*TASKS, "skills"):
+                raise ValueError(f"unknown task {t!r} in {spec!r}; tasks: {', '.join(TASKS)}, skills")
             out[t] = float(w or 1)
     return out
 
@@ -153,8 +156,17 @@ def load_data(cfg, log):
         ds = build_synthetic_dataset(n, seed=cfg.seed, split=split)
         if cfg.images:  # printouts drawn at exactly the image encoder's input width
             add_image_rows(ds, image_config(cfg).width / WIDTH_MM)
+        if not cfg.read_first:   # answers without the reading written first
+            for row in ds.rows:
+                row.pop("reading", None)
         out[split] = Split(ds.rows, ds.inputs)
         log({"event": "data", "split": split, "patients": n, "rows": len(ds.rows)})
+    if cfg.skill_patients and not cfg.llm:   # the answering steps as text, for stage 0 (synthetic/skills.py)
+        for split, n, seed in [("train", cfg.skill_patients, cfg.seed),
+                               ("val", min(SKILL_VAL_PATIENTS, cfg.skill_patients), TEST_SEED)]:
+            rows = skill_rows(n, seed)
+            out[split].rows += rows
+            log({"event": "data", "split": split, "skill_patients": n, "skill_rows": len(rows)})
     return out
 
 
@@ -197,7 +209,7 @@ def example(split, i, model, text_only):
             ids, _ = model.prompt(turns, [])
             ex = split.cache[key] = {"input_ids": ids, "labels": [-100] + ids[1:], "inputs": []}
             return ex
-        inputs = split.inputs_of(row)   # its ECGs (and paper images, for image rows)
+        inputs = split.inputs_of(row) if row.get("ecg_path") else []   # its ECGs (and images); a skill text: none
         if ex is None:
             ids, labels = model.prompt(turns, inputs)
             ex = {"input_ids": ids, "labels": labels}
@@ -218,6 +230,10 @@ def get_batch(cfg, split, probs, model, stage, step, micro):
         split.prefetch(np.random.default_rng([cfg.seed, stage.index, step // k + 1, micro]).choice(
             len(split.rows), k * B, p=probs))
     rng = np.random.default_rng([cfg.seed, stage.index, step // k, micro])
+    if text_only and cfg.text_batch:   # many short texts laid end to end in rows of max_seq_len: no padding
+        rng = np.random.default_rng([cfg.seed, stage.index, step, micro])
+        drawn = [example(split, int(i), model, True) for i in rng.choice(len(split.rows), cfg.text_batch, p=probs)]
+        return collate(pack([e for e in drawn if e is not None], model.max_seq_len), model.tokenizer.pad_id)
     candidates = []
     while len(candidates) < k * B:   # unusable rows: draw others (the same rows always fail, so resume is exact)
         drawn = rng.choice(len(split.rows), k * B - len(candidates), p=probs)
@@ -230,6 +246,20 @@ def get_batch(cfg, split, probs, model, stage, step, micro):
     candidates.sort(key=lambda e: len(e["input_ids"]))
     j = rng.permutation(k)[step % k]  # the slices in random order, so lengths do not cycle
     return collate(candidates[j * B:(j + 1) * B], model.tokenizer.pad_id)
+
+
+def pack(examples, length):
+    """Text-only examples laid end to end, in order, into rows of at most `length` tokens. Each keeps its own labels
+    (no loss on predicting the next text's <bos>); a text may attend to the ones before it in its row, which it
+    learns to ignore, as in GPT pretraining."""
+    rows = []
+    for e in examples:
+        if rows and len(rows[-1]["input_ids"]) + len(e["input_ids"]) <= length:
+            rows[-1]["input_ids"] += e["input_ids"]
+            rows[-1]["labels"] += e["labels"]
+        else:
+            rows.append({"input_ids": list(e["input_ids"]), "labels": list(e["labels"]), "inputs": []})
+    return rows
 
 
 def collate(examples, pad_id):
@@ -483,6 +513,12 @@ def run_stages(cfg, env, model, data):
         if run_stage(cfg, env, model, data, stage, progress):
             return progress.losses, True
         progress.resume_stage = None
+        accuracy = skill_accuracy(model, data["val"].rows) if env.rank == 0 and "skills" in stage.tasks and \
+            not env.fsdp else {}   # each answering step, on held-out people (none without --skill_patients)
+        if accuracy:
+            env.log({"event": "skills", "stage": stage.index, "accuracy": accuracy})
+            print(f"stage {stage.index} skills (held-out, reading given): " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
         # under FSDP a rank cannot generate alone; the final evaluation, on the gathered model, still runs
         if env.rank == 0 and cfg.gen_eval_rows and stage.index > 0 and not env.fsdp:
             rows = rows_per_task([r for r in data["val"].rows if r["task"] in stage.tasks], cfg.gen_eval_rows)

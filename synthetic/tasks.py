@@ -79,6 +79,19 @@ def listing(items):
     return ", ".join(s.lower() for s in items) if items else "none"
 
 
+def reading_of(truths):
+    """What a reader writes of the ECGs before answering a question about them (a row's "reading", chat.turns_of):
+    each one's leads, heart rate and report statements, named ECG1, ECG2, ... when there are several. The leads say
+    what a record could show at all (one lead shows no axis), which questions over several ECGs depend on.
+    -> 'Reading: 12 leads, 72 bpm, Sinus rhythm, Normal ECG.'"""
+    each = [f"{leads_said(t.leads)}, {t.hr_bpm:.0f} bpm, " + ", ".join(t.statements) for t in truths]
+    return "Reading: " + (f"{each[0]}." if len(each) == 1 else " ".join(f"ECG{k + 1}: {s}." for k, s in enumerate(each)))
+
+
+def leads_said(leads):
+    return "12 leads" if len(leads) == 12 else f"lead {leads[0]}" if len(leads) == 1 else "leads " + ", ".join(leads)
+
+
 def report_row(path, truth, rng):
     return {"question": str(rng.choice(REPORT_QUESTIONS)), "answer": "Report: " + ", ".join(truth.statements),
             "ecg_path": [path], "task": "report"}
@@ -146,6 +159,8 @@ def ecgqa_single_row(path, t, rng):
     """One ECG-QA style question about one ECG: verify (yes/no), choose, or query."""
     have = set(findings_of(t))
     kind = str(rng.choice(["verify", "choose", "query"]))
+    # QT as the report states it: Bazett's QTc of the measured rate can cross 470 ms where the patient's does not
+    long_qt = "Prolonged QT interval" in have
     if kind == "verify":
         s = str(rng.choice(sorted(have))) if have and rng.random() < 0.5 else str(rng.choice(askable([t])))
         q, a, tid = f"Does this ECG show {s.lower()}?", "yes" if s in have else "no", 1
@@ -155,14 +170,14 @@ def ecgqa_single_row(path, t, rng):
                    ("Is the heart rate of this ECG slow, normal or fast?",
                     "slow" if t.hr_bpm < SLOW_BPM else "fast" if t.hr_bpm > FAST_BPM else "normal", 21),
                    ("Is the QT interval of this ECG normal or prolonged?",
-                    "prolonged" if t.qtc_ms > LONG_QTC_MS else "normal", 22)]
+                    "prolonged" if long_qt else "normal", 22)]
         other = str(rng.choice([r for r in RHYTHMS if r != t.statements[0]]))
         a_, b_ = (t.statements[0], other) if rng.random() < 0.5 else (other, t.statements[0])
         options.append((f"Which rhythm does this ECG show, {a_.lower()} or {b_.lower()}?", t.statements[0].lower(), 23))
         q, a, tid = options[rng.integers(len(options))]
     else:
         above = [n for n, hit in [("heart rate", t.hr_bpm > FAST_BPM), ("pr interval", (t.pr_ms or 0) > LONG_PR_MS),
-                                  ("qrs duration", t.qrs_ms >= WIDE_QRS_MS), ("qt interval", t.qtc_ms > LONG_QTC_MS)]
+                                  ("qrs duration", t.qrs_ms >= WIDE_QRS_MS), ("qt interval", long_qt)]
                  if hit]
         options = [("What is the rhythm of this ECG?", t.statements[0].lower(), 30),
                    ("Which premature beats does this ECG show?",
@@ -174,7 +189,7 @@ def ecgqa_single_row(path, t, rng):
             options.append(("Which abnormal findings does this ECG show?",
                             listing([s for s in findings_of(t) if s not in RHYTHMS]), 33))
         q, a, tid = options[rng.integers(len(options))]
-    return {"question": q + BRIEF, "answer": a, "ecg_path": [path], "task": "ecgqa",
+    return {"question": q + BRIEF, "answer": a, "reading": reading_of([t]), "ecg_path": [path], "task": "ecgqa",
             "question_type": f"single-{kind}", "template_id": int(tid)}
 
 
@@ -192,7 +207,7 @@ def ecgqa_comparison_row(paths, truths, rng, consecutive):
                 ("Which findings are present in the second ECG but absent in the first ECG?",
                  listing([s for s in second if s not in first])),
                 ("Which findings do both ECGs share?", listing([s for s in first if s in second]))][rng.integers(3)]
-    return {"question": q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "ecgqa",
+    return {"question": q + BRIEF, "answer": a, "reading": reading_of(truths), "ecg_path": list(paths), "task": "ecgqa",
             "question_type": f"comparison_{'consecutive' if consecutive else 'irrelevant'}-{kind}"}
 
 
@@ -218,13 +233,14 @@ def multi_row(paths, truths, days, rng):
         first = next((k for k, f in enumerate(seen) if s in f), None)
         q, a = f"In which ECG does {s.lower()} first appear?", f"ECG{first + 1}" if first is not None else "none"
     elif kind == "hr_trend":
-        d = truths[-1].hr_bpm - truths[0].hr_bpm
+        d = round(truths[-1].hr_bpm) - round(truths[0].hr_bpm)   # the rates as a reading writes them
         q, a = "How does the heart rate change from the first to the last ECG?", (
             "increased" if d >= 10 else "decreased" if d <= -10 else "unchanged")
     else:
         q, a = "Does the rhythm change across these ECGs?", "yes" if len({t.statements[0] for t in truths}) > 1 else "no"
-    return {"question": span + q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "multi",
-            "question_type": kind, "days": list(days)}
+    row = {"question": span + q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "multi",
+           "question_type": kind, "days": list(days)}
+    return row if kind == "per_ecg_report" else row | {"reading": reading_of(truths)}   # that answer is a reading
 
 
 # --------------------------------------------------------------------------- 2. synthetic data

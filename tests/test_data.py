@@ -417,6 +417,39 @@ def test_the_rule_on_readings_analysis_answers_every_question_as_the_generator_d
     for row in rows:
         truths = [ds.record(p)[1] for p in row["ecg_path"]]
         assert row_score(row, analysis.answer(row, truths)) == 1.0, row
+        if "reading" in row:   # and the reading written before the answer holds all the answer needs
+            assert row_score(row, analysis.answer(row, analysis.parse_reading(row["reading"]))) == 1.0, row
+
+
+def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_answer():
+    """synthetic/skills.py's texts: every family there, each answer the rule on its own written reading, and the
+    scorer reads the final answer after the reading (the whole text scores 1, the reading with a wrong answer 0)."""
+    import importlib.util
+    from eval import row_score
+    from synthetic.skills import skill_rows
+    path = Path(__file__).resolve().parents[1] / "docs" / "analysis" / "rule_on_readings.py"
+    spec = importlib.util.spec_from_file_location("rule_on_readings", path)
+    analysis = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(analysis)
+    rows = skill_rows(40, seed=3)
+    assert len({r["family"] for r in rows}) == 11
+    for r in rows:
+        scored = dict(r, task=r["skill_of"], answer=r["final"])
+        assert row_score(scored, r["answer"]) == 1.0, r
+        if r["question_type"] != "per_ecg_report":
+            assert r["answer"].endswith(" Answer: " + r["final"])
+            assert row_score(scored, r["answer"].replace("Answer: ", "Answer: not ")) == 0.0
+            assert row_score(scored, analysis.answer(scored, analysis.parse_reading(r["answer"]))) == 1.0, r
+    # the faithfulness measure: a conclusion that contradicts its own reading counts against it, and only it
+    rows = [dict(r, task=r["skill_of"], answer=r["final"], prediction=r["answer"], ecg_path=[""] * r["n_ecgs"])
+            for r in rows if r["question_type"] != "per_ecg_report"]
+    flipped = [dict(r, prediction=r["prediction"].replace("Answer: ", "Answer: not ")) for r in rows[:len(rows) // 4]]
+    f = analysis.faithfulness(rows + flipped)
+    n = {task: sum(r["task"] == task for r in rows + flipped) for task in ("ecgqa", "multi")}
+    wrong = {task: sum(r["task"] == task for r in flipped) for task in ("ecgqa", "multi")}
+    for task in ("ecgqa", "multi"):
+        assert f[task]["n"] == n[task] and f[task]["rule_right"] == 1.0
+        assert f[task]["faithful"] == f[task]["right"] == pytest.approx(1 - wrong[task] / n[task])
 
 
 def test_dataset_written_to_disk_reads_back(tmp_path):

@@ -30,8 +30,8 @@ from synthetic.tasks import build_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=400, encoder_dim=32, encoder_layers=1,
-            batch_size=4, train_patients=10, val_patients=2, test_patients=2, eval_batches=1, gen_eval_rows=0,
-            test_rows=1, max_new_tokens=4, log_interval=1, eval_interval=1000, ckpt_interval=1000,
+            batch_size=4, train_patients=10, val_patients=2, test_patients=2, skill_patients=10, text_batch=8, eval_batches=1,
+            gen_eval_rows=0, test_rows=1, max_new_tokens=4, log_interval=1, eval_interval=1000, ckpt_interval=1000,
             stage0_steps=3, stage1_steps=3, stage2_steps=3, stage3_steps=3, seed=7, encoder_warmup_steps=0,
             # anyECG's freezing (the --llm recipe), so the frozen-parts test has parts to check
             stage1_train="encoder,projector", stage2_train="encoder,projector,lora",
@@ -140,8 +140,14 @@ def test_stage0_is_text_only_and_stage1_sees_ecgs(setup):
     b1 = train.get_batch(cfg, data["train"], data["train"].weights(s1.tasks), model, s1, 0, 0)
     assert all(e == [] for e in b0["inputs"]) and all(len(e) >= 1 for e in b1["inputs"])
     real = b0["input_ids"] != model.tokenizer.pad_id
-    assert torch.equal(b0["labels"][:, 1:] != -100, real[:, 1:])  # stage 0: loss on every token but <bos>
-    assert (b1["labels"] != -100).sum() < (b1["input_ids"] != model.tokenizer.pad_id).sum() / 2  # answers only
+    bos = b0["input_ids"] == model.tokenizer.bos_id
+    assert torch.equal(b0["labels"] != -100, real & ~bos)   # stage 0: loss on every token but each text's <bos>
+    # packed: text_batch texts laid end to end in fewer rows, each row as long as it can be
+    assert int(bos.sum()) == cfg.text_batch and bos[:, 0].all() and len(b0["input_ids"]) < cfg.text_batch
+    assert int(real.sum()) > (len(b0["input_ids"]) - 1) * model.max_seq_len * 0.7
+    for ids, labels in zip(b1["input_ids"].tolist(), b1["labels"].tolist()):   # stage 1: the answer's tokens only
+        opens = ids.index(model.tokenizer.added[model.format.assistant])
+        assert all(x == -100 for x in labels[:opens + 1]) and any(x != -100 for x in labels[opens + 1:])
 
 
 def test_collate_right_pads_and_keeps_each_examples_inputs(setup):
@@ -188,6 +194,32 @@ def test_resume_mid_stage_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     back = ECGChat.load(tmp_path / "b" / "model")  # the folder generate.py / eval.py take
     assert back.tokenizer.vocab_size == back.llm.config.vocab_size
     assert (tmp_path / "a" / "test_predictions.jsonl").is_file()
+    # stage 0's skills: scored at its end on held-out people, each family apart
+    skills = [r for r in map(json.loads, (tmp_path / "a" / "log.jsonl").read_text().splitlines())
+              if r.get("event") == "skills"]
+    assert [r["stage"] for r in skills] == [0] and len(skills[0]["accuracy"]) >= 8
+    assert all(0 <= v <= 1 for v in skills[0]["accuracy"].values())
+
+
+def test_a_skill_is_scored_on_exactly_the_text_it_is_trained_on(setup):
+    """The scoring prompt (question, answer turn, reading through "Answer:") is the trained text's own beginning, and
+    what follows it there is the final answer and the end of the turn."""
+    from synthetic.skills import answer_prompt
+    cfg, data, model = setup
+    rows = [r for r in data["val"].rows if r["task"] == "skills"]
+    assert rows and {r["family"] for r in rows} > {"single-verify", "hr_trend"}
+    checked = 0
+    for r in rows:
+        try:
+            full = model.prompt([("user", r["question"]), ("assistant", r["answer"])], [])[0]
+        except ValueError:   # longer than the tiny test model's context (its 400-piece vocabulary)
+            continue
+        checked += 1
+        asked = answer_prompt(model, r)
+        assert full[:len(asked)] == asked
+        rest = model.tokenizer.decode(full[len(asked):])
+        assert rest.strip() == (r["final"] if "Answer:" in r["answer"] else r["answer"]) + model.format.end, rest
+    assert checked >= len(rows) * 0.8
 
 
 def test_a_run_killed_by_sigkill_resumes_to_the_losses_of_an_uninterrupted_run(tmp_path):

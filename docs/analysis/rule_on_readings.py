@@ -8,21 +8,26 @@ generator's truth must score 1.0 (a check of this script). If the rule on the mo
 model's own answers, what the model lacks is the step from reading to answer, not the reading.
 
   python -m docs.analysis.rule_on_readings out/model    # after `python train.py`; about 2 minutes on 2 cores
+  python -m docs.analysis.rule_on_readings out/test_predictions.jsonl   # answers that write their reading first:
+                                                                        # does the conclusion follow from it?
 
 The rules are written again here from the question text, since the task builders draw each question and its answer
 together (synthetic/tasks.py); synthetic/tasks.py is the reference for them.
 """
 
+import json
 import re
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
 from chat import ECGChat
 from config import Config
-from data import STATEMENTS
-from eval import bootstrap, evaluate, find_statements, parse_measurements, row_score, rows_per_task
+from data import STANDARD_LEADS, STATEMENTS
+from eval import (bootstrap, evaluate, find_statements, parse_measurements, per_ecg_parts, row_score,
+                  rows_per_task, set_match)
 from synthetic.tasks import (GROUNDED_QUESTIONS, REPORT_QUESTIONS, RHYTHMS, askable, build_synthetic_dataset,
                              findings_of, listing)
 
@@ -46,6 +51,25 @@ def read_every_ecg(model, ds, paths):
     return out
 
 
+def parse_reading(text):
+    """A written reading ('Reading: ECG1: 12 leads, 72 bpm, Sinus rhythm, ... ECG2: ...' or a single ECG's, as
+    synthetic/tasks.reading_of writes and a model trained on it writes again) -> [a Truth-like reading per ECG].
+    The intervals the rules compare are the ones the statements imply (a bundle branch block's QRS is wide, ...)."""
+    text = text.split("Reading:", 1)[-1].rsplit("Answer:", 1)[0]
+    parts = [p for _, p in per_ecg_parts(text)] or [text]
+    out = []
+    for part in parts:
+        m = re.match(r"\s*(?:12 leads|leads? ([^,]+(?:, V\d)?)),\s*(\d+) bpm", part)
+        leads = list(STANDARD_LEADS) if m and m.group(1) is None else m.group(1).split(", ") if m else []
+        st = sorted(find_statements(part), key=lambda s: (s not in RHYTHMS, STATEMENTS.index(s)))
+        st = st if st and st[0] in RHYTHMS else ["Sinus rhythm"] + st
+        out.append(SimpleNamespace(statements=st, leads=leads, hr_bpm=float(m.group(2)) if m else 75.0,
+                                   pr_ms=250 if "1st degree A-V block" in st else 160,
+                                   qrs_ms=130 if any("bundle branch" in s for s in st) else 90,
+                                   qtc_ms=500 if "Prolonged QT interval" in st else 420))
+    return out
+
+
 def single_answer(q, t):
     have = set(findings_of(t))
     if m := re.match(r"Does this ECG show (.*)\?$", q):
@@ -55,7 +79,7 @@ def single_answer(q, t):
     if "slow, normal or fast" in q:
         return "slow" if t.hr_bpm < 60 else "fast" if t.hr_bpm > 100 else "normal"
     if "normal or prolonged" in q:
-        return "prolonged" if t.qtc_ms > 470 else "normal"
+        return "prolonged" if "Prolonged QT interval" in t.statements else "normal"
     if q.startswith("Which rhythm does") or q == "What is the rhythm of this ECG?":
         return t.statements[0].lower()
     if "premature beats" in q:
@@ -64,7 +88,7 @@ def single_answer(q, t):
         return listing([s for s in findings_of(t) if "block" in s])
     if "numeric features" in q:
         above = [n for n, hit in [("heart rate", t.hr_bpm > 100), ("pr interval", (t.pr_ms or 0) > 200),
-                                  ("qrs duration", t.qrs_ms >= 120), ("qt interval", t.qtc_ms > 470)] if hit]
+                                  ("qrs duration", t.qrs_ms >= 120), ("qt interval", "Prolonged QT interval" in t.statements)] if hit]
         return ", ".join(above) or "none"
     if "abnormal findings" in q:
         return listing([s for s in findings_of(t) if s not in RHYTHMS])
@@ -95,7 +119,7 @@ def series_answer(row, q, ts):
         first = next((k for k, f in enumerate(seen) if s in f), None)
         return f"ECG{first + 1}" if first is not None else "none"
     if kind == "hr_trend":
-        d = ts[-1].hr_bpm - ts[0].hr_bpm
+        d = round(ts[-1].hr_bpm) - round(ts[0].hr_bpm)
         return "increased" if d >= 10 else "decreased" if d <= -10 else "unchanged"
     return "yes" if len({x.statements[0] for x in ts}) > 1 else "no"   # rhythm_change
 
@@ -125,5 +149,28 @@ def main(model_dir):
                   ", ".join(f"{t} {s:.3f}" for t, s in per.items()))
 
 
+def faithfulness(preds):
+    """Test answers (a run's test_predictions.jsonl records): of the ECG-QA and multi-ECG answers that write a reading
+    first -> {task: {"n", "faithful": the conclusion is the rule applied to the model's own reading, "rule_right": that
+    rule's answer is right (the reading holds what the question needs), "right": the answer is right}}."""
+    out = {}
+    for task in ("ecgqa", "multi"):
+        rows = [p for p in preds if p["task"] == task and "Reading:" in p["prediction"]]
+        if rows:
+            # a reading of another number of ECGs than the question has answers nothing: never faithful, never right
+            readings = [parse_reading(r["prediction"]) for r in rows]
+            rule = [answer(r, ts) if len(ts) == len(r["ecg_path"]) else "(no reading)" for r, ts in zip(rows, readings)]
+            out[task] = {"n": len(rows), "faithful": np.mean([set_match(r["prediction"], a) for r, a in zip(rows, rule)]),
+                         "rule_right": np.mean([row_score(r, a) for r, a in zip(rows, rule)]),
+                         "right": np.mean([row_score(r, r["prediction"]) for r in rows])}
+    return out
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "out/model")
+    arg = sys.argv[1] if len(sys.argv) > 1 else "out/model"
+    if arg.endswith(".jsonl"):
+        for task, f in faithfulness([json.loads(line) for line in Path(arg).read_text().splitlines()]).items():
+            print(f"{task}: {f['n']} answers with a reading; the conclusion follows the own reading {f['faithful']:.3f}; "
+                  f"the rule on the own reading right {f['rule_right']:.3f}; the answer right {f['right']:.3f}")
+    else:
+        main(arg)

@@ -1,0 +1,106 @@
+"""
+skills_probe.py — can the default tiny LLM learn the answering steps as text, and how fast? An analysis behind
+docs/RESULTS.md (issue 29), not part of the library.
+
+The LLM of the default run (this project's `LLM` and sentencepiece tokenizer; --dim, --n_layers ... as in config.py)
+trains from scratch on synthetic/skills.py's texts alone: the question, then 'Reading: <each ECG's reading>.
+Answer: <the dataset's answer>', laid out as a chat, the loss on every token, the texts packed end to end into
+rows of --seq tokens (no padding). Every --eval_every steps each family is scored on held-out people: the question
+and the reading are given, the model writes the answer (greedy), scored as eval.py scores the task.
+
+  python -m docs.analysis.skills_probe --steps 600 --batch 16          # a few CPU minutes
+  python -m docs.analysis.skills_probe --families single-verify --steps 400   # one family alone
+"""
+
+import argparse
+import tempfile
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from chat import ANSWER, FORMATS, SPECIAL_TOKENS, ECGChat, encode_chat
+from config import Config
+from data import STATEMENTS
+from ecg_encoder import ECGEncoder, EncoderConfig
+from model import LLM, LLMConfig, Tokenizer, train_tokenizer
+from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
+
+
+def packed_stream(rows, tok, fmt, rng):
+    """Every row as a chat, shuffled and concatenated into one token stream (each chat starts with <bos>)."""
+    stream = []
+    for i in rng.permutation(len(rows)):
+        stream += encode_chat(tok, [("user", rows[i]["question"]), ("assistant", rows[i]["answer"])], fmt=fmt)[0]
+    return torch.tensor(stream)
+
+
+def main(argv=None):
+    cfg = Config()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patients", type=int, default=1000, help="simulated people of the training texts")
+    ap.add_argument("--questions", type=int, default=16, help="questions per person")
+    ap.add_argument("--families", default="", help="comma list: train on these families only (default: all)")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=16, help="packed rows per step")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per packed row")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--eval_every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lower", action="store_true", help="the reading's statements in lower case, as questions and "
+                                                         "answers name findings (the same tokens to match)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    rows, held = skill_rows(args.patients, seed=0, questions=args.questions), skill_rows(SKILL_VAL_PATIENTS, seed=1)
+    if args.lower:
+        for r in rows + held:
+            head, sep, tail = r["answer"].rpartition(ANSWER)
+            for s in sorted(STATEMENTS, key=len, reverse=True):
+                head = head.replace(s, s.lower())
+            r["answer"] = head + sep + tail if sep else r["answer"]
+    if args.families:
+        keep = set(args.families.split(","))
+        rows, held = [r for r in rows if r["family"] in keep], [r for r in held if r["family"] in keep]
+    counts = defaultdict(int)
+    for r in rows:
+        counts[r["family"]] += 1
+    print(f"{len(rows)} training texts in {time.time() - t0:.0f} s:", dict(sorted(counts.items())))
+    fmt = FORMATS["nanoecg"]
+    with tempfile.TemporaryDirectory() as d:
+        train_tokenizer((t for r in rows for t in (r["question"], r["answer"])), d, cfg.vocab_size, SPECIAL_TOKENS)
+        tok = Tokenizer(d, SPECIAL_TOKENS)
+    stream = packed_stream(rows, tok, fmt, np.random.default_rng(args.seed))
+    print(f"{len(stream)} tokens, {len(stream) / len(rows):.0f} per text; an epoch is "
+          f"{len(stream) // (args.batch * args.seq)} steps")
+    ffn = 32 * round(8 * cfg.dim / 3 / 32)
+    llm = LLM(LLMConfig(vocab_size=tok.vocab_size, hidden_size=cfg.dim, intermediate_size=ffn,
+                        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
+                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+    chat = ECGChat(llm, ECGEncoder(EncoderConfig(d_model=32, n_layers=1, n_heads=2)), tok, cfg.max_seq_len, "nanoecg")
+    opt = torch.optim.AdamW(llm.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    rng, t0 = np.random.default_rng(args.seed + 1), time.time()
+    for step in range(1, args.steps + 1):
+        lr = args.lr * min(1.0, step / (0.1 * args.steps)) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        starts = rng.integers(0, len(stream) - args.seq - 1, args.batch)
+        x = torch.stack([stream[s:s + args.seq + 1] for s in starts])            # (B, seq + 1)
+        logits = llm(x[:, :-1])                                                  # (B, seq, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = skill_accuracy(chat, held)
+            seen = step * args.batch * args.seq / (len(stream) / len(rows))
+            print(f"step {step:5d}  loss {loss.item():.3f}  texts seen {seen:7.0f}  {time.time() - t0:5.0f} s  " +
+                  "  ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

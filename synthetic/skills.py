@@ -1,0 +1,104 @@
+"""
+synthetic/skills.py — the answering steps, taught on purpose: short texts from the generator's truth.
+
+The default model reads most of what a question needs and does not answer from it (docs/RESULTS.md, issue 29).
+Here each step from a reading to an answer is a family of short texts in the exact surface form the task rows
+use: the task's own question, and an answer that writes the reading first and the conclusion last:
+
+    Does this ECG show atrial flutter? Please answer briefly.
+    Reading: lead II, 148 bpm, Atrial flutter, Abnormal ECG. Answer: yes
+
+The reading (synthetic/tasks.py's `reading_of`) is what the report task already teaches the model to write from an
+ECG, its statements, after its leads (what it could show at all) and heart rate (some questions need a number);
+with several ECGs each is named ("ECG1: ... ECG2: ..."). Trained as text, with the loss on every token, a family
+teaches the step alone; in the ECG stages the model writes its own reading and concludes from it the same way, and
+the final answer stays the dataset's own ("yes").
+
+Families are the question types of synthetic/tasks.py's builders (verify, choose, query; two ECGs compared;
+serial ECGs: new and resolved findings, first appearance, heart-rate trend, rhythm change, each ECG's report),
+so the texts are the builders' own rows with the reading added, never a second copy of their rules.
+"""
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from chat import ANSWER, turns_of
+from eval import row_score
+from synthetic.generator import make_patient, patient_history, synth_ecg
+from synthetic.tasks import LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, multi_row
+
+SKILL_VAL_PATIENTS = 150    # held-out people whose texts score each family (about 1,200 texts, fixed across runs)
+
+
+def family(row):
+    """The skill a row teaches: its question type, the two kinds of ECG pair merged (the step is the same)."""
+    return row["question_type"].replace("_consecutive", "").replace("_irrelevant", "")
+
+
+def _truths(patient, n_visits, rng):
+    """Serial 10 s records of one simulated person at 100 Hz, each visit in its own lead set as in the dataset,
+    noise-free (only the truth is used) -> (days, truths)."""
+    visits = patient_history(patient, n_visits, rng)
+    truths = []
+    for _, p, _ in visits:
+        leads = list(LEAD_SETS[rng.choice(len(LEAD_SETS), p=[s for _, s in LEAD_SETS])][0])
+        truths.append(synth_ecg(p, 10.0, 100.0, leads, noise=0, seed=int(rng.integers(2**31)))[1])
+    return [d for d, _, _ in visits], truths
+
+
+def skill_rows(n_patients, seed=0, questions=8):
+    """Text rows {"question", "answer" (the reading, then the answer), "final" (the answer alone), "task": "skills",
+    "family", "skill_of" (the task it comes from), "question_type", "n_ecgs"} from `n_patients` simulated people: each gets 1-6 visits and `questions` questions
+    about one visit, a pair of visits or the series."""
+    rows = []
+    for i in range(n_patients):
+        rng = np.random.default_rng([7, seed, i])
+        n_visits = int(rng.choice([1, 2, 3, 4, 5, 6], p=[0.3, 0.25, 0.15, 0.1, 0.1, 0.1]))
+        days, truths = _truths(make_patient(rng), n_visits, rng)
+        for _ in range(questions):
+            kind = rng.integers(3) if n_visits > 1 else 0
+            if kind == 0:
+                row = ecgqa_single_row("", truths[int(rng.integers(n_visits))], rng)
+            elif kind == 1:
+                k = int(rng.integers(n_visits - 1))
+                row = ecgqa_comparison_row(["", ""], truths[k:k + 2], rng, consecutive=True)
+            else:
+                row = multi_row([""] * n_visits, truths, days, rng)
+            rows.append({"question": row["question"], "answer": turns_of(row)[-1][1], "final": row["answer"],
+                         "task": "skills", "family": family(row), "skill_of": row["task"],
+                         "question_type": row["question_type"], "n_ecgs": len(row["ecg_path"])})
+    return rows
+
+
+def answer_prompt(model, row):
+    """The chat up to the final answer: the question, then the answer turn's reading through "Answer:" (given, so
+    the score is of the step from the reading to the answer alone)."""
+    ids = model.prompt([("user", row["question"])], [], add_generation_prompt=True)[0]
+    cut = row["answer"].rfind(ANSWER)
+    return ids + (model.tokenizer.encode(row["answer"][:cut + len(ANSWER)]) if cut >= 0 else [])
+
+
+@torch.no_grad()
+def skill_accuracy(model, rows, per_family=40, batch_size=32):
+    """{family: share right} over up to per_family held-out rows each (those that fit the context), the model writing
+    the answer after the given reading (greedy), scored as eval.py scores the task it comes from."""
+    by = defaultdict(list)
+    for r in rows:
+        if r.get("task") == "skills" and len(by[r["family"]]) < per_family:
+            by[r["family"]].append(r)
+    was_training = model.training
+    model.eval()
+    out = {}
+    for fam, group in sorted(by.items()):
+        scores = []
+        budget = 80 if fam == "per_ecg_report" else 16
+        prompts = [(r, ids) for r in group if len(ids := answer_prompt(model, r)) + budget <= model.max_seq_len]
+        for k in range(0, len(prompts), batch_size):
+            chunk, ids = zip(*prompts[k:k + batch_size])
+            new = model.generate(list(ids), [[] for _ in chunk], max_new_tokens=budget)
+            scores += [row_score(dict(r, task=r["skill_of"], answer=r["final"]), model.tokenizer.decode(ids))
+                       for r, ids in zip(chunk, new)]
+        out[fam] = float(np.mean(scores)) if scores else float("nan")
+    model.train(was_training)
+    return out
