@@ -49,8 +49,8 @@ def _truths(patient, n_visits, rng):
 
 def skill_rows(n_patients, seed=0, questions=8):
     """Text rows {"question", "answer" (the reading, then the answer), "final" (the answer alone), "task": "skills",
-    "family", "skill_of" (the task it comes from), "question_type", "n_ecgs"} from `n_patients` simulated people: each gets 1-6 visits and `questions` questions
-    about one visit, a pair of visits or the series."""
+    "family", "skill_of" (the task it comes from), "question_type", "n_ecgs"} from `n_patients` simulated people:
+    each gets 1-6 visits and `questions` questions about one visit, a pair of visits or the series."""
     rows = []
     for i in range(n_patients):
         rng = np.random.default_rng([7, seed, i])
@@ -95,10 +95,11 @@ def skill_accuracy(model, rows, per_family=40, batch_size=32):
         budget = 80 if fam == "per_ecg_report" else 16
         prompts = [(r, ids) for r in group if len(ids := answer_prompt(model, r)) + budget <= model.max_seq_len]
         for k in range(0, len(prompts), batch_size):
-            chunk, ids = zip(*prompts[k:k + batch_size])
-            new = model.generate(list(ids), [[] for _ in chunk], max_new_tokens=budget)
-            scores += [row_score(dict(r, task=r["skill_of"], answer=r["final"]), model.tokenizer.decode(ids))
-                       for r, ids in zip(chunk, new)]
-        out[fam] = float(np.mean(scores)) if scores else float("nan")
+            chunk, asked = zip(*prompts[k:k + batch_size])
+            written = model.generate(list(asked), [[] for _ in chunk], max_new_tokens=budget)
+            scores += [row_score(dict(r, task=r["skill_of"], answer=r["final"]), model.tokenizer.decode(w))
+                       for r, w in zip(chunk, written)]
+        if scores:
+            out[fam] = float(np.mean(scores))
     model.train(was_training)
     return out

@@ -85,7 +85,9 @@ def reading_of(truths):
     what a record could show at all (one lead shows no axis), which questions over several ECGs depend on.
     -> 'Reading: 12 leads, 72 bpm, Sinus rhythm, Normal ECG.'"""
     each = [f"{leads_said(t.leads)}, {t.hr_bpm:.0f} bpm, " + ", ".join(t.statements) for t in truths]
-    return "Reading: " + (f"{each[0]}." if len(each) == 1 else " ".join(f"ECG{k + 1}: {s}." for k, s in enumerate(each)))
+    if len(each) == 1:
+        return f"Reading: {each[0]}."
+    return "Reading: " + " ".join(f"ECG{k + 1}: {s}." for k, s in enumerate(each))
 
 
 def leads_said(leads):

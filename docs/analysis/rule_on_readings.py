@@ -88,7 +88,8 @@ def single_answer(q, t):
         return listing([s for s in findings_of(t) if "block" in s])
     if "numeric features" in q:
         above = [n for n, hit in [("heart rate", t.hr_bpm > 100), ("pr interval", (t.pr_ms or 0) > 200),
-                                  ("qrs duration", t.qrs_ms >= 120), ("qt interval", "Prolonged QT interval" in t.statements)] if hit]
+                                  ("qrs duration", t.qrs_ms >= 120),
+                                  ("qt interval", "Prolonged QT interval" in t.statements)] if hit]
         return ", ".join(above) or "none"
     if "abnormal findings" in q:
         return listing([s for s in findings_of(t) if s not in RHYTHMS])
@@ -160,7 +161,8 @@ def faithfulness(preds):
             # a reading of another number of ECGs than the question has answers nothing: never faithful, never right
             readings = [parse_reading(r["prediction"]) for r in rows]
             rule = [answer(r, ts) if len(ts) == len(r["ecg_path"]) else "(no reading)" for r, ts in zip(rows, readings)]
-            out[task] = {"n": len(rows), "faithful": np.mean([set_match(r["prediction"], a) for r, a in zip(rows, rule)]),
+            out[task] = {"n": len(rows),
+                         "faithful": np.mean([set_match(r["prediction"], a) for r, a in zip(rows, rule)]),
                          "rule_right": np.mean([row_score(r, a) for r, a in zip(rows, rule)]),
                          "right": np.mean([row_score(r, r["prediction"]) for r in rows])}
     return out
@@ -170,7 +172,8 @@ if __name__ == "__main__":
     arg = sys.argv[1] if len(sys.argv) > 1 else "out/model"
     if arg.endswith(".jsonl"):
         for task, f in faithfulness([json.loads(line) for line in Path(arg).read_text().splitlines()]).items():
-            print(f"{task}: {f['n']} answers with a reading; the conclusion follows the own reading {f['faithful']:.3f}; "
+            print(f"{task}: {f['n']} answers with a reading; the conclusion follows the own reading "
+                  f"{f['faithful']:.3f}; "
                   f"the rule on the own reading right {f['rule_right']:.3f}; the answer right {f['right']:.3f}")
     else:
         main(arg)
