@@ -229,11 +229,11 @@ def get_batch(cfg, split, probs, model, stage, step, micro):
         # real data: start reading the next candidates' records now, so they load while these train
         split.prefetch(np.random.default_rng([cfg.seed, stage.index, step // k + 1, micro]).choice(
             len(split.rows), k * B, p=probs))
-    rng = np.random.default_rng([cfg.seed, stage.index, step // k, micro])
     if text_only and cfg.text_batch:   # many short texts laid end to end in rows of max_seq_len: no padding
         rng = np.random.default_rng([cfg.seed, stage.index, step, micro])
         drawn = [example(split, int(i), model, True) for i in rng.choice(len(split.rows), cfg.text_batch, p=probs)]
         return collate(pack([e for e in drawn if e is not None], model.max_seq_len), model.tokenizer.pad_id)
+    rng = np.random.default_rng([cfg.seed, stage.index, step // k, micro])
     candidates = []
     while len(candidates) < k * B:   # unusable rows: draw others (the same rows always fail, so resume is exact)
         drawn = rng.choice(len(split.rows), k * B - len(candidates), p=probs)

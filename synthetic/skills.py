@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from chat import ANSWER, turns_of
-from eval import row_score
+from eval import one_part_per_ecg, row_score
 from synthetic.generator import make_patient, patient_history, synth_ecg
 from synthetic.tasks import LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, multi_row
 
@@ -79,10 +79,18 @@ def answer_prompt(model, row):
     return ids + (model.tokenizer.encode(row["answer"][:cut + len(ANSWER)]) if cut >= 0 else [])
 
 
+def score(row, text):
+    """A skill text's answer scored as eval.py scores its task. A per-ECG report as text has no reading to copy (its
+    answer is the reading, which only an ECG holds), so what it can teach is the shape: one part per ECG, in order."""
+    if row["question_type"] == "per_ecg_report":
+        return float(one_part_per_ecg(text, row["n_ecgs"]))
+    return row_score(dict(row, task=row["skill_of"], answer=row["final"]), text)
+
+
 @torch.no_grad()
 def skill_accuracy(model, rows, per_family=40, batch_size=32):
     """{family: share right} over up to per_family held-out rows each (those that fit the context), the model writing
-    the answer after the given reading (greedy), scored as eval.py scores the task it comes from."""
+    the answer after the given reading (greedy), each scored by `score`."""
     by = defaultdict(list)
     for r in rows:
         if r.get("task") == "skills" and len(by[r["family"]]) < per_family:
@@ -97,8 +105,7 @@ def skill_accuracy(model, rows, per_family=40, batch_size=32):
         for k in range(0, len(prompts), batch_size):
             chunk, asked = zip(*prompts[k:k + batch_size])
             written = model.generate(list(asked), [[] for _ in chunk], max_new_tokens=budget)
-            scores += [row_score(dict(r, task=r["skill_of"], answer=r["final"]), model.tokenizer.decode(w))
-                       for r, w in zip(chunk, written)]
+            scores += [score(r, model.tokenizer.decode(w)) for r, w in zip(chunk, written)]
         if scores:
             out[fam] = float(np.mean(scores))
     model.train(was_training)

@@ -426,7 +426,7 @@ def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_ans
     scorer reads the final answer after the reading (the whole text scores 1, the reading with a wrong answer 0)."""
     import importlib.util
     from eval import row_score
-    from synthetic.skills import skill_rows
+    from synthetic.skills import score, skill_rows
     path = Path(__file__).resolve().parents[1] / "docs" / "analysis" / "rule_on_readings.py"
     spec = importlib.util.spec_from_file_location("rule_on_readings", path)
     analysis = importlib.util.module_from_spec(spec)
@@ -436,8 +436,10 @@ def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_ans
     for r in rows:
         scored = dict(r, task=r["skill_of"], answer=r["final"])
         assert row_score(scored, r["answer"]) == 1.0, r
-        if r["question_type"] != "per_ecg_report":
-            assert r["answer"].endswith(" Answer: " + r["final"])
+        if r["question_type"] == "per_ecg_report":   # as text, scored on its shape: one part per ECG, in order
+            assert score(r, r["answer"]) == 1.0 and score(r, r["answer"].replace("ECG1:", "ECG9:")) == 0.0
+        else:
+            assert score(r, r["answer"]) == 1.0 and r["answer"].endswith(" Answer: " + r["final"])
             assert row_score(scored, r["answer"].replace("Answer: ", "Answer: not ")) == 0.0
             assert row_score(scored, analysis.answer(scored, analysis.parse_reading(r["answer"]))) == 1.0, r
     # the faithfulness measure: a conclusion that contradicts its own reading counts against it, and only it
