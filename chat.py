@@ -16,9 +16,10 @@ A model's *inputs* are, per prompt, a list of ECGRecords (data.py; the signal in
 inputs plug in beside them: images/chat.py adds paper-ECG images (GEM's second modality) on the <img> marks,
 anyecg/release.py runs anyECG-chat's own encoder.
 """
+import difflib
 import hashlib
 import itertools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from safetensors import safe_open
 
 from data import ECGRecord, read_json
 from ecg_encoder import ECGEncoder, EncoderConfig, Projector, load_state
-from model import LLM, Tokenizer, generate, left_pad, save_pretrained
+from model import LLM, Tokenizer, generate, is_llm_key, left_pad, save_pretrained
 
 
 # --------------------------------------------------------------------------- 1. Chat format
@@ -91,30 +92,36 @@ def choose_format(tokenizer, name="auto"):
 def encode_chat(tokenizer, turns, blocks="", add_generation_prompt=False, fmt=FORMATS["nanoecg"]):
     """turns: [("user", text), ("assistant", text), ...]; blocks: the inputs' placeholder blocks
     (ECGChat.placeholders), written before the first user message. -> (input_ids, labels), two equal-length lists,
-    -100 where no loss. The whole conversation is written out in `fmt` and encoded at once, as a Hugging Face chat
-    template would be; the labels are the tokens that start inside an answer (through its `end`).
-    add_generation_prompt: end with the opening of an assistant turn, for the model to continue."""
+    -100 where no loss. The conversation is laid out in `fmt` as a Hugging Face chat template would write it, and
+    encoded part by part: the template's parts with their special tokens, the turns' text as ordinary text (a
+    "<|end|>" typed by a user is those characters, not the end of a turn). The labels are each answer's tokens
+    through its `end`. add_generation_prompt: end with the opening of an assistant turn, for the model to continue."""
     bad = {t: ids for t in (*fmt.marks, fmt.end) if len(ids := tokenizer.encode(t)) != 1}
     if bad:
         raise ValueError(f"tokenizer does not encode special tokens as single ids: {bad}")
-    text, answers, placed = "", [], not blocks
+    parts, placed = [], not blocks   # (text, written by the template, learnt)
+    user_before, user_after = fmt.user.split("{text}")
     for role, content in turns:
-        if role == "user":
-            content = content if placed else blocks + content
-            text, placed = text + fmt.user.format(text=content.strip() if fmt.trim else content), True
+        if role == "user":   # the template trims the whole message, blocks and text (blocks start with no space)
+            head = "" if placed else blocks
+            content = (head + content).strip()[len(head):] if fmt.trim else content
+            parts += [(user_before + head, True, False), (content, False, False), (user_after, True, False)]
+            placed = True
         elif role == "assistant":
-            answer = (content.strip() if fmt.trim else content) + fmt.end   # what the loss covers
-            text += fmt.assistant
-            answers.append((len(text), len(text) + len(answer)))
-            text += answer + fmt.after
+            content = content.strip() if fmt.trim else content
+            parts += [(fmt.assistant, True, False), (content, False, True), (fmt.end, True, True),
+                      (fmt.after, True, False)]
         else:
             raise ValueError(f"turn role must be 'user' or 'assistant', got {role!r}")
     if not placed:
         raise ValueError("the input blocks go before the first user message, but there is no user turn")
-    ids, starts = tokenizer.encode_offsets(text + (fmt.assistant if add_generation_prompt else ""))
-    labels = [i if any(a <= s < b for a, b in answers) else -100 for i, s in zip(ids, starts)]
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []   # Qwen has no <bos>
-    return bos + ids, [-100] * len(bos) + labels
+    parts.append((fmt.assistant if add_generation_prompt else "", True, False))
+    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []   # Qwen has no <bos>
+    labels = [-100] * len(ids)
+    for text, template, learnt in parts:
+        part = tokenizer.encode(text, special=template)   # between special tokens, each part is encoded alone anyway
+        ids, labels = ids + part, labels + (part if learnt else [-100] * len(part))
+    return ids, labels
 
 
 def ecg_blocks(counts, fmt=FORMATS["nanoecg"], named=False):
@@ -160,7 +167,8 @@ class ECGChat(nn.Module):
         self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
         w = llm.embed_tokens.weight
         self.projector = projector if projector is not None else \
-            Projector(encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
+            Projector(token_width(encoder), llm.config.hidden_size).to(w.device, w.dtype)
+        check_widths(encoder, self.projector, llm)   # before the tokenizer and the LLM grow rows
         self.format = choose_format(tokenizer, chat_format)   # adds the tokens the vocabulary lacks
         self.label_ecgs = label_ecgs                           # "ECG1:" before each block of a multi-ECG prompt
         if tokenizer.vocab_size > llm.config.vocab_size:
@@ -321,6 +329,8 @@ class ECGChat(nn.Module):
         return {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len,
                 "chat_format": self.format.name, "label_ecgs": self.label_ecgs}
 
+    SECTIONS = {"encoder": EncoderConfig}   # the settings sections that are a part's config (check_settings)
+
     @classmethod
     def from_settings(cls, llm, tokenizer, settings, **parts):
         """The model a folder's "nanoecg" settings describe, with untrained parts beside the LLM (load fills them)."""
@@ -339,6 +349,7 @@ class ECGChat(nn.Module):
         if "nanoecg" not in raw:
             raise ValueError(f"{d / 'config.json'}: no 'nanoecg' section, so this is a plain LLM "
                              f"checkpoint, not an ECG-chat model (train one with train.py --llm {d})")
+        check_settings(raw["nanoecg"], cls.SECTIONS, d / "config.json")   # before the LLM's weights are read
         llm = LLM.from_pretrained(d, dtype=dtype, device=device)
         model = cls.from_settings(llm, Tokenizer(d), raw["nanoecg"])
         for module in model.parts().values():
@@ -351,14 +362,47 @@ class ECGChat(nn.Module):
         weights that belong to no part of this model."""
         prefixes = tuple(self.parts())
         with safe_open(str(path), framework="pt") as f:
-            other = sorted({k.split(".")[0] + ".*" for k in f.keys()
-                            if not k.startswith(prefixes + ("model.", "lm_head."))})
+            other = sorted({".".join(k.split(".")[:1 + k.startswith("model.")]) + ".*" for k in f.keys()
+                            if not k.startswith(prefixes) and not is_llm_key(k)})
             if other:
                 raise ValueError(f"{path}: weights {other} belong to no part of this model (one trained with "
                                  "--images loads with images.chat.load_chat)")
             for prefix, module in self.parts().items():
                 state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
                 load_state(module, state, f"{path} ({prefix}*)")
+
+
+def check_settings(settings, sections, path):
+    """Each part's config in a checkpoint's "nanoecg" settings names only fields its config class has (a ValueError
+    naming the file and the key, as config.py words it), and is there."""
+    for name, config_class in sections.items():
+        if not isinstance(settings.get(name), dict):
+            raise ValueError(f"{path}: no nanoecg.{name} section (the {config_class.__name__} of the model)")
+        names = [f.name for f in fields(config_class)]
+        for key in settings[name]:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; {config_class.__name__} has {names}"
+                raise ValueError(f"{path}: unknown config key {key!r} under nanoecg.{name}{hint}")
+
+
+def token_width(encoder):
+    """The width of an encoder's tokens: its d_model, or the d_llm of one that projects its own (anyECG's)."""
+    return getattr(encoder, "d_llm", None) or encoder.cfg.d_model
+
+
+def check_widths(encoder, projector, llm):
+    """The parts join where their widths agree: encoder -> projector -> LLM. A wider token would not fail later:
+    masked_scatter would take its first elements, and the model would answer from garbage."""
+    linears = [m for m in projector.modules() if isinstance(m, nn.Linear)]   # none: nn.Identity passes its input on
+    enc, hidden = token_width(encoder), llm.config.hidden_size
+    p_in, p_out = (linears[0].in_features, linears[-1].out_features) if linears else (enc, enc)
+    if p_in != enc:
+        raise ValueError(f"the ECG encoder ({type(encoder).__name__}) gives {enc}-wide tokens, but the projector "
+                         f"({type(projector).__name__}) takes {p_in}-wide ones")
+    if p_out != hidden:
+        what = f"projector ({type(projector).__name__})" if linears else f"ECG encoder ({type(encoder).__name__})"
+        raise ValueError(f"the {what} gives {p_out}-wide tokens, but the LLM's hidden size is {hidden}")
 
 
 def _run_lengths(flags):

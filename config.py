@@ -11,8 +11,11 @@ text and default; the help is the field's metadata, written once, beside the fie
 import argparse
 import difflib
 import json
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from safetensors import safe_open
 
 from chat import FORMATS
 from ecg_encoder import ENCODER_PRESETS, EncoderConfig
@@ -109,6 +112,8 @@ class Config:
     ckpt_interval: int = arg(500, "steps between checkpoints (and one at each stage end)")
     keep_ckpts: int = arg(2, "checkpoint folders kept")
     resume: bool = arg(False, "continue the run in out_dir from its newest checkpoint, with its config")
+    overwrite: bool = arg(False, "start a new run in an out_dir an older run used, deleting its log, checkpoints and "
+                                 "model (its tokenizer and warm-up file are reused only if made by the same settings)")
     stop_after: int = arg(0, "stop (checkpoint written) after this many steps in this run (0: never)")
 
 
@@ -117,7 +122,7 @@ ANYECG = dict(stage1_lr=1e-4, stage2_lr=1e-4, stage3_lr=1e-4, weight_decay=1e-4,
               stage1_train="encoder,projector", stage2_train="encoder,projector,lora",
               stage3_train="encoder,projector,lora")
 # What --resume lets a flag change: how the run logs, evaluates, checkpoints and where it runs, never what it learns.
-RESUME_SAFE = ("out_dir", "resume", "stop_after", "device", "workers", "ecg_cache", "compile", "grad_checkpoint",
+RESUME_SAFE = ("out_dir", "resume", "overwrite", "stop_after", "device", "workers", "ecg_cache", "compile", "grad_checkpoint",
                "log_interval", "eval_interval", "eval_batches", "gen_eval_rows", "test_rows", "max_new_tokens",
                "ckpt_interval", "keep_ckpts", "max_nan_steps", "test_data")
 # An encoder that nothing trained before the curriculum learns in the stages (see encoder_pretrained)
@@ -178,16 +183,34 @@ def parse_config(argv=None, usage=__doc__):
     merged = {**from_file, **given}
     if merged.get("resume"):   # the run's own config, then what was given now (setup refuses unsafe changes)
         saved = saved_config(latest_checkpoint(merged.get("out_dir", Config.out_dir)))
-        return Config(**{**saved, "stop_after": 0, **merged})
+        return Config(**{**saved, "stop_after": 0, "overwrite": False, **merged})
     first = Config(**merged)
     preset = ANYECG if first.llm else {} if encoder_pretrained(first) else UNTRAINED_ENCODER
     return Config(**{**preset, **merged})
 
 
 def latest_checkpoint(out_dir):
-    """The newest checkpoint folder of the run in out_dir, or None."""
-    found = sorted((Path(out_dir) / "checkpoints").glob("step_*"))  # temp folders start with "."
-    return found[-1] if found else None
+    """The newest intact checkpoint folder of the run in out_dir, or None. A damaged newer one (a file cut off by a
+    full disk, a state.json edited by hand) is passed over, with a warning naming it and why."""
+    for path in sorted((Path(out_dir) / "checkpoints").glob("step_*"), reverse=True):  # temp folders start with "."
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        warnings.warn(f"{path} is damaged ({problem}): passed over for the checkpoint before it")
+    return None
+
+
+def checkpoint_problem(path):
+    """Why a checkpoint folder cannot be resumed from (None: it can): a state.json or weight file that does not
+    read whole (safetensors checks its header against the file's length)."""
+    try:
+        json.loads((path / "state.json").read_text())["config"]
+        for file in sorted(path.rglob("*.safetensors")):
+            with safe_open(file, "pt"):
+                pass
+    except Exception as e:   # OSError, JSON, a missing key, safetensors' own error: each means "do not resume here"
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def saved_config(checkpoint):
@@ -245,6 +268,8 @@ def check_config(cfg):
              ("above 0", lambda v: v > 0, ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr", "encoder_warmup_lr")),
              ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac"))]
     bad = [f"--{k} {getattr(cfg, k)}: {rule}" for rule, ok, names in rules for k in names if not ok(getattr(cfg, k))]
+    if cfg.resume and cfg.overwrite:
+        bad.append("--resume and --overwrite: choose one (continue the run in out_dir, or replace it)")
     if cfg.parallel not in ("ddp", "fsdp"):
         bad.append(f"--parallel {cfg.parallel}: ddp or fsdp")
     if cfg.chat_format not in ("auto", *FORMATS):

@@ -117,7 +117,8 @@ _WFDB_FLAC = {"508", "516", "524"}
 _TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "v": 1e3, "nu": 1.0, "": 1.0}
 
 
-def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, start=None, end=None, units=None):
+def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, start=None, end=None, units=None,
+             root=None):
     """Read an ECG file -> ECGRecord(signal float32 (leads, samples) in mV, fs, lead names).
 
     path: a WFDB record (with or without .hea/.dat; multi-file records such as PTB's .dat + .xyz are read whole),
@@ -128,8 +129,11 @@ def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, sta
     start, end: read only samples [start, end) (WFDB reads just that part of the file, so a 10 s clip of a 24 h
     Holter costs what a 10 s record does).
     units: the unit of the file's values, "mV", "uV" or "V" (default: a WFDB header's units, mV for .npy/.csv).
-    All-NaN and flat leads are dropped, partly missing samples interpolated (repair_nonfinite), with a warning;
-    amplitudes a thousand times off (µV or V read as mV) are warned about (check_amplitude)."""
+    root: refuse the record if a file it is read from (a WFDB header, a signal file it names) lies outside this
+    folder once links are resolved: a row names a record under its data root, never any file the process can open.
+    Leads with no finite sample and flat leads are dropped, partly missing samples interpolated (repair_nonfinite),
+    with a warning; amplitudes a thousand times off (µV or V read as mV) are warned about, and ones no ECG reaches
+    refused (check_amplitude)."""
     path = str(path)
     suffix = Path(path).suffix.lower()
     if units is not None and str(units).lower() not in _TO_MV:
@@ -137,17 +141,18 @@ def load_ecg(path, leads=None, drop_unknown=False, fs=None, lead_names=None, sta
     if suffix in (".npy", ".csv"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
+        if root is not None:
+            _check_inside(root, path)
         signal, fs, names = (_read_npy if suffix == ".npy" else _read_csv)(path, fs, lead_names)
         signal = signal * _TO_MV[str(units or "mV").lower()]
         if start is not None or end is not None:
             signal = signal[:, _clip(path, signal.shape[1], start, end)]
     else:
-        signal, fs, names = _read_wfdb(path[:-4] if suffix in (".hea", ".dat", ".xyz") else path, lead_names,
-                                       start, end, units)
+        signal, fs, names = _read_wfdb(_record_name(path), lead_names, start, end, units, root)
     if signal.shape[1] == 0:
         raise ValueError(f"{path}: record has zero samples")
-    if not (fs and fs > 0):
-        raise ValueError(f"{path}: sampling rate must be positive, got {fs}")
+    if fs is None or not 0 < fs < math.inf:   # NaN fails both comparisons
+        raise ValueError(f"{path}: sampling rate must be positive and finite, got {fs}")
     names = normalise_leads(names, path)
     if drop_unknown:
         keep = [i for i, n in enumerate(names) if n in STANDARD_LEADS]
@@ -175,13 +180,43 @@ def _clip(name, n, start, end, fs=None):
     return slice(start, end)
 
 
-def _read_wfdb(record, lead_names, start=None, end=None, units=None):
-    """One pass of wfdb over header and samples: parsing a header costs more than reading a 10 s record, so it is
-    parsed once. When wfdb fails or returns fewer samples than asked, _diagnose_wfdb says precisely what is wrong."""
+def _record_name(path):
+    """A WFDB record's name: its path without the header's or a signal file's extension."""
+    return path[:-4] if Path(path).suffix.lower() in (".hea", ".dat", ".xyz") else path
+
+
+def record_length(path):
+    """(samples, fs) of a WFDB record from its header alone, before any sample is read (a part of a 24 h Holter is
+    checked and read without the rest); None for .npy/.csv, whose length is known only once read, and for a header
+    without a usable length or rate (reading the record then says what is wrong)."""
+    path = str(path)
+    if Path(path).suffix.lower() in (".npy", ".csv"):
+        return None
+    h = _rdheader(_record_name(path))
+    return (h.sig_len, float(h.fs)) if h.sig_len and 0 < h.fs < math.inf else None
+
+
+def _rdheader(record):
+    """wfdb's parse of a record's header (no sample read), or one clear error naming the header."""
     import wfdb   # imported here: it pulls in pandas, seconds that `import data` should not cost
     header = record + ".hea"
     if not os.path.isfile(header):
         raise FileNotFoundError(f"{header}: no such WFDB header (record '{record}')")
+    try:
+        return wfdb.rdheader(record)
+    except Exception as e:
+        raise ValueError(f"{header}: cannot parse WFDB header ({type(e).__name__}: {e})") from None
+
+
+def _read_wfdb(record, lead_names, start=None, end=None, units=None, root=None):
+    """One pass of wfdb over header and samples: parsing a header costs more than reading a 10 s record, so it is
+    parsed once (twice for a clip or under a root). When wfdb fails or returns fewer samples than asked,
+    _diagnose_wfdb says precisely what is wrong."""
+    import wfdb
+    header = record + ".hea"
+    if not os.path.isfile(header):
+        raise FileNotFoundError(f"{header}: no such WFDB header (record '{record}')")
+    h = None if root is None else _check_wfdb_inside(root, record)   # before wfdb opens a file outside the root
     try:   # a clip outside the record fails here too, and _diagnose_wfdb names it (_clip)
         rec = wfdb.rdrecord(record, sampfrom=int(start or 0), sampto=None if end is None else int(end))
     except Exception as e:
@@ -193,7 +228,8 @@ def _read_wfdb(record, lead_names, start=None, end=None, units=None):
         raise ValueError(f"{header}: record has zero samples or no signals")
     # a header whose format or length does not fit its files reads as garbage, not as an error: check the sizes
     # (a clip's record knows only the clip's length, so the header is parsed again for the whole one)
-    _check_signal_files(record, rec if start is None and end is None else wfdb.rdheader(record))
+    whole = not start and end is None
+    _check_signal_files(record, rec if whole else h if h is not None else wfdb.rdheader(record))
     stated = [str(units or u or "").strip().lower() for u in rec.units]   # the caller's units win over the header's
     bad = sorted({u for u in stated if u not in _TO_MV})
     if bad:
@@ -207,16 +243,11 @@ def _read_wfdb(record, lead_names, start=None, end=None, units=None):
 def _diagnose_wfdb(record, start, end):
     """Raise the clear error for a record wfdb could not read, if one of the usual causes: a bad header, a signal
     file missing, short or in an unknown format (wfdb's own errors for these are cryptic), a clip outside the record."""
-    import wfdb
-    header = record + ".hea"
-    try:
-        h = wfdb.rdheader(record)
-    except Exception as e:
-        raise ValueError(f"{header}: cannot parse WFDB header ({type(e).__name__}: {e})") from None
+    h = _rdheader(record)
     if not h.n_sig or not h.sig_len:
-        raise ValueError(f"{header}: record has zero samples or no signals")
+        raise ValueError(f"{record}.hea: record has zero samples or no signals")
     _check_signal_files(record, h)
-    _clip(record, h.sig_len, start, end)
+    _clip(record, h.sig_len, start, end, h.fs)
 
 
 def _check_signal_files(record, h):
@@ -246,6 +277,30 @@ def _check_signal_files(record, h):
         if size > need + math.ceil(frame):
             raise ValueError(f"{path}: {size} bytes, but format(s) {sorted(set(h.fmt[i] for i in mine))} and "
                              f"{h.sig_len} samples in {record}.hea make {need}: the header's format or length is wrong")
+
+
+def _check_wfdb_inside(root, record):
+    """Refuse a WFDB record any of whose files -- its header, each signal file it names, a multi-segment record's
+    segments -- lies outside root once links are resolved (the record's own name may be no file, so checking it
+    follows no link). Each header is checked before wfdb parses it, every file before wfdb reads a sample.
+    -> the parsed header"""
+    _check_inside(root, record + ".hea")
+    h = _rdheader(record)
+    folder = os.path.dirname(record)
+    for name in dict.fromkeys(getattr(h, "file_name", None) or []):
+        _check_inside(root, os.path.join(folder, name))
+    for segment in getattr(h, "seg_name", None) or []:
+        if segment != "~":                                                  # "~": a gap in the record, no file
+            _check_wfdb_inside(root, os.path.join(folder, segment))
+    return h
+
+
+def _check_inside(root, path):
+    """Refuse `path` unless it lies inside root once every link is resolved. is_relative_to compares whole path
+    components: a sibling folder "data2" is not inside "data", which a string prefix would let through."""
+    base = Path(root or ".").resolve()
+    if not Path(path).resolve().is_relative_to(base):
+        raise ValueError(f"{path}: outside the ECG root {base} once links are resolved; rows name records under it")
 
 
 def _read_npy(path, fs, lead_names):
@@ -283,7 +338,11 @@ def _read_csv(path, fs, lead_names):
     if any(is_time):
         t = x[is_time.index(True)]
         if len(t) > 1 and fs is None:
-            fs = 1.0 / float(np.median(np.diff(t)))
+            step = float(np.median(np.diff(t)))
+            if not step > 0:   # a time that stands still or runs back gives no rate (and 1/0 no message)
+                raise ValueError(f"{path}: the time column does not advance (median step {step:g} s); "
+                                 "it cannot give the sampling rate")
+            fs = 1.0 / step
         x, header = x[[not b for b in is_time]], [h for h, b in zip(header, is_time) if not b]
     if fs is None:
         raise ValueError(f"{path}: no time column and no fs given; pass load_ecg(path, fs=...)")
@@ -298,13 +357,21 @@ def _check_names(names, n, source):
 
 
 # --------------------------------------------------------------------------- 4. cleaning
+MAX_MV = 1e6   # 1 kV: an ECG in µV read as mV reaches some 1e4 (1e5 with a large electrode offset); nothing beyond
+
+
 def check_amplitude(signal, leads, source=""):
     """Warn when the ECG leads' amplitudes are a thousand times off: a lead in mV spans about 0.3 to 10 mV, so one
     spanning hundreds is almost surely in µV (and one spanning hundredths in V). Read as mV, such a record is still
-    answered, but from the wrong ECG, so the warning names the factor and the repair."""
+    answered, but from the wrong ECG, so the warning names the factor and the repair. Values beyond MAX_MV are no
+    ECG in any unit (garbage, or a wrong file): refused."""
     ecg = [i for i, name in enumerate(leads) if name in STANDARD_LEADS]
     if not ecg:
         return
+    level = float(np.median(np.percentile(np.abs(signal[ecg]), 99.5, axis=1)))   # a few glitches are not the record
+    if level > MAX_MV:
+        raise ValueError(f"{source}: the leads reach {level:.3g} mV (median), beyond what any unit of an ECG "
+                         f"explains (µV read as mV reach some 1e4): not an ECG")
     span = float(np.median(np.percentile(signal[ecg], 99.5, axis=1) - np.percentile(signal[ecg], 0.5, axis=1)))
     if span > 100:
         warnings.warn(f"{source}: the leads span {span:.0f} mV (median), about 1000x an ECG's 1-5 mV: the values look "
@@ -315,20 +382,21 @@ def check_amplitude(signal, leads, source=""):
 
 
 def drop_unusable_leads(signal, leads, source=""):
-    """Drop leads that carry nothing -- all NaN, or flat (a disconnected electrode, a zero-filled missing lead) -- with
-    a warning. They become *absent* leads, which the encoder handles; a flat line would say 'this lead reads 0 mV'."""
+    """Drop leads that carry nothing -- no finite sample, or flat (a disconnected electrode, a zero-filled missing
+    lead) -- with a warning. They become *absent* leads, which the encoder handles; a flat line would say 'this lead
+    reads 0 mV'."""
     finite = np.isfinite(signal)
-    all_nan = ~finite.any(axis=1)
+    none_finite = ~finite.any(axis=1)                                      # all NaN, all inf, or both
     masked = np.where(finite, signal, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        flat = ~all_nan & (np.nanmax(masked, axis=1) - np.nanmin(masked, axis=1) < 1e-6)
-    bad = all_nan | flat
+        flat = ~none_finite & (np.nanmax(masked, axis=1) - np.nanmin(masked, axis=1) < 1e-6)
+    bad = none_finite | flat
     if bad.all():
-        raise ValueError(f"{source}: every lead is empty (all NaN) or flat: {leads}")
+        raise ValueError(f"{source}: every lead is empty (not finite: NaN or inf) or flat: {leads}")
     if bad.any():
-        warnings.warn(f"{source}: dropped leads {[x for x, b in zip(leads, all_nan) if b]} (all NaN) and "
-                      f"{[x for x, b in zip(leads, flat) if b]} (flat); they are treated as absent")
+        warnings.warn(f"{source}: dropped leads {[x for x, b in zip(leads, none_finite) if b]} (not finite: NaN or "
+                      f"inf) and {[x for x, b in zip(leads, flat) if b]} (flat); they are treated as absent")
     return signal[~bad], [x for x, b in zip(leads, bad) if not b]
 
 
@@ -564,12 +632,13 @@ class RowECGReader:
 def read_clip(root, fs, key):
     rel, start, end = key
     path = inside(root, rel)
-    return prepare_ecg(load_ecg(path, start=start, end=end), fs, name=path)
+    return prepare_ecg(load_ecg(path, start=start, end=end, root=root), fs, name=path)
 
 
 def inside(root, rel):
     """root/rel, refused when it leads outside root (an absolute path, '..', or a link out): a row names a record
-    under the data root it came with, never any file the reading process could open."""
+    under the data root it came with, never any file the reading process could open. "rec/100" names no file, so
+    the links of the files it is read from (100.hea, 100.dat) are load_ecg(root=)'s to check."""
     base = Path(root or ".").resolve()
     path = (base / rel).resolve()
     if not path.is_relative_to(base):

@@ -321,6 +321,11 @@ def load_state(module, state, source):
 
 def check_state(shapes, state, source, what):
     """The checks of load_state against `shapes` ({key: shape}), `what` naming the layout they describe."""
+    # every part's state is floating point; an integer tensor would be cast silently by load_state_dict's copy
+    ints = sorted(k for k, v in state.items() if not v.is_floating_point())
+    if ints:
+        raise ValueError(f"{source}: {ints[0]} is {str(state[ints[0]].dtype).removeprefix('torch.')}, not floating "
+                         f"point weights ({len(ints)} such tensors: {ints[:5]})")
     poisoned = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if poisoned:
         raise ValueError(f"{source}: non-finite values (NaN/Inf) in {poisoned[:5]} ({len(poisoned)} tensors)")

@@ -368,6 +368,11 @@ def paired_difference(answers, baseline):
     """{group: (metric, answers - baseline, lo, hi)}: each task's main metric over the same rows answered two ways
     (with the ECG and with it blanked; asked second in a chat and asked first), paired by row index, with its 95 %
     bootstrap interval. answers, baseline: `evaluate`'s predictions (each carries its row's task, answer, type)."""
+    for name, preds in (("answers", answers), ("baseline", baseline)):
+        seen = Counter(p["index"] for p in preds)
+        twice = sorted(i for i, n in seen.items() if n > 1)
+        if twice:   # a dict would keep one of them and pair the other rows with a stranger's answer
+            raise ValueError(f"paired_difference: {name} repeat row indices {twice[:5]}; number the rows uniquely")
     other = {p["index"]: p["prediction"] for p in baseline}
     rows = [p for p in answers if p["index"] in other]
     return {name: bootstrap([rows[i] for i in idx], [rows[i]["prediction"] for i in idx],
@@ -477,7 +482,8 @@ def evaluate(model, rows, inputs_of, batch_size=8, max_new_tokens=256, ablate_ec
     # rows of one task have similar ECG lengths: batching them together saves padding
     order = sorted(range(len(rows)), key=lambda i: rows[i]["task"])
     answered, skipped = [], []
-    bar = tqdm(total=len(rows), desc="eval" + (" (ECG blanked)" if ablate_ecg else ""), disable=not progress)
+    bar = tqdm(total=len(rows), desc="eval" + (" (ECG blanked)" if ablate_ecg else ""),
+               disable=not progress or not sys.stderr.isatty())   # a log file gets no \r frames
     try:
         for start in range(0, len(order), batch_size):
             batch = []  # (row index, prompt ids, inputs)
@@ -524,11 +530,36 @@ def rows_per_task(rows, n, per_type=0, seed=0):
     return out
 
 
+def unique_indices(rows):
+    """rows, each with a file_index no other row has: rows read from several files (train.py --data a.json,b.json)
+    repeat positions, and the answers are paired by that index. Repeating ones are renumbered by place in rows."""
+    indices = [r.get("file_index", i) for i, r in enumerate(rows)]
+    if len(set(indices)) == len(indices):
+        return rows
+    return [{**r, "file_index": i} for i, r in enumerate(rows)]
+
+
+def drop_duplicates(rows, source):
+    """rows without those that repeat an earlier row exactly (every field but file_index): each would be scored again
+    and weigh twice in the means and their intervals. The first of each is kept, and one warning says how many went."""
+    seen, kept, dropped = set(), [], []
+    for r in rows:
+        key = json.dumps({k: v for k, v in r.items() if k != "file_index"}, sort_keys=True, default=str)
+        (dropped if key in seen else kept).append(r)
+        seen.add(key)
+    if dropped:
+        shown = ", ".join(str(r.get("file_index", "?")) for r in dropped[:10]) + (" ..." if len(dropped) > 10 else "")
+        warnings.warn(f"{source}: dropped {len(dropped)} duplicate rows (the same as an earlier row in every field; "
+                      f"rows {shown}): each row is scored once")
+    return kept
+
+
 def evaluate_held_out(model, rows, inputs_of, train_rows, all_rows, out_dir, log, batch_size=8, max_new_tokens=256):
     """The tables a training run ends with, on the held-out `rows`: the model's answers, the same with every ECG
     blanked and the paired difference (how much each task reads the ECG), the single-ECG ECG-QA rows asked second in a
     chat after a report exchange (as_followups; all_rows: where the reports are found), and the chance level (the
     most frequent answer in train_rows). Each is printed, logged, and the answers written to out_dir."""
+    rows = unique_indices(rows)
     answers = {}
     for name, ablate in [("test", False), ("test_ecg_blanked", True)]:
         t0 = time.time()
@@ -576,12 +607,14 @@ def main(argv=None):
         if getattr(args, name) is not None and getattr(args, name) < (name != "limit"):
             p.error(f"--{name.replace('_', '-')} must be at least {int(name != 'limit')}")
     out_folder = Path(args.out).resolve().parent   # checked now, not after the whole evaluation
-    if os.path.isdir(args.out) or not out_folder.is_dir():
-        p.error(f"--out {args.out}: " + ("a folder; give the path of a .json file" if os.path.isdir(args.out) else
-                                         f"its folder {out_folder} does not exist"))
+    problem = ("a folder; give the path of a .json file" if os.path.isdir(args.out) else
+               f"its folder {out_folder} does not exist" if not out_folder.is_dir() else
+               f"its folder {out_folder} is not writable" if not os.access(out_folder, os.W_OK | os.X_OK) else None)
+    if problem:
+        p.error(f"--out {args.out}: {problem}")
     try:
         model = load_chat(args.ckpt, device=args.device)
-        rows = load_rows(args.data)[:args.limit]
+        rows = drop_duplicates(load_rows(args.data), args.data)[:args.limit]
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if not rows:

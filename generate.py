@@ -12,6 +12,7 @@ shaded. stdout carries only the answers (so they can be piped); everything else 
 itself is model.generate; anyECG-chat's release (its preprocessing, encoder, LoRA) is anyecg/release.py.
 """
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -19,21 +20,35 @@ import warnings
 import torch
 
 from anyecg import release as anyecg
-from data import STANDARD_LEADS, ECGRecord, canonical_lead, cut_ecg, load_ecg, parse_localization, prepare_ecg
+from data import (STANDARD_LEADS, ECGRecord, canonical_lead, cut_ecg, load_ecg, parse_localization, prepare_ecg,
+                  record_length)
 from images.chat import load_chat
 from images.paper import plot_ecg_svg, read_image
 
 ANSWER_BUDGET = 64   # tokens an ECG must leave free for the answer (or --max-new-tokens, if smaller)
 
 
-def cut_seconds(rec, start=0.0, end=None, name="ECG"):
-    """The part [start, end) seconds of a record (end None: to its end). An end past the record's is taken as its end,
-    with a warning; any other part outside the record is data.cut_ecg's error."""
-    duration = rec.signal.shape[1] / rec.fs
+def span_samples(n, fs, start=0.0, end=None, name="ECG"):
+    """The samples [first, last) of the part [start, end) seconds of a record of n samples at fs Hz (end None: to its
+    end). An end past the record's is taken as its end, with a warning; a part outside the record is data's error."""
+    duration = n / fs
     if end is not None and end > duration and start < duration:
         warnings.warn(f"{name}: --end {end:g} s is past the end of the record; using its end, {duration:.2f} s")
         end = None
-    return cut_ecg(rec, round(start * rec.fs), None if end is None else round(end * rec.fs), name)
+    return round(start * fs), n if end is None else round(end * fs)
+
+
+def cut_seconds(rec, start=0.0, end=None, name="ECG"):
+    """The part [start, end) seconds of a record (span_samples)."""
+    return cut_ecg(rec, *span_samples(rec.signal.shape[1], rec.fs, start, end, name), name)
+
+
+def finite(text):
+    """argparse type: a finite number ('nan' and 'inf' parse as floats, but are no time or rate)."""
+    x = float(text)
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return x
 
 
 def lead_list(text, option):
@@ -96,15 +111,39 @@ def _user_lines():
             yield line.strip()
 
 
+def header_part(path, start, end):
+    """(first, last sample, fs) of the part [start, end) seconds of a WFDB record, from its header alone; None for a
+    .npy/.csv file, whose length is known only once it is read (data.record_length)."""
+    known = record_length(path)
+    return None if known is None else (*span_samples(*known, start, end, path), known[1])
+
+
+def check_room(model, samples, args):
+    """ECGs of these lengths (samples at the model's rate) must leave room for a question and the answer: fail before
+    the first question, not after a cut answer."""
+    budget = min(args.max_new_tokens, ANSWER_BUDGET)
+    try:
+        model.check_fits(samples, 16 + budget)
+    except ValueError as e:
+        raise ValueError(f"{e} Here: --start/--end take a part of a long record, and {budget} tokens stay free for "
+                         f"the answer (--max-new-tokens {args.max_new_tokens}).") from None
+
+
 def read_inputs(args, model):
     """Each --ecg as (the record as read and cut, in mV at its own rate; as the model, or anyECG-chat, reads it), and
-    the --image printouts, each described on stderr. Every error names the file."""
+    the --image printouts, each described on stderr. Every error names the file. Of a WFDB record only the part asked
+    is read, and a part too long for the context is refused from the headers, before a sample is read (a 24 h Holter
+    is 9 GB); .npy/.csv files are read whole, then cut and checked."""
     leads = lead_list(args.leads, "--leads") if args.leads else None
-    lead_names = [x.strip() for x in args.lead_names.split(",")] if args.lead_names else None
+    kw = dict(leads=leads, fs=args.fs, units=args.units,
+              lead_names=[x.strip() for x in args.lead_names.split(",")] if args.lead_names else None)
+    parts = [header_part(path, args.start, args.end) for path in args.ecg or []]
+    fs = model.encoder.cfg.fs   # lengths at the model's rate rounded down: never stricter than the check once read
+    check_room(model, [math.floor((b - a) * fs / rate) for a, b, rate in filter(None, parts) if b > a], args)
     read = []
-    for path in args.ecg or []:
-        rec = cut_seconds(load_ecg(path, leads=leads, fs=args.fs, lead_names=lead_names, units=args.units),
-                          args.start, args.end, path)
+    for path, part in zip(args.ecg or [], parts):
+        rec = cut_seconds(load_ecg(path, **kw), args.start, args.end, path) if part is None else \
+            load_ecg(path, start=part[0], end=part[1], **kw)
         # anyECG-chat's model reads an ECG as its own code prepares it, 12 lead slots at 100 Hz
         read.append((rec, ECGRecord(anyecg.anyecg_input(rec), 100.0, list(STANDARD_LEADS)) if args.anyecg else
                      prepare_ecg(rec, model.encoder.cfg.fs, name=path)))
@@ -126,12 +165,7 @@ def run_chat(args):
         load_chat(args.ckpt, device=args.device)
     read, images = read_inputs(args, model)
     ecgs = [prepared for _, prepared in read]
-    budget = min(args.max_new_tokens, ANSWER_BUDGET)   # fail before the first question, not after a cut answer
-    try:
-        model.check_fits([e.signal.shape[1] for e in ecgs], 16 + budget)
-    except ValueError as e:
-        raise ValueError(f"{e} Here: --start/--end take a part of a long record, and {budget} tokens stay free for "
-                         f"the answer (--max-new-tokens {args.max_new_tokens}).") from None
+    check_room(model, [e.signal.shape[1] for e in ecgs], args)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.seed is not None:
         sampling["generator"] = torch.Generator(model.llm.embed_tokens.weight.device).manual_seed(args.seed)
@@ -164,9 +198,10 @@ def main(argv=None):
                    help="an ECG: WFDB record, .npy or .csv; repeat for several ECGs, in order")
     p.add_argument("--prompt", help="the question; without it, a multi-turn chat reads questions from stdin")
     p.add_argument("--leads", help="use only these leads, e.g. I,II,V5")
-    p.add_argument("--start", type=float, default=0.0, help="seconds: use each --ecg from here ...")
-    p.add_argument("--end", type=float, default=None, help="... to here (default: its end); the same part of every --ecg")
-    p.add_argument("--fs", type=float, help="sampling rate of a .npy / time-less .csv file, Hz")
+    p.add_argument("--start", type=finite, default=0.0, help="seconds: use each --ecg from here ...")
+    p.add_argument("--end", type=finite, default=None,
+                   help="... to here (default: its end); the same part of every --ecg")
+    p.add_argument("--fs", type=finite, help="sampling rate of a .npy / time-less .csv file, Hz")
     p.add_argument("--lead-names", help="lead names of a .npy file (or to override a file's), e.g. I,II,III")
     p.add_argument("--units", choices=["mV", "uV", "V"], help="unit of the file's values (default: the WFDB header's; "
                    "mV for .npy/.csv); a file in µV read as mV is warned about")
@@ -180,6 +215,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.ecg and not args.image:
         p.error("give at least one --ecg (or --image)")
+    if args.prompt is not None and not args.prompt.strip():   # '' would silently turn into a chat from stdin
+        p.error("--prompt is empty; give a question, or leave --prompt out to ask from stdin")
     if bool(args.anyecg) != bool(args.llm):
         p.error("--anyecg and --llm go together")
     try:

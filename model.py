@@ -52,7 +52,10 @@ class Tokenizer:
         if not model_file.is_file():
             raise FileNotFoundError(f"{model_file}: no tokenizer.model (sentencepiece) or tokenizer.json here")
         self.model_file, self.tk = model_file, None
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as e:   # sentencepiece's message names its C++ source, not the file
+            raise ValueError(f"{model_file}: not a readable sentencepiece model ({str(e).split('] ')[-1]})") from None
         self.base_vocab_size = self.sp.get_piece_size()
         added_file = model_file.parent / "added_tokens.json"   # Hugging Face's record of added tokens, if saved
         self.added = {str(k): int(v) for k, v in read_json(added_file).items()} if added_file.is_file() else {}
@@ -68,12 +71,15 @@ class Tokenizer:
             raise ImportError(f"{file}: reading tokenizer.json needs the tokenizers library: pip install tokenizers") \
                 from None
         self.model_file, self.sp = file, None
-        self.tk = JSONTokenizer.from_file(str(file))
+        try:
+            self.tk = JSONTokenizer.from_file(str(file))
+        except Exception as e:   # the library raises a bare Exception for a cut-off or malformed file
+            raise ValueError(f"{file}: not a readable tokenizer.json ({e})") from None
         self.base_vocab_size = self.tk.get_vocab_size(with_added_tokens=False)
         self.added = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()}
         self.add_special_tokens(special_tokens)
         config_file = file.parent / "tokenizer_config.json"
-        self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        self.config = read_json(config_file) if config_file.is_file() else {}
 
         def token_id(name):   # a token in tokenizer_config.json is a string or {"content": string, ...}
             token = self.config.get(name)
@@ -100,20 +106,21 @@ class Tokenizer:
         alternatives = sorted(self.added, key=len, reverse=True)
         self.split_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
 
-    def encode(self, text, bos=False, eos=False):
-        return [self.bos_id] * bool(bos) + self.encode_offsets(text)[0] + [self.eos_id] * bool(eos)
+    def encode(self, text, bos=False, eos=False, special=True):
+        """special=False: the spelling of a special token in text is ordinary text, encoded piece by piece like any
+        other (how chat.encode_chat encodes what a user or a data row wrote, so no text can open or close a turn)."""
+        return [self.bos_id] * bool(bos) + self._encode(text, special) + [self.eos_id] * bool(eos)
 
-    def encode_offsets(self, text):
-        """text -> (ids, the offset in text where each token's piece starts); what tells a chat template's parts
-        apart after the whole conversation is encoded at once."""
+    def _encode(self, text, special):
         if self.tk is not None:
-            enc = self.tk.encode(text, add_special_tokens=False)
-            return enc.ids, [a for a, _ in enc.offsets]
-        ids, starts, at = [], [], 0
-        for piece in self.split_re.split(text) if self.split_re else [text]:
-            piece_ids = [self.added[piece]] if piece in self.added else self.sp.encode(piece) if piece else []
-            ids, starts, at = ids + piece_ids, starts + [at] * len(piece_ids), at + len(piece)
-        return ids, starts
+            self.tk.encode_special_tokens = not special   # tokenizers' switch: special tokens split as text
+            try:
+                return self.tk.encode(text, add_special_tokens=False).ids
+            finally:
+                self.tk.encode_special_tokens = False
+        pieces = self.split_re.split(text) if special and self.split_re else [text]
+        return [i for piece in pieces if piece
+                for i in ([self.added[piece]] if special and piece in self.added else self.sp.encode(piece))]
 
     def decode(self, ids):
         if self.tk is not None:
@@ -421,8 +428,9 @@ class LLM(nn.Module):
     # ---- checkpoints (the helpers are in section 3)
     @classmethod
     def from_pretrained(cls, hf_dir, dtype=None, device=None):
-        """A Hugging Face checkpoint folder -> LLM, built on the meta device, the weights assigned as they are read."""
-        from safetensors import safe_open
+        """A Hugging Face checkpoint folder -> LLM, built on the meta device, the weights assigned as they are read.
+        The config and the weights must agree: every tensor config.json implies is there, every tensor of the LLM in
+        the files is used, each is finite floating point, or a ValueError names the file and the keys."""
         cfg = read_hf_config(hf_dir)
         with torch.device("meta"):  # no memory is allocated: the weights are assigned as they are read
             model = cls(cfg)
@@ -430,27 +438,11 @@ class LLM(nn.Module):
         if cfg.tie_word_embeddings:
             expected.pop("lm_head.weight")
         with contextlib.ExitStack() as stack:
-            key_file = {}   # checkpoint key -> (file, its open handle)
-            for f in checkpoint_files(hf_dir):
-                try:
-                    sf = stack.enter_context(safe_open(str(f), framework="pt", device=str(device or "cpu")))
-                except Exception as e:   # a truncated or foreign file: safetensors' own error does not name it
-                    raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
-                key_file |= {k: (f, sf) for k in sf.keys()}
+            key_file = open_checkpoint(hf_dir, stack, device)   # checkpoint key -> (file, its open handle)
             prefix, head_key = _llm_prefix(key_file, hf_dir)
             to_ckpt = {k: head_key if k == "lm_head.weight" else prefix + k for k in expected}
-            missing = [c for c in to_ckpt.values() if c not in key_file]
-            if missing:
-                raise ValueError(f"{hf_dir}: checkpoint lacks keys {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                                 f"({len(missing)} missing) that config.json implies")
-            state = {}
-            for name, ckpt_key in to_ckpt.items():
-                f, sf = key_file[ckpt_key]
-                t = sf.get_tensor(ckpt_key)  # memory-mapped read of one tensor
-                if t.shape != expected[name].shape:
-                    raise ValueError(f"{f}: key {ckpt_key} has shape {tuple(t.shape)}, config.json implies "
-                                     f"{tuple(expected[name].shape)}")
-                state[name] = t.to(dtype) if dtype is not None else t
+            check_llm_keys(key_file, to_ckpt, prefix, head_key, cfg, hf_dir)
+            state = {name: read_weight(key_file, key, expected[name].shape, dtype) for name, key in to_ckpt.items()}
         model.load_state_dict(state, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
@@ -521,6 +513,75 @@ def _llm_prefix(key_file, hf_dir):
     prefix = embeds[0][: -len("embed_tokens.weight")]
     heads = [k for k in key_file if k.endswith("lm_head.weight")]
     return prefix, heads[0] if len(heads) == 1 else "lm_head.weight"
+
+
+def open_checkpoint(hf_dir, stack, device=None):
+    """{key: (file, its open safe_open handle)} over the folder's safetensors file(s), the handles kept open by
+    `stack` (an ExitStack) so that each tensor is read memory-mapped when it is needed."""
+    from safetensors import safe_open
+    key_file = {}
+    for f in checkpoint_files(hf_dir):
+        try:
+            sf = stack.enter_context(safe_open(str(f), framework="pt", device=str(device or "cpu")))
+        except Exception as e:   # a truncated or foreign file: safetensors' own error does not name it
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+        key_file |= {k: (f, sf) for k in sf.keys()}
+    return key_file
+
+
+LLM_PARTS = ("embed_tokens.", "layers.", "norm.", "rotary_emb.")   # the LLM's keys start so after its prefix
+
+
+def is_llm_key(key, prefix="model.", head_key="lm_head.weight"):
+    """Whether a checkpoint key belongs to the LLM (not to a tower or projector stored beside it)."""
+    return key == head_key or key.startswith(prefix) and key[len(prefix):].startswith(LLM_PARTS)
+
+
+def few(keys, n=5):
+    """'[a, b, c] and 7 more': a few keys of many, for an error that stays one line."""
+    keys = list(keys)
+    return f"{keys[:n]}" + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def check_llm_keys(key_file, to_ckpt, prefix, head_key, cfg, hf_dir):
+    """Every key the config implies is in the files, and every LLM key in the files is one of them: a config.json
+    that disagrees with its weights (num_hidden_layers 2 on a 4-layer model) would otherwise run half the model."""
+    missing = [k for k in to_ckpt.values() if k not in key_file]
+    if missing:
+        files = {f for f, _ in key_file.values()}
+        where = files.pop() if len(files) == 1 else Path(hf_dir) / "model.safetensors.index.json"
+        raise ValueError(f"{where}: lacks {few(missing)} ({len(missing)} keys) that config.json implies")
+    used = set(to_ckpt.values())
+    unused = [k for k in key_file if is_llm_key(k, prefix, head_key) and k not in used
+              # old Llama checkpoints saved RoPE's frequency table as a buffer; it is computed from config.json here
+              and not k.endswith("rotary_emb.inv_freq")
+              and not (cfg.tie_word_embeddings and k == head_key and _tied_copy(key_file, k, prefix))]
+    if unused:
+        raise ValueError(f"{key_file[unused[0]][0]}: {few(unused)} ({len(unused)} tensors) are not used by the model "
+                         f"{Path(hf_dir) / 'config.json'} describes (num_hidden_layers={cfg.num_hidden_layers}, "
+                         f"tie_word_embeddings={cfg.tie_word_embeddings}); the config disagrees with the weights")
+
+
+def _tied_copy(key_file, head_key, prefix):
+    """Whether a saved head equals the embeddings: with tie_word_embeddings some savers write the tied head too, a
+    copy the model rightly skips; a head that differs means the config's tying disagrees with the weights."""
+    embed = prefix + "embed_tokens.weight"
+    return torch.equal(key_file[head_key][1].get_tensor(head_key), key_file[embed][1].get_tensor(embed))
+
+
+def read_weight(key_file, key, shape, dtype=None):
+    """One tensor of the checkpoint, memory-mapped, checked against the shape the config implies; a tensor that is not
+    floating point, or holds NaN or Inf, is refused (it would fail in the first matmul, or answer noise)."""
+    f, sf = key_file[key]
+    t = sf.get_tensor(key)
+    if t.shape != shape:
+        raise ValueError(f"{f}: key {key} has shape {tuple(t.shape)}, config.json implies {tuple(shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{f}: key {key} is {str(t.dtype).removeprefix('torch.')}, not floating point weights")
+    # NaN and Inf carry into a sum, which needs no tensor-sized temporary; only an overflowing sum needs the full check
+    if not (torch.isfinite(t.sum()) or torch.isfinite(t).all()):
+        raise ValueError(f"{f}: key {key} holds non-finite values (NaN or Inf)")
+    return t.to(dtype) if dtype is not None else t
 
 
 def hf_state_dict(model):

@@ -32,6 +32,7 @@ which generate.py and eval.py take. The settings are config.py's `Config`.
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import multiprocessing
@@ -47,6 +48,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+try:
+    import fcntl   # the out_dir lock (POSIX)
+except ImportError:   # Windows: no lock
+    fcntl = None
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -56,7 +62,7 @@ from tqdm import tqdm
 from anyecg.peft import save_peft_adapter
 from chat import SPECIAL_TOKENS, ECGChat, turns_of
 from config import check_config, check_resume, encoder_config, latest_checkpoint, parse_config, warms_up_encoder
-from data import TASKS, ECGRecord, RowECGReader, load_rows, read_json
+from data import TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, read_json
 from ecg_encoder import ECGEncoder, load_encoder_config, load_encoder_weights
 from eval import evaluate, evaluate_held_out, print_table, rows_per_task
 from images.chat import ImageChat
@@ -279,28 +285,45 @@ def ecg_seconds(batch):
 
 # --------------------------------------------------------------------------- model, optimizer, schedule
 def build_tokenizer(cfg, data, rank):
+    """--llm's tokenizer, or this run's: out_dir/tokenizer, reused only when made by the same --vocab_size from the
+    same training text (as a warm-up file is: a folder another run left behind is trained again, with a warning)."""
     if cfg.llm:
         return Tokenizer(cfg.llm)   # ECGChat adds the tokens its chat format needs and the vocabulary lacks
     tok_dir = Path(cfg.out_dir) / "tokenizer"
-    n_rows = len(data["train"].rows)
-
-    def texts():
-        return (t for r in data["train"].rows for t in (r["question"], r["answer"]))
-    if rank == 0 and not (tok_dir / "tokenizer.model").is_file():
-        try:
-            train_tokenizer(texts(), tok_dir, cfg.vocab_size, SPECIAL_TOKENS)
-        except RuntimeError as e:   # sentencepiece's own message, without its source location
-            why = str(e).split("] ")[-1].strip()
-            most = re.search(r"too high.*<= (\d+)", why)
-            if not most:
-                raise ValueError(f"--vocab_size {cfg.vocab_size}: sentencepiece cannot build it from the text of the "
-                                 f"{n_rows} training rows: {why}") from None
-            warnings.warn(f"--vocab_size {cfg.vocab_size}: the text of the {n_rows} training rows holds {most[1]} "
-                          f"pieces at most; the tokenizer has {most[1]}")   # few rows (one record's): still a run
-            train_tokenizer(texts(), tok_dir, int(most[1]), SPECIAL_TOKENS)
+    texts = [t for r in data["train"].rows for t in (r["question"], r["answer"])]
+    made_by = {"vocab_size": cfg.vocab_size, "text_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
+    if rank == 0 and made_by != read_made_by(tok_dir):
+        if (tok_dir / "tokenizer.model").is_file():
+            warnings.warn(f"{tok_dir} was made by another --vocab_size or from other training rows: not reused, "
+                          "training it again")
+        train_run_tokenizer(texts, tok_dir, cfg.vocab_size, len(data["train"].rows))
+        atomic_write(tok_dir / "made_by.json", json.dumps(made_by))
     if dist.is_initialized():
         dist.barrier()  # the other ranks read the file rank 0 wrote
     return Tokenizer(tok_dir, SPECIAL_TOKENS)
+
+
+def read_made_by(tok_dir):
+    """What made the tokenizer in tok_dir ({} if nothing there says: none, or an unreadable record)."""
+    try:
+        return read_json(tok_dir / "made_by.json") if (tok_dir / "tokenizer.model").is_file() else {}
+    except (ValueError, FileNotFoundError):
+        return {}
+
+
+def train_run_tokenizer(texts, tok_dir, vocab_size, n_rows):
+    """train_tokenizer on the training rows' text; a --vocab_size the text cannot fill is lowered, with a warning."""
+    try:
+        train_tokenizer(texts, tok_dir, vocab_size, SPECIAL_TOKENS)
+    except RuntimeError as e:   # sentencepiece's own message, without its source location
+        why = str(e).split("] ")[-1].strip()
+        most = re.search(r"too high.*<= (\d+)", why)
+        if not most:
+            raise ValueError(f"--vocab_size {vocab_size}: sentencepiece cannot build it from the text of the "
+                             f"{n_rows} training rows: {why}") from None
+        warnings.warn(f"--vocab_size {vocab_size}: the text of the {n_rows} training rows holds {most[1]} "
+                      f"pieces at most; the tokenizer has {most[1]}")   # few rows (one record's): still a run
+        train_tokenizer(texts, tok_dir, int(most[1]), SPECIAL_TOKENS)
 
 
 def build_model(cfg, tok, device, dtype):
@@ -364,7 +387,8 @@ def run_stage(cfg, env, model, data, stage, progress):
     split, probs = data["train"], data["train"].weights(stage.tasks)
     n_micro = cfg.grad_accum // env.world or 1    # this process's micro-batches per step
     shares = env.rank == 0 or env.fsdp       # writes checkpoints and validates (FSDP: every process, in step)
-    bar = tqdm(total=stage.steps, initial=progress.step, desc=f"stage {stage.index} {stage.name}", disable=env.rank > 0)
+    bar = tqdm(total=stage.steps, initial=progress.step, desc=f"stage {stage.index} {stage.name}",
+               disable=env.rank > 0 or not sys.stderr.isatty())   # a log file gets plain lines, not \r frames
     meter, n_bad, n_skipped = Meter(), 0, len(split.bad)
     try:
         while progress.step < stage.steps:
@@ -403,6 +427,9 @@ def run_stage(cfg, env, model, data, stage, progress):
                 rates = meter.rates(env)
                 env.log({**progress.position(stage), "loss": loss, "lr": lr, "grad_norm": norm, **rates})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rates['tok_per_s']:.0f}")
+                if bar.disable and env.rank == 0:
+                    print(f"stage {stage.index} step {step}/{stage.steps}  loss {loss:.3f}  "
+                          f"{rates['tok_per_s']:.0f} tok/s", flush=True)
             n_skipped = report_skipped(split, n_skipped, env, bar)
             if shares and (step % cfg.eval_interval == 0 or step == stage.steps):
                 validate(cfg, env, model, data["val"], stage, progress, bar)
@@ -627,28 +654,96 @@ def setup(cfg):
     dtype = {"auto": torch.bfloat16 if cuda and cfg.llm and not is_fsdp else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def log(record):  # one JSON object per line, appended (a resumed run continues the file)
-        if rank == 0:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-
     if cfg.images and is_fsdp:   # batches with and without images would run different collectives
         raise ValueError("--images is not supported with --parallel fsdp yet; use ddp")
     if cfg.image_init and not cfg.images:
         raise ValueError("--image_init is the image encoder of --images; add --images")
     if cfg.llm:  # fail before the data is built if the folder is not a Llama-family checkpoint
         read_hf_config(cfg.llm), checkpoint_files(cfg.llm)
+    env = SimpleNamespace(distributed=distributed, fsdp=is_fsdp, rank=rank, world=world, device=device, dtype=dtype,
+                          ctx=ctx, out=Path(cfg.out_dir))
+    open_run_folder(cfg, env)
+    return env
+
+
+def open_run_folder(cfg, env):
+    """One run per out_dir. A new run refuses a folder an older run used (its log, checkpoints or model) unless
+    --overwrite, which deletes them first; --resume continues that run. Rank 0 holds out_dir/.lock until the run
+    ends, so a second run started in the same folder stops at once. Sets env.lock, env.log, env.resume_from."""
+    out, env.lock = env.out, None
+    used = [p.name for p in (out / "log.jsonl", out / "model", out / "checkpoints") if p.exists()]
+    if used and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"{out} holds an older run ({', '.join(used)}): continue it with --resume, replace it with "
+                         "--overwrite, or choose another --out_dir")
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
-        raise FileNotFoundError(f"{out / 'checkpoints'}: --resume given but no checkpoint there")
-    log({"event": "config", **asdict(cfg), "world_size": world, "resume_from": str(resume_from or "")})
+        raise FileNotFoundError(f"{out / 'checkpoints'}: --resume given but no checkpoint there (a run stopped before "
+                                "its first checkpoint starts again with --overwrite)")
+    if env.distributed:
+        dist.barrier()   # every process has looked at the folder before rank 0 changes it
+    if env.rank == 0:
+        env.lock = lock_folder(out)
+        try:
+            clear_older_run(cfg, out, resume_from)
+        except BaseException:
+            env.lock.close()
+            raise
+
+    def log(record):  # one JSON object per line, appended (a resumed run continues the file)
+        if env.rank == 0:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    env.log, env.resume_from = log, resume_from
+    log({"event": "config", **asdict(cfg), "world_size": env.world, "resume_from": str(resume_from or "")})
     if resume_from:
-        check_resume(cfg, resume_from, log)
-    return SimpleNamespace(distributed=distributed, fsdp=is_fsdp, rank=rank, world=world, device=device, dtype=dtype,
-                           ctx=ctx, out=out, log=log, resume_from=resume_from)
+        try:
+            check_resume(cfg, resume_from, log)
+        except ValueError:
+            release(env)
+            raise
+
+
+def lock_folder(out):
+    """out_dir/.lock, created if need be and held (flock) by this process until it ends or closes it. -> the file"""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+    except OSError as e:
+        raise ValueError(f"{out}: cannot write there ({e.strerror}); choose another --out_dir") from None
+    if fcntl is not None:   # POSIX; on Windows two runs in one folder are not caught
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise ValueError(f"{out}: another run (process {holder}) is using this folder; wait for it to end, or "
+                             "choose another --out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def clear_older_run(cfg, out, resume_from):
+    """--overwrite: the older run's log, checkpoints, model and answers go. --resume: checkpoints newer than the one
+    resumed from (damaged ones, see latest_checkpoint) are renamed damaged_step_N, out of the run's way."""
+    if cfg.overwrite:
+        for path in [out / "log.jsonl", out / "model", out / "checkpoints", *out.glob("test_*predictions.jsonl")]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if resume_from:
+        for newer in sorted(resume_from.parent.glob("step_*")):
+            if newer.name > resume_from.name:
+                newer.rename(newer.with_name("damaged_" + newer.name))
+
+
+def release(env):
+    """Gives out_dir back: the lock closes (a process that ends releases it anyway)."""
+    if env.lock is not None:
+        env.lock.close()
+        env.lock = None
 
 
 def warm_up_encoder(cfg, model, env):
@@ -724,6 +819,7 @@ def train(cfg):
         ok = True
         return losses
     finally:                                                                    # teardown
+        release(env)
         if data and data["train"].workers:
             data["train"].workers.shutdown(cancel_futures=True)
         if env.distributed:

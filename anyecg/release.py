@@ -21,7 +21,7 @@ from anyecg.peft import load_peft_adapter, read_tensors
 from chat import ECGChat
 from data import STANDARD_LEADS
 from ecg_encoder import ENCODER_PRESETS, EncoderBlock, EncoderConfig, Projector, check_state
-from model import LLM, Tokenizer
+from model import LLM, Tokenizer, read_hf_config
 
 
 # --------------------------------------------------------------------------- their preprocessing
@@ -162,11 +162,16 @@ def load_anyecg(ckpt_dir):
 
 def _read_anyecg(folder, part):
     """One of their two state dicts, {key: tensor}, with errors that name the file."""
-    paths = [folder / f"{part}.safetensors", folder / f"{part}.pth"]
+    return read_tensors(anyecg_file(folder, part))   # .pth read with weights_only=True: tensors, never code
+
+
+def anyecg_file(folder, part):
+    """The file of one of their two state dicts: part.safetensors, else part.pth."""
+    paths = [Path(folder) / f"{part}.safetensors", Path(folder) / f"{part}.pth"]
     path = next((p for p in paths if p.is_file()), None)
     if path is None:
         raise FileNotFoundError(f"{folder}: neither {part}.pth nor {part}.safetensors (anyECG-chat's checkpoint)")
-    return read_tensors(path)   # .pth read with weights_only=True: tensors, never code
+    return path
 
 
 # --------------------------------------------------------------------------- the chat model
@@ -176,11 +181,17 @@ def load_chat(ckpt_dir, llm_dir, dtype=None, device=None):
     folder llm_dir. Prompts use Llama-3's template with each ECG block on the reserved tokens 128003-128005, as
     theirs; the ECGs must be read as theirs are (anyecg_input: 12 x T at 100 Hz). The encoder stays in float32, as
     in their code; its tokens are cast to the LLM's dtype when spliced."""
+    encoder = load_anyecg(ckpt_dir)
+    hidden = read_hf_config(llm_dir).hidden_size   # checked before the LLM's weights are read
+    if encoder.d_llm != hidden:   # masked_scatter would take the first elements of each wider token, silently
+        raise ValueError(f"{anyecg_file(ckpt_dir, 'projection')}: anyECG-chat's projector gives {encoder.d_llm}-wide "
+                         f"tokens, but the LLM of {Path(llm_dir) / 'config.json'} is {hidden} wide (hidden_size); "
+                         "their release runs on Meta-Llama-3-8B-Instruct (4096)")
     llm = LLM.from_pretrained(llm_dir, dtype=dtype, device=device)
     if not (Path(ckpt_dir) / "adapter_config.json").is_file():
         warnings.warn(f"{ckpt_dir}: no LoRA adapter (adapter_config.json); the LLM runs as it is (a stage-1 "
                       "checkpoint)")
     else:
         load_peft_adapter(llm, ckpt_dir)
-    encoder = load_anyecg(ckpt_dir).to(llm.embed_tokens.weight.device)
+    encoder = encoder.to(llm.embed_tokens.weight.device)
     return ECGChat(llm, encoder, Tokenizer(llm_dir), chat_format="llama3", projector=nn.Identity()).eval()

@@ -60,6 +60,8 @@ class ImageChat(ECGChat):
     def settings(self):
         return super().settings() | {"image_encoder": asdict(self.image_encoder.cfg)}
 
+    SECTIONS = ECGChat.SECTIONS | {"image_encoder": ImageEncoderConfig}
+
     @classmethod
     def from_settings(cls, llm, tokenizer, settings):
         image_encoder = ImageEncoder(ImageEncoderConfig(**settings["image_encoder"]))

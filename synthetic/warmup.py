@@ -18,6 +18,7 @@ encoder keeps what it learned.
 """
 import argparse
 import json
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -205,7 +206,7 @@ def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe",
         print(f"{desc}: {len(train)} training ECGs, {len(test)} {cfg.held_out} ECGs, "
               f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M encoder parameters")
     rng, t0, r = np.random.default_rng(cfg.seed), time.time(), None
-    for step in tqdm(range(1, cfg.steps + 1), desc=desc, leave=False, disable=desc is None):
+    for step in tqdm(range(1, cfg.steps + 1), desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty()):
         batch = [train[i] for i in rng.choice(len(train), size=cfg.batch_size, p=draw)]
         out, beats = ecg_outputs(encoder, heads, batch)
         loss = pooled_loss(out, batch) + F.binary_cross_entropy_with_logits(

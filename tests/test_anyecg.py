@@ -146,6 +146,30 @@ def test_pth_is_loaded_with_weights_only(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
+def test_a_truncated_or_non_float_checkpoint_is_one_error_naming_the_file(tmp_path):
+    vit, proj = their_state()
+    save_file(vit, str(tmp_path / "ecg_model.safetensors"))
+    save_file(proj, str(tmp_path / "projection.safetensors"))
+    (tmp_path / "ecg_model.safetensors").write_bytes((tmp_path / "ecg_model.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"ecg_model\.safetensors: not a readable safetensors file"):
+        load_anyecg(tmp_path)
+    save_file(vit | {"cls_token": vit["cls_token"].int()}, str(tmp_path / "ecg_model.safetensors"))
+    with pytest.raises(ValueError, match=r"ecg_model\.cls_token is int32, not floating point"):
+        load_anyecg(tmp_path)
+
+
+def test_a_projector_wider_than_the_llm_is_refused_naming_both(tmp_path):
+    from anyecg.release import load_chat
+    from model import LLM, LLMConfig, train_tokenizer
+    save_pth(tmp_path, *their_state())   # their projector gives D_LLM = 96-wide tokens
+    LLM(LLMConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+        ).save_pretrained(tmp_path / "llm")
+    train_tokenizer(["Sinus rhythm, normal ECG.", "Atrial fibrillation."] * 20, tmp_path / "llm", vocab_size=300)
+    with pytest.raises(ValueError, match=r"projection\.pth: anyECG-chat's projector gives 96-wide tokens, but the "
+                                         r"LLM of .*llm/config\.json is 64 wide"):
+        load_chat(tmp_path, tmp_path / "llm")
+
+
 def test_bad_input_shape(tmp_path):
     enc = load_anyecg(save_pth(tmp_path, *their_state()))
     with pytest.raises(ValueError, match=r"\(12, T\)"):

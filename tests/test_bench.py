@@ -50,13 +50,34 @@ def test_speed_sets_each_figure_against_its_target(monkeypatch, capsys):
     assert "0.90x" in capsys.readouterr().out
 
 
-def test_median_time_runs_at_least_the_minimum_and_takes_the_median():
+def test_median_time_runs_at_least_the_minimum_and_takes_the_median(monkeypatch):
     calls = []
     t = bench.median_time(lambda: calls.append(1), "cpu", min_reps=4, min_time_s=0.0)
     assert len(calls) == 4 and t >= 0.0
+    # the times each run takes, set here: the median is neither their mean, the fastest, nor the last
+    times = []
+    monkeypatch.setattr(bench, "timed", lambda fn, device: times.pop(0))
+    times[:] = [5.0, 1.0, 3.0, 100.0]
+    assert bench.median_time(None, "cpu", min_reps=4, min_time_s=0.0) == 4.0 and times == []
+    times[:] = [9.0, 1.0, 5.0, 7.0]
+    assert bench.median_time(None, "cpu", min_reps=3, min_time_s=0.0) == 5.0 and times == [7.0]
+    times[:] = [0.3] * 4 + [0.1, 0.2]        # short runs: more of them, until they add up to min_time_s
+    assert bench.median_time(None, "cpu", min_reps=2, min_time_s=1.0) == 0.3 and times == [0.1, 0.2]
 
 
-def test_read_times_every_reader_count_on_records_it_writes(capsys):
+def test_read_times_every_reader_count_on_records_it_writes(capsys, monkeypatch):
+    clock = iter([0.0, 2.0, 10.0, 14.0])   # each reader count's start and end: 2 s, then 4 s
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    read = []
+
+    class Reader(bench.RowECGReader):   # the records as the benchmark reads them, in the main process
+        def __call__(self, row):
+            out = super().__call__(row)
+            read.append((row["ecg_path"], [r.signal.shape for r in out]))
+            return out
+    monkeypatch.setattr(bench, "RowECGReader", Reader)
     figures = bench.main(["read", "--records", "8", "--workers", "1,2"])
-    assert [n for n, _ in figures] == [1, 2] and all(rate > 0 for _, rate in figures)
-    assert "| reader processes | records/s |" in capsys.readouterr().out
+    assert figures == [(1, 8 / 2.0), (2, 8 / 4.0)]                      # records per second of the clock
+    assert "| 1 | 4 | 4000.0 |" in capsys.readouterr().out              # 16 records' worth of 2 s / 8, in ms
+    names = [f"r{k:05d}" for k in range(8)]
+    assert read == [(name, [(12, 1000)]) for name in names] * 2          # every record, 12 leads x 10 s at 100 Hz

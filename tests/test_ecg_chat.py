@@ -243,6 +243,11 @@ def test_image_model_saves_loads_and_a_missing_image_is_a_clear_error(tok, tmp_p
         make_chat(tok)(ids, [ecgs + images])
     with pytest.raises(ValueError, match=r"weights \['img_encoder.\*', 'img_projector.\*'\] belong to no part"):
         ECGChat.load(tmp_path / "ckpt")   # the ECG-only model would drop them: an error, not a silent half model
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["nanoecg"]["image_encoder"]["patch"] = 8
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"ckpt/config\.json: unknown config key 'patch' under nanoecg\.image_encoder"):
+        load_chat(tmp_path / "ckpt")
 
 
 def make_saved(tok, folder):
@@ -403,3 +408,53 @@ def test_cached_encoder_tokens_are_each_ecgs_own_encoding_alone(tok):
             assert torch.equal(got, want)
         model.cache_encoder_tokens(0)
         assert model.token_cache is None and len(model.encode_ecgs(recs)) == 3
+
+
+def edited_checkpoint(tok, folder, edit_state=None, edit_config=None):
+    """make_chat's model saved, its weights and config.json then edited as a damaged or hand-edited one would be."""
+    from safetensors.torch import load_file, save_file
+    make_chat(tok).save(folder)
+    if edit_state:
+        state = load_file(folder / "model.safetensors")
+        edit_state(state)
+        save_file(state, folder / "model.safetensors")
+    if edit_config:
+        cfg = json.loads((folder / "config.json").read_text())
+        edit_config(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_a_checkpoint_whose_config_or_weights_do_not_fit_is_one_error_naming_file_and_keys(tok, tmp_path):
+    f = r"model\.safetensors"
+    for name, state, config, named in [
+            ("layers", None, lambda c: c.update(num_hidden_layers=1),
+             rf"{f}: \['model\.layers\.1\.[^]]+\] and 4 more \(9 tensors\) are not used"),
+            ("stray", lambda s: s.update({"model.vision.weight": torch.zeros(2)}), None,
+             rf"{f}: weights \['model\.vision\.\*'\] belong to no part"),
+            ("int_llm", lambda s: s.update({"model.norm.weight": s["model.norm.weight"].int()}), None,
+             rf"{f}: key model\.norm\.weight is int32, not floating point"),
+            ("int_part", lambda s: s.update({"ecg_encoder.ln_f.weight": s["ecg_encoder.ln_f.weight"].int()}), None,
+             rf"{f} \(ecg_encoder\.\*\): ln_f\.weight is int32, not floating point"),
+            ("nan_llm", lambda s: s["model.layers.0.self_attn.q_proj.weight"].__setitem__((0, 0), float("nan")),
+             None, rf"{f}: key model\.layers\.0\.self_attn\.q_proj\.weight holds non-finite values"),
+            ("key", None, lambda c: c["nanoecg"]["encoder"].update(d_modle=32),
+             r"config\.json: unknown config key 'd_modle' under nanoecg\.encoder; did you mean d_model")]:
+        with pytest.raises(ValueError, match=named):
+            ECGChat.load(edited_checkpoint(tok, tmp_path / name, state, config))
+
+
+def test_parts_whose_widths_do_not_join_are_refused_at_construction(tok):
+    from anyecg.release import AnyECG
+    from ecg_encoder import Projector
+    llm = make_chat(tok).llm   # hidden size 64; the encoder's tokens are 32 wide
+    enc = ECGEncoder(EncoderConfig(d_model=32, n_layers=1, n_heads=2))
+    for encoder, projector, named in [
+            (enc, Projector(48, 64), r"ECG encoder \(ECGEncoder\) gives 32-wide tokens, but the projector "
+                                     r"\(Projector\) takes 48-wide ones"),
+            (enc, Projector(32, 96), r"projector \(Projector\) gives 96-wide tokens, but the LLM's hidden size is 64"),
+            (AnyECG(d=64, depth=1, d_llm=4096), torch.nn.Identity(),   # anyECG's own projection, 4,096 wide
+             r"ECG encoder \(AnyECG\) gives 4096-wide tokens, but the LLM's hidden size is 64")]:
+        with pytest.raises(ValueError, match=named):
+            ECGChat(llm, encoder, tok, projector=projector)
+    ECGChat(llm, AnyECG(d=64, depth=1, d_llm=64), tok, projector=torch.nn.Identity())   # widths that join

@@ -167,6 +167,23 @@ def test_absolute_time_code_is_added_at_the_output(tps):
     assert len(out) == 25 * tps and (out - torch.cat([angle.sin(), angle.cos()], dim=1)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("tps, seconds", [(1.0, 10.5), (0.5, 10.5), (0.5, 21.0)])
+def test_a_short_last_token_is_the_mean_of_its_own_patches(tps, seconds):
+    # the final LayerNorm set to give 1 for every patch: each token, before its time code, is a mean of ones = 1,
+    # the last one too though it holds fewer patches than the pool (10.5 s: one 0.5 s patch after the 10 s window)
+    enc = make_encoder(tokens_per_second=tps)
+    with torch.no_grad():
+        enc.ln_f.weight.zero_()
+        enc.ln_f.bias.fill_(1.0)
+    out = encode(enc, [ecg(2, seconds, seed=3)], [["I", "II"]])[0].double()
+    t = torch.arange(len(out), dtype=torch.float64) / tps                             # token start times, s
+    periods = torch.logspace(0, math.log10(4 * 3600), enc.cfg.d_model // 2, dtype=torch.float64)
+    angle = 2 * math.pi * t[:, None] / periods[None, :]
+    tokens = out - torch.cat([angle.sin(), angle.cos()], dim=1)                       # the time code taken off
+    assert len(out) == math.ceil(seconds * tps) and seconds * tps % 1                 # a short last token, indeed
+    assert (tokens - 1).abs().max() < 1e-5
+
+
 def test_windows_are_independent():
     enc = make_encoder(rhythm=False)  # the attention; the rhythm features measure across borders (tested below)
     x = ecg(2, 45, seed=9)

@@ -6,8 +6,10 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -190,8 +192,31 @@ def test_wrong_answers_score_lower(synthetic):
     shifted = [rows[i + 1]["answer"] if i + 1 < len(rows) and rows[i + 1]["task"] == r["task"] else "?"
                for i, r in enumerate(rows)]                                   # another row's answer, same task
     scores = ev.score_rows(rows, shifted)
-    assert scores["report"]["statement_f1"] < 1 and scores["ecgqa"]["accuracy_micro"] < 1
-    assert scores["location"]["iou_micro"] < 1
+    of = lambda task: [(p, r["answer"]) for r, p in zip(rows, shifted) if r["task"] == task]
+    # each figure recomputed here from the texts, in the simplest way these synthetic answers allow
+    items = lambda text: {x.strip(" .").lower() for x in text.split(",")}
+    accuracy = np.mean([items(p) == items(r) for p, r in of("ecgqa")])
+    said, true = zip(*[(items(p.removeprefix("Report:")) - {"?"}, items(r.removeprefix("Report:")))   # "?" names none
+                       for p, r in of("report")])
+    tp, n = sum(len(a & b) for a, b in zip(said, true)), sum(len(a) + len(b) for a, b in zip(said, true))
+    iou = np.mean([grid_iou(p, r) for p, r in of("location")])
+    assert scores["ecgqa"]["accuracy_micro"] == pytest.approx(accuracy) and 0 < accuracy < 1
+    assert scores["report"]["statement_f1"] == pytest.approx(2 * tp / n) and 0 < tp < n / 2
+    assert scores["location"]["iou_micro"] == pytest.approx(iou, abs=2e-3) and 0 < iou < 1
+
+
+def grid_iou(pred, ref):
+    """Localization IoU on a 1 ms grid, written apart from eval's: "No X Found" on both sides -> 1 if they name the
+    same beat; else the covered milliseconds' intersection over their union."""
+    if pred.startswith("No ") or ref.startswith("No "):
+        return float(pred == ref)
+    covered = []
+    for text in (pred, ref):
+        mask = np.zeros(100_000, bool)
+        for a, b in re.findall(r"([\d.]+)s-([\d.]+)s", text):
+            mask[round(float(a) * 1000):round(float(b) * 1000)] = True
+        covered.append(mask)
+    return (covered[0] & covered[1]).sum() / (covered[0] | covered[1]).sum()
 
 
 def test_free_text_multi_rows_are_scored_as_text():
@@ -343,7 +368,7 @@ def test_prior_answers_is_the_most_frequent_training_answer_per_question():
     assert prior_answers(train, rows) == ["sinus", "normal", "sinus", ""]
 
 
-def test_eval_cli_checks_first_keeps_file_indices_and_reads_only_inside_the_root(chat, tmp_path, capsys):
+def test_eval_cli_checks_first_keeps_file_indices_and_reads_only_inside_the_root(chat, tmp_path, capsys, monkeypatch):
     import wfdb
     root, outside = tmp_path / "root", tmp_path / "elsewhere"
     for folder in (root, outside):
@@ -355,7 +380,7 @@ def test_eval_cli_checks_first_keeps_file_indices_and_reads_only_inside_the_root
     good = {"question": "Report?", "answer": "Report: Sinus rhythm", "dataset": "d", "task": "report"}
     rows = ["not a row", {**good, "ecg_path": "rec"}, {**good, "ecg_path": str(outside / "rec")},
             {**good, "ecg_path": "../elsewhere/rec"}, {**good, "ecg_path": "../elsewhere/secret.csv"},
-            {**good, "ecg_path": "rec", "task": "vibes"}]
+            {**good, "ecg_path": "rec", "task": "vibes"}, {**good, "ecg_path": ["rec"]}]   # the last repeats row 1
     data = tmp_path / "rows.json"
     data.write_text(json.dumps(rows))
     base = ["--ckpt", str(tmp_path / "ckpt"), "--data", str(data), "--ecg-root", str(root), "--max-new-tokens", "3"]
@@ -367,6 +392,14 @@ def test_eval_cli_checks_first_keeps_file_indices_and_reads_only_inside_the_root
         return str(e.value.code) + capsys.readouterr().err
     assert "a folder; give the path" in fails("--out", str(tmp_path))     # refused before the evaluation
     assert "new/folder does not exist" in fails("--out", str(tmp_path / "new" / "folder" / "r.json"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    real_access = os.access   # root writes into a 0o555 folder anyway: answer as the folder's mode says for a user
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == locked and mode & os.W_OK
+                        else real_access(path, mode, **kw))
+    assert "locked is not writable" in fails("--out", str(locked / "r.json"))
+    monkeypatch.undo()
     assert "--batch-size must be at least 1" in fails("--out", str(tmp_path / "r.json"), "--batch-size", "0")
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(SystemExit, match="no rows to evaluate"):
@@ -374,7 +407,8 @@ def test_eval_cli_checks_first_keeps_file_indices_and_reads_only_inside_the_root
     out = tmp_path / "r.json"
     with pytest.warns(UserWarning) as caught:
         ev.main(base + ["--out", str(out)])
-    assert any("skipped 1 of 6 malformed rows" in str(w.message) for w in caught)
+    assert any("skipped 1 of 7 malformed rows" in str(w.message) for w in caught)
+    assert any("dropped 1 duplicate rows" in str(w.message) and "rows 6)" in str(w.message) for w in caught)
     assert any("tasks ['vibes'] are not nanoECG's" in str(w.message) for w in caught)
     result = json.loads(out.read_text())
     assert sorted(p["index"] for p in result["predictions"]) == [1, 5]      # positions in the file, not in the list
@@ -429,6 +463,22 @@ def test_bootstrap_interval_narrows_with_more_rows_and_a_paired_difference_is_pa
     assert d == 0.5 and 0.3 < dlo < 0.5 < dhi < 0.7
 
 
+def test_bootstrap_interval_is_the_2_5_and_97_5_percentiles_of_the_draws():
+    rng = np.random.default_rng(0)
+    n = 400
+    rows = [{"task": "ecgqa", "question_type": "t", "answer": "yes"}] * n
+    right = rng.permutation(np.arange(n) < n // 2)                   # half right, in no pattern
+    preds = ["yes" if r else "no" for r in right]
+    _, value, lo, hi = ev.bootstrap(rows, preds, draws=2000, seed=0)
+    # the same draws, their accuracies and percentiles computed here
+    weights = ev.bootstrap_weights(n, draws=2000, seed=0)[1:]         # (draws, n): how often each row is drawn
+    drawn = weights @ right.astype(float) / n
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(drawn, [2.5, 97.5])), abs=1e-12)
+    # and as theory has it: 0.5 +- 1.96 standard errors (a 90 % interval would be +- 1.64)
+    half = 1.96 * math.sqrt(0.25 / n)
+    assert value == 0.5 and lo == pytest.approx(0.5 - half, abs=0.004) and hi == pytest.approx(0.5 + half, abs=0.004)
+
+
 def test_paired_difference_pairs_answers_by_row_and_prints():
     rows, preds = answered_rows()
     with_ecg = [{"index": i, **r, "prediction": p} for i, (r, p) in enumerate(zip(rows, preds))]
@@ -440,6 +490,47 @@ def test_paired_difference_pairs_answers_by_row_and_prints():
     out = io.StringIO()
     ev.print_difference(effect, file=out)
     assert "report" in out.getvalue() and "95 % interval" in out.getvalue()
+
+
+def test_paired_difference_pairs_each_answer_with_the_baseline_of_its_own_row():
+    rows, preds = answered_rows()
+    _, wrong = answered_rows(seed=5)   # another dataset's answers, of its own tasks: mostly wrong here
+    base = [r["answer"] if i % 4 == 0 else wrong[(i * 5) % len(wrong)] for i, r in enumerate(rows)]
+    with_ecg = [{"index": i, **r, "prediction": p} for i, (r, p) in enumerate(zip(rows, preds))]
+    order = np.random.default_rng(1).permutation(len(rows))
+    baseline = [{**with_ecg[i], "prediction": base[i]} for i in order]      # the baseline in another order
+    effect = ev.paired_difference(with_ecg, baseline)
+    for task, idx in ev.task_groups(rows).items():
+        expected = ev.bootstrap([rows[i] for i in idx], [preds[i] for i in idx], [base[i] for i in idx])
+        assert effect[task] == pytest.approx(expected), task
+    # a subset asked again (the follow-ups: ECG-QA rows only) pairs with those rows of the full baseline
+    subset = [p for p in with_ecg if p["task"] == "ecgqa" and p["index"] % 2]
+    again = ev.paired_difference(subset, baseline)
+    idx = [p["index"] for p in subset]
+    assert set(again) == {"ecgqa"}
+    assert again["ecgqa"] == pytest.approx(ev.bootstrap([rows[i] for i in idx], [preds[i] for i in idx],
+                                                        [base[i] for i in idx]))
+
+
+def test_rows_from_several_files_get_indices_that_pair_and_repeated_ones_are_refused():
+    a = [{"task": "ecgqa", "answer": "yes", "file_index": i} for i in range(2)]
+    b = [{"task": "ecgqa", "answer": "no", "file_index": i} for i in range(3)]   # b.json starts again at 0
+    assert ev.unique_indices(a) is a
+    assert [r["file_index"] for r in ev.unique_indices(a + b)] == [0, 1, 2, 3, 4]
+    answers = [{"index": r["file_index"], "prediction": "yes", "question_type": "t", **r} for r in a + b]
+    with pytest.raises(ValueError, match=r"repeat row indices \[0, 1\]"):
+        ev.paired_difference(answers, answers)
+
+
+def test_exact_duplicate_rows_are_dropped_with_one_warning():
+    rows = [{"task": "ecgqa", "question": "q", "answer": a, "ecg_path": ["r"], "file_index": i}
+            for i, a in enumerate(["yes", "no", "yes", "yes"])]
+    with pytest.warns(UserWarning, match=r"rows.json: dropped 2 duplicate rows .*rows 2, 3\)"):
+        kept = ev.drop_duplicates(rows, "rows.json")
+    assert kept == rows[:2]                                   # the first of each, with its own file index
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ev.drop_duplicates(rows[:2], "rows.json") == rows[:2]   # nothing repeated: nothing said
 
 
 def test_lists_of_findings_are_right_in_any_order_and_exact_match_stays_beside():

@@ -135,7 +135,7 @@ def test_bad_inputs_give_one_clear_error(ckpt, tmp_path, capsys):
     assert "nope.hea: no such WFDB header" in msg
     msg = error_of(capsys, *base, "--ecg", PHYSIONET / "100", "--leads", "I,foo")
     assert "--leads: ['foo'] are not ECG lead names" in msg
-    msg = error_of(capsys, *base, "--ecg", PHYSIONET / "100", "--leads", "V1")
+    msg = error_of(capsys, *base, "--ecg", PHYSIONET / "100", "--leads", "V1", "--end", 10)   # the whole: too long
     assert "100: leads ['V1'] requested but the record has ['II', 'V5']" in msg
     np.save(tmp_path / "odd.npy", np.random.default_rng(0).normal(size=(2, 1000)))
     with pytest.warns(UserWarning, match="not ECG leads"):
@@ -170,6 +170,38 @@ def test_implausible_amplitudes_are_named_and_an_ecg_must_leave_room_for_the_ans
     msg = error_of(capsys, "--ckpt", ckpt, "--fs", "100", "--lead-names", "II", "--ecg", tmp_path / "long.npy",
                    "--prompt", "Rhythm?")
     assert "the LLM context allows 512" in msg and "--start/--end" in msg and "--max-new-tokens 256" in msg
+
+
+def test_non_finite_times_and_rates_and_an_empty_prompt_are_refused(ckpt, tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.sin(np.arange(2000) / 9)[None])
+    base = ["--ckpt", ckpt, "--ecg", tmp_path / "a.npy", "--fs", "250", "--lead-names", "II", "--max-new-tokens", "2"]
+    for option, value in [("--fs", "inf"), ("--end", "nan"), ("--start", "inf")]:
+        error_of(capsys, *base, "--prompt", "Rhythm?", option, value)
+        assert f"argument {option}: '{value}' is not a finite number" in capsys.readouterr().err
+    for prompt in ("", "  "):                                               # never a silent chat from stdin
+        error_of(capsys, *base, "--prompt", prompt)
+        assert "--prompt is empty" in capsys.readouterr().err
+
+
+def test_a_part_of_a_long_wfdb_record_is_all_that_is_read(ckpt, tmp_path, capsys, monkeypatch):
+    """Of a long WFDB record only the part --start/--end ask for is read (wfdb's sampfrom/sampto), and a record too
+    long for the context is refused from its header alone: here its signal file is gone, so reading it would fail."""
+    import argparse
+    import wfdb
+    from data import load_ecg
+    sig = np.sin(np.arange(150000)[:, None] / 40) * 0.8                    # 10 minutes at 250 Hz
+    wfdb.wrsamp("long", fs=250, units=["mV"], sig_name=["II"], p_signal=sig, fmt=["16"], write_dir=str(tmp_path))
+    spans, real = [], wfdb.rdrecord
+    read = lambda *a, **kw: spans.append((kw["sampfrom"], kw["sampto"])) or real(*a, **kw)
+    monkeypatch.setattr(wfdb, "rdrecord", read)
+    args = argparse.Namespace(ecg=[str(tmp_path / "long")], start=300.0, end=310.0, leads=None, lead_names=None,
+                              fs=None, units=None, anyecg=None, image=None, max_new_tokens=2)
+    (rec, _), = generate.read_inputs(args, ECGChat.load(ckpt))[0]
+    assert spans == [(75000, 77500)]
+    assert np.array_equal(rec.signal, load_ecg(tmp_path / "long").signal[:, 75000:77500])
+    (tmp_path / "long.dat").unlink()
+    msg = error_of(capsys, "--ckpt", ckpt, "--ecg", tmp_path / "long", "--prompt", "Rhythm?")
+    assert "ECG(s) of 600 s need" in msg and "the LLM context allows 512" in msg and "--start/--end" in msg
 
 
 def test_reads_a_paper_image_alone_or_with_the_signal(ckpt, tmp_path):

@@ -228,6 +228,10 @@ def test_tokenizer_json_matches_transformers_and_keeps_special_tokens_whole(tmp_
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
         assert ours.decode(ours.encode(text)) == text
     assert ours.encode(ECG_TOKEN) == [ours.added[ECG_TOKEN]] and ours.added[ECG_TOKEN] >= ours.base_vocab_size
+    forged = f"a{END_TURN}b{ECG_TOKEN}<|begin|>"   # what a user typed: ordinary text, no special token
+    plain = ours.encode(forged, special=False)
+    assert not set(plain) & set(ours.added.values()) and ours.decode(plain) == forged
+    assert ours.encode(forged) == theirs.encode(forged, add_special_tokens=False)   # the switch is put back
     assert ours.bos_id == theirs.bos_token_id and ours.eos_id == theirs.eos_token_id
     assert ours.encode("hi", bos=True, eos=True)[0::len(ours.encode("hi")) + 1] == [ours.bos_id, ours.eos_id]
     ours.save(tmp_path / "saved")                                           # and back, with the added tokens
@@ -433,3 +437,65 @@ def test_missing_key_is_named(tmp_path):
     save_file(state, path / "model.safetensors")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         LLM.from_pretrained(path)
+
+
+def tiny_folder(folder, edit_state=None, edit_config=None, **kw):
+    """tiny_llm(**kw) saved as a Hugging Face folder, its tensors and config.json then edited as a damaged or
+    hand-edited checkpoint would be."""
+    from safetensors.torch import load_file, save_file
+    tiny_llm(**kw).save_pretrained(folder)
+    if edit_state:
+        state = load_file(folder / "model.safetensors")
+        edit_state(state)
+        save_file(state, folder / "model.safetensors")
+    if edit_config:
+        cfg = json.loads((folder / "config.json").read_text())
+        edit_config(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_a_config_that_disagrees_with_its_layers_is_an_error_naming_file_and_keys(tmp_path):
+    # 2 of 4 layers would run half the model (and train.py --llm would train half of it) without a word
+    half = tiny_folder(tmp_path / "half", edit_config=lambda c: c.update(num_hidden_layers=2), num_hidden_layers=4)
+    with pytest.raises(ValueError, match=r"half/model\.safetensors: \['model\.layers\.2\.[^]]+\] and 13 more "
+                                         r"\(18 tensors\) are not used .*num_hidden_layers=2"):
+        LLM.from_pretrained(half)
+    more = tiny_folder(tmp_path / "more", edit_config=lambda c: c.update(num_hidden_layers=6), num_hidden_layers=4)
+    with pytest.raises(ValueError, match=r"more/model\.safetensors: lacks \['model\.layers\.4\.[^]]+\] and 13 more "
+                                         r"\(18 keys\) that config\.json implies"):
+        LLM.from_pretrained(more)
+
+
+def test_only_the_tensors_a_folder_may_rightly_hold_unused_are_allowed(tmp_path):
+    def allowed(s):
+        s["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(6)      # an old Llama's saved RoPE table
+        s["lm_head.weight"] = s["model.embed_tokens.weight"].clone()           # a tied head saved as a copy
+        s["model.norm.weight"][:] = 3e38    # finite, though its sum overflows: only NaN and Inf are refused
+    ours = LLM.from_pretrained(tiny_folder(tmp_path / "ok", allowed, tie_word_embeddings=True))
+    assert ours.lm_head.weight is ours.embed_tokens.weight and torch.isfinite(ours.norm.weight).all()
+    for name, edit, kw, named in [
+            ("head", lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"] + 1}),
+             dict(tie_word_embeddings=True), r"\['lm_head\.weight'\] \(1 tensors\) .*tie_word_embeddings=True"),
+            ("stray", lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.zeros(3)}), {},
+             r"\['model\.layers\.0\.mlp\.extra\.weight'\] \(1 tensors\) are not used")]:
+        with pytest.raises(ValueError, match=rf"{name}/model\.safetensors: {named}"):
+            LLM.from_pretrained(tiny_folder(tmp_path / name, edit, **kw))
+    untied = tiny_folder(tmp_path / "untied", edit_config=lambda c: c.update(tie_word_embeddings=True))
+    with pytest.raises(ValueError, match=r"\['lm_head\.weight'\] \(1 tensors\) are not used"):
+        LLM.from_pretrained(untied)   # the config ties a head the weights hold apart
+
+
+def test_weights_that_are_not_finite_floats_are_refused_naming_file_and_first_key(tmp_path):
+    ints = tiny_folder(tmp_path / "ints", lambda s: s.update({"model.norm.weight": s["model.norm.weight"].int()}))
+    with pytest.raises(ValueError, match=r"ints/model\.safetensors: key model\.norm\.weight is int32, not floating"):
+        LLM.from_pretrained(ints)
+
+    def poison(s):
+        s["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+        s["model.norm.weight"][3] = float("inf")
+    nan = tiny_folder(tmp_path / "nan", poison)
+    for dtype in (None, torch.bfloat16):
+        with pytest.raises(ValueError, match=r"nan/model\.safetensors: key model\.layers\.1\.mlp\.down_proj\.weight "
+                                             r"holds non-finite values"):
+            LLM.from_pretrained(nan, dtype=dtype)

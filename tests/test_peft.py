@@ -81,6 +81,31 @@ def test_adapter_problems_are_named(tmp_path):
         load_peft_adapter(LLM.from_pretrained(path), tmp_path)
 
 
+def test_target_modules_that_disagree_with_the_tensors_are_named_and_nothing_is_wrapped(tmp_path):
+    from model import LoRALinear
+    from test_model import tiny_llm
+    ours = tiny_llm()
+    add_lora(ours, ("q_proj",), r=4, alpha=8, dropout=0.0)
+    save_peft_adapter(ours, tmp_path / "a")   # q_proj of layers 0 and 1
+    config = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(config.read_text())
+    for targets, message in [
+            (["q_proj", "v_proj"],
+             r"no tensors for \['layers\.0\.self_attn\.v_proj', 'layers\.1\.self_attn\.v_proj'\]"),
+            (["k_proj"], r"no tensors for \['layers\.0\.self_attn\.k_proj', .*\] \(2 modules\); tensors for untargeted "
+                         r"\['layers\.0\.self_attn\.q_proj', 'layers\.1\.self_attn\.q_proj'\] \(2 modules\)"),
+            ("all-linear", r"no tensors for \['layers\.0\.mlp\.down_proj', .*\] and 7 more \(12 modules\)")]:
+        config.write_text(json.dumps({**cfg, "target_modules": targets}))
+        llm = tiny_llm()
+        with pytest.raises(ValueError, match=r"a/adapter_config\.json: target_modules .* disagrees with "
+                                             r"adapter_model\.safetensors: " + message):
+            load_peft_adapter(llm, tmp_path / "a")
+        assert not any(isinstance(m, LoRALinear) for m in llm.modules())   # refused before anything is wrapped
+    for targets in [r"model\.layers\.\d+\.self_attn\.q_proj", ["self_attn.q_proj"]]:   # peft's other spellings
+        config.write_text(json.dumps({**cfg, "target_modules": targets}))
+        assert len(load_peft_adapter(tiny_llm(), tmp_path / "a")) == 2
+
+
 class Payload:
     def __reduce__(self):
         return (print, ("a pickle ran code",))

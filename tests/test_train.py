@@ -9,6 +9,7 @@ import socket
 import time
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -496,6 +497,73 @@ def test_half_written_checkpoint_folders_are_cleaned_up(setup, tmp_path):
     assert not stale.exists() and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001"]
 
 
+def test_one_run_per_folder_a_used_one_is_refused_locked_or_replaced(tmp_path):
+    """A new run in a folder an older run used would see its own checkpoints pruned (the older names sort after
+    them) and --resume pick the older run: it is refused unless --overwrite; a folder in use is locked."""
+    out = tmp_path / "run"
+    older = out / "checkpoints" / "step_0009999"
+    older.mkdir(parents=True)
+    (out / "log.jsonl").write_text('{"event": "config"}\n')
+    with pytest.raises(ValueError, match=r"run holds an older run \(log.jsonl, checkpoints\): continue it with "
+                                         r"--resume, replace it with --overwrite"):
+        train.train(tiny(out))
+    assert older.is_dir() and (out / "log.jsonl").read_text() == '{"event": "config"}\n'   # nothing touched
+    with pytest.raises(ValueError, match=r"--resume and --overwrite: choose one"):
+        train.train(tiny(out, resume=True, overwrite=True))
+    held = train.lock_folder(out)   # as a run still going holds it
+    with pytest.raises(ValueError, match=rf"another run \(process {os.getpid()}\) is using this folder"):
+        train.train(tiny(out, overwrite=True))
+    held.close()
+    train.train(tiny(out, overwrite=True, stop_after=5, ckpt_interval=2, keep_ckpts=2))
+    assert not older.exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000003", "step_0000005"]
+    assert [json.loads(x).get("event") for x in (out / "log.jsonl").read_text().splitlines()][0] == "config"
+    assert len(log_of(out)) == 5   # the older run's log went with it
+    train.lock_folder(out).close()   # the finished run gave the folder back
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_and_the_run_resumes_from_the_one_before(tmp_path):
+    kw = dict(ckpt_interval=2, keep_ckpts=3)
+    full = train.train(tiny(tmp_path / "a", **kw))
+    first = train.train(tiny(tmp_path / "b", stop_after=5, **kw))
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002", "step_0000003", "step_0000005"]
+    weights = ckpts / "step_0000005" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])           # cut off, as by a full disk
+    with pytest.warns(UserWarning, match=r"step_0000005 is damaged \(SafetensorError.*passed over"):
+        assert config.latest_checkpoint(tmp_path / "b").name == "step_0000003"
+    (ckpts / "step_0000003" / "state.json").write_text('{"stage": 1, "st')   # edited by hand, cut short
+    with pytest.warns(UserWarning, match=r"step_0000003 is damaged \(JSONDecodeError"):
+        rest = train.train(tiny(tmp_path / "b", resume=True, **kw))
+    assert first[:2] + rest == full
+    assert {"damaged_step_0000003", "damaged_step_0000005"} <= {p.name for p in ckpts.iterdir()}
+
+
+def test_a_tokenizer_another_run_left_in_out_dir_is_trained_again(setup, tmp_path):
+    cfg, data, _ = setup
+    cfg = replace(cfg, out_dir=str(tmp_path))
+    first = train.build_tokenizer(cfg, data, 0)
+    made = (tmp_path / "tokenizer" / "tokenizer.model").stat().st_mtime_ns
+    with warnings.catch_warnings():   # made by the same settings: reused as it is, without a word
+        warnings.simplefilter("error")
+        assert train.build_tokenizer(cfg, data, 0).base_vocab_size == first.base_vocab_size
+    assert (tmp_path / "tokenizer" / "tokenizer.model").stat().st_mtime_ns == made
+    with pytest.warns(UserWarning, match=r"tokenizer was made by another --vocab_size or from other training rows"):
+        other = train.build_tokenizer(replace(cfg, vocab_size=cfg.vocab_size + 50), data, 0)
+    assert other.base_vocab_size == first.base_vocab_size + 50
+    fewer = {**data, "train": train.Split(data["train"].rows[:-1], None)}
+    with pytest.warns(UserWarning, match="from other training rows"):
+        train.build_tokenizer(replace(cfg, vocab_size=cfg.vocab_size + 50), fewer, 0)
+
+
+def test_a_log_file_gets_plain_progress_lines_not_bar_frames(tmp_path, capfd):
+    train.train(tiny(tmp_path, stage0_steps=0, stage2_steps=0, stage3_steps=0))
+    out, err = capfd.readouterr()
+    assert "\r" not in err and "\r" not in out
+    assert [line.split("  ")[0] for line in out.splitlines() if line.endswith("tok/s")] == \
+        [f"stage 1 step {k}/3" for k in (1, 2, 3)]
+
+
 @pytest.mark.parametrize("kind", ["qwen3", "llama3"])
 def test_llm_a_tokenizer_json_checkpoint_trains_stages_1_to_3(tmp_path, kind):
     """--llm with a tiny Qwen3-style or Llama-3-style folder (byte-level BPE tokenizer.json, no sentencepiece)."""
@@ -546,3 +614,19 @@ def test_a_frozen_encoder_has_its_tokens_cached_and_a_trained_one_or_fsdp_does_n
     assert model.token_cache is None
     train.prepare_stage(model, frozen, replace(cfg, parallel="fsdp"))
     assert model.token_cache is None
+
+
+@pytest.mark.parametrize("steps, warmup_frac", [(100, 0.2), (7, 0.1)])
+def test_lr_warms_up_linearly_then_follows_one_cosine_over_the_rest_of_the_stage(steps, warmup_frac):
+    cfg = config.Config(warmup_frac=warmup_frac, min_lr_frac=0.1)
+    stage = train.Stage(1, "report", steps, 1e-3, {"report": 1.0}, {"projector"})
+    warmup = max(1, int(warmup_frac * steps))                      # 20 of 100 steps; at least 1 of 7
+    lrs = [train.lr_at(step, stage, cfg) for step in range(steps + 1)]
+    assert lrs[:warmup] == pytest.approx([1e-3 * (k + 1) / warmup for k in range(warmup)])
+    # half a cosine period from the peak at the warm-up's end to min_lr_frac * lr at the stage's end
+    cosine = lambda t: 1e-3 * (0.1 + 0.9 * (1 + math.cos(math.pi * t)) / 2)
+    assert lrs[warmup:] == pytest.approx([cosine((k - warmup) / (steps - warmup)) for k in range(warmup, steps + 1)])
+    assert lrs[warmup] == pytest.approx(1e-3) and lrs[steps] == pytest.approx(1e-4)
+    if (steps - warmup) % 2 == 0:                                  # the middle of the decay: halfway down
+        assert lrs[(warmup + steps) // 2] == pytest.approx((1e-3 + 1e-4) / 2)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))

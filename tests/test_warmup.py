@@ -24,12 +24,39 @@ def test_thirty_steps_read_the_held_out_ecgs_better_than_the_untrained_encoder()
 
 
 def test_trains_the_image_encoder_beside_the_ecg_encoder():
+    torch.manual_seed(0)
+    enc = ECGEncoder(EncoderConfig(d_model=32, n_layers=1, n_heads=2))
+    alone = copy.deepcopy(enc)
+    img = ImageEncoder(ImageEncoderConfig(height=32, width=64, d_model=16, n_layers=1, n_heads=2))
+    before = copy.deepcopy(img.state_dict())
+    cfg = warmup.WarmupConfig(steps=2, train_patients=6, test_patients=6, eval_every=2, seed=1)
+    r = warmup.fit_encoder_to_truth(enc, cfg, img, desc=None)
+    r_alone = warmup.fit_encoder_to_truth(alone, cfg, desc=None, report=False)
+    # the image encoder learns, every weight of it, from its own head; the ECG encoder learns exactly what it learns
+    # without one (the two losses share no weights)
+    assert [k for k, v in img.state_dict().items() if torch.equal(v, before[k])] == []
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), alone.state_dict().values()))
+    assert (r["statement_f1"], r["hr_mae"]) == (r_alone["statement_f1"], r_alone["hr_mae"])
+    assert 0 <= r["image_statement_f1"] <= 1 and 0 <= r["image_hr_mae"] < 100 and "image_hr_mae" not in r_alone
+
+
+def test_the_image_scores_are_the_image_heads_answers_on_the_printouts():
     enc = ECGEncoder(EncoderConfig(d_model=32, n_layers=1, n_heads=2))
     img = ImageEncoder(ImageEncoderConfig(height=32, width=64, d_model=16, n_layers=1, n_heads=2))
-    before = img.pos_emb.detach().clone()
-    r = warmup.fit_encoder_to_truth(enc, warmup.WarmupConfig(steps=2, train_patients=6, test_patients=6,
-                                                             eval_every=2, seed=1), img, desc=None)
-    assert "image_statement_f1" in r and "image_hr_mae" in r and not torch.equal(before, img.pos_emb)
+    test = warmup.make_items("val", 4, 0, enc, img)
+    heads = warmup.Heads(enc, img)
+    with torch.no_grad():   # whatever the encoders give: the ECG head names no statement, the image head all of them
+        heads.pooled.weight.zero_()
+        heads.pooled.bias.fill_(-1.0)
+        heads.image.weight.zero_()
+        heads.image.bias.fill_(1.0)   # and a heart rate of 80 + 30 * 1 bpm
+    r = warmup.score_heads(enc, img, heads, test)
+    printed = [it for it in test if it.image is not None]
+    true = torch.stack([it.statements for it in printed])
+    hr = torch.stack([it.measures[0] for it in printed])
+    assert printed and r["statement_f1"] == 0.0
+    assert abs(r["image_statement_f1"] - 2 * true.sum().item() / (true.numel() + true.sum().item())) < 1e-9
+    assert abs(r["image_hr_mae"] - (110.0 - hr).abs().mean().item()) < 1e-4
 
 
 def test_command_line_saves_an_encoder_with_its_config(tmp_path, capsys):
