@@ -122,9 +122,9 @@ ANYECG = dict(stage1_lr=1e-4, stage2_lr=1e-4, stage3_lr=1e-4, weight_decay=1e-4,
               stage1_train="encoder,projector", stage2_train="encoder,projector,lora",
               stage3_train="encoder,projector,lora")
 # What --resume lets a flag change: how the run logs, evaluates, checkpoints and where it runs, never what it learns.
-RESUME_SAFE = ("out_dir", "resume", "overwrite", "stop_after", "device", "workers", "ecg_cache", "compile", "grad_checkpoint",
-               "log_interval", "eval_interval", "eval_batches", "gen_eval_rows", "test_rows", "max_new_tokens",
-               "ckpt_interval", "keep_ckpts", "max_nan_steps", "test_data")
+RESUME_SAFE = ("out_dir", "resume", "overwrite", "stop_after", "device", "workers", "ecg_cache", "compile",
+               "grad_checkpoint", "log_interval", "eval_interval", "eval_batches", "gen_eval_rows", "test_rows",
+               "max_new_tokens", "ckpt_interval", "keep_ckpts", "max_nan_steps", "test_data")
 # An encoder that nothing trained before the curriculum learns in the stages (see encoder_pretrained)
 UNTRAINED_ENCODER = dict.fromkeys(("stage1_train", "stage2_train", "stage3_train"), "encoder,projector,llm")
 

@@ -246,9 +246,10 @@ def get_batch(cfg, split, probs, model, stage, step, micro):
         if split.workers and not text_only:
             split.prefetch(drawn)
         candidates += [e for e in (example(split, int(i), model, text_only) for i in drawn) if e is not None]
-        if len(candidates) < k * B and len(split.bad) == len(split.rows):
-            raise RuntimeError(f"no record of the {len(split.rows)} rows could be read; first error: "
-                               f"{next(iter(split.bad.values()))}")
+        drawable = np.flatnonzero(probs)   # this stage's rows: when every one of them fails, drawing again never ends
+        if len(candidates) < k * B and all(int(i) in split.bad for i in drawable):
+            raise RuntimeError(f"no record of the {len(drawable)} rows could be read; first error: "
+                               f"{split.bad[int(drawable[0])]}")
     candidates.sort(key=lambda e: len(e["input_ids"]))
     j = rng.permutation(k)[step % k]  # the slices in random order, so lengths do not cycle
     return collate(candidates[j * B:(j + 1) * B], model.tokenizer.pad_id)
@@ -829,6 +830,7 @@ def train(cfg):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)   # python train.py > run.log: each line there as it is printed
     try:
         train(parse_config(usage=__doc__))
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -206,7 +206,8 @@ def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe",
         print(f"{desc}: {len(train)} training ECGs, {len(test)} {cfg.held_out} ECGs, "
               f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M encoder parameters")
     rng, t0, r = np.random.default_rng(cfg.seed), time.time(), None
-    for step in tqdm(range(1, cfg.steps + 1), desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty()):
+    bar = desc is not None and sys.stderr.isatty()   # a log file gets ten plain lines instead of \r frames
+    for step in tqdm(range(1, cfg.steps + 1), desc=desc, leave=False, disable=not bar):
         batch = [train[i] for i in rng.choice(len(train), size=cfg.batch_size, p=draw)]
         out, beats = ecg_outputs(encoder, heads, batch)
         loss = pooled_loss(out, batch) + F.binary_cross_entropy_with_logits(
@@ -221,6 +222,8 @@ def fit_encoder_to_truth(encoder, cfg, image_encoder=None, desc="encoder probe",
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if desc is not None and not bar and step % max(1, cfg.steps // 10) == 0:
+            print(f"{desc}: step {step}/{cfg.steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f} s)", flush=True)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             r = score_heads(encoder, image_encoder, heads, test)
             if report:

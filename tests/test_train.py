@@ -520,6 +520,9 @@ def test_one_run_per_folder_a_used_one_is_refused_locked_or_replaced(tmp_path):
     assert [json.loads(x).get("event") for x in (out / "log.jsonl").read_text().splitlines()][0] == "config"
     assert len(log_of(out)) == 5   # the older run's log went with it
     train.lock_folder(out).close()   # the finished run gave the folder back
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"a_file/run: cannot write there \(.*\); choose another --out_dir"):
+        train.train(tiny(tmp_path / "a_file" / "run"))
 
 
 def test_a_damaged_newest_checkpoint_is_passed_over_and_the_run_resumes_from_the_one_before(tmp_path):
@@ -557,9 +560,11 @@ def test_a_tokenizer_another_run_left_in_out_dir_is_trained_again(setup, tmp_pat
 
 
 def test_a_log_file_gets_plain_progress_lines_not_bar_frames(tmp_path, capfd):
-    train.train(tiny(tmp_path, stage0_steps=0, stage2_steps=0, stage3_steps=0))
+    train.train(tiny(tmp_path, stage0_steps=0, stage2_steps=0, stage3_steps=0, encoder_warmup_steps=20))
     out, err = capfd.readouterr()
     assert "\r" not in err and "\r" not in out
+    assert [line.split("  ")[0] for line in out.splitlines() if line.startswith("encoder warm-up: step")] == \
+        [f"encoder warm-up: step {k}/20" for k in range(2, 21, 2)]
     assert [line.split("  ")[0] for line in out.splitlines() if line.endswith("tok/s")] == \
         [f"stage 1 step {k}/3" for k in (1, 2, 3)]
 
