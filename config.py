@@ -33,9 +33,9 @@ class Config:
     parallel: str = arg("ddp", "how processes share the model: ddp (under torchrun, a whole copy each) | fsdp "
                                "(FSDP2: weights, gradients, AdamW state sharded; without torchrun a group of one)")
     # data: synthetic unless --data is given
-    data: str = arg("", "anyECG-format JSON of training rows (empty: synthetic ECGs)")
+    data: str = arg("", "JSON of training rows, anyECG-format or LLaVA-style (empty: synthetic ECGs)")
     ecg_root: str = arg("", "folder the rows' ecg_path values are relative to")
-    test_data: str = arg("", "anyECG-format JSON evaluated at the end (synthetic: the held-out split)")
+    test_data: str = arg("", "JSON of rows evaluated at the end (synthetic: the held-out split)")
     workers: int = arg(4, "processes reading records in parallel (real data; 0 or 1: in the main process)")
     ecg_cache: int = arg(1024, "prepared records kept in memory (real data; the rest streams from disk)")
     token_cache: int = arg(100000, "a frozen encoder's tokens of this many ECGs kept, each encoded once (0: off)")

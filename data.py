@@ -8,7 +8,8 @@ Read top to bottom:
   3. Reading      `load_ecg`: WFDB records (any format, multi-file ones), .npy, .csv; one clear error per bad file.
   4. Cleaning     flat/empty leads, NaN/Inf repair, FFT resampling, `prepare_ecg` (as the model reads it), `cut_ecg`.
   5. Localization the anyECG answer rule ("Duration: 1.3s-2.9s"), interval merging, the parser.
-  6. anyECG rows  `load_rows` (bad rows skipped and counted) and `RowECGReader` (a row's ECG(s), lazily, cached).
+  6. Rows         `load_rows`: anyECG rows and LLaVA-style ones (GEM, ECGInstruct, ECG-Bench) in one form, bad rows
+                  skipped and counted; `RowECGReader` (a row's ECG(s), lazily, cached).
                   nanoECG adds two optional fields: `history` and `followups`, [question, answer] pairs asked
                   before / after the row's own in the same chat (chat.turns_of).
 """
@@ -567,24 +568,122 @@ def row_problem(row):
 
 
 def load_rows(path):
-    """Read an anyECG JSON file (a list of rows). Malformed rows are skipped, counted and named in one warning;
-    `ecg_path` becomes a list (a single string -> [string]) so multi-ECG rows and single ones are handled alike, and
-    each row keeps its position in the file as `file_index` (what reports about a row refer to)."""
+    """Read a JSON file of rows (a list): anyECG rows, or LLaVA-style rows (GEM's ECG-Grounding, PULSE's ECGInstruct,
+    ECG-Bench) converted to the same form (llava_row); one file may mix them. Malformed rows are skipped, counted and
+    named in one warning; `ecg_path` becomes a list (a single string -> [string]) so multi-ECG rows and single ones are
+    handled alike, and each row keeps its position in the file as `file_index` (what reports about a row refer to)."""
     data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    problems = [row_problem(row) for row in data]
-    rows = [dict(row, ecg_path=row_paths(row), file_index=i) for i, (row, problem) in enumerate(zip(data, problems))
-            if not problem]
-    skipped = [(i, problem) for i, problem in enumerate(problems) if problem]
+    read = [read_row(row) for row in data]
+    rows = [dict(row, ecg_path=row_paths(row), file_index=i) for i, (row, problem) in enumerate(read) if not problem]
+    skipped = [(i, problem) for i, (_, problem) in enumerate(read) if problem]
     if skipped:
         shown = "; ".join(f"row {i}: {p}" for i, p in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
         warnings.warn(f"{path}: skipped {len(skipped)} of {len(data)} malformed rows ({shown})")
     return rows
 
 
+def read_row(row):
+    """(the row in anyECG form, None), or (anything, why it is unusable)."""
+    if is_llava(row):
+        try:
+            row = llava_row(row)
+        except ValueError as e:
+            return None, str(e)
+    return row, row_problem(row)
+
+
 def row_paths(row):
     return [row["ecg_path"]] if isinstance(row["ecg_path"], str) else list(row["ecg_path"])
+
+
+# --- LLaVA-style rows: {"id", "image", "ecg", "conversations": [{"from": "human" | "gpt", "value"}, ...]}, as GEM and
+# PULSE train on them (one WFDB record, "ecg", under the ECG folder; "image" a printout of it under the image folder).
+# ECG-Bench's arena rows hold {"question", "answer"} turns, its ecgqa rows a list of answers as the gpt value; GEM's
+# test rows add "report" and "machine_measurements". Each becomes one anyECG row: the first exchange its question and
+# answer, later ones its `followups` (so every answer trains; evaluation asks the first question), the other fields
+# kept as they are. The printout is not read: rows read from an image alone are built only for synthetic data.
+LLAVA_MARKER = re.compile(r"\s*(?:<(?:image|ecg)>\s*)+")   # where their model put its features; nanoECG puts its own
+CLOSED_ANSWER_WORDS = 6   # a first answer this short (a label, an option letter, yes/no) is scored as a set match
+LIST_SEPARATOR = ", "     # a list of answers is joined as synthetic ECG-QA lists are, and as eval.set_match splits
+
+
+def is_llava(row):
+    """Has conversations, or names its record as "ecg"/"image" rather than anyECG's ecg_path."""
+    return isinstance(row, dict) and ("conversations" in row or
+                                      ("ecg_path" not in row and ("ecg" in row or "image" in row)))
+
+
+def llava_row(row):
+    """A LLaVA-style row in anyECG form; ValueError says what makes it unusable. The task: "ecgqa" when the first
+    answer is closed (a list, or at most CLOSED_ANSWER_WORDS words: ECG-Bench's labels and option letters), with the
+    dataset as its question_type so eval scores it by set match per subset; else "report" (free text: GEM's grounded
+    interpretations, ECGInstruct's reports and chats), scored by BLEU, ROUGE-L and statement F1, and in every stage's
+    default task mix."""
+    pairs = llava_pairs(row.get("conversations"))
+    texts = [(llava_text(q, f"conversations exchange {k} question"),
+              llava_text(a, f"conversations exchange {k} answer", answer=True))
+             for k, (q, a) in enumerate(pairs)]
+    dataset = row["dataset"] if isinstance(row.get("dataset"), str) else llava_dataset(row.get("id"))
+    closed = isinstance(pairs[0][1], list) or len(texts[0][1].split()) <= CLOSED_ANSWER_WORDS
+    out = {k: v for k, v in row.items() if k != "conversations"}
+    out |= {"ecg_path": llava_ecg(row), "question": texts[0][0], "answer": texts[0][1], "dataset": dataset,
+            "task": "ecgqa" if closed else "report"}
+    if closed and not isinstance(out.get("question_type"), str):
+        out["question_type"] = dataset
+    if len(texts) > 1:
+        out["followups"] = [list(pair) for pair in texts[1:]]
+    return out
+
+
+def llava_pairs(turns):
+    """[(question, answer), ...] of a conversation, values as written: {"from", "value"} turns alternating human,
+    gpt; or ECG-Bench arena's {"question", "answer"} turns, one exchange each."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("field 'conversations' missing or not a non-empty list of turns")
+    if all(isinstance(t, dict) and "question" in t and "answer" in t for t in turns):
+        return [(t["question"], t["answer"]) for t in turns]
+    for k, turn in enumerate(turns):
+        expected = ("human", "gpt")[k % 2]
+        if not isinstance(turn, dict) or "value" not in turn:
+            raise ValueError(f"conversations turn {k}: not a {{from, value}} or {{question, answer}} object")
+        if turn.get("from") != expected:
+            raise ValueError(f"conversations turn {k}: from {turn.get('from')!r}, expected {expected!r} "
+                             "(turns alternate human, gpt)")
+    if len(turns) % 2:
+        raise ValueError(f"conversations turn {len(turns) - 1}: a human turn with no gpt answer after it")
+    return [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2])]
+
+
+def llava_text(value, where, answer=False):
+    """A turn's text without <image>/<ecg> markers (nanoECG writes its ECG blocks before the first user message); an
+    answer given as a list of strings (ECG-Bench's ecgqa) is joined with LIST_SEPARATOR."""
+    if answer and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = LIST_SEPARATOR.join(v.strip() for v in value if v.strip())
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: not a string" + (" or a list of strings" if answer else ""))
+    text = LLAVA_MARKER.sub(" ", value).strip()
+    if not text:
+        raise ValueError(f"{where}: empty" + (" besides its <image>/<ecg> marker" if value.strip() else ""))
+    return text
+
+
+def llava_ecg(row):
+    """The row's WFDB record as its ecg_path (read under the ECG root like any row's)."""
+    ecg = row.get("ecg")
+    if isinstance(ecg, str) and ecg.strip():
+        return ecg
+    if ecg in (None, "") and row.get("image"):
+        raise ValueError(f"no 'ecg' record, only the image {row['image']!r}: paper printouts are read only for "
+                         "synthetic data (train.py --images); a file's rows need the WFDB record as 'ecg'")
+    raise ValueError("field 'ecg' missing" if ecg is None else "field 'ecg' is not a record path (a non-empty string)")
+
+
+def llava_dataset(row_id):
+    """ECG-Bench's ids name their subset before the first '-' ("code15-1109348" -> "code15"); else "llava"."""
+    match = re.match(r"([A-Za-z][\w.]*)-", row_id) if isinstance(row_id, str) else None
+    return match.group(1) if match else "llava"
 
 
 class RowECGReader:

@@ -591,7 +591,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint folder (what train.py writes)")
-    p.add_argument("--data", required=True, help="anyECG-format JSON file: a list of rows")
+    p.add_argument("--data", required=True, help="JSON file: a list of rows, anyECG-format or LLaVA-style")
     p.add_argument("--ecg-root", help="folder the rows' ecg_path are relative to (default: the --data folder)")
     p.add_argument("--out", default="results.json", help="scores and predictions, JSON")
     p.add_argument("--ablate-ecg", action="store_true", help="blank every ECG (zeros) to measure dependence on it")
