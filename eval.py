@@ -9,7 +9,9 @@ Read top to bottom:
   3. Evaluating    `evaluate(model, rows, inputs_of)`: batched generation over anyECG rows, the ECG optionally blanked
                    (--ablate-ecg) to see how much it matters; `evaluate_held_out`: the tables train.py ends with.
   4. Command line  python eval.py --ckpt DIR --data FILE.json --ecg-root DIR --out results.json
-                   [--ablate-ecg] [--batch-size 8] [--max-new-tokens 256] [--limit N]
+                   [--ablate-ecg] [--batch-size 8] [--max-new-tokens 256] [--limit N] [--bench NAME]
+                   python eval.py --bench NAME --data ROWS.json --answers ANSWERS.jsonl: ECG-Bench answers scored
+                   (ecgbench/score.py: the published rules beside corrected ones)
 How fast a model is: python -m bench.speed. How fast the encoder alone learns: python -m synthetic.warmup.
 """
 import argparse
@@ -29,7 +31,8 @@ from tqdm import tqdm
 
 from chat import ANSWER, turns_of
 from data import (LOCATION_TASKS, STATEMENTS, TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, merge_intervals,
-                  parse_localization, row_paths)
+                  parse_localization, read_json, row_paths)
+from ecgbench import score as ecgbench
 from images.chat import load_chat
 
 
@@ -587,10 +590,11 @@ def evaluate_held_out(model, rows, inputs_of, train_rows, all_rows, out_dir, log
 
 
 # --------------------------------------------------------------------------- 4. command line
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line, checked before anything is read: the --out path too, not after the whole evaluation."""
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint folder (what train.py writes)")
+    p.add_argument("--ckpt", help="checkpoint folder (what train.py writes); not needed with --answers")
     p.add_argument("--data", required=True, help="JSON file: a list of rows, anyECG-format or LLaVA-style")
     p.add_argument("--ecg-root", help="folder the rows' ecg_path are relative to (default: the --data folder)")
     p.add_argument("--out", default="results.json", help="scores and predictions, JSON")
@@ -602,19 +606,38 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bench", help="also score the rows as an ECG-Bench subset, by the published rules and corrected "
+                                   "ones: ptb, code15, cpsc, csn, g12, mmmu, ecgqa, or auto (told from the row ids)")
+    p.add_argument("--answers", help="with --bench: score these answers (JSONL, one {question_id or id, text} a line, "
+                                     "as LLaVA's evaluators write them) instead of running a model")
     args = p.parse_args(argv)
+    if args.answers and not args.bench:
+        p.error("--answers scores an ECG-Bench subset: add --bench NAME (or auto)")
+    if not args.ckpt and not args.answers:
+        p.error("--ckpt is required (or --bench with --answers, to score answers already written)")
     for name in ("batch_size", "max_new_tokens", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < (name != "limit"):
             p.error(f"--{name.replace('_', '-')} must be at least {int(name != 'limit')}")
-    out_folder = Path(args.out).resolve().parent   # checked now, not after the whole evaluation
+    out_folder = Path(args.out).resolve().parent
     problem = ("a folder; give the path of a .json file" if os.path.isdir(args.out) else
                f"its folder {out_folder} does not exist" if not out_folder.is_dir() else
                f"its folder {out_folder} is not writable" if not os.access(out_folder, os.W_OK | os.X_OK) else None)
     if problem:
         p.error(f"--out {args.out}: {problem}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
+        if args.answers:   # answers written already (a published model's): scoring alone, no model
+            bench = [] if args.bench == "auto" else ["--bench", args.bench]
+            return ecgbench.main(["--data", args.data, "--answers", args.answers, "--out", args.out, *bench])
         model = load_chat(args.ckpt, device=args.device)
         rows = drop_duplicates(load_rows(args.data), args.data)[:args.limit]
+        file_rows = read_json(args.data) if args.bench else None   # as written: ECG-Bench's scorer reads its ids
+        if args.bench:   # the subset named before the evaluation, not after it
+            ecgbench.subset_name(args.bench, [file_rows[r["file_index"]] for r in rows])
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if not rows:
@@ -630,8 +653,11 @@ def main(argv=None):
     scores, predictions = evaluate(model, rows, reader, args.batch_size, args.max_new_tokens, args.ablate_ecg,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print_table(scores)
+    bench = ecgbench.score_model(args.bench, model, rows, file_rows, predictions, reader) if args.bench else None
+    if bench:
+        print(ecgbench.table(bench))
     atomic_write(args.out, json.dumps({"ckpt": args.ckpt, "data": args.data, "ecg_root": root,
-                                       "ablate_ecg": args.ablate_ecg, "scores": scores,
+                                       "ablate_ecg": args.ablate_ecg, "scores": scores, "bench": bench,
                                        "predictions": predictions}, indent=1))
     print(f"wrote {args.out}", file=sys.stderr)
     return scores

@@ -31,7 +31,9 @@ import re
 import sys
 
 import numpy as np
+import torch
 
+from chat import turns_of
 from data import atomic_write, read_json
 
 # PTB-XL's superclass names: PTB-XL's own descriptions. The ptb-test prompt was not found in public copies, so these
@@ -342,6 +344,51 @@ def score(bench, rows, answers, label_scores=None):
             "missing": sum(row_id(row) not in answers for row in rows),
             "extra": len(set(answers) - ids),   # answers for no row of this file
             "compatible": compatible, "corrected": corrected}
+
+
+def score_model(bench, model, rows, file_rows, predictions, inputs_of):
+    """eval.py --bench: its answers to a subset's rows scored both ways, and for a subset of labels the corrected AUC
+    from the model's own label scores (label_scores). rows: the rows eval.py asked, as data.load_rows reads them
+    (an unreadable one counts as missing); file_rows: the file's rows as written (LLaVA-style); predictions:
+    eval.evaluate's, each with its row's position in the file ("index"). bench "auto": told from the row ids."""
+    asked = [file_rows[r["file_index"]] for r in rows]
+    name = subset_name(bench, asked)
+    answers = {row_id(file_rows[p["index"]]): p["prediction"] for p in predictions}
+    spec = SUBSETS[name]
+    scores = label_scores(model, rows, inputs_of, list(spec["labels"])) if spec["kind"] == "labels" else None
+    return score(name, asked, answers, scores)
+
+
+@torch.no_grad()
+def label_scores(model, rows, inputs_of, labels):
+    """{row id: {label: score}}: the model's teacher-forced log-probability of answering with each label code first
+    ("NORM", before any end of turn), after the row's own question: a score per label that a real ROC AUC can rank,
+    where 0/1 answers give only balanced accuracy. A row whose ECG cannot be read gets none (it ranks lowest)."""
+    out, device = {}, next(model.parameters()).device
+    for row in rows:
+        try:
+            inputs = inputs_of(row)
+        except (FileNotFoundError, ValueError):
+            continue
+        encoded = [model.prompt(turns_of(row, answered=False) + [("assistant", label)], inputs) for label in labels]
+        width = max(len(ids) for ids, _ in encoded)   # right-padded: causal attention keeps padding out of the past
+        ids = torch.tensor([i + [model.tokenizer.pad_id] * (width - len(i)) for i, _ in encoded], device=device)
+        logp = model(ids, [inputs] * len(labels)).float().log_softmax(-1)                        # (labels, T, V)
+        out[str(row["id"])] = {label: named_logp(logp[k], target) for k, (label, (_, target)) in
+                               enumerate(zip(labels, encoded))}
+    return out
+
+
+def named_logp(logp, target):
+    """Sum of log p over an answer's tokens but its last (the end of turn): logp (T, V) of one sequence; target: its
+    labels, -100 where no loss."""
+    positions = [t for t, tok in enumerate(target) if tok != -100][:-1]
+    return float(sum(logp[t - 1, target[t]] for t in positions))
+
+
+def subset_name(bench, rows):
+    """--bench's value -> the SUBSETS key: a subset's name, or "auto", told from the rows' ids."""
+    return bench_from_ids(rows) if bench == "auto" else resolve_bench(bench)
 
 
 def bench_from_ids(rows):

@@ -18,7 +18,7 @@ import torch
 
 import eval as ev
 from chat import SPECIAL_TOKENS, ECGChat
-from data import BEAT_NAMES, ECGRecord, load_ecg, localization_answer, merge_intervals
+from data import BEAT_NAMES, STANDARD_LEADS, ECGRecord, load_ecg, localization_answer, merge_intervals
 from ecg_encoder import ECGEncoder, EncoderConfig
 from model import LLM, LLMConfig, train_tokenizer
 from synthetic.tasks import build_synthetic_dataset
@@ -579,3 +579,49 @@ def test_the_test_rows_are_drawn_per_task_and_per_question_type():
                                           for k in kinds)
     assert picked == ev.rows_per_task(rows, 20, per_type=5)   # fixed
     assert sum("followups" in r for r in rows) > 0.2 * sum(r["task"] == "report" for r in rows)
+
+
+def test_eval_bench_scores_the_models_answers_as_the_answers_file_path_does(chat, tmp_path):
+    """--bench with a model: its answers to ECG-Bench rows (LLaVA-style) scored by both rule sets, the unreadable row
+    counted as missing; the same answers written as JSONL and scored by --answers (no model) give the same blocks."""
+    if not (PHYSIONET / "s0010_re.hea").is_file():
+        pytest.skip(f"PTB record s0010_re not found under {PHYSIONET}")
+    prompt = "Classify the ECG as normal or abnormal. Provide NORM or ABNORMAL as the output."
+    rows = [{"id": f"code15-{k}", "image": f"code15/{k}-0.png", "ecg": ecg,
+             "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": gold}]}
+            for k, (ecg, gold) in enumerate([("s0010_re", "ABNORMAL"), ("s0010_re", "NORM"), ("gone", "NORM")])]
+    data = tmp_path / "code15.json"
+    data.write_text(json.dumps(rows))
+    chat.save(tmp_path / "ckpt")
+    out = tmp_path / "results.json"
+    ev.main(["--ckpt", str(tmp_path / "ckpt"), "--data", str(data), "--ecg-root", str(PHYSIONET), "--out", str(out),
+             "--max-new-tokens", "6", "--bench", "auto"])
+    result = json.loads(out.read_text())
+    bench = result["bench"]
+    assert (bench["bench"], bench["n"], bench["missing"], bench["published_n"]) == ("code15", 3, 1, 1400)
+    assert {"f1", "hamming"} <= set(bench["corrected"]) and {"f1", "hamming"} <= set(bench["compatible"])
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": rows[p["index"]]["id"], "text": p["prediction"]}) + "\n"
+                               for p in result["predictions"]))
+    again = ev.main(["--bench", "code15", "--data", str(data), "--answers", str(answers),
+                     "--out", str(tmp_path / "again.json")])
+    assert again["compatible"] == bench["compatible"]
+    # the corrected AUC needs scores: the model's own (label_scores) when it is run, none from an answers file
+    assert {**again["corrected"], "auc": None} == {**bench["corrected"], "auc": None}
+    assert again["corrected"]["auc"] is None and 0 <= bench["corrected"]["auc"] <= 1
+    with pytest.raises(SystemExit):   # answers without a subset name, a model without --ckpt: argparse's errors
+        ev.main(["--data", str(data), "--answers", str(answers)])
+
+
+def test_label_scores_are_each_labels_log_probability_alone_or_in_a_padded_batch(chat):
+    """The options of one row go as one right-padded batch; each label's score is what it gets scored alone, a
+    log-probability (< 0), and the options differ."""
+    from ecgbench.score import label_scores
+    rec = ECGRecord(np.random.default_rng(0).standard_normal((12, 1000)).astype(np.float32) * 0.3, 100,
+                    list(STANDARD_LEADS))
+    row = {"id": "cpsc-1", "question": "Classify the ECG.", "answer": "AF"}
+    labels = ["NORM", "I-AVB", "STE"]   # of different token lengths, so the batch is padded
+    together = label_scores(chat, [row], lambda r: [rec], labels)["cpsc-1"]
+    alone = {label: label_scores(chat, [row], lambda r: [rec], [label])["cpsc-1"][label] for label in labels}
+    assert together == pytest.approx(alone, abs=1e-4)
+    assert all(v < 0 for v in together.values()) and len(set(together.values())) == 3
