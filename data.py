@@ -2,8 +2,8 @@
 data.py — ECG records and the files they come from. The ground floor: it imports nothing of the project.
 
 Read top to bottom:
-  1. Records      `ECGRecord` (mV (leads, samples), fs, leads), the lead, task, beat and report-statement names,
-                  `atomic_write` (every file write), `read_json`.
+  1. Records      `ECGRecord` (mV (leads, samples), fs, leads), the lead, task, beat and report-statement names and
+                  `find_statements` (which a text names), `atomic_write` (every file write), `read_json`.
   2. Lead names   the aliases real files use (MLII, D3, lower case, a lone "ECG", ...).
   3. Reading      `load_ecg`: WFDB records (any format, multi-file ones), .npy, .csv; one clear error per bad file.
   4. Cleaning     flat/empty leads, NaN/Inf repair, FFT resampling, `prepare_ecg` (as the model reads it), `cut_ecg`.
@@ -37,6 +37,18 @@ STATEMENTS = [   # the report statements (MIMIC-IV-ECG machine-report style) the
     "Left bundle branch block", "Right bundle branch block", "Left axis deviation", "Right axis deviation",
     "Low QRS voltages", "ST elevation", "ST depression", "T wave inversion", "Prolonged QT interval",
     "Normal ECG", "Normal ECG except for rate", "Borderline ECG", "Abnormal ECG"]
+
+
+def find_statements(text, vocabulary=STATEMENTS):
+    """The statements of `vocabulary` named in `text` (case-insensitive, whole words). Longer statements are matched
+    first and blanked out, so "Normal ECG except for rate" does not also count as "Normal ECG". Like ECG-Bench's
+    string matching it cannot see negation: "no atrial fibrillation" names atrial fibrillation."""
+    text, found = text.lower(), set()
+    for s in sorted(vocabulary, key=len, reverse=True):
+        text, hits = re.subn(r"(?<!\w)" + re.escape(s.lower()) + r"(?!\w)", "|", text)
+        if hits:
+            found.add(s)
+    return found
 
 
 class ECGRecord(NamedTuple):

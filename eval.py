@@ -30,8 +30,8 @@ import torch
 from tqdm import tqdm
 
 from chat import ANSWER, turns_of
-from data import (LOCATION_TASKS, STATEMENTS, TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, merge_intervals,
-                  parse_localization, read_json, row_paths)
+from data import (LOCATION_TASKS, STATEMENTS, TASKS, ECGRecord, RowECGReader, atomic_write, find_statements, load_rows,
+                  merge_intervals, parse_localization, read_json, row_paths)
 from ecgbench import score as ecgbench
 from images.chat import load_chat
 
@@ -142,18 +142,6 @@ def rouge_l(hyp, ref):
 
 
 # --- statements (ECG-Bench style): which known statements a text names
-def find_statements(text, vocabulary=STATEMENTS):
-    """The statements of `vocabulary` named in `text` (case-insensitive, whole words). Longer statements are matched
-    first and blanked out, so "Normal ECG except for rate" does not also count as "Normal ECG". Like ECG-Bench's
-    string matching it cannot see negation: "no atrial fibrillation" names atrial fibrillation."""
-    text, found = text.lower(), set()
-    for s in sorted(vocabulary, key=len, reverse=True):
-        text, hits = re.subn(r"(?<!\w)" + re.escape(s.lower()) + r"(?!\w)", "|", text)
-        if hits:
-            found.add(s)
-    return found
-
-
 def statement_prf(preds, refs, vocabulary=STATEMENTS):
     """Each text -> a binary vector over the vocabulary. Micro precision / recall / F1 over all (text, statement)
     pairs, and macro F1 over the statements that occur in a reference or a prediction (one nobody names has no F1)."""
