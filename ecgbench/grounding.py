@@ -41,8 +41,8 @@ import sys
 
 import numpy as np
 
-from data import atomic_write, find_statements, read_json
-from ecgbench.score import read_answers, row_id
+from data import atomic_write, find_statements
+from ecgbench.score import read_answers, read_rows, row_id
 
 # --------------------------------------------------------------------------- lead coverage
 LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
@@ -232,9 +232,7 @@ def main(argv=None):
     parser.add_argument("--answers", required=True, help="JSONL, one {question_id or id, text} a line")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
-    rows = read_json(args.data)
-    if not isinstance(rows, list):
-        raise ValueError(f"{args.data}: expected a JSON list of LLaVA-style rows")
+    rows = read_rows(args.data)
     result = grounding_scores(rows, read_answers(args.answers))
     print(table(result))
     if args.out:

@@ -93,6 +93,14 @@ def turn_value(row, speaker):
     return next((t["value"] for t in row.get("conversations", []) if t.get("from") == speaker), "")
 
 
+def read_rows(path):
+    """A benchmark's rows file: a JSON list of LLaVA-style rows, or one error naming the file."""
+    rows = read_json(path)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of LLaVA-style rows")
+    return rows
+
+
 def read_answers(path):
     """An answers JSONL file -> {id: text}. Ids from "question_id", else "id"; text from "text", else "response"
     (the published scorer reads both). A bad line is one error naming the file and the line."""
@@ -422,9 +430,7 @@ def main(argv=None):
     parser.add_argument("--label-scores", help="JSON {row id: {label: score}}: the corrected AUC's scores")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
-    rows = read_json(args.data)
-    if not isinstance(rows, list):
-        raise ValueError(f"{args.data}: expected a JSON list of LLaVA-style rows")
+    rows = read_rows(args.data)
     label_scores = read_json(args.label_scores) if args.label_scores else None
     result = score(args.bench or bench_from_ids(rows), rows, read_answers(args.answers), label_scores)
     print(table(result))

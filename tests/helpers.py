@@ -1,4 +1,5 @@
-"""What several test files share: a synthetic dataset written to disk as any anyECG-format tool reads it."""
+"""What several test files share: a synthetic dataset written to disk as any anyECG-format tool reads it, and a saved
+checkpoint folder edited as a damaged or hand-edited one would be."""
 import json
 import os
 
@@ -19,3 +20,18 @@ def write_dataset(ds, out_dir, name="data"):
     with open(json_path, "w") as f:
         json.dump(ds.rows, f, indent=1)
     return json_path
+
+
+def edit_folder(folder, edit_state=None, edit_config=None):
+    """A saved checkpoint folder's model.safetensors and config.json, each passed to its edit function (which changes
+    the dict in place) and written back. -> folder"""
+    from safetensors.torch import load_file, save_file
+    if edit_state:
+        state = load_file(folder / "model.safetensors")
+        edit_state(state)
+        save_file(state, folder / "model.safetensors")
+    if edit_config:
+        cfg = json.loads((folder / "config.json").read_text())
+        edit_config(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return folder

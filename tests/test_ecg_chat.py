@@ -11,6 +11,7 @@ from chat import (ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, IMG_END, I
                   USER, ECGChat, ecg_blocks, encode_chat)
 from data import ECGRecord
 from ecg_encoder import ECGEncoder, EncoderConfig
+from helpers import edit_folder
 from model import LLM, LLMConfig, Tokenizer, add_lora, train_tokenizer
 
 TEXT = ["Report: Sinus rhythm, Normal ECG", "Duration: 1.3s-2.9s", "Is there atrial fibrillation? yes",
@@ -412,17 +413,8 @@ def test_cached_encoder_tokens_are_each_ecgs_own_encoding_alone(tok):
 
 def edited_checkpoint(tok, folder, edit_state=None, edit_config=None):
     """make_chat's model saved, its weights and config.json then edited as a damaged or hand-edited one would be."""
-    from safetensors.torch import load_file, save_file
     make_chat(tok).save(folder)
-    if edit_state:
-        state = load_file(folder / "model.safetensors")
-        edit_state(state)
-        save_file(state, folder / "model.safetensors")
-    if edit_config:
-        cfg = json.loads((folder / "config.json").read_text())
-        edit_config(cfg)
-        (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
+    return edit_folder(folder, edit_state, edit_config)
 
 
 def test_a_checkpoint_whose_config_or_weights_do_not_fit_is_one_error_naming_file_and_keys(tok, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from chat import ECG_TOKEN, END_TURN, SPECIAL_TOKENS, USER
+from helpers import edit_folder
 from model import (LLM, LLMConfig, LoRALinear, Tokenizer, add_lora, generate, left_pad, lora_layers, sample_next,
                    train_tokenizer)
 
@@ -442,17 +443,8 @@ def test_missing_key_is_named(tmp_path):
 def tiny_folder(folder, edit_state=None, edit_config=None, **kw):
     """tiny_llm(**kw) saved as a Hugging Face folder, its tensors and config.json then edited as a damaged or
     hand-edited checkpoint would be."""
-    from safetensors.torch import load_file, save_file
     tiny_llm(**kw).save_pretrained(folder)
-    if edit_state:
-        state = load_file(folder / "model.safetensors")
-        edit_state(state)
-        save_file(state, folder / "model.safetensors")
-    if edit_config:
-        cfg = json.loads((folder / "config.json").read_text())
-        edit_config(cfg)
-        (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
+    return edit_folder(folder, edit_state, edit_config)
 
 
 def test_a_config_that_disagrees_with_its_layers_is_an_error_naming_file_and_keys(tmp_path):
