@@ -63,6 +63,8 @@ class Config:
                                 "python -m synthetic.warmup --save)")
     images: bool = arg(False, "GEM's image modality: report + grounded rows also from paper printouts")
     image_init: str = arg("", "with --images: a Hugging Face CLIP folder, kept frozen (GEM: CLIP ViT-L/336)")
+    image_root: str = arg("", "with --images --data: the folder the rows' image paths are under (default: each "
+                              "printout drawn from the row's record)")
     encoder_warmup_steps: int = arg(900, "synthetic data: first the encoder alone learns the truth (0: off)")
     encoder_warmup_lr: float = arg(1e-3, "learning rate of the encoder warm-up")
     lora_targets: str = arg("q_proj,k_proj", "LLM linears that get LoRA (anyECG: q_proj,k_proj)")

@@ -551,15 +551,28 @@ def parse_localization(text):
 _LOCATION_FIELDS = {"abnormal_type": str, "ecg_start": int, "ecg_end": int}
 
 
-def row_problem(row):
-    """Why an anyECG row is unusable, or None if it is fine."""
+MODALITIES = ("signal", "image", "both")   # what a row is answered from: its ECGs, their printout, or both
+
+
+def row_problem(row, images=False):
+    """Why an anyECG row is unusable, or None if it is fine. images: the model reads paper printouts too, so rows of
+    modality "image" and "both" may be read (images/rows.py reads their `image`, or draws it from the record)."""
     if not isinstance(row, dict):
         return f"not an object ({type(row).__name__})"
     for key in ("question", "answer", "dataset", "task"):
         if not isinstance(row.get(key), str):
             return f"field {key!r} missing or not a string"
+    modality, image = row.get("modality", "signal"), row.get("image")
+    if modality not in MODALITIES:
+        return f"modality {modality!r}: not one of {', '.join(MODALITIES)}"
+    if modality != "signal" and not images:
+        return (f"modality {modality!r}: read only by a model that reads paper printouts too (train.py --images, "
+                "or eval.py with such a checkpoint)")
+    if image is not None and not (isinstance(image, str) and image):
+        return "field 'image' is not a path (a non-empty string)"
     paths = row.get("ecg_path")
-    if not (isinstance(paths, str) and paths) and not (
+    printout_alone = modality == "image" and image and paths in ([], "")   # a printout with no record beside it
+    if not printout_alone and not (isinstance(paths, str) and paths) and not (
             isinstance(paths, list) and paths and all(isinstance(p, str) and p for p in paths)):
         return "field 'ecg_path' missing or not a path / non-empty list of paths"
     for key in ("history", "followups"):   # nanoECG's additions: earlier / later exchanges about the same ECGs
@@ -567,9 +580,6 @@ def row_problem(row):
         if not isinstance(turns, list) or not all(isinstance(x, list) and len(x) == 2 and
                                                   all(isinstance(s, str) for s in x) for x in turns):
             return f"field {key!r} is not a list of [question, answer] pairs"
-    if row.get("modality", "signal") != "signal":
-        return (f"modality {row['modality']!r}: rows read from a paper image are built only for synthetic data "
-                "(train.py --images); a file's rows are read as signals")
     if row["task"] in LOCATION_TASKS:
         for key, kind in _LOCATION_FIELDS.items():
             if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
@@ -579,15 +589,16 @@ def row_problem(row):
     return None
 
 
-def load_rows(path):
+def load_rows(path, images=False):
     """Read a JSON file of rows (a list): anyECG rows, or LLaVA-style rows (GEM's ECG-Grounding, PULSE's ECGInstruct,
     ECG-Bench) converted to the same form (llava_row); one file may mix them. Malformed rows are skipped, counted and
     named in one warning; `ecg_path` becomes a list (a single string -> [string]) so multi-ECG rows and single ones are
-    handled alike, and each row keeps its position in the file as `file_index` (what reports about a row refer to)."""
+    handled alike, and each row keeps its position in the file as `file_index` (what reports about a row refer to).
+    images: for a model that reads paper printouts too (see row_problem, llava_row)."""
     data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    read = [read_row(row) for row in data]
+    read = [read_row(row, images) for row in data]
     rows = [dict(row, ecg_path=row_paths(row), file_index=i) for i, (row, problem) in enumerate(read) if not problem]
     skipped = [(i, problem) for i, (_, problem) in enumerate(read) if problem]
     if skipped:
@@ -596,18 +607,19 @@ def load_rows(path):
     return rows
 
 
-def read_row(row):
+def read_row(row, images=False):
     """(the row in anyECG form, None), or (anything, why it is unusable)."""
     if is_llava(row):
         try:
-            row = llava_row(row)
+            row = llava_row(row, images)
         except ValueError as e:
             return None, str(e)
-    return row, row_problem(row)
+    return row, row_problem(row, images)
 
 
 def row_paths(row):
-    return [row["ecg_path"]] if isinstance(row["ecg_path"], str) else list(row["ecg_path"])
+    """The records a row names, as a list ([] for a printout read alone)."""
+    return [row["ecg_path"]] if isinstance(row["ecg_path"], str) and row["ecg_path"] else list(row["ecg_path"])
 
 
 # --- LLaVA-style rows: {"id", "image", "ecg", "conversations": [{"from": "human" | "gpt", "value"}, ...]}, as GEM and
@@ -615,7 +627,8 @@ def row_paths(row):
 # ECG-Bench's arena rows hold {"question", "answer"} turns, its ecgqa rows a list of answers as the gpt value; GEM's
 # test rows add "report" and "machine_measurements". Each becomes one anyECG row: the first exchange its question and
 # answer, later ones its `followups` (so every answer trains; evaluation asks the first question), the other fields
-# kept as they are. The printout is not read: rows read from an image alone are built only for synthetic data.
+# kept as they are. A model that reads printouts too (GEM's) answers from the record and its printout ("modality":
+# "both"), or from the printout alone when a row names no record ("image"); images/rows.py reads them.
 LLAVA_MARKER = re.compile(r"\s*(?:<(?:image|ecg)>\s*)+")   # where their model put its features; nanoECG puts its own
 CLOSED_ANSWER_WORDS = 6   # a first answer this short (a label, an option letter, yes/no) is scored as a set match
 LIST_SEPARATOR = ", "     # a list of answers is joined as synthetic ECG-QA lists are, and as eval.set_match splits
@@ -627,12 +640,13 @@ def is_llava(row):
                                       ("ecg_path" not in row and ("ecg" in row or "image" in row)))
 
 
-def llava_row(row):
+def llava_row(row, images=False):
     """A LLaVA-style row in anyECG form; ValueError says what makes it unusable. The task: "ecgqa" when the first
     answer is closed (a list, or at most CLOSED_ANSWER_WORDS words: ECG-Bench's labels and option letters), with the
     dataset as its question_type so eval scores it by set match per subset; else "report" (free text: GEM's grounded
     interpretations, ECGInstruct's reports and chats), scored by BLEU, ROUGE-L and statement F1, and in every stage's
-    default task mix."""
+    default task mix. images: the model reads printouts too, so the row's modality is "both" (its record, then the
+    printout), or "image" when it names an image and no record."""
     pairs = llava_pairs(row.get("conversations"))
     texts = [(llava_text(q, f"conversations exchange {k} question"),
               llava_text(a, f"conversations exchange {k} answer", answer=True))
@@ -640,8 +654,11 @@ def llava_row(row):
     dataset = row["dataset"] if isinstance(row.get("dataset"), str) else llava_dataset(row.get("id"))
     closed = isinstance(pairs[0][1], list) or len(texts[0][1].split()) <= CLOSED_ANSWER_WORDS
     out = {k: v for k, v in row.items() if k != "conversations"}
-    out |= {"ecg_path": llava_ecg(row), "question": texts[0][0], "answer": texts[0][1], "dataset": dataset,
+    ecg_path = llava_ecg(row, images)
+    out |= {"ecg_path": ecg_path, "question": texts[0][0], "answer": texts[0][1], "dataset": dataset,
             "task": "ecgqa" if closed else "report"}
+    if images:
+        out["modality"] = "both" if ecg_path else "image"
     if closed and not isinstance(out.get("question_type"), str):
         out["question_type"] = dataset
     if len(texts) > 1:
@@ -681,14 +698,17 @@ def llava_text(value, where, answer=False):
     return text
 
 
-def llava_ecg(row):
-    """The row's WFDB record as its ecg_path (read under the ECG root like any row's)."""
+def llava_ecg(row, images=False):
+    """The row's WFDB record as its ecg_path (read under the ECG root like any row's); "" for a printout alone, which
+    a model that reads printouts answers from."""
     ecg = row.get("ecg")
     if isinstance(ecg, str) and ecg.strip():
         return ecg
     if ecg in (None, "") and row.get("image"):
-        raise ValueError(f"no 'ecg' record, only the image {row['image']!r}: paper printouts are read only for "
-                         "synthetic data (train.py --images); a file's rows need the WFDB record as 'ecg'")
+        if images:
+            return ""
+        raise ValueError(f"no 'ecg' record, only the image {row['image']!r}: a printout alone is read only by a model "
+                         "that reads printouts too (train.py --images, --image_root)")
     raise ValueError("field 'ecg' missing" if ecg is None else "field 'ecg' is not a record path (a non-empty string)")
 
 

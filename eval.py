@@ -33,7 +33,8 @@ from chat import ANSWER, turns_of
 from data import (LOCATION_TASKS, STATEMENTS, TASKS, ECGRecord, RowECGReader, atomic_write, find_statements, load_rows,
                   merge_intervals, parse_localization, read_json, row_paths)
 from ecgbench import score as ecgbench
-from images.chat import load_chat
+from images.chat import ImageChat, load_chat
+from images.rows import PrintoutReader
 
 
 # --------------------------------------------------------------------------- 1. metrics: answer texts -> numbers
@@ -585,6 +586,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", help="checkpoint folder (what train.py writes); not needed with --answers")
     p.add_argument("--data", required=True, help="JSON file: a list of rows, anyECG-format or LLaVA-style")
     p.add_argument("--ecg-root", help="folder the rows' ecg_path are relative to (default: the --data folder)")
+    p.add_argument("--image-root", help="a model trained with --images: the folder the rows' image paths are under "
+                                        "(default: each printout drawn from the row's record)")
     p.add_argument("--out", default="results.json", help="scores and predictions, JSON")
     p.add_argument("--ablate-ecg", action="store_true", help="blank every ECG (zeros) to measure dependence on it")
     p.add_argument("--batch-size", type=int, default=8)
@@ -606,6 +609,8 @@ def parse_args(argv=None):
     for name in ("batch_size", "max_new_tokens", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < (name != "limit"):
             p.error(f"--{name.replace('_', '-')} must be at least {int(name != 'limit')}")
+    if args.image_root and not os.path.isdir(args.image_root):
+        p.error(f"--image-root {args.image_root}: no such folder")
     out_folder = Path(args.out).resolve().parent
     problem = ("a folder; give the path of a .json file" if os.path.isdir(args.out) else
                f"its folder {out_folder} does not exist" if not out_folder.is_dir() else
@@ -622,7 +627,8 @@ def main(argv=None):
             bench = [] if args.bench == "auto" else ["--bench", args.bench]
             return ecgbench.main(["--data", args.data, "--answers", args.answers, "--out", args.out, *bench])
         model = load_chat(args.ckpt, device=args.device)
-        rows = drop_duplicates(load_rows(args.data), args.data)[:args.limit]
+        images = isinstance(model, ImageChat)   # a model that reads printouts: LLaVA rows' images too
+        rows = drop_duplicates(load_rows(args.data, images=images), args.data)[:args.limit]
         file_rows = read_json(args.data) if args.bench else None   # as written: ECG-Bench's scorer reads its ids
         if args.bench:   # the subset named before the evaluation, not after it
             ecgbench.subset_name(args.bench, [file_rows[r["file_index"]] for r in rows])
@@ -637,7 +643,8 @@ def main(argv=None):
     root = args.ecg_root or os.path.dirname(os.path.abspath(args.data))
     if not os.path.isdir(root):
         sys.exit(f"error: --ecg-root {root}: no such folder")
-    reader = RowECGReader(root, model.encoder.cfg.fs, cache_size=64)   # records read lazily, recent ones kept
+    reader = (PrintoutReader(root, model.encoder.cfg.fs, 64, args.image_root, model.image_encoder.cfg.width)
+              if images else RowECGReader(root, model.encoder.cfg.fs, cache_size=64))   # read lazily, recent kept
     scores, predictions = evaluate(model, rows, reader, args.batch_size, args.max_new_tokens, args.ablate_ecg,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print_table(scores)

@@ -67,6 +67,7 @@ from ecg_encoder import ECGEncoder, load_encoder_config, load_encoder_weights
 from eval import evaluate, evaluate_held_out, print_table, rows_per_task
 from images.chat import ImageChat
 from images.paper import WIDTH_MM
+from images.rows import PrintoutReader
 from images.vit import ImageEncoder, ImageEncoderConfig, clip_vision_config, load_clip_vision
 from model import LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, train_tokenizer
 from parallel import fsdp
@@ -182,15 +183,16 @@ def load_real_data(cfg, log):
     split: --test_data, else the rows marked test, else val."""
     rows = []
     for path in cfg.data.split(","):
-        kept = load_rows(path)
+        kept = load_rows(path, images=cfg.images)
         log({"event": "data", "file": path, "rows": len(kept), "skipped": len(read_json(path)) - len(kept)})
         rows += kept
     marked = {s: [r for r in rows if r.get("split") == s] for s in ("val", "test")}
     train = [r for r in rows if r.get("split") not in ("val", "test")]
     val = marked["val"] or train[::50]
     train = train if marked["val"] else [r for i, r in enumerate(train) if i % 50]
-    test = load_rows(cfg.test_data) if cfg.test_data else marked["test"] or val
-    reader = RowECGReader(cfg.ecg_root, fs=100, cache_size=cfg.ecg_cache)
+    test = load_rows(cfg.test_data, images=cfg.images) if cfg.test_data else marked["test"] or val
+    reader = PrintoutReader(cfg.ecg_root, 100, cfg.ecg_cache, cfg.image_root, image_config(cfg).width) \
+        if cfg.images else RowECGReader(cfg.ecg_root, fs=100, cache_size=cfg.ecg_cache)
     # worker processes, spawned (safe next to CUDA and threads), that read records in parallel
     workers = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) \
         if cfg.workers > 1 else None
@@ -215,7 +217,7 @@ def example(split, i, model, text_only):
             ids, _ = model.prompt(turns, [])
             ex = split.cache[key] = {"input_ids": ids, "labels": [-100] + ids[1:], "inputs": []}
             return ex
-        inputs = split.inputs_of(row) if row.get("ecg_path") else []   # its ECGs (and images); a skill text: none
+        inputs = split.inputs_of(row) if "ecg_path" in row else []   # its ECGs (and images); a skill text: none
         if ex is None:
             ids, labels = model.prompt(turns, inputs)
             ex = {"input_ids": ids, "labels": labels}
@@ -659,6 +661,10 @@ def setup(cfg):
         raise ValueError("--images is not supported with --parallel fsdp yet; use ddp")
     if cfg.image_init and not cfg.images:
         raise ValueError("--image_init is the image encoder of --images; add --images")
+    if cfg.image_root and not (cfg.images and cfg.data):
+        raise ValueError("--image_root is where the --data rows' printouts are, for --images; add both")
+    if cfg.image_root and not os.path.isdir(cfg.image_root):
+        raise ValueError(f"--image_root {cfg.image_root}: no such folder")
     if cfg.llm:  # fail before the data is built if the folder is not a Llama-family checkpoint
         read_hf_config(cfg.llm), checkpoint_files(cfg.llm)
     env = SimpleNamespace(distributed=distributed, fsdp=is_fsdp, rank=rank, world=world, device=device, dtype=dtype,

@@ -355,7 +355,8 @@ def test_load_rows_skips_and_counts_malformed(tmp_path):
             {**good, "modality": "signal"}]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     with pytest.warns(UserWarning, match=r"rows\.json: skipped 6 of 9 malformed rows \(row 1: .*answer.*row 2.*question"
-                                         r".*row 7: modality 'image'.*synthetic data"):
+                                         r".*row 7: modality 'image': read only by a model that reads paper "
+                                         r"printouts too"):
         out = load_rows(tmp_path / "rows.json")
     assert [r["ecg_path"] for r in out] == [["p1"], ["p1", "p2"], ["p1"]], "paths normalised to lists"
     (tmp_path / "bad.json").write_text("{not json")

@@ -8,14 +8,17 @@ are whole 10 s ECGs); MIT-BIH 100 (30 min) is read in 10 s clips by anyECG local
 """
 import json
 import math
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import config
 import eval as ev
 import train
-from data import BEAT_NAMES, LIST_SEPARATOR, STANDARD_LEADS, RowECGReader, load_rows, localization_answer, read_row
+from data import (BEAT_NAMES, LIST_SEPARATOR, STANDARD_LEADS, RowECGReader, load_ecg, load_rows, localization_answer,
+                  read_row)
 from test_train import TINY
 
 PHYSIONET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "physionet"
@@ -210,8 +213,9 @@ def test_malformed_llava_rows_are_skipped_and_named_in_the_one_warning(tmp_path)
                                 "conversations exchange 0 answer: not a string or a list of strings",
                                 "conversations exchange 0 question: not a string",
                                 "conversations turn 1: not a {from, value} or {question, answer} object",
-                                "no 'ecg' record, only the image 'mimic_gen/40689238.png': paper printouts are read "
-                                "only for synthetic data", "field 'ecg' missing", "field 'ecg' is not a record path",
+                                "no 'ecg' record, only the image 'mimic_gen/40689238.png': a printout alone is read "
+                                "only by a model that reads printouts too", "field 'ecg' missing",
+                                "field 'ecg' is not a record path",
                                 "field 'answer' missing or not a string"]):
         assert reasons[i] and reasons[i].startswith(reason), (i, reasons[i])
     # in a file, good and bad rows mixed: the bad ones counted in one warning that names the first ten
@@ -238,6 +242,84 @@ def test_a_llava_rows_record_is_read_like_any_rows():
     with pytest.warns(UserWarning, match="vx"):
         (rec,) = RowECGReader(PHYSIONET)(converted)
     assert rec.leads == STANDARD_LEADS and rec.fs == 100 and rec.signal.shape == (12, 3840)
+
+
+# ----------------------------------------------------------------------------- printouts, for a model that reads them
+
+def printout_rows():
+    """GEM's row (a record and its printout), and PULSE's (the printout alone: ECGInstruct names no record)."""
+    both = grounding_rows()[0]
+    alone = {k: v for k, v in instruct_rows()[0].items() if k != "ecg"}
+    return [both, alone, dict(both, id="40689241")]
+
+
+def test_a_model_that_reads_printouts_gets_rows_of_both_modalities_and_others_refuse_them(tmp_path):
+    path = write_rows(tmp_path, "p", printout_rows() + [dict(anyecg_rows()[1], modality="image")])
+    both, alone, _, marked = load_rows(path, images=True)
+    assert (both["modality"], both["ecg_path"], both["image"]) == ("both", ["s0010_re"], "mimic_gen/40689238.png")
+    assert (alone["modality"], alone["ecg_path"], alone["image"]) == ("image", [], "ptb-xl/00010.png")
+    assert (marked["modality"], marked["ecg_path"]) == ("image", ["s0010_re"])   # anyECG's row, marked by hand
+    # a model without an image encoder reads the records alone; a printout alone, or a row marked so, it cannot read
+    with pytest.warns(UserWarning, match="skipped 2 of 4 malformed rows") as caught:
+        rows = load_rows(path)
+    assert [r["file_index"] for r in rows] == [0, 2] and all("modality" not in r for r in rows)
+    assert "row 1: no 'ecg' record" in str(caught[0].message) and "row 3: modality 'image': read only by a model" \
+        in str(caught[0].message)
+    assert read_row(dict(both, ecg_path="x", modality="paper"), images=True)[1].startswith("modality 'paper': not one")
+    assert read_row({**anyecg_rows()[1], "modality": "image", "image": 3}, images=True)[1].startswith("field 'image'")
+
+
+@needs_physionet
+def test_a_printout_is_read_under_the_image_root_or_drawn_from_the_record(tmp_path):
+    from images.paper import WIDTH_MM, render_ecg, write_png
+    from images.rows import PrintoutReader
+    both, alone, _ = load_rows(write_rows(tmp_path, "p", printout_rows()), images=True)
+    with pytest.warns(UserWarning, match="vx"):
+        ecg, drawn = PrintoutReader(PHYSIONET, width=224)(both)   # no image root: drawn from the record's first 10 s
+    rec = load_ecg(PHYSIONET / "s0010_re", end=10000)   # 1 kHz
+    assert ecg.leads == STANDARD_LEADS and drawn.dtype == np.uint8 and drawn.shape[1] == 224
+    assert np.array_equal(drawn, render_ecg(rec.signal, rec.fs, rec.leads, px_per_mm=224 / WIDTH_MM))
+    with pytest.raises(ValueError, match="ptb-xl/00010.png: a printout with no record beside it .* --image_root"):
+        PrintoutReader(PHYSIONET)(alone)
+    # under an image root: the file itself, for the printout alone and beside the record
+    pytest.importorskip("PIL", reason="reading a PNG needs Pillow, an optional dependency")
+    images = tmp_path / "images"
+    for rel, value in [("ptb-xl/00010.png", 40), ("mimic_gen/40689238.png", 90)]:
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_png(np.full((30, 50, 3), value, np.uint8), images / rel)
+    reader = PrintoutReader(PHYSIONET, image_root=images)
+    (image,) = reader(alone)
+    assert image.shape == (30, 50, 3) and (image == 40).all()
+    with pytest.warns(UserWarning, match="vx"):
+        assert (reader(both)[1] == 90).all()
+    with pytest.raises(ValueError, match="outside the ECG root"):   # an image path is confined as a record's is
+        reader(dict(alone, image="../p.json"))
+
+
+@needs_physionet
+def test_rows_with_printouts_train_and_evaluate_with_a_model_that_reads_them(tmp_path):
+    """train.py --images --data --image_root: GEM's rows read their record and printout, PULSE's its printout alone;
+    eval.py --image-root scores each modality apart."""
+    pytest.importorskip("PIL", reason="reading a PNG needs Pillow, an optional dependency")
+    from images.paper import write_png
+    images = tmp_path / "images"
+    for rel in ("ptb-xl/00010.png", "mimic_gen/40689238.png"):
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_png(np.full((40, 60, 3), 200, np.uint8), images / rel)
+    rows = printout_rows()
+    path = write_rows(tmp_path, "p", rows + [dict(r, id=f"{r['id']}-b") for r in rows])
+    with pytest.raises(ValueError, match="add both"):
+        train.train(config.Config(out_dir=str(tmp_path / "x"), image_root=str(images), **TINY))
+    cfg = config.Config(out_dir=str(tmp_path / "run"), data=path, ecg_root=str(PHYSIONET), images=True,
+                        image_root=str(images), **{**TINY, **STEPS})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # PTB's Frank leads dropped
+        losses = train.train(cfg)
+        assert losses and all(math.isfinite(x) for x in losses)
+        scores = ev.main(["--ckpt", str(tmp_path / "run" / "model"), "--data", path, "--ecg-root", str(PHYSIONET),
+                          "--image-root", str(images), "--out", str(tmp_path / "r.json"), "--max-new-tokens", "4"])
+    assert {name: s["n"] for name, s in scores.items() if name != "skipped"} == \
+        {"report [both]": 4, "report [image]": 2} and scores["skipped"]["n"] == 0
 
 
 # ----------------------------------------------------------------------------- a file of each format trains, evaluates

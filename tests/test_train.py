@@ -1,6 +1,7 @@
 """Tests for train.py: the curriculum's stages learn and freeze what they should, resume is exact,
 DDP equals gradient accumulation, checkpoints survive a crash, and bad input gets a clear error."""
 
+import functools
 import json
 import math
 import os
@@ -364,6 +365,14 @@ def test_encoder_init_starts_from_saved_encoder_and_names_a_mismatch(setup, tmp_
                           torch.device("cpu"), torch.float32)
 
 
+@pytest.fixture
+def few_warmup_val_patients(monkeypatch):
+    """The warm-up scores itself on 200 validation patients (about 10 s to simulate, each call); the tests of what it
+    saves and reuses need only a few."""
+    monkeypatch.setattr(train, "WarmupConfig", functools.partial(train.WarmupConfig, test_patients=4))
+
+
+@pytest.mark.usefixtures("few_warmup_val_patients")
 def test_encoder_warmup_trains_the_encoder_saves_it_and_reuses_the_file(setup, tmp_path):
     """The warm-up changes the encoder, writes out_dir/encoder_warmup.safetensors and logs its
     validation scores; a second run (a restart before the first checkpoint) loads the file."""
@@ -426,6 +435,7 @@ def test_images_with_a_pretrained_clip_tower_keep_it_frozen(tmp_path):
     assert "report [image]" in next(r for r in log if r.get("event") == "test")["scores"]
 
 
+@pytest.mark.usefixtures("few_warmup_val_patients")
 def test_a_diverging_warm_up_stops_clearly_and_a_poisoned_warm_up_file_is_not_reused(setup, tmp_path):
     with pytest.raises(FloatingPointError, match=r"encoder warm-up: the loss is not finite.*--encoder_warmup_lr"):
         train.train(tiny(tmp_path / "a", encoder_warmup_steps=20, encoder_warmup_lr=1e6))

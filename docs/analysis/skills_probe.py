@@ -10,6 +10,15 @@ and the reading are given, the model writes the answer (greedy), scored as eval.
 
   python -m docs.analysis.skills_probe --steps 600 --batch 16          # a few CPU minutes
   python -m docs.analysis.skills_probe --families single-verify --steps 400   # one family alone
+  python -m docs.analysis.skills_probe --families single-verify --form blind     # the question after the reading
+
+--form: where the question stands. "written" (the task rows' form): the question, then 'Reading: R. Answer: a'.
+"restated": the question, then 'Reading: R. Question: Q. Answer: a' (the answer repeats the question after the
+reading, so the answer's position sees the question and the list it is about side by side). "blind": the same answer
+after a user turn that does not say the question ("Read, then answer."), so the question's words in the answer can be
+predicted only from the reading (half the asked findings are in it): the loss on them rewards looking back at the
+list, the mechanism the answer needs. "blind" is scored in its own layout and in the "restated" one (the ECG stages'
+layout, where the user asks first).
 """
 
 import argparse
@@ -37,6 +46,20 @@ def packed_stream(rows, tok, fmt, rng):
     return torch.tensor(stream)
 
 
+BLIND_QUESTION = "Read, then answer."
+BRIEFLY = " Please answer briefly."
+
+
+def in_form(row, form):
+    """A skill row in one of the --form layouts (the reading and the answer unchanged)."""
+    if form == "written":
+        return row
+    reading, sep, answer = row["answer"].rpartition(ANSWER)
+    asked = row["question"].removesuffix(BRIEFLY)
+    text = f"{reading.rstrip()} Question: {asked} {ANSWER}{answer}" if sep else row["answer"]
+    return dict(row, answer=text, question=BLIND_QUESTION if form == "blind" else row["question"])
+
+
 def main(argv=None):
     cfg = Config()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +74,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lower", action="store_true", help="the reading's statements in lower case, as questions and "
                                                          "answers name findings (the same tokens to match)")
+    ap.add_argument("--form", choices=("written", "restated", "blind"), default="written",
+                    help="where the question stands (see above)")
+    ap.add_argument("--held", type=int, default=40, help="held-out texts scored per family")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -64,6 +90,11 @@ def main(argv=None):
     if args.families:
         keep = set(args.families.split(","))
         rows, held = [r for r in rows if r["family"] in keep], [r for r in held if r["family"] in keep]
+    scored = {args.form: [in_form(r, args.form) for r in held]}
+    if args.form == "blind":   # does the step transfer to the layout where the user asks first?
+        scored["restated"] = [in_form(r, "restated") for r in held]
+    rows = [in_form(r, args.form) for r in rows]
+    print("a training text:", rows[0]["question"], "|", rows[0]["answer"])
     counts = defaultdict(int)
     for r in rows:
         counts[r["family"]] += 1
@@ -96,10 +127,11 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % args.eval_every == 0 or step == args.steps:
-            acc = skill_accuracy(chat, held)
             seen = step * args.batch * args.seq / (len(stream) / len(rows))
-            print(f"step {step:5d}  loss {loss.item():.3f}  texts seen {seen:7.0f}  {time.time() - t0:5.0f} s  " +
-                  "  ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+            for form, texts in scored.items():
+                acc = skill_accuracy(chat, texts, per_family=args.held)
+                print(f"step {step:5d}  loss {loss.item():.3f}  texts seen {seen:7.0f}  {time.time() - t0:5.0f} s  "
+                      f"[{form}] " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
 
 
 if __name__ == "__main__":
