@@ -11,11 +11,12 @@ from data import RowECGReader, inside, load_ecg, record_length, row_paths
 from images.paper import WIDTH_MM, read_image, render_ecg
 
 PRINTOUT_S = 10.0   # a printout shows 10 s (four 2.5 s columns); only that much of a long record is read
+PRINTOUT_CACHE = 64  # printouts kept: an A4 page scanned at 300 dpi is 26 MB as pixels, a 10 s ECG some 50 kB
 
 
 class PrintoutReader(RowECGReader):
     """RowECGReader + each row's printouts, after its ECGs. width: the image encoder's input width in pixels; a drawn
-    printout is rendered at that width, so it is not resampled again. The last `cache_size` printouts are kept."""
+    printout is rendered at that width, so it is not resampled again. The last PRINTOUT_CACHE printouts are kept."""
 
     def __init__(self, root, fs=100, cache_size=1024, image_root=None, width=224):
         super().__init__(root, fs, cache_size)
@@ -39,7 +40,7 @@ class PrintoutReader(RowECGReader):
     def printout(self, source):
         if source not in self.printouts:
             self.printouts[source] = self.read(*source)
-            while len(self.printouts) > max(self.cache_size, 1):
+            while len(self.printouts) > PRINTOUT_CACHE:
                 self.printouts.popitem(last=False)
         self.printouts.move_to_end(source)
         return self.printouts[source]

@@ -77,6 +77,7 @@ def main(argv=None):
     ap.add_argument("--form", choices=("written", "restated", "blind"), default="written",
                     help="where the question stands (see above)")
     ap.add_argument("--held", type=int, default=40, help="held-out texts scored per family")
+    ap.add_argument("--vocab", type=int, default=cfg.vocab_size, help="tokenizer size (one family's texts: 400)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -101,7 +102,7 @@ def main(argv=None):
     print(f"{len(rows)} training texts in {time.time() - t0:.0f} s:", dict(sorted(counts.items())))
     fmt = FORMATS["nanoecg"]
     with tempfile.TemporaryDirectory() as d:
-        train_tokenizer((t for r in rows for t in (r["question"], r["answer"])), d, cfg.vocab_size, SPECIAL_TOKENS)
+        train_tokenizer((t for r in rows for t in (r["question"], r["answer"])), d, args.vocab, SPECIAL_TOKENS)
         tok = Tokenizer(d, SPECIAL_TOKENS)
     stream = packed_stream(rows, tok, fmt, np.random.default_rng(args.seed))
     print(f"{len(stream)} tokens, {len(stream) / len(rows):.0f} per text; an epoch is "
