@@ -45,6 +45,8 @@ class Config:
     skill_patients: int = arg(0, "synthetic patients whose truth makes stage 0's skill texts, 8 each (e.g. 1000; "
                                  "with --text_batch 64)")
     read_first: bool = arg(True, "synthetic ECG-QA and multi-ECG answers write the ECGs' reading first")
+    question_after_reading: bool = arg(False, "with read_first: the answer repeats the question after the reading "
+                                              "(and stage 0's skill texts leave it out of the user turn)")
     # model
     llm: str = arg("", "Hugging Face LLM folder (Llama, Mistral, Qwen); empty: a tiny LLM from scratch (+ stage 0)")
     label_ecgs: bool = arg(True, "name each ECG of a multi-ECG prompt (ECG1:, ECG2:, ...) as questions and answers do")

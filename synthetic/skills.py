@@ -26,9 +26,13 @@ import torch
 from chat import ANSWER, turns_of
 from eval import one_part_per_ecg, row_score
 from synthetic.generator import make_patient, patient_history, synth_ecg
-from synthetic.tasks import LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, multi_row
+from synthetic.tasks import LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, multi_row, question_after_reading
 
 SKILL_VAL_PATIENTS = 150    # held-out people whose texts score each family (about 1,200 texts, fixed across runs)
+# With the question after the reading, a skill text's user turn does not say it: the question's words in the answer
+# can then be predicted only from the reading (half the asked findings are in it), so the loss on them rewards
+# looking back at the list, which is what the answer needs (docs/RESULTS.md, "Where the question stands").
+BLIND_QUESTION = "Read, then answer."
 
 
 def family(row):
@@ -47,10 +51,13 @@ def _truths(patient, n_visits, rng):
     return [d for d, _, _ in visits], truths
 
 
-def skill_rows(n_patients, seed=0, questions=8):
-    """Text rows {"question", "answer" (the reading, then the answer), "final" (the answer alone), "task": "skills",
+def skill_rows(n_patients, seed=0, questions=8, after_reading=False):
+    """Text rows {"question", "asked" (the task's question), "answer" (the reading, then the answer), "final" (the
+    answer alone), "task": "skills",
     "family", "skill_of" (the task it comes from), "question_type", "n_ecgs"} from `n_patients` simulated people:
-    each gets 1-6 visits and `questions` questions about one visit, a pair of visits or the series."""
+    each gets 1-6 visits and `questions` questions about one visit, a pair of visits or the series.
+    after_reading: the answer repeats the question after the reading (tasks.question_after_reading) and the user
+    turn is BLIND_QUESTION."""
     rows = []
     for i in range(n_patients):
         rng = np.random.default_rng([7, seed, i])
@@ -65,7 +72,11 @@ def skill_rows(n_patients, seed=0, questions=8):
                 row = ecgqa_comparison_row(["", ""], truths[k:k + 2], rng, consecutive=True)
             else:
                 row = multi_row([""] * n_visits, truths, days, rng)
-            rows.append({"question": row["question"], "answer": turns_of(row)[-1][1], "final": row["answer"],
+            asked = row["question"]
+            if after_reading and row.get("reading"):
+                row = question_after_reading(row) | {"question": BLIND_QUESTION}
+            rows.append({"question": row["question"], "asked": asked, "answer": turns_of(row)[-1][1],
+                         "final": row["answer"],
                          "task": "skills", "family": family(row), "skill_of": row["task"],
                          "question_type": row["question_type"], "n_ecgs": len(row["ecg_path"])})
     return rows

@@ -90,6 +90,18 @@ def reading_of(truths):
     return "Reading: " + " ".join(f"ECG{k + 1}: {s}." for k, s in enumerate(each))
 
 
+ASKED = "Question:"   # with train.py --question_after_reading: 'Reading: R. Question: Q? Answer: a'
+
+
+def question_after_reading(row):
+    """The row answered with its question repeated after the reading: the answer's last step then sees the question
+    and the list it is about side by side, the form in which the skills probe learns membership fastest
+    (docs/RESULTS.md, "Where the question stands"). Rows without a reading are returned as they are."""
+    if not row.get("reading"):
+        return row
+    return row | {"reading": f"{row['reading']} {ASKED} {row['question'].removesuffix(BRIEF)}"}
+
+
 def leads_said(leads):
     return "12 leads" if len(leads) == 12 else f"lead {leads[0]}" if len(leads) == 1 else "leads " + ", ".join(leads)
 

@@ -449,20 +449,25 @@ def test_the_rule_on_readings_analysis_answers_every_question_as_the_generator_d
             assert row_score(row, analysis.answer(row, analysis.parse_reading(row["reading"]))) == 1.0, row
 
 
-def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_answer():
+@pytest.mark.parametrize("after_reading", [False, True])
+def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_answer(after_reading):
     """synthetic/skills.py's texts: every family there, each answer the rule on its own written reading, and the
-    scorer reads the final answer after the reading (the whole text scores 1, the reading with a wrong answer 0)."""
+    scorer reads the final answer after the reading (the whole text scores 1, the reading with a wrong answer 0).
+    after_reading: the question stands after the reading, not in the user turn, and is not read as a finding."""
     import importlib.util
     from eval import row_score
-    from synthetic.skills import score, skill_rows
+    from synthetic.skills import BLIND_QUESTION, score, skill_rows
     path = Path(__file__).resolve().parents[1] / "docs" / "analysis" / "rule_on_readings.py"
     spec = importlib.util.spec_from_file_location("rule_on_readings", path)
     analysis = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(analysis)
-    rows = skill_rows(40, seed=3)
+    rows = skill_rows(40, seed=3, after_reading=after_reading)
     assert len({r["family"] for r in rows}) == 11
     for r in rows:
-        scored = dict(r, task=r["skill_of"], answer=r["final"])
+        if after_reading and r["question_type"] != "per_ecg_report":
+            asked = r["asked"].removesuffix(" Please answer briefly.")
+            assert r["question"] == BLIND_QUESTION and f". Question: {asked} Answer: {r['final']}" in r["answer"]
+        scored = dict(r, question=r["asked"], task=r["skill_of"], answer=r["final"])
         assert row_score(scored, r["answer"]) == 1.0, r
         if r["question_type"] == "per_ecg_report":   # as text, scored on its shape: one part per ECG, in order
             assert score(r, r["answer"]) == 1.0 and score(r, r["answer"].replace("ECG1:", "ECG9:")) == 0.0
@@ -471,8 +476,8 @@ def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_ans
             assert row_score(scored, r["answer"].replace("Answer: ", "Answer: not ")) == 0.0
             assert row_score(scored, analysis.answer(scored, analysis.parse_reading(r["answer"]))) == 1.0, r
     # the faithfulness measure: a conclusion that contradicts its own reading counts against it, and only it
-    rows = [dict(r, task=r["skill_of"], answer=r["final"], prediction=r["answer"], ecg_path=[""] * r["n_ecgs"])
-            for r in rows if r["question_type"] != "per_ecg_report"]
+    rows = [dict(r, question=r["asked"], task=r["skill_of"], answer=r["final"], prediction=r["answer"],
+                 ecg_path=[""] * r["n_ecgs"]) for r in rows if r["question_type"] != "per_ecg_report"]
     flipped = [dict(r, prediction=r["prediction"].replace("Answer: ", "Answer: not ")) for r in rows[:len(rows) // 4]]
     f = analysis.faithfulness(rows + flipped)
     n = {task: sum(r["task"] == task for r in rows + flipped) for task in ("ecgqa", "multi")}

@@ -393,6 +393,21 @@ def test_encoder_warmup_trains_the_encoder_saves_it_and_reuses_the_file(setup, t
         assert torch.equal(p, after[n]), n
 
 
+def test_the_question_after_the_reading_reaches_every_split_and_the_skill_texts(tmp_path):
+    """--question_after_reading: each synthetic answer that writes a reading repeats its question after it, in every
+    split (the test split's reference too), and stage 0's skill texts leave the question out of the user turn."""
+    cfg = tiny(tmp_path, question_after_reading=True)
+    data = train.load_data(cfg, lambda record: None)
+    for split in ("train", "test"):
+        rows = [r for r in data[split].rows if r.get("reading") and r["task"] != "skills"]
+        assert rows and all(r["reading"].endswith(" Question: " + r["question"].removesuffix(" Please answer briefly."))
+                            for r in rows)
+    skills = [r for r in data["train"].rows if r["task"] == "skills" and "Reading:" in r["answer"]]
+    assert skills and all(r["question"] == "Read, then answer." and " Question: " in r["answer"] for r in skills)
+    plain = train.load_data(tiny(tmp_path), lambda record: None)["train"].rows
+    assert not any(" Question: " in r.get("reading", "") for r in plain)
+
+
 def test_images_train_every_modality_and_are_scored_apart(tmp_path):
     """--images: report and grounded rows of 12-lead records come three ways (signal, paper
     image, both); the image encoder learns, and the final table scores each modality apart."""

@@ -46,18 +46,9 @@ def packed_stream(rows, tok, fmt, rng):
     return torch.tensor(stream)
 
 
-BLIND_QUESTION = "Read, then answer."
-BRIEFLY = " Please answer briefly."
-
-
-def in_form(row, form):
-    """A skill row in one of the --form layouts (the reading and the answer unchanged)."""
-    if form == "written":
-        return row
-    reading, sep, answer = row["answer"].rpartition(ANSWER)
-    asked = row["question"].removesuffix(BRIEFLY)
-    text = f"{reading.rstrip()} Question: {asked} {ANSWER}{answer}" if sep else row["answer"]
-    return dict(row, answer=text, question=BLIND_QUESTION if form == "blind" else row["question"])
+def in_form(rows, form):
+    """Skill rows (made with after_reading for "restated" and "blind") in one of the --form layouts."""
+    return [dict(r, question=r["asked"]) for r in rows] if form == "restated" else rows
 
 
 def main(argv=None):
@@ -81,7 +72,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     t0 = time.time()
-    rows, held = skill_rows(args.patients, seed=0, questions=args.questions), skill_rows(SKILL_VAL_PATIENTS, seed=1)
+    after = args.form != "written"   # the answer repeats the question after the reading
+    rows = skill_rows(args.patients, seed=0, questions=args.questions, after_reading=after)
+    held = skill_rows(SKILL_VAL_PATIENTS, seed=1, after_reading=after)
     if args.lower:
         for r in rows + held:
             head, sep, tail = r["answer"].rpartition(ANSWER)
@@ -91,10 +84,10 @@ def main(argv=None):
     if args.families:
         keep = set(args.families.split(","))
         rows, held = [r for r in rows if r["family"] in keep], [r for r in held if r["family"] in keep]
-    scored = {args.form: [in_form(r, args.form) for r in held]}
+    scored = {args.form: in_form(held, args.form)}
     if args.form == "blind":   # does the step transfer to the layout where the user asks first?
-        scored["restated"] = [in_form(r, "restated") for r in held]
-    rows = [in_form(r, args.form) for r in rows]
+        scored["restated"] = in_form(held, "restated")
+    rows = in_form(rows, args.form)
     print("a training text:", rows[0]["question"], "|", rows[0]["answer"])
     counts = defaultdict(int)
     for r in rows:
