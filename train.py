@@ -72,7 +72,7 @@ from images.vit import ImageEncoder, ImageEncoderConfig, clip_vision_config, loa
 from model import LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, train_tokenizer
 from parallel import fsdp
 from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
-from synthetic.tasks import TEST_SEED, add_image_rows, build_synthetic_dataset, question_after_reading
+from synthetic.tasks import TEST_SEED, add_image_rows, build_synthetic_dataset, question_after_reading, worked_check
 from synthetic.warmup import WarmupConfig, warm_up
 
 
@@ -168,12 +168,14 @@ def load_data(cfg, log):
                 row.pop("reading", None)
         if cfg.question_after_reading:   # 'Reading: R. Question: Q Answer: a'
             ds.rows = [question_after_reading(row) for row in ds.rows]
+        if cfg.worked_checks:   # '... Check: af not in ECG1; ... Answer: a'
+            ds.rows = [worked_check(row) for row in ds.rows]
         out[split] = Split(ds.rows, ds.inputs)
         log({"event": "data", "split": split, "patients": n, "rows": len(ds.rows)})
     if cfg.skill_patients and not cfg.llm:   # the answering steps as text, for stage 0 (synthetic/skills.py)
         for split, n, seed in [("train", cfg.skill_patients, cfg.seed),
                                ("val", min(SKILL_VAL_PATIENTS, cfg.skill_patients), TEST_SEED)]:
-            rows = skill_rows(n, seed, after_reading=cfg.question_after_reading)
+            rows = skill_rows(n, seed, after_reading=cfg.question_after_reading, worked=cfg.worked_checks)
             out[split].rows += rows
             log({"event": "data", "split": split, "skill_patients": n, "skill_rows": len(rows)})
     return out

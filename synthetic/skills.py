@@ -26,7 +26,8 @@ import torch
 from chat import ANSWER, turns_of
 from eval import one_part_per_ecg, row_score
 from synthetic.generator import make_patient, patient_history, synth_ecg
-from synthetic.tasks import LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, multi_row, question_after_reading
+from synthetic.tasks import (LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, multi_row, question_after_reading,
+                             worked_check)
 
 SKILL_VAL_PATIENTS = 150    # held-out people whose texts score each family (about 1,200 texts, fixed across runs)
 # With the question after the reading, a skill text's user turn does not say it: the question's words in the answer
@@ -51,13 +52,14 @@ def _truths(patient, n_visits, rng):
     return [d for d, _, _ in visits], truths
 
 
-def skill_rows(n_patients, seed=0, questions=8, after_reading=False):
+def skill_rows(n_patients, seed=0, questions=8, after_reading=False, worked=False):
     """Text rows {"question", "asked" (the task's question), "answer" (the reading, then the answer), "final" (the
     answer alone), "task": "skills",
     "family", "skill_of" (the task it comes from), "question_type", "n_ecgs"} from `n_patients` simulated people:
     each gets 1-6 visits and `questions` questions about one visit, a pair of visits or the series.
     after_reading: the answer repeats the question after the reading (tasks.question_after_reading) and the user
-    turn is BLIND_QUESTION."""
+    turn is BLIND_QUESTION. worked: set comparisons and first appearances are worked before the answer
+    (tasks.worked_check)."""
     rows = []
     for i in range(n_patients):
         rng = np.random.default_rng([7, seed, i])
@@ -75,6 +77,8 @@ def skill_rows(n_patients, seed=0, questions=8, after_reading=False):
             asked = row["question"]
             if after_reading and row.get("reading"):
                 row = question_after_reading(row) | {"question": BLIND_QUESTION}
+            if worked:
+                row = worked_check(row)
             rows.append({"question": row["question"], "asked": asked, "answer": turns_of(row)[-1][1],
                          "final": row["answer"],
                          "task": "skills", "family": family(row), "skill_of": row["task"],

@@ -169,6 +169,28 @@ def grounded_row(path, truth, rng):
             "ecg_path": [path], "task": "grounded"}
 
 
+CHECKED = "Check:"   # with train.py --worked_checks: 'Reading: R. Check: ... Answer: a'
+
+
+def membership_check(source, other, k_other, pool):
+    """A set comparison worked one finding at a time: each of `source`'s findings, in its reading's order, tagged
+    with whether ECG`k_other` (findings `other`) shows it; a finding the lead sets cannot compare says so. Each tag
+    is one membership lookup, a step the model learns (docs/RESULTS.md), and the answer only gathers the tags.
+    -> 'Check: atrial fibrillation not in ECG1; left bundle branch block in ECG1.'"""
+    tags = [f"{s.lower()} {'not comparable' if s not in pool else 'in' if s in other else 'not in'}"
+            + ("" if s not in pool else f" ECG{k_other}") for s in findings_of(source)]
+    return f"{CHECKED} {'; '.join(tags) or 'none'}."
+
+
+def worked_check(row):
+    """The row answered with its check (a set comparison, first appearance or rhythm change worked step by step) after
+    the reading (and after the repeated question, which the check depends on). Rows without one are returned as
+    they are."""
+    if not row.get("check") or not row.get("reading"):
+        return row
+    return row | {"reading": f"{row['reading']} {row['check']}"}
+
+
 def ecgqa_single_row(path, t, rng):
     """One ECG-QA style question about one ECG: verify (yes/no), choose, or query."""
     have = set(findings_of(t))
@@ -215,14 +237,18 @@ def ecgqa_comparison_row(paths, truths, rng, consecutive):
     if kind == "verify":
         s = str(rng.choice(sorted(set(first) | set(second)) if rng.random() < 0.6 else sorted(pool)))
         q, a = f"Do both ECGs show {s.lower()}?", "yes" if s in first and s in second else "no"
+        check = f"{CHECKED} ECG1 {'yes' if s in first else 'no'}; ECG2 {'yes' if s in second else 'no'}."
     else:
+        j = int(rng.integers(3))
         q, a = [("Which findings are present in the first ECG but absent in the second ECG?",
                  listing([s for s in first if s not in second])),
                 ("Which findings are present in the second ECG but absent in the first ECG?",
                  listing([s for s in second if s not in first])),
-                ("Which findings do both ECGs share?", listing([s for s in first if s in second]))][rng.integers(3)]
-    return {"question": q + BRIEF, "answer": a, "reading": reading_of(truths), "ecg_path": list(paths), "task": "ecgqa",
-            "question_type": f"comparison_{'consecutive' if consecutive else 'irrelevant'}-{kind}"}
+                ("Which findings do both ECGs share?", listing([s for s in first if s in second]))][j]
+        src, k_other = (1, 1) if j == 1 else (0, 2)   # walk the ECG the answer's findings come from
+        check = membership_check(truths[src], set([first, second][k_other - 1]), k_other, pool)
+    return {"question": q + BRIEF, "answer": a, "reading": reading_of(truths), "check": check, "ecg_path": list(paths),
+            "task": "ecgqa", "question_type": f"comparison_{'consecutive' if consecutive else 'irrelevant'}-{kind}"}
 
 
 def multi_row(paths, truths, days, rng):
@@ -232,29 +258,37 @@ def multi_row(paths, truths, days, rng):
     span = f"These {len(truths)} ECGs of one patient were recorded over {days[-1] - days[0]} days. "
     kind = str(rng.choice(["per_ecg_report", "new_findings", "resolved_findings", "first_appearance",
                            "hr_trend", "rhythm_change"]))
+    check = None   # the worked step of a set comparison, first appearance or rhythm change (worked_check)
     if kind == "per_ecg_report":
         q = "What are the key findings in each ECG report?"
         a = " ".join(f"ECG{k + 1}: {', '.join(t.statements)}." for k, t in enumerate(truths))
     elif kind == "new_findings":
         q, a = "Which findings appear in the last ECG that were not in the first ECG?", listing(
             [s for s in seen[-1] if s not in seen[0]])
+        check = membership_check(truths[-1], set(seen[0]), 1, pool)
     elif kind == "resolved_findings":
         q, a = "Which findings of the first ECG are no longer present in the last ECG?", listing(
             [s for s in seen[0] if s not in seen[-1]])
+        check = membership_check(truths[0], set(seen[-1]), len(truths), pool)
     elif kind == "first_appearance":
         present = sorted({s for f in seen for s in f})
         s = str(rng.choice(present if present and rng.random() < 0.7 else sorted(pool)))
         first = next((k for k, f in enumerate(seen) if s in f), None)
         q, a = f"In which ECG does {s.lower()} first appear?", f"ECG{first + 1}" if first is not None else "none"
+        upto = len(seen) if first is None else first + 1   # each ECG in turn, up to the first that shows it
+        check = f"{CHECKED} " + "; ".join(f"ECG{k + 1} {'yes' if s in seen[k] else 'no'}" for k in range(upto)) + "."
     elif kind == "hr_trend":
         d = round(truths[-1].hr_bpm) - round(truths[0].hr_bpm)   # the rates as a reading writes them
         q, a = "How does the heart rate change from the first to the last ECG?", (
             "increased" if d >= 10 else "decreased" if d <= -10 else "unchanged")
     else:
         q, a = "Does the rhythm change across these ECGs?", "yes" if len({t.statements[0] for t in truths}) > 1 else "no"
+        check = f"{CHECKED} " + "; ".join(f"ECG{k + 1} {t.statements[0].lower()}" for k, t in enumerate(truths)) + "."
     row = {"question": span + q + BRIEF, "answer": a, "ecg_path": list(paths), "task": "multi",
            "question_type": kind, "days": list(days)}
-    return row if kind == "per_ecg_report" else row | {"reading": reading_of(truths)}   # that answer is a reading
+    if kind == "per_ecg_report":   # that answer is a reading
+        return row
+    return row | {"reading": reading_of(truths)} | ({"check": check} if check else {})
 
 
 # --------------------------------------------------------------------------- 2. synthetic data

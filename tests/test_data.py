@@ -449,11 +449,12 @@ def test_the_rule_on_readings_analysis_answers_every_question_as_the_generator_d
             assert row_score(row, analysis.answer(row, analysis.parse_reading(row["reading"]))) == 1.0, row
 
 
-@pytest.mark.parametrize("after_reading", [False, True])
-def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_answer(after_reading):
+@pytest.mark.parametrize("after_reading, worked", [(False, False), (True, False), (False, True), (True, True)])
+def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_answer(after_reading, worked):
     """synthetic/skills.py's texts: every family there, each answer the rule on its own written reading, and the
     scorer reads the final answer after the reading (the whole text scores 1, the reading with a wrong answer 0).
-    after_reading: the question stands after the reading, not in the user turn, and is not read as a finding."""
+    after_reading: the question stands after the reading, not in the user turn, and is not read as a finding.
+    worked: a check stands between the reading and the answer, and is not read as findings either."""
     import importlib.util
     from eval import row_score
     from synthetic.skills import BLIND_QUESTION, score, skill_rows
@@ -461,12 +462,14 @@ def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_ans
     spec = importlib.util.spec_from_file_location("rule_on_readings", path)
     analysis = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(analysis)
-    rows = skill_rows(40, seed=3, after_reading=after_reading)
+    rows = skill_rows(40, seed=3, after_reading=after_reading, worked=worked)
     assert len({r["family"] for r in rows}) == 11
     for r in rows:
         if after_reading and r["question_type"] != "per_ecg_report":
             asked = r["asked"].removesuffix(" Please answer briefly.")
-            assert r["question"] == BLIND_QUESTION and f". Question: {asked} Answer: {r['final']}" in r["answer"]
+            assert r["question"] == BLIND_QUESTION and f". Question: {asked}" in r["answer"]
+            assert r["answer"].endswith(f" Answer: {r['final']}") and ("Check:" in r["answer"]) == (
+                worked and r["family"] in WORKED_FAMILIES)
         scored = dict(r, question=r["asked"], task=r["skill_of"], answer=r["final"])
         assert row_score(scored, r["answer"]) == 1.0, r
         if r["question_type"] == "per_ecg_report":   # as text, scored on its shape: one part per ECG, in order
@@ -485,6 +488,37 @@ def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_ans
     for task in ("ecgqa", "multi"):
         assert f[task]["n"] == n[task] and f[task]["rule_right"] == 1.0
         assert f[task]["faithful"] == f[task]["right"] == pytest.approx(1 - wrong[task] / n[task])
+
+
+WORKED_FAMILIES = {"comparison-verify", "comparison-query", "new_findings", "resolved_findings", "first_appearance",
+                   "rhythm_change"}
+
+
+def _answer_from_check(question, check):
+    """The answer gathered from a worked check alone (synthetic/tasks.worked_check), as the model must gather it."""
+    tags = check.removeprefix("Check: ").removesuffix(".").split("; ")
+    if "first appear" in question:
+        return next((t.removesuffix(" yes") for t in tags if t.endswith(" yes")), "none")
+    if question.startswith("Do both"):
+        return "yes" if all(t.endswith(" yes") for t in tags) else "no"
+    if "rhythm change" in question:
+        return "yes" if len({t.split(" ", 1)[1] for t in tags}) > 1 else "no"
+    wanted = " not in ECG" if "absent" in question or "not in" in question or "no longer" in question else " in ECG"
+    kept = [t.split(wanted)[0] for t in tags if wanted in t and not (wanted == " in ECG" and " not in ECG" in t)]
+    return ", ".join(kept) or "none"
+
+
+def test_a_worked_check_alone_gives_the_answer():
+    """Every check of a set comparison (both ways and shared, new and resolved findings), a first appearance, a
+    'do both show' and a rhythm change gathers to the row's answer; each kind occurs, with lead sets that cannot be
+    compared among them."""
+    from synthetic.skills import skill_rows
+    rows = [r for r in skill_rows(60, seed=4, worked=True) if r["family"] in WORKED_FAMILIES]
+    assert {r["family"] for r in rows} == WORKED_FAMILIES
+    checks = [r["answer"].split(" Check: ")[1].split(" Answer: ")[0] for r in rows]
+    assert any("not comparable" in c for c in checks)
+    for r, check in zip(rows, checks):
+        assert _answer_from_check(r["asked"], "Check: " + check) == r["final"], r
 
 
 def test_dataset_written_to_disk_reads_back(tmp_path):

@@ -408,6 +408,20 @@ def test_the_question_after_the_reading_reaches_every_split_and_the_skill_texts(
     assert not any(" Question: " in r.get("reading", "") for r in plain)
 
 
+def test_worked_checks_stand_after_the_repeated_question_in_every_split_and_the_skill_texts(tmp_path):
+    """--worked_checks: a set comparison, first appearance or rhythm change is worked after the reading (after the
+    repeated question, which it depends on), in every split and in stage 0's skill texts; other rows are unchanged."""
+    cfg = tiny(tmp_path, question_after_reading=True, worked_checks=True)
+    data = train.load_data(cfg, lambda record: None)
+    for split in ("train", "test"):
+        rows = [r for r in data[split].rows if r.get("check") and r["task"] != "skills"]
+        assert rows and all(r["reading"].endswith(" Question: " + r["question"].removesuffix(" Please answer briefly.")
+                                                  + " " + r["check"]) for r in rows)
+        assert not any("Check:" in r.get("reading", "") for r in data[split].rows if not r.get("check"))
+    skills = [r for r in data["train"].rows if r["task"] == "skills" and "Check:" in r["answer"]]
+    assert skills and all(r["answer"].index(" Question: ") < r["answer"].index(" Check: ") for r in skills)
+
+
 def test_images_train_every_modality_and_are_scored_apart(tmp_path):
     """--images: report and grounded rows of 12-lead records come three ways (signal, paper
     image, both); the image encoder learns, and the final table scores each modality apart."""

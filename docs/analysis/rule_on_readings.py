@@ -28,8 +28,8 @@ from config import Config
 from data import STANDARD_LEADS, STATEMENTS
 from eval import (bootstrap, evaluate, find_statements, parse_measurements, per_ecg_parts, row_score,
                   rows_per_task, set_match)
-from synthetic.tasks import (ASKED, GROUNDED_QUESTIONS, REPORT_QUESTIONS, RHYTHMS, askable, build_synthetic_dataset,
-                             findings_of, listing)
+from synthetic.tasks import (ASKED, CHECKED, GROUNDED_QUESTIONS, REPORT_QUESTIONS, RHYTHMS, askable,
+                             build_synthetic_dataset, findings_of, listing)
 
 BY_LOWER = {s.lower(): s for s in STATEMENTS}
 
@@ -55,7 +55,8 @@ def parse_reading(text):
     """A written reading ('Reading: ECG1: 12 leads, 72 bpm, Sinus rhythm, ... ECG2: ...' or a single ECG's, as
     synthetic/tasks.reading_of writes and a model trained on it writes again) -> [a Truth-like reading per ECG].
     The intervals the rules compare are the ones the statements imply (a bundle branch block's QRS is wide, ...)."""
-    text = text.split("Reading:", 1)[-1].rsplit("Answer:", 1)[0].split(ASKED, 1)[0]   # not the question repeated
+    text = text.split("Reading:", 1)[-1].rsplit("Answer:", 1)[0]
+    text = text.split(ASKED, 1)[0].split(CHECKED, 1)[0]   # the reading alone, not the question or the check
     parts = [p for _, p in per_ecg_parts(text)] or [text]
     out = []
     for part in parts:

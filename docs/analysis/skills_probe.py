@@ -11,6 +11,7 @@ and the reading are given, the model writes the answer (greedy), scored as eval.
   python -m docs.analysis.skills_probe --steps 600 --batch 16          # a few CPU minutes
   python -m docs.analysis.skills_probe --families single-verify --steps 400   # one family alone
   python -m docs.analysis.skills_probe --families single-verify --form blind     # the question after the reading
+  python -m docs.analysis.skills_probe --families new_findings,resolved_findings --form blind --worked
 
 --form: where the question stands. "written" (the task rows' form): the question, then 'Reading: R. Answer: a'.
 "restated": the question, then 'Reading: R. Question: Q. Answer: a' (the answer repeats the question after the
@@ -67,14 +68,16 @@ def main(argv=None):
                                                          "answers name findings (the same tokens to match)")
     ap.add_argument("--form", choices=("written", "restated", "blind"), default="written",
                     help="where the question stands (see above)")
+    ap.add_argument("--worked", action="store_true", help="set comparisons, first appearances and rhythm changes "
+                                                          "worked before the answer ('Check: ...', tasks.worked_check)")
     ap.add_argument("--held", type=int, default=40, help="held-out texts scored per family")
     ap.add_argument("--vocab", type=int, default=cfg.vocab_size, help="tokenizer size (one family's texts: 400)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     t0 = time.time()
     after = args.form != "written"   # the answer repeats the question after the reading
-    rows = skill_rows(args.patients, seed=0, questions=args.questions, after_reading=after)
-    held = skill_rows(SKILL_VAL_PATIENTS, seed=1, after_reading=after)
+    rows = skill_rows(args.patients, seed=0, questions=args.questions, after_reading=after, worked=args.worked)
+    held = skill_rows(SKILL_VAL_PATIENTS, seed=1, after_reading=after, worked=args.worked)
     if args.lower:
         for r in rows + held:
             head, sep, tail = r["answer"].rpartition(ANSWER)
