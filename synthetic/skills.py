@@ -26,14 +26,17 @@ import torch
 from chat import ANSWER, turns_of
 from eval import one_part_per_ecg, row_score
 from synthetic.generator import make_patient, patient_history, synth_ecg
-from synthetic.tasks import (LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, multi_row, question_after_reading,
-                             worked_check)
+from synthetic.tasks import (CHECKED, LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, multi_row,
+                             question_after_reading, worked_check)
 
 SKILL_VAL_PATIENTS = 150    # held-out people whose texts score each family (about 1,200 texts, fixed across runs)
 # With the question after the reading, a skill text's user turn does not say it: the question's words in the answer
 # can then be predicted only from the reading (half the asked findings are in it), so the loss on them rewards
 # looking back at the list, which is what the answer needs (docs/RESULTS.md, "Where the question stands").
 BLIND_QUESTION = "Read, then answer."
+# tokens a family's answer may take when scored: a worked check (up to ~10 findings tagged) and the answer after it
+WRITES = defaultdict(lambda: 16, per_ecg_report=80,
+                     **{f: 112 for f in ("comparison-query", "new_findings", "resolved_findings", "rhythm_change")})
 
 
 def family(row):
@@ -87,11 +90,14 @@ def skill_rows(n_patients, seed=0, questions=8, after_reading=False, worked=Fals
 
 
 def answer_prompt(model, row):
-    """The chat up to the final answer: the question, then the answer turn's reading through "Answer:" (given, so
-    the score is of the step from the reading to the answer alone)."""
+    """The chat up to the step: the question, then the answer turn's reading (given, so the score is of the step
+    from the reading to the answer alone) through "Answer:", or up to a worked check, which the model writes."""
     ids = model.prompt([("user", row["question"])], [], add_generation_prompt=True)[0]
-    cut = row["answer"].rfind(ANSWER)
-    return ids + (model.tokenizer.encode(row["answer"][:cut + len(ANSWER)]) if cut >= 0 else [])
+    text = row["answer"]
+    if (cut := text.rfind(" " + CHECKED)) >= 0:
+        return ids + model.tokenizer.encode(text[:cut])
+    cut = text.rfind(ANSWER)
+    return ids + (model.tokenizer.encode(text[:cut + len(ANSWER)]) if cut >= 0 else [])
 
 
 def score(row, text):
@@ -115,11 +121,10 @@ def skill_accuracy(model, rows, per_family=40, batch_size=32):
     out = {}
     for fam, group in sorted(by.items()):
         scores = []
-        budget = 80 if fam == "per_ecg_report" else 16
-        prompts = [(r, ids) for r in group if len(ids := answer_prompt(model, r)) + budget <= model.max_seq_len]
+        prompts = [(r, ids) for r in group if len(ids := answer_prompt(model, r)) + WRITES[fam] <= model.max_seq_len]
         for k in range(0, len(prompts), batch_size):
             chunk, asked = zip(*prompts[k:k + batch_size])
-            written = model.generate(list(asked), [[] for _ in chunk], max_new_tokens=budget)
+            written = model.generate(list(asked), [[] for _ in chunk], max_new_tokens=WRITES[fam])
             scores += [score(r, model.tokenizer.decode(w)) for r, w in zip(chunk, written)]
         if scores:
             out[fam] = float(np.mean(scores))

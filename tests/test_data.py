@@ -490,17 +490,12 @@ def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_ans
         assert f[task]["faithful"] == f[task]["right"] == pytest.approx(1 - wrong[task] / n[task])
 
 
-WORKED_FAMILIES = {"comparison-verify", "comparison-query", "new_findings", "resolved_findings", "first_appearance",
-                   "rhythm_change"}
+WORKED_FAMILIES = {"comparison-query", "new_findings", "resolved_findings", "rhythm_change"}
 
 
 def _answer_from_check(question, check):
     """The answer gathered from a worked check alone (synthetic/tasks.worked_check), as the model must gather it."""
     tags = check.removeprefix("Check: ").removesuffix(".").split("; ")
-    if "first appear" in question:
-        return next((t.removesuffix(" yes") for t in tags if t.endswith(" yes")), "none")
-    if question.startswith("Do both"):
-        return "yes" if all(t.endswith(" yes") for t in tags) else "no"
     if "rhythm change" in question:
         return "yes" if len({t.split(" ", 1)[1] for t in tags}) > 1 else "no"
     wanted = " not in ECG" if "absent" in question or "not in" in question or "no longer" in question else " in ECG"
@@ -509,9 +504,8 @@ def _answer_from_check(question, check):
 
 
 def test_a_worked_check_alone_gives_the_answer():
-    """Every check of a set comparison (both ways and shared, new and resolved findings), a first appearance, a
-    'do both show' and a rhythm change gathers to the row's answer; each kind occurs, with lead sets that cannot be
-    compared among them."""
+    """Every check of a set comparison (both ways and shared, new and resolved findings) and of a rhythm change
+    gathers to the row's answer; each kind occurs, with lead sets that cannot be compared among them."""
     from synthetic.skills import skill_rows
     rows = [r for r in skill_rows(60, seed=4, worked=True) if r["family"] in WORKED_FAMILIES]
     assert {r["family"] for r in rows} == WORKED_FAMILIES

@@ -224,6 +224,27 @@ def test_a_skill_is_scored_on_exactly_the_text_it_is_trained_on(setup):
     assert checked >= len(rows) * 0.8
 
 
+def test_a_worked_skill_is_scored_on_the_check_the_model_writes_not_one_it_is_given(setup):
+    """With --worked_checks the scoring prompt stops before "Check:": the model writes the lookups and the answer, so
+    the score is of the step, not of gathering tags it was handed."""
+    from synthetic.skills import answer_prompt, skill_rows
+    cfg, data, model = setup
+    rows = [r for r in skill_rows(40, seed=5, worked=True) if " Check: " in r["answer"]]
+    assert {r["family"] for r in rows} >= {"comparison-query", "new_findings", "resolved_findings", "rhythm_change"}
+    checked = 0
+    for r in rows:
+        try:
+            full = model.prompt([("user", r["question"]), ("assistant", r["answer"])], [])[0]
+        except ValueError:   # longer than the tiny test model's context (its 400-piece vocabulary)
+            continue
+        checked += 1
+        asked = answer_prompt(model, r)
+        rest = model.tokenizer.decode(full[len(asked):])
+        assert full[:len(asked)] == asked and rest.strip().startswith("Check:"), rest
+        assert rest.strip().endswith(f"Answer: {r['final']}{model.format.end}")
+    assert checked >= len(rows) * 0.8
+
+
 def test_a_run_killed_by_sigkill_resumes_to_the_losses_of_an_uninterrupted_run(tmp_path):
     kw = dict(stage3_steps=40, ckpt_interval=4)
     full = train.train(tiny(tmp_path / "a", **kw))
@@ -411,7 +432,7 @@ def test_the_question_after_the_reading_reaches_every_split_and_the_skill_texts(
 def test_worked_checks_stand_after_the_repeated_question_in_every_split_and_the_skill_texts(tmp_path):
     """--worked_checks: a set comparison, first appearance or rhythm change is worked after the reading (after the
     repeated question, which it depends on), in every split and in stage 0's skill texts; other rows are unchanged."""
-    cfg = tiny(tmp_path, question_after_reading=True, worked_checks=True)
+    cfg = tiny(tmp_path, question_after_reading=True, worked_checks=True, train_patients=40, test_patients=40)
     data = train.load_data(cfg, lambda record: None)
     for split in ("train", "test"):
         rows = [r for r in data[split].rows if r.get("check") and r["task"] != "skills"]
