@@ -16,7 +16,9 @@ the final answer stays the dataset's own ("yes").
 
 Families are the question types of synthetic/tasks.py's builders (verify, choose, query; two ECGs compared;
 serial ECGs: new and resolved findings, first appearance, heart-rate trend, rhythm change, each ECG's report),
-so the texts are the builders' own rows with the reading added, never a second copy of their rules.
+so the texts are the builders' own rows with the reading added, never a second copy of their rules. With
+--worked_checks a set comparison's lookups stand between the reading and the answer ("Check: ...",
+tasks.worked_check); a family is then scored on the check and answer the model writes, never on a check it is given.
 """
 from collections import defaultdict
 
@@ -61,7 +63,7 @@ def skill_rows(n_patients, seed=0, questions=8, after_reading=False, worked=Fals
     "family", "skill_of" (the task it comes from), "question_type", "n_ecgs"} from `n_patients` simulated people:
     each gets 1-6 visits and `questions` questions about one visit, a pair of visits or the series.
     after_reading: the answer repeats the question after the reading (tasks.question_after_reading) and the user
-    turn is BLIND_QUESTION. worked: set comparisons and first appearances are worked before the answer
+    turn is BLIND_QUESTION. worked: set comparisons and rhythm changes are worked before the answer
     (tasks.worked_check)."""
     rows = []
     for i in range(n_patients):

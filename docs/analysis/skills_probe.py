@@ -68,8 +68,8 @@ def main(argv=None):
                                                          "answers name findings (the same tokens to match)")
     ap.add_argument("--form", choices=("written", "restated", "blind"), default="written",
                     help="where the question stands (see above)")
-    ap.add_argument("--worked", action="store_true", help="set comparisons, first appearances and rhythm changes "
-                                                          "worked before the answer ('Check: ...', tasks.worked_check)")
+    ap.add_argument("--worked", action="store_true", help="set comparisons and rhythm changes worked before the "
+                                                          "answer ('Check: ...', tasks.worked_check)")
     ap.add_argument("--held", type=int, default=40, help="held-out texts scored per family")
     ap.add_argument("--vocab", type=int, default=cfg.vocab_size, help="tokenizer size (one family's texts: 400)")
     args = ap.parse_args(argv)
