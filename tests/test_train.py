@@ -245,7 +245,17 @@ def test_a_worked_skill_is_scored_on_the_check_the_model_writes_not_one_it_is_gi
     assert checked >= len(rows) * 0.8
 
 
-def test_a_run_killed_by_sigkill_resumes_to_the_losses_of_an_uninterrupted_run(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Every run of a test on one thread, as its subprocesses run: a float sum split over more threads may differ
+    in its last bits, and the losses are compared exactly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_run_killed_by_sigkill_resumes_to_the_losses_of_an_uninterrupted_run(tmp_path, one_thread):
     kw = dict(stage3_steps=40, ckpt_interval=4)
     full = train.train(tiny(tmp_path / "a", **kw))
     args = [f"--{k}={v}" for k, v in {**TINY, **kw}.items()] + [f"--out_dir={tmp_path / 'b'}"]
