@@ -70,6 +70,8 @@ def main(argv=None):
                     help="where the question stands (see above)")
     ap.add_argument("--worked", action="store_true", help="set comparisons and rhythm changes worked before the "
                                                           "answer ('Check: ...', tasks.worked_check)")
+    ap.add_argument("--dim", type=int, default=cfg.dim, help="the LLM's width (heads of 48: dim / 48 of them)")
+    ap.add_argument("--layers", type=int, default=cfg.n_layers, help="the LLM's depth")
     ap.add_argument("--held", type=int, default=40, help="held-out texts scored per family")
     ap.add_argument("--vocab", type=int, default=cfg.vocab_size, help="tokenizer size (one family's texts: 400)")
     args = ap.parse_args(argv)
@@ -103,10 +105,12 @@ def main(argv=None):
     stream = packed_stream(rows, tok, fmt, np.random.default_rng(args.seed))
     print(f"{len(stream)} tokens, {len(stream) / len(rows):.0f} per text; an epoch is "
           f"{len(stream) // (args.batch * args.seq)} steps")
-    ffn = 32 * round(8 * cfg.dim / 3 / 32)
-    llm = LLM(LLMConfig(vocab_size=tok.vocab_size, hidden_size=cfg.dim, intermediate_size=ffn,
-                        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                        num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
+    ffn = 32 * round(8 * args.dim / 3 / 32)
+    heads = args.dim // (cfg.dim // cfg.n_heads)   # the default's head width (48), as many heads as the width holds
+    llm = LLM(LLMConfig(vocab_size=tok.vocab_size, hidden_size=args.dim, intermediate_size=ffn,
+                        num_hidden_layers=args.layers, num_attention_heads=heads,
+                        num_key_value_heads=heads * cfg.n_kv_heads // cfg.n_heads,
+                        max_position_embeddings=cfg.max_seq_len,
                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
     chat = ECGChat(llm, ECGEncoder(EncoderConfig(d_model=32, n_layers=1, n_heads=2)), tok, cfg.max_seq_len, "nanoecg")
     opt = torch.optim.AdamW(llm.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
