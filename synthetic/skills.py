@@ -36,9 +36,6 @@ SKILL_VAL_PATIENTS = 150    # held-out people whose texts score each family (abo
 # can then be predicted only from the reading (half the asked findings are in it), so the loss on them rewards
 # looking back at the list, which is what the answer needs (docs/RESULTS.md, "Where the question stands").
 BLIND_QUESTION = "Read, then answer."
-# tokens a family's answer may take when scored: a worked check (up to ~10 findings tagged) and the answer after it
-WRITES = defaultdict(lambda: 16, per_ecg_report=80,
-                     **{f: 112 for f in ("comparison-query", "new_findings", "resolved_findings", "rhythm_change")})
 
 
 def family(row):
@@ -123,10 +120,13 @@ def skill_accuracy(model, rows, per_family=40, batch_size=32):
     out = {}
     for fam, group in sorted(by.items()):
         scores = []
-        prompts = [(r, ids) for r in group if len(ids := answer_prompt(model, r)) + WRITES[fam] <= model.max_seq_len]
+        # tokens the model may write: a per-ECG report, a worked check (up to ~10 findings tagged) and its answer,
+        # or a short answer
+        budget = 80 if fam == "per_ecg_report" else 112 if any(CHECKED in r["answer"] for r in group) else 16
+        prompts = [(r, ids) for r in group if len(ids := answer_prompt(model, r)) + budget <= model.max_seq_len]
         for k in range(0, len(prompts), batch_size):
             chunk, asked = zip(*prompts[k:k + batch_size])
-            written = model.generate(list(asked), [[] for _ in chunk], max_new_tokens=WRITES[fam])
+            written = model.generate(list(asked), [[] for _ in chunk], max_new_tokens=budget)
             scores += [score(r, model.tokenizer.decode(w)) for r, w in zip(chunk, written)]
         if scores:
             out[fam] = float(np.mean(scores))

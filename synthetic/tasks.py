@@ -245,8 +245,8 @@ def ecgqa_comparison_row(paths, truths, rng, consecutive):
                 ("Which findings are present in the second ECG but absent in the first ECG?",
                  listing([s for s in second if s not in first])),
                 ("Which findings do both ECGs share?", listing([s for s in first if s in second]))][j]
-        src, k_other = (1, 1) if j == 1 else (0, 2)   # walk the ECG the answer's findings come from
-        check = membership_check(truths[src], set([first, second][k_other - 1]), k_other, pool)
+        src = 1 if j == 1 else 0   # walk the ECG the answer's findings come from, against the other one
+        check = membership_check(truths[src], set((first, second)[1 - src]), 2 - src, pool)
     row = {"question": q + BRIEF, "answer": a, "reading": reading_of(truths), "ecg_path": list(paths), "task": "ecgqa",
            "question_type": f"comparison_{'consecutive' if consecutive else 'irrelevant'}-{kind}"}
     return row | ({"check": check} if check else {})

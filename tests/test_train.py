@@ -203,46 +203,42 @@ def test_resume_mid_stage_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     assert all(0 <= v <= 1 for v in skills[0]["accuracy"].values())
 
 
-def test_a_skill_is_scored_on_exactly_the_text_it_is_trained_on(setup):
-    """The scoring prompt (question, answer turn, reading through "Answer:") is the trained text's own beginning, and
-    what follows it there is the final answer and the end of the turn."""
+def after_the_scoring_prompt(model, rows):
+    """[(row, the trained text after its scoring prompt)] for the rows that fit the tiny model's context (at least 80
+    %), each prompt checked to be the trained text's own beginning."""
     from synthetic.skills import answer_prompt
-    cfg, data, model = setup
-    rows = [r for r in data["val"].rows if r["task"] == "skills"]
-    assert rows and {r["family"] for r in rows} > {"single-verify", "hr_trend"}
-    checked = 0
+    out = []
     for r in rows:
         try:
             full = model.prompt([("user", r["question"]), ("assistant", r["answer"])], [])[0]
         except ValueError:   # longer than the tiny test model's context (its 400-piece vocabulary)
             continue
-        checked += 1
         asked = answer_prompt(model, r)
         assert full[:len(asked)] == asked
-        rest = model.tokenizer.decode(full[len(asked):])
-        assert rest.strip() == (r["final"] if "Answer:" in r["answer"] else r["answer"]) + model.format.end, rest
-    assert checked >= len(rows) * 0.8
+        out.append((r, model.tokenizer.decode(full[len(asked):]).strip()))
+    assert len(out) >= len(rows) * 0.8
+    return out
+
+
+def test_a_skill_is_scored_on_exactly_the_text_it_is_trained_on(setup):
+    """The scoring prompt (question, answer turn, reading through "Answer:") is the trained text's own beginning, and
+    what follows it there is the final answer and the end of the turn."""
+    cfg, data, model = setup
+    rows = [r for r in data["val"].rows if r["task"] == "skills"]
+    assert rows and {r["family"] for r in rows} > {"single-verify", "hr_trend"}
+    for r, rest in after_the_scoring_prompt(model, rows):
+        assert rest == (r["final"] if "Answer:" in r["answer"] else r["answer"]) + model.format.end, rest
 
 
 def test_a_worked_skill_is_scored_on_the_check_the_model_writes_not_one_it_is_given(setup):
     """With --worked_checks the scoring prompt stops before "Check:": the model writes the lookups and the answer, so
     the score is of the step, not of gathering tags it was handed."""
-    from synthetic.skills import answer_prompt, skill_rows
+    from synthetic.skills import skill_rows
     cfg, data, model = setup
     rows = [r for r in skill_rows(40, seed=5, worked=True) if " Check: " in r["answer"]]
     assert {r["family"] for r in rows} >= {"comparison-query", "new_findings", "resolved_findings", "rhythm_change"}
-    checked = 0
-    for r in rows:
-        try:
-            full = model.prompt([("user", r["question"]), ("assistant", r["answer"])], [])[0]
-        except ValueError:   # longer than the tiny test model's context (its 400-piece vocabulary)
-            continue
-        checked += 1
-        asked = answer_prompt(model, r)
-        rest = model.tokenizer.decode(full[len(asked):])
-        assert full[:len(asked)] == asked and rest.strip().startswith("Check:"), rest
-        assert rest.strip().endswith(f"Answer: {r['final']}{model.format.end}")
-    assert checked >= len(rows) * 0.8
+    for r, rest in after_the_scoring_prompt(model, rows):
+        assert rest.startswith("Check:") and rest.endswith(f"Answer: {r['final']}{model.format.end}"), rest
 
 
 @pytest.fixture
@@ -440,8 +436,8 @@ def test_the_question_after_the_reading_reaches_every_split_and_the_skill_texts(
 
 
 def test_worked_checks_stand_after_the_repeated_question_in_every_split_and_the_skill_texts(tmp_path):
-    """--worked_checks: a set comparison, first appearance or rhythm change is worked after the reading (after the
-    repeated question, which it depends on), in every split and in stage 0's skill texts; other rows are unchanged."""
+    """--worked_checks: a set comparison or rhythm change is worked after the reading (after the repeated question,
+    which it depends on), in every split and in stage 0's skill texts; other rows are unchanged."""
     cfg = tiny(tmp_path, question_after_reading=True, worked_checks=True, train_patients=40, test_patients=40)
     data = train.load_data(cfg, lambda record: None)
     for split in ("train", "test"):
