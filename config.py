@@ -29,14 +29,15 @@ def arg(default, help):
 class Config:
     out_dir: str = arg("out", "where log.jsonl, checkpoints/ and model/ go")
     seed: int = arg(1337, "model init and the batch stream")
-    device: str = arg("auto", "auto | cpu | cuda")
+    device: str = arg("auto", "auto (CUDA, then Apple's MPS, then the CPU) | cpu | cuda | mps")
     parallel: str = arg("ddp", "how processes share the model: ddp (under torchrun, a whole copy each) | fsdp "
                                "(FSDP2: weights, gradients, AdamW state sharded; without torchrun a group of one)")
     # data: synthetic unless --data is given
     data: str = arg("", "JSON of training rows, anyECG-format or LLaVA-style (empty: synthetic ECGs)")
     ecg_root: str = arg("", "folder the rows' ecg_path values are relative to")
     test_data: str = arg("", "JSON of rows evaluated at the end (synthetic: the held-out split)")
-    workers: int = arg(4, "processes reading records in parallel (real data; 0 or 1: in the main process)")
+    workers: int = arg(4, "processes reading records in parallel (real data; on a GPU also the synthetic training "
+                          "records, made before the stages; 0 or 1: in the main process)")
     ecg_cache: int = arg(1024, "prepared records kept in memory (real data; the rest streams from disk)")
     token_cache: int = arg(100000, "a frozen encoder's tokens of this many ECGs kept, each encoded once (0: off)")
     train_patients: int = arg(1000, "synthetic patients for training (about 9 rows each)")

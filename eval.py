@@ -35,6 +35,7 @@ from data import (LOCATION_TASKS, STATEMENTS, TASKS, ECGRecord, RowECGReader, at
 from ecgbench import score as ecgbench
 from images.chat import ImageChat, load_chat
 from images.rows import PrintoutReader
+from model import choose_device
 
 
 # --------------------------------------------------------------------------- 1. metrics: answer texts -> numbers
@@ -596,7 +597,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, deterministic)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then Apple's MPS, then the CPU) | cpu | cuda | mps")
     p.add_argument("--bench", help="also score the rows as an ECG-Bench subset, by the published rules and corrected "
                                    "ones: ptb, code15, cpsc, csn, g12, mmmu, ecgqa, or auto (told from the row ids)")
     p.add_argument("--answers", help="with --bench: score these answers (JSONL, one {question_id or id, text} a line, "
@@ -626,7 +627,7 @@ def main(argv=None):
         if args.answers:   # answers written already (a published model's): scoring alone, no model
             bench = [] if args.bench == "auto" else ["--bench", args.bench]
             return ecgbench.main(["--data", args.data, "--answers", args.answers, "--out", args.out, *bench])
-        model = load_chat(args.ckpt, device=args.device)
+        model = load_chat(args.ckpt, device=choose_device(args.device))
         images = isinstance(model, ImageChat)   # a model that reads printouts: LLaVA rows' images too
         rows = drop_duplicates(load_rows(args.data, images=images), args.data)[:args.limit]
         file_rows = read_json(args.data) if args.bench else None   # as written: ECG-Bench's scorer reads its ids

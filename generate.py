@@ -24,6 +24,7 @@ from data import (STANDARD_LEADS, ECGRecord, canonical_lead, cut_ecg, load_ecg, 
                   record_length)
 from images.chat import load_chat
 from images.paper import plot_ecg_svg, read_image
+from model import choose_device
 
 ANSWER_BUDGET = 64   # tokens an ECG must leave free for the answer (or --max-new-tokens, if smaller)
 
@@ -161,8 +162,8 @@ def read_inputs(args, model):
 
 
 def run_chat(args):
-    model = anyecg.load_chat(args.anyecg, args.llm, device=args.device) if args.anyecg else \
-        load_chat(args.ckpt, device=args.device)
+    device = choose_device(args.device)
+    model = anyecg.load_chat(args.anyecg, args.llm, device=device) if args.anyecg else load_chat(args.ckpt, device=device)
     read, images = read_inputs(args, model)
     ecgs = [prepared for _, prepared in read]
     check_room(model, [e.signal.shape[1] for e in ecgs], args)
@@ -211,7 +212,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
     p.add_argument("--plot", help="write the first ECG as SVG, with the intervals the answer localizes shaded")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then Apple's MPS, then the CPU) | cpu | cuda | mps")
     args = p.parse_args(argv)
     if not args.ecg and not args.image:
         p.error("give at least one --ecg (or --image)")

@@ -10,6 +10,7 @@ model.py — the language side of nanoECG, in one file, read top to bottom:
   4. LoRA         an adapter around nn.Linear that can merge into it (peft's folder format: anyecg/peft.py).
   5. Sampling     `generate`: left-padded prompts prefilled once, then decoded through the KV cache (greedy,
                   temperature, top-k, top-p), with stop tokens, stop strings and streaming.
+  6. Devices      `choose_device`: --device auto is CUDA, then Apple's MPS, then the CPU; `synchronize` for timing.
 The ECG side (encoder, splicing, the chat format) is in ecg_encoder.py and chat.py.
 
 Module and parameter names follow Hugging Face's Llama (embed_tokens, layers.N.self_attn.q_proj, ...), so loading a
@@ -752,3 +753,29 @@ def generate(llm, input_ids, attention_mask=None, *, inputs_embeds=None, max_new
         if len(text) > len(printed[b]) and text.startswith(printed[b]):
             on_text(b, text[len(printed[b]):])
     return new
+
+
+# --------------------------------------------------------------------------- 6. Devices
+def choose_device(name="auto", cuda=None, mps=None, local_rank=0):
+    """--device -> torch.device. "auto": CUDA, then Apple silicon's MPS, then the CPU. cuda / mps: whether those
+    backends are there (None: ask torch; tests pass them in). Under torchrun each process takes GPU local_rank."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    mps = torch.backends.mps.is_available() if mps is None else mps
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: auto, cpu, cuda or mps")
+    if name == "cuda" and not cuda:
+        raise ValueError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU (a CPU build of torch, or no "
+                         "driver); use --device cpu")
+    if name == "mps" and not mps:
+        raise ValueError("--device mps: no Apple-silicon GPU here (MPS needs macOS 12.3+ on an M-series Mac)")
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+
+
+def synchronize(device):
+    """Wait for the device's queued work (timing a GPU needs it; the CPU runs in order)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

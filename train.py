@@ -69,7 +69,8 @@ from images.chat import ImageChat
 from images.paper import WIDTH_MM
 from images.rows import PrintoutReader
 from images.vit import ImageEncoder, ImageEncoderConfig, clip_vision_config, load_clip_vision
-from model import LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, lora_layers, read_hf_config, train_tokenizer
+from model import (LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, choose_device, lora_layers, read_hf_config,
+                   train_tokenizer)
 from parallel import fsdp
 from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
 from synthetic.tasks import TEST_SEED, add_image_rows, build_synthetic_dataset, question_after_reading, worked_check
@@ -155,7 +156,9 @@ class Split:
         self.inputs_of.prefetch([self.rows[i] for i in indices if i not in self.bad], self.workers)
 
 
-def load_data(cfg, log):
+def load_data(cfg, log, make_ahead=0):
+    """Train, val and test Splits: --data's rows, else synthetic ones (+ stage 0's skill texts). make_ahead: the
+    synthetic training records made now by that many processes (a GPU run: the loop would wait for each)."""
     if cfg.data:
         return load_real_data(cfg, log)
     out = {}
@@ -171,7 +174,8 @@ def load_data(cfg, log):
         if cfg.worked_checks:   # '... Check: af not in ECG1; ... Answer: a'
             ds.rows = [worked_check(row) for row in ds.rows]
         out[split] = Split(ds.rows, ds.inputs)
-        log({"event": "data", "split": split, "patients": n, "rows": len(ds.rows)})
+        made = ds.make_ahead(make_ahead) if make_ahead > 1 and split == "train" else 0
+        log({"event": "data", "split": split, "patients": n, "rows": len(ds.rows), "records_made_ahead": made})
     if cfg.skill_patients and not cfg.llm:   # the answering steps as text, for stage 0 (synthetic/skills.py)
         for split, n, seed in [("train", cfg.skill_patients, cfg.seed),
                                ("val", min(SKILL_VAL_PATIENTS, cfg.skill_patients), TEST_SEED)]:
@@ -404,13 +408,15 @@ def run_stage(cfg, env, model, data, stage, progress):
                 g["lr"] = lr
             loss = torch.zeros((), device=env.device)
             for m in range(n_micro):   # forward and backward, the gradients accumulated over the micro-batches
+                t_data = time.perf_counter()
                 batch = get_batch(cfg, split, probs, model, stage, step, env.rank + m * env.world)
-                meter.count(batch, model.tokenizer.pad_id)
+                meter.count(batch, model.tokenizer.pad_id, time.perf_counter() - t_data)
                 # DDP: gradients averaged at the last micro-batch only (FSDP reduce-scatters at every one)
                 no_sync = env.distributed and not env.fsdp and m < n_micro - 1
                 with env.ctx, (train_model.no_sync() if no_sync else contextlib.nullcontext()):
-                    _, micro_loss = train_model(batch["input_ids"].to(env.device), batch["inputs"],
-                                                labels=batch["labels"].to(env.device))
+                    # non_blocking: queued, not waited for (a batch is ~1 MB: pinning it would cost what it saves)
+                    _, micro_loss = train_model(batch["input_ids"].to(env.device, non_blocking=True), batch["inputs"],
+                                                labels=batch["labels"].to(env.device, non_blocking=True))
                     (micro_loss / n_micro).backward()
                 loss += micro_loss.detach() / n_micro
             norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
@@ -483,19 +489,22 @@ def validate(cfg, env, model, split, stage, progress, bar):
 
 
 class Meter:
-    """Tokens and ECG-seconds trained on since the last log line, and the time it took."""
+    """Tokens and ECG-seconds trained on since the last log line, the time it took, and the share of it spent
+    making batches (the device waits for them: a GPU that is kept busy has a small data_share)."""
 
     def __init__(self):
-        self.t0, self.tokens, self.ecg_s = time.time(), 0, 0.0
+        self.t0, self.tokens, self.ecg_s, self.data_s = time.time(), 0, 0.0, 0.0
 
-    def count(self, batch, pad_id):
+    def count(self, batch, pad_id, data_s):
         self.tokens += int((batch["input_ids"] != pad_id).sum())
         self.ecg_s += ecg_seconds(batch)
+        self.data_s += data_s
 
     def rates(self, env):
         """Over all processes, since the last call; on a GPU also the peak memory so far."""
         dt = time.time() - self.t0
-        out = {"tok_per_s": self.tokens * env.world / dt, "ecg_s_per_s": self.ecg_s * env.world / dt}
+        out = {"tok_per_s": self.tokens * env.world / dt, "ecg_s_per_s": self.ecg_s * env.world / dt,
+               "data_share": self.data_s / dt}
         if env.device.type == "cuda":
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.__init__()
@@ -542,24 +551,33 @@ def run_stages(cfg, env, model, data):
         if progress.resume_stage is not None and stage.index < progress.resume_stage:
             progress.global_step += stage.steps
             continue
-        model.train()
-        progress.step = 0
-        if run_stage(cfg, env, model, data, stage, progress):
-            return progress.losses, True
-        progress.resume_stage = None
-        accuracy = skill_accuracy(model, data["val"].rows) if env.rank == 0 and "skills" in stage.tasks and \
-            not env.fsdp else {}   # each answering step, on held-out people (none without --skill_patients)
-        if accuracy:
-            env.log({"event": "skills", "stage": stage.index, "accuracy": accuracy})
-            print(f"stage {stage.index} skills (held-out, reading given): " +
-                  ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
-        # under FSDP a rank cannot generate alone; the final evaluation, on the gathered model, still runs
-        if env.rank == 0 and cfg.gen_eval_rows and stage.index > 0 and not env.fsdp:
-            rows = rows_per_task([r for r in data["val"].rows if r["task"] in stage.tasks], cfg.gen_eval_rows)
-            scores, _ = evaluate(model, rows, data["val"].inputs_of, cfg.batch_size, cfg.max_new_tokens)
-            env.log({"event": "gen_eval", "stage": stage.index, "scores": scores})
-            print_table(scores)
+        with phase(env, f"stage {stage.index}"):
+            if run_stage_and_check(cfg, env, model, data, stage, progress):
+                return progress.losses, True
     return progress.losses, False
+
+
+def run_stage_and_check(cfg, env, model, data, stage, progress):
+    """A stage's steps, then what the model can do at its end: each skill's accuracy (stage 0 with skill texts) and
+    a few generated val answers per task. -> True when --stop_after ended the run in it."""
+    model.train()
+    progress.step = 0
+    if run_stage(cfg, env, model, data, stage, progress):
+        return True
+    progress.resume_stage = None
+    accuracy = skill_accuracy(model, data["val"].rows) if env.rank == 0 and "skills" in stage.tasks and \
+        not env.fsdp else {}   # each answering step, on held-out people (none without --skill_patients)
+    if accuracy:
+        env.log({"event": "skills", "stage": stage.index, "accuracy": accuracy})
+        print(f"stage {stage.index} skills (held-out, reading given): " +
+              ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+    # under FSDP a rank cannot generate alone; the final evaluation, on the gathered model, still runs
+    if env.rank == 0 and cfg.gen_eval_rows and stage.index > 0 and not env.fsdp:
+        rows = rows_per_task([r for r in data["val"].rows if r["task"] in stage.tasks], cfg.gen_eval_rows)
+        scores, _ = evaluate(model, rows, data["val"].inputs_of, cfg.batch_size, cfg.max_new_tokens)
+        env.log({"event": "gen_eval", "stage": stage.index, "scores": scores})
+        print_table(scores)
+    return False
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -594,8 +612,7 @@ def save_checkpoint(cfg, model, opt, position, sharded=False):
         names = {p: n for n, p in model.named_parameters()}
         state = {f"{names[p]}::{k}": v.detach().cpu().contiguous() for p, s in opt.state.items() for k, v in s.items()}
         save_file(state, str(tmp / "optimizer.safetensors"))
-    save_file({"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available()
-                                                 else {})}, str(tmp / "rng.safetensors"))
+    save_file(rng_states(next(model.parameters()).device), str(tmp / "rng.safetensors"))
     np_state = np.random.get_state()
     meta = {**position, "config": asdict(cfg), "python_rng": list(random.getstate()),
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -605,6 +622,16 @@ def save_checkpoint(cfg, model, opt, position, sharded=False):
     for old in sorted(root.glob("step_*"))[:-cfg.keep_ckpts]:
         shutil.rmtree(old)  # only after the new one is complete
     return final
+
+
+def rng_states(device):
+    """The CPU's torch RNG state and, on a GPU, the state of the one this process runs on (cuda:N, or MPS)."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        states["mps"] = torch.mps.get_rng_state()
+    return states
 
 
 def nonfinite_weights(model, sharded=False):
@@ -629,8 +656,9 @@ def load_checkpoint(path, model, opt, sharded=False, show=False):
     meta = json.loads((path / "state.json").read_text())
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    device = next(model.parameters()).device
+    if device.type in rng:   # the GPU's own stream (dropout there), when the run resumes on the same kind of device
+        (torch.cuda.set_rng_state(rng["cuda"], device) if device.type == "cuda" else torch.mps.set_rng_state(rng["mps"]))
     random.setstate((meta["python_rng"][0], tuple(meta["python_rng"][1]), meta["python_rng"][2]))
     n = meta["numpy_rng"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
@@ -647,20 +675,16 @@ def setup(cfg):
     check_config(cfg)
     is_fsdp = cfg.parallel == "fsdp"
     distributed = "RANK" in os.environ or is_fsdp
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = choose_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    dtype, ctx = precision(cfg, device, distributed)
     if distributed:   # torchrun's processes; --parallel fsdp without torchrun: a group of one (FSDP on one GPU)
         alone = {} if "RANK" in os.environ else dict(rank=0, world_size=1, store=dist.HashStore())
-        dist.init_process_group("nccl" if cuda else "gloo", **alone)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if cfg.grad_accum % world:   # 0, the default: one micro-batch per process
         raise ValueError(f"--grad_accum {cfg.grad_accum} must be a multiple of the {world} processes (or 0: one each)")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    # FSDP keeps fp32 master weights and computes in bf16 through its mixed-precision policy (parallel/fsdp.py)
-    dtype = {"auto": torch.bfloat16 if cuda and cfg.llm and not is_fsdp else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     if cfg.images and is_fsdp:   # batches with and without images would run different collectives
         raise ValueError("--images is not supported with --parallel fsdp yet; use ddp")
     if cfg.image_init and not cfg.images:
@@ -675,6 +699,23 @@ def setup(cfg):
                           ctx=ctx, out=Path(cfg.out_dir))
     open_run_folder(cfg, env)
     return env
+
+
+def precision(cfg, device, distributed):
+    """What the run computes in on this device: -> (weight dtype, autocast context). CUDA: bf16 autocast, fp32
+    matmuls in TF32, and a pretrained --llm's weights in bf16 (FSDP keeps fp32 masters and computes in bf16 through
+    its own policy, parallel/fsdp.py). MPS and the CPU: fp32 throughout (MPS's bf16 depends on the macOS version, and
+    the tiny model gains little from it). Refuses what a device cannot run."""
+    if device.type == "mps" and distributed:
+        raise ValueError("torchrun / --parallel fsdp on MPS: PyTorch has no process-group backend for Apple GPUs (nccl "
+                         "is CUDA's, gloo the CPU's); train in one process, or with --device cpu")
+    cuda = device.type == "cuda"
+    if cuda:   # TF32: fp32 matmuls on tensor cores, ~1e-3 relative error, as autocast's bf16 has more of
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+    dtype = {"auto": torch.bfloat16 if cuda and cfg.llm and cfg.parallel != "fsdp" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    return dtype, ctx
 
 
 def open_run_folder(cfg, env):
@@ -705,7 +746,7 @@ def open_run_folder(cfg, env):
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
-    env.log, env.resume_from = log, resume_from
+    env.log, env.resume_from, env.phases = log, resume_from, []
     log({"event": "config", **asdict(cfg), "world_size": env.world, "resume_from": str(resume_from or "")})
     if resume_from:
         try:
@@ -748,6 +789,22 @@ def clear_older_run(cfg, out, resume_from):
         for newer in sorted(resume_from.parent.glob("step_*")):
             if newer.name > resume_from.name:
                 newer.rename(newer.with_name("damaged_" + newer.name))
+
+
+@contextlib.contextmanager
+def phase(env, name):
+    """Times one phase of the run (data, warm-up, a stage, the final evaluation) and logs it, with the peak memory it
+    took on a GPU, so every run says where its minutes and its memory went (env.phases keeps them for the end)."""
+    cuda = env.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(env.device)
+    t0 = time.time()
+    yield
+    record = {"phase": name, "seconds": round(time.time() - t0, 2)}
+    if cuda:
+        record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(env.device) / 2**30, 3)
+    env.phases.append(record)
+    env.log({"event": "phase", **record})
 
 
 def release(env):
@@ -799,9 +856,9 @@ def train(cfg):
     env = setup(cfg)                                                            # set-up
     data, ok = None, False
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), phase(env, "data"):
             warnings.simplefilter("ignore" if env.rank else "default")
-            data = load_data(cfg, env.log)
+            data = load_data(cfg, env.log, make_ahead=cfg.workers if env.device.type != "cpu" else 0)
         for stage in curriculum(cfg):   # every stage's task mix can be drawn from, before anything trains
             try:
                 if stage.steps:
@@ -811,10 +868,13 @@ def train(cfg):
                                  f"--stage{stage.index}_tasks, or --stage{stage.index}_steps 0 to skip it") from None
         model = build_model(cfg, build_tokenizer(cfg, data, env.rank), env.device, env.dtype)
         if warms_up_encoder(cfg) and not env.resume_from:                       # warm-up
-            warm_up_encoder(cfg, model, env)
+            with phase(env, "warm-up"):
+                warm_up_encoder(cfg, model, env)
         if cfg.grad_checkpoint:
             checkpoint_activations(model.llm)
-        if cfg.compile:
+        if cfg.compile and env.device.type == "mps":   # inductor's MPS backend is a prototype
+            warnings.warn("--compile is skipped on MPS: torch.compile's Apple-GPU backend is not ready for training")
+        elif cfg.compile:
             model.llm.compile()
         if env.fsdp:
             # a sharded model cannot grow: every stage's LoRA is added first (B = 0, so nothing changes until it
@@ -826,7 +886,9 @@ def train(cfg):
         if env.fsdp and not stopped:
             model = gather_model(cfg, model, env)
         if env.rank == 0 and not stopped:                                       # final evaluation
-            finish(cfg, model, data, env.log)
+            with phase(env, "evaluation"):
+                finish(cfg, model, data, env.log)
+            print("time per phase: " + ", ".join(f"{p['phase']} {p['seconds']:.0f} s" for p in env.phases))
         ok = True
         return losses
     finally:                                                                    # teardown

@@ -29,17 +29,17 @@ from tqdm import tqdm
 
 from data import STANDARD_LEADS, RowECGReader
 from ecg_encoder import ENCODER_PRESETS, ECGEncoder, EncoderConfig
-from model import LLM, generate
+from model import LLM, LLMConfig, generate, synchronize
 
 
 # --------------------------------------------------------------------------- measuring
 def timed(fn, device):
     """Wall time of one call of fn(), with the GPU's queue drained before and after."""
-    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    sync()
+    device = torch.device(device)
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
-    sync()
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -180,13 +180,17 @@ def print_encoder_tables(results, spec, rows, presets, device, threads):
 
 # --------------------------------------------------------------------------- the LLM: ours vs transformers, in turns
 def llm_pair(args, device, dtype):
-    """The same random Llama checkpoint as transformers' model and as ours."""
-    import transformers
+    """The same random Llama checkpoint as ours and as transformers' model (None when transformers, a test
+    requirement, is not installed: ours alone, from the same shape)."""
+    sizes = dict(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                 num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
+                 tie_word_embeddings=False)
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
-        tie_word_embeddings=False))
+    try:
+        import transformers
+    except ImportError:
+        return LLM(LLMConfig(**sizes)).to(device, dtype), None
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = LLM.from_pretrained(d, dtype=dtype, device=device)
@@ -205,6 +209,8 @@ def llm_workloads(args, ours, hf, device):
         ours.zero_grad(set_to_none=True)
 
     def step_hf():
+        if hf is None:
+            return
         hf.train()
         hf(idx[:, :-1], labels=idx[:, :-1]).loss.backward()  # transformers shifts labels itself
         hf.zero_grad(set_to_none=True)
@@ -213,17 +219,19 @@ def llm_workloads(args, ours, hf, device):
         prompt = torch.randint(3, args.vocab, (batch, args.prompt_len), device=device)
         n = args.new_tokens
         return (lambda: generate(ours.eval(), prompt, max_new_tokens=n),
-                lambda: hf.eval().generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                           min_new_tokens=n, do_sample=False, pad_token_id=0))
+                lambda: hf is None or hf.eval().generate(prompt, attention_mask=torch.ones_like(prompt),
+                                                         max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                         pad_token_id=0))
     return [("train step fwd+bwd", B * T, step_ours, step_hf)] + [
         (f"decode batch {b}", b * args.new_tokens, *decode(b)) for b in args.decode_batches]
 
 
 def bench_llm(args):
-    """-> [(measure, ours tok/s, transformers tok/s, MFU or None)], medians of args.reps runs,
-    the two models timed in turns so machine noise hits both alike."""
+    """-> [(measure, ours tok/s, transformers tok/s or None, MFU or None)], medians of args.reps runs,
+    the two models timed in turns so machine noise hits both alike. MFU: bf16 on a GPU whose peak is known."""
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     ours, hf = llm_pair(args, device, dtype)
+    peak = peak_flops(device) if dtype == torch.bfloat16 else None
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"config: {n_params / 1e6:.1f}M params, dim {args.dim}, {args.layers} layers, {args.heads}/{args.kv_heads} "
           f"heads, vocab {args.vocab}, {dtype}, {device}, {torch.get_num_threads()} threads")
@@ -234,14 +242,27 @@ def bench_llm(args):
             fn_ours(), fn_hf()  # warm-up
             turns = [(timed(fn_ours, device.type), timed(fn_hf, device.type)) for _ in range(args.reps)]
         a, b = (n_tokens / statistics.median(t) for t in zip(*turns))  # ours, transformers
-        print(f"{name:<22}{a:>12.0f}{b:>20.0f}{a / b:>9.2f}")
+        b = b if hf is not None else None
+        print(f"{name:<22}{a:>12.0f}" + (f"{b:>20.0f}{a / b:>9.2f}" if b else f"{'not installed':>20}"))
         mfu = None
-        if device.type == "cuda" and name.startswith("train"):
-            peak = {torch.bfloat16: 989e12, torch.float32: 67e12}.get(dtype, 989e12)  # H100 SXM dense
+        if peak and name.startswith("train"):
             mfu = 6 * n_params * a / peak
             print(f"{'':<22}MFU {mfu:.1%} (6·N·tokens/s over {peak / 1e12:.0f} TFLOP/s)")
         figures.append((name, a, b, mfu))
     return figures
+
+
+# dense bf16 peaks from the vendors' spec sheets (no sparsity), matched on the name torch reports, first match wins
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12}
+
+
+def peak_flops(device):
+    """A CUDA GPU's dense bf16 peak in FLOP/s, or None (not CUDA, or not in PEAK_BF16: MFU is then not given)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 # --------------------------------------------------------------------------- everything in one table
@@ -255,7 +276,8 @@ def speed(args):
     longest = per_s[max(per_s)]
     table = []
     for name, ours, hf, mfu in llm:
-        table.append((f"LLM {name}, ours / transformers", f"{ours / hf:.2f}x", ">= 1.0x", ours >= hf))
+        if hf:
+            table.append((f"LLM {name}, ours / transformers", f"{ours / hf:.2f}x", ">= 1.0x", ours >= hf))
         if mfu is not None:
             table.append((f"LLM {name}, MFU", f"{mfu:.1%}", "reported", None))
     for sec, ms in per_s.items():
@@ -307,7 +329,7 @@ def bench_read(n_records=400, workers=(1, 2, 4)):
 
 # --------------------------------------------------------------------------- command line
 def _llm_args(b):
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     sizes = {"vocab": 8000, "dim": 512, "ffn": 1376, "layers": 5, "heads": 8, "kv-heads": 4, "train-batch": 4,
              "train-len": 256, "prompt-len": 32, "new-tokens": 64}   # integer options, in --help order
@@ -324,7 +346,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("encoder", help="encoder time/memory vs ECG duration")
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     b.add_argument("--durations", default="10,60,600,3600", help="seconds, comma-separated")
     b.add_argument("--presets", default="tiny,base", help="EncoderConfig presets")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

@@ -11,7 +11,9 @@ synthetic/tasks.py — the anyECG / GEM tasks, and the synthetic dataset the def
 Rows are plain dicts in the anyECG format (see data.py for reading such files).
 """
 import functools
+import multiprocessing
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -320,6 +322,7 @@ class SyntheticDataset:
     def __init__(self, rows, specs, fs=100):
         self.rows, self.specs, self.fs = rows, specs, fs
         self._cache = functools.lru_cache(maxsize=2048)(self._prepared)
+        self._made = {}   # (path, clip) -> the ECG at model rate, made ahead by make_ahead
         self._images = functools.lru_cache(maxsize=512)(self._rendered)
         self.px_per_mm = None   # set by add_image_rows
 
@@ -332,20 +335,39 @@ class SyntheticDataset:
         "both" the paper printout of its record (with "both": the ECG, then the image)."""
         clip = (row["ecg_start"], row["ecg_end"]) if row["task"] in LOCATION_TASKS else None
         modality = row.get("modality", "signal")
-        signals = [self._cache(p, clip) for p in row_paths(row)] if modality != "image" else []
+        signals = [self._made[p, clip] if (p, clip) in self._made else self._cache(p, clip)
+                   for p in row_paths(row)] if modality != "image" else []
         return signals + ([self._images(p) for p in row_paths(row)] if modality != "signal" else [])
+
+    def make_ahead(self, workers):
+        """Every row's ECGs at model rate, made now by `workers` processes and kept. On a GPU the training loop would
+        otherwise wait ~4 ms of synthesis for each record it meets first (about half a small model's step); the
+        records are the ones made on demand, byte for byte (each RecordSpec holds its seed)."""
+        keys = sorted({(p, (r["ecg_start"], r["ecg_end"]) if r["task"] in LOCATION_TASKS else None)
+                       for r in self.rows if r.get("modality", "signal") != "image" for p in row_paths(r)},
+                      key=lambda k: (k[0], k[1] or ()))
+        jobs = [(self.specs[p], p, clip, self.fs) for p, clip in keys]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            self._made.update(zip(keys, pool.map(_prepare_record, jobs, chunksize=64)))
+        return len(keys)
 
     def _rendered(self, path):
         rec, _ = self.record(path)
         return render_ecg(rec.signal, rec.fs, list(rec.leads), px_per_mm=self.px_per_mm)
 
     def _prepared(self, path, clip):
-        rec, _ = self.record(path)
-        if clip:
-            rec = cut_ecg(rec, *clip, name=path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return prepare_ecg(rec, self.fs, name=path)
+        return _prepare_record((self.specs[path], path, clip, self.fs))
+
+
+def _prepare_record(job):
+    """(RecordSpec, path, clip or None, model rate) -> the ECG as the model reads it (a worker process's task too)."""
+    spec, path, clip, fs = job
+    rec, _ = spec.generate()
+    if clip:
+        rec = cut_ecg(rec, *clip, name=path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_ecg(rec, fs, name=path)
 
 
 def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, max_visits=4,
