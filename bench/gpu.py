@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the check at two sizes: a CUDA GPU's (the real figures) and a smoke one (the same code in about a minute)
 SIZES = {
     "gpu": dict(run=[], durations=(10, 60, 600, 3600), llm=dict(dtype="bf16"), fsdp_steps=20, records=400,
-                workers=(1, 4)),
+                workers=(1, 4), fsdp=["--train_patients", "100", "--test_patients", "8"]),   # steps, not data
     "smoke": dict(run=["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--n_kv_heads", "1", "--vocab_size", "400",
                        "--encoder_dim", "32", "--encoder_layers", "1", "--batch_size", "4", "--train_patients", "12",
                        "--val_patients", "2", "--test_patients", "8", "--encoder_warmup_steps", "4",
@@ -53,7 +54,7 @@ SIZES = {
                   durations=(10, 60), llm=dict(dtype="fp32", vocab=500, dim=64, ffn=172, layers=2, heads=4,
                                                kv_heads=2, train_batch=2, train_len=64, new_tokens=8, reps=2,
                                                decode_batches=[1, 8]),
-                  fsdp_steps=4, records=24, workers=(1, 2)),
+                  fsdp_steps=4, records=24, workers=(1, 2), fsdp=[]),
 }
 # --------------------------------------------------------------------------- train.py as a subprocess
 def run_train(flags, out, timeout):
@@ -139,7 +140,7 @@ def encoder_rows(size, device):
 def fsdp_rows(size, device, out):
     """A few stage-1 steps of the default model plain and sharded by FSDP2 in a process group of one."""
     steps = size["fsdp_steps"]
-    flags = ["--device", device.type, *size["run"], "--encoder_warmup_steps", "0", "--stage0_steps", "0",
+    flags = ["--device", device.type, *size["run"], *size["fsdp"], "--encoder_warmup_steps", "0", "--stage0_steps", "0",
              "--stage1_steps", str(steps), "--stage2_steps", "0", "--stage3_steps", "0", "--log_interval", "1",
              "--eval_batches", "0", "--gen_eval_rows", "0", "--test_rows", "1", "--test_rows_per_type", "1",
              "--max_new_tokens", "4", "--ckpt_interval", "100000"]
@@ -175,8 +176,10 @@ def run_flops(flags):
     # enough rows to draw batches of every task (a batch's FLOPs do not depend on how many people there are)
     cfg.train_patients, cfg.val_patients, cfg.test_patients = 200, 4, 4
     cfg.skill_patients = min(cfg.skill_patients, 200)
-    data = train.load_data(cfg, lambda record: None)
-    model = train.build_model(cfg, train.build_tokenizer(cfg, data, 0), torch.device("cpu"), torch.float32)
+    with warnings.catch_warnings():   # a small tokenizer's warnings: its size barely moves the count
+        warnings.simplefilter("ignore")
+        data = train.load_data(cfg, lambda record: None)
+        model = train.build_model(cfg, train.build_tokenizer(cfg, data, 0), torch.device("cpu"), torch.float32)
     out = []
     if train.warms_up_encoder(cfg):   # forward + backward of a batch of 10 s 12-lead ECGs: 3x the forward
         x, leads = [torch.randn(12, 10 * model.encoder.cfg.fs)] * cfg.batch_size, [STANDARD_LEADS] * cfg.batch_size

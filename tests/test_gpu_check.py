@@ -42,3 +42,16 @@ def test_a_failing_part_is_a_row_and_the_check_says_so(tmp_path, monkeypatch, ca
     rows = json.loads((tmp_path / "table.json").read_text())["rows"]
     assert ["LLM", "FAILED", "RuntimeError: CUDA error: an illegal memory access"] in rows
     assert ["encoder", "skipped here", "-"] in rows
+
+
+def test_a_configs_flops_are_counted_per_phase_and_grow_with_the_llms_width():
+    small = ["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--n_kv_heads", "1", "--vocab_size", "400",
+             "--encoder_dim", "32", "--encoder_layers", "1", "--batch_size", "4", "--encoder_warmup_steps", "5"]
+    narrow = dict((name, (steps, flops)) for name, steps, flops in gpu.run_flops(small))
+    wide = dict((name, (steps, flops)) for name, steps, flops in gpu.run_flops(small + ["--dim", "64"]))
+    assert list(narrow) == ["warm-up", "stage 0", "stage 1", "stage 2", "stage 3"]
+    assert narrow["warm-up"] == wide["warm-up"] and narrow["warm-up"][0] == 5   # the encoder alone: same count
+    for stage in ["stage 0", "stage 1", "stage 2", "stage 3"]:
+        assert narrow[stage][1] > 0
+        # weights' FLOPs grow as width squared, attention's and the vocabulary's as width: between 2x and 4x
+        assert 2 < wide[stage][1] / narrow[stage][1] < 4, stage
