@@ -656,9 +656,11 @@ def load_checkpoint(path, model, opt, sharded=False, show=False):
     meta = json.loads((path / "state.json").read_text())
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
-    device = next(model.parameters()).device
-    if device.type in rng:   # the GPU's own stream (dropout there), when the run resumes on the same kind of device
-        (torch.cuda.set_rng_state(rng["cuda"], device) if device.type == "cuda" else torch.mps.set_rng_state(rng["mps"]))
+    device = next(model.parameters()).device   # the GPU's own stream (dropout there), resumed on the same kind
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    elif device.type == "mps" and "mps" in rng:
+        torch.mps.set_rng_state(rng["mps"])
     random.setstate((meta["python_rng"][0], tuple(meta["python_rng"][1]), meta["python_rng"][2]))
     n = meta["numpy_rng"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))

@@ -47,6 +47,36 @@ def packed_stream(rows, tok, fmt, rng):
     return torch.tensor(stream)
 
 
+def text_chat(tok, dim, layers):
+    """The default run's LLM shape at this width and depth (heads of the default's width, 48), from scratch, in an
+    ECGChat that has no ECG to read (a one-layer stand-in encoder): a text-only model that prompts and scores as the
+    trained one does."""
+    cfg = Config()
+    ffn = 32 * round(8 * dim / 3 / 32)
+    heads = dim // (cfg.dim // cfg.n_heads)
+    llm = LLM(LLMConfig(vocab_size=tok.vocab_size, hidden_size=dim, intermediate_size=ffn, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=heads * cfg.n_kv_heads // cfg.n_heads,
+                        max_position_embeddings=cfg.max_seq_len, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+    return ECGChat(llm, ECGEncoder(EncoderConfig(d_model=32, n_layers=1, n_heads=2)), tok, cfg.max_seq_len, "nanoecg")
+
+
+def train_step(llm, opt, stream, rng, step, args):
+    """One step on args.batch random windows of args.seq tokens of the packed stream, the loss on every token; lr
+    warmed up over the first 10 % of args.steps, then cosine to a tenth. -> the loss"""
+    lr = args.lr * min(1.0, step / (0.1 * args.steps)) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    starts = rng.integers(0, len(stream) - args.seq - 1, args.batch)
+    x = torch.stack([stream[s:s + args.seq + 1] for s in starts])            # (B, seq + 1)
+    logits = llm(x[:, :-1])                                                  # (B, seq, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def in_form(rows, form):
     """Skill rows (made with after_reading for "restated" and "blind") in one of the --form layouts."""
     return [dict(r, question=r["asked"]) for r in rows] if form == "restated" else rows
@@ -105,28 +135,11 @@ def main(argv=None):
     stream = packed_stream(rows, tok, fmt, np.random.default_rng(args.seed))
     print(f"{len(stream)} tokens, {len(stream) / len(rows):.0f} per text; an epoch is "
           f"{len(stream) // (args.batch * args.seq)} steps")
-    ffn = 32 * round(8 * args.dim / 3 / 32)
-    heads = args.dim // (cfg.dim // cfg.n_heads)   # the default's head width (48), as many heads as the width holds
-    llm = LLM(LLMConfig(vocab_size=tok.vocab_size, hidden_size=args.dim, intermediate_size=ffn,
-                        num_hidden_layers=args.layers, num_attention_heads=heads,
-                        num_key_value_heads=heads * cfg.n_kv_heads // cfg.n_heads,
-                        max_position_embeddings=cfg.max_seq_len,
-                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
-    chat = ECGChat(llm, ECGEncoder(EncoderConfig(d_model=32, n_layers=1, n_heads=2)), tok, cfg.max_seq_len, "nanoecg")
-    opt = torch.optim.AdamW(llm.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    chat = text_chat(tok, args.dim, args.layers)
+    opt = torch.optim.AdamW(chat.llm.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     rng, t0 = np.random.default_rng(args.seed + 1), time.time()
     for step in range(1, args.steps + 1):
-        lr = args.lr * min(1.0, step / (0.1 * args.steps)) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        starts = rng.integers(0, len(stream) - args.seq - 1, args.batch)
-        x = torch.stack([stream[s:s + args.seq + 1] for s in starts])            # (B, seq + 1)
-        logits = llm(x[:, :-1])                                                  # (B, seq, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(chat.llm, opt, stream, rng, step, args)
         if step % args.eval_every == 0 or step == args.steps:
             seen = step * args.batch * args.seq / (len(stream) / len(rows))
             for form, texts in scored.items():

@@ -1,0 +1,105 @@
+"""
+copy_probe.py — does the default tiny LLM learn to repeat its own measurement line in its reasoning, as text? An
+analysis behind docs/RESULTS.md (issue 29), not part of the library.
+
+A grounded answer (synthetic/tasks.py's `grounded_answer`, GEM's form) states the measurements, then reasons from them:
+'Measurements: Heart rate: 72 bpm, PR: 164 ms, QRS: 98 ms, QT/QTc: 380/402 ms. Reasoning: ... QRS 98 ms is narrow.
+QTc 402 ms is normal. Diagnosis: ...'. The trained default model repeats its own figures in only a quarter of
+cases (docs/analysis/mitdb_numbers.py). Here the LLM of the default run learns grounded answers alone, as text, from
+the generator's truth (the question, then the answer; the loss on every token; texts packed end to end, as
+skills_probe.py trains). Every --eval_every steps, held-out answers are given up to and including "Reasoning:" and
+the model writes the rest (greedy): the share of the figures its reasoning repeats that equal the measurement line's,
+and the share of answers in which every one does.
+
+    python -m docs.analysis.copy_probe --steps 600 --eval_every 100     # a few CPU minutes
+    python -m docs.analysis.copy_probe --steps 600 --eval_every 100 --quote   # 'QRS: 98 ms is narrow'
+"""
+import argparse
+import re
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from chat import FORMATS, SPECIAL_TOKENS
+from docs.analysis.mitdb_numbers import consistency
+from docs.analysis.skills_probe import packed_stream, text_chat, train_step
+from model import Tokenizer, train_tokenizer
+from synthetic.generator import make_patient, synth_ecg
+from synthetic.tasks import GROUNDED_QUESTIONS, LEAD_SETS, grounded_answer
+
+REASONING = "Reasoning:"
+
+
+def grounded_texts(n, seed, quote=False):
+    """n grounded rows from n simulated people, each in a lead set drawn as the dataset draws them. quote: the
+    reasoning writes each figure as the measurement line does ("QRS: 98 ms is narrow", not "QRS 98 ms ..."), so the
+    token after the name is the same in both places and copying is one induction step (name -> what followed it)."""
+    rng, rows = np.random.default_rng(seed), []
+    for _ in range(n):
+        leads = list(LEAD_SETS[rng.choice(len(LEAD_SETS), p=[s for _, s in LEAD_SETS])][0])
+        truth = synth_ecg(make_patient(rng), 10.0, 100.0, leads, noise=0, seed=int(rng.integers(2**31)))[1]
+        answer = grounded_answer(truth)
+        if quote:
+            head, sep, reasoning = answer.partition(REASONING)
+            answer = head + sep + re.sub(r"\b(PR|QRS|QTc|Axis) (-?\d+)", r"\1: \2", reasoning)
+        rows.append({"question": str(rng.choice(GROUNDED_QUESTIONS)), "answer": answer})
+    return rows
+
+
+@torch.no_grad()
+def copy_score(chat, rows):
+    """Each held-out answer given up to "Reasoning:", the rest written greedily -> (share of repeated figures equal
+    to the measurement line's, share of answers with every repeated figure equal)."""
+    chat.llm.eval()
+    given = [r["answer"][:r["answer"].index(REASONING) + len(REASONING)] for r in rows]
+    prompts = [chat.prompt([("user", r["question"])], [], add_generation_prompt=True)[0] +
+               chat.tokenizer.encode(g, special=False) for r, g in zip(rows, given)]
+    out = []
+    for i in range(0, len(prompts), 32):
+        out += chat.generate(prompts[i:i + 32], [[]] * len(prompts[i:i + 32]), max_new_tokens=120)
+    counts = np.array([consistency(g + " " + chat.tokenizer.decode(o)) for g, o in zip(given, out)])
+    chat.llm.train()
+    return counts[:, 1].sum() / max(1, counts[:, 0].sum()), float(np.mean(counts[:, 0] == counts[:, 1]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patients", type=int, default=3000, help="training texts, one per simulated person")
+    ap.add_argument("--held", type=int, default=200, help="held-out texts scored")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=16, help="packed rows per step")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per packed row")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--eval_every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dim", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=1000, help="the default run's tokenizer size")
+    ap.add_argument("--quote", action="store_true", help="the reasoning writes each figure as the measurement line "
+                                                         "does ('QRS: 98 ms is narrow')")
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    rows, held = grounded_texts(args.patients, 0, args.quote), grounded_texts(args.held, 1, args.quote)
+    print(f"{len(rows)} training texts in {time.time() - t0:.0f} s; one: {rows[0]['answer']}")
+    with tempfile.TemporaryDirectory() as d:
+        train_tokenizer((t for r in rows for t in (r["question"], r["answer"])), d, args.vocab, SPECIAL_TOKENS)
+        tok = Tokenizer(d, SPECIAL_TOKENS)
+    stream = packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(args.seed))
+    print(f"{len(stream)} tokens, {len(stream) / len(rows):.0f} per text")
+    chat = text_chat(tok, args.dim, args.layers)
+    opt = torch.optim.AdamW(chat.llm.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    rng, t0 = np.random.default_rng(args.seed + 1), time.time()
+    for step in range(1, args.steps + 1):
+        loss = train_step(chat.llm, opt, stream, rng, step, args)
+        if step % args.eval_every == 0 or step == args.steps:
+            figures, answers = copy_score(chat, held)
+            seen = step * args.batch * args.seq / (len(stream) / len(rows))
+            print(f"step {step:5d}  loss {loss.item():.3f}  texts seen {seen:7.0f}  {time.time() - t0:5.0f} s  "
+                  f"figures repeated right {figures:.2f}  answers all right {answers:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
