@@ -49,9 +49,9 @@ def grounded_texts(n, seed, quote=False):
 
 
 @torch.no_grad()
-def copy_score(chat, rows):
+def copy_score(chat, rows, show=0):
     """Each held-out answer given up to "Reasoning:", the rest written greedily -> (share of repeated figures equal
-    to the measurement line's, share of answers with every repeated figure equal)."""
+    to the measurement line's, share of answers with every repeated figure equal). show: print that many answers."""
     chat.llm.eval()
     given = [r["answer"][:r["answer"].index(REASONING) + len(REASONING)] for r in rows]
     prompts = [chat.prompt([("user", r["question"])], [], add_generation_prompt=True)[0] +
@@ -59,7 +59,10 @@ def copy_score(chat, rows):
     out = []
     for i in range(0, len(prompts), 32):
         out += chat.generate(prompts[i:i + 32], [[]] * len(prompts[i:i + 32]), max_new_tokens=120)
-    counts = np.array([consistency(g + " " + chat.tokenizer.decode(o)) for g, o in zip(given, out)])
+    answers = [g + " " + chat.tokenizer.decode(o) for g, o in zip(given, out)]
+    for a in answers[:show]:
+        print("   ", a)
+    counts = np.array([consistency(a) for a in answers])
     chat.llm.train()
     return counts[:, 1].sum() / max(1, counts[:, 0].sum()), float(np.mean(counts[:, 0] == counts[:, 1]))
 
@@ -77,6 +80,7 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=1000, help="the default run's tokenizer size")
+    ap.add_argument("--show", type=int, default=3, help="held-out answers printed at the end")
     ap.add_argument("--quote", action="store_true", help="the reasoning writes each figure as the measurement line "
                                                          "does ('QRS: 98 ms is narrow')")
     args = ap.parse_args(argv)
@@ -95,7 +99,7 @@ def main(argv=None):
     for step in range(1, args.steps + 1):
         loss = train_step(chat.llm, opt, stream, rng, step, args)
         if step % args.eval_every == 0 or step == args.steps:
-            figures, answers = copy_score(chat, held)
+            figures, answers = copy_score(chat, held, args.show if step == args.steps else 0)
             seen = step * args.batch * args.seq / (len(stream) / len(rows))
             print(f"step {step:5d}  loss {loss.item():.3f}  texts seen {seen:7.0f}  {time.time() - t0:5.0f} s  "
                   f"figures repeated right {figures:.2f}  answers all right {answers:.2f}", flush=True)
