@@ -13,6 +13,7 @@ and the share of answers in which every one does.
 
     python -m docs.analysis.copy_probe --steps 600 --eval_every 100     # a few CPU minutes
     python -m docs.analysis.copy_probe --steps 600 --eval_every 100 --quote   # 'QRS: 98 ms is narrow'
+    python -m docs.analysis.copy_probe --steps 2000 --skills 1000   # the skill texts too: does copying come sooner?
 """
 import argparse
 import re
@@ -27,6 +28,7 @@ from docs.analysis.mitdb_numbers import consistency
 from docs.analysis.skills_probe import packed_stream, text_chat, train_step
 from model import Tokenizer, train_tokenizer
 from synthetic.generator import make_patient, synth_ecg
+from synthetic.skills import skill_rows
 from synthetic.tasks import GROUNDED_QUESTIONS, LEAD_SETS, grounded_answer
 
 REASONING = "Reasoning:"
@@ -80,6 +82,7 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=1000, help="the default run's tokenizer size")
+    ap.add_argument("--skills", type=int, default=0, help="also the skill texts of this many people (8 each)")
     ap.add_argument("--show", type=int, default=3, help="held-out answers printed at the end")
     ap.add_argument("--quote", action="store_true", help="the reasoning writes each figure as the measurement line "
                                                          "does ('QRS: 98 ms is narrow')")
@@ -88,6 +91,10 @@ def main(argv=None):
     t0 = time.time()
     rows, held = grounded_texts(args.patients, 0, args.quote), grounded_texts(args.held, 1, args.quote)
     print(f"{len(rows)} training texts in {time.time() - t0:.0f} s; one: {rows[0]['answer']}")
+    n_grounded = len(rows)
+    if args.skills:   # other steps that look back (membership, set comparison...): do they bring copying sooner?
+        rows += skill_rows(args.skills, seed=0)
+        print(f"+ {len(rows) - n_grounded} skill texts (synthetic/skills.py) from {args.skills} people")
     with tempfile.TemporaryDirectory() as d:
         train_tokenizer((t for r in rows for t in (r["question"], r["answer"])), d, args.vocab, SPECIAL_TOKENS)
         tok = Tokenizer(d, SPECIAL_TOKENS)
@@ -101,7 +108,8 @@ def main(argv=None):
         if step % args.eval_every == 0 or step == args.steps:
             figures, answers = copy_score(chat, held, args.show if step == args.steps else 0)
             seen = step * args.batch * args.seq / (len(stream) / len(rows))
-            print(f"step {step:5d}  loss {loss.item():.3f}  texts seen {seen:7.0f}  {time.time() - t0:5.0f} s  "
+            print(f"step {step:5d}  loss {loss.item():.3f}  texts seen {seen:7.0f} (grounded "
+                  f"{seen * n_grounded / len(rows):6.0f})  {time.time() - t0:5.0f} s  "
                   f"figures repeated right {figures:.2f}  answers all right {answers:.2f}", flush=True)
 
 
