@@ -396,7 +396,6 @@ def run_stage(cfg, env, model, data, stage, progress):
     # DDP: a whole copy per process, gradients averaged in backward (FSDP: sharded before the stages)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if env.distributed and not env.fsdp else model
     split, probs = data["train"], data["train"].weights(stage.tasks)
-    n_micro = cfg.grad_accum // env.world or 1    # this process's micro-batches per step
     shares = env.rank == 0 or env.fsdp       # writes checkpoints and validates (FSDP: every process, in step)
     bar = tqdm(total=stage.steps, initial=progress.step, desc=f"stage {stage.index} {stage.name}",
                disable=env.rank > 0 or not sys.stderr.isatty())   # a log file gets plain lines, not \r frames
@@ -406,19 +405,7 @@ def run_stage(cfg, env, model, data, stage, progress):
             step, lr = progress.step, lr_at(progress.step, stage, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = torch.zeros((), device=env.device)
-            for m in range(n_micro):   # forward and backward, the gradients accumulated over the micro-batches
-                t_data = time.perf_counter()
-                batch = get_batch(cfg, split, probs, model, stage, step, env.rank + m * env.world)
-                meter.count(batch, model.tokenizer.pad_id, time.perf_counter() - t_data)
-                # DDP: gradients averaged at the last micro-batch only (FSDP reduce-scatters at every one)
-                no_sync = env.distributed and not env.fsdp and m < n_micro - 1
-                with env.ctx, (train_model.no_sync() if no_sync else contextlib.nullcontext()):
-                    # non_blocking: queued, not waited for (a batch is ~1 MB: pinning it would cost what it saves)
-                    _, micro_loss = train_model(batch["input_ids"].to(env.device, non_blocking=True), batch["inputs"],
-                                                labels=batch["labels"].to(env.device, non_blocking=True))
-                    (micro_loss / n_micro).backward()
-                loss += micro_loss.detach() / n_micro
+            loss = forward_backward(cfg, env, model, train_model, split, probs, stage, step, meter)
             norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                   cfg.grad_clip or float("inf"))
             stats = torch.stack([loss, (fsdp.full(norm) if env.fsdp else norm).to(loss)])   # FSDP: over all shards
@@ -454,6 +441,26 @@ def run_stage(cfg, env, model, data, stage, progress):
     finally:
         bar.close()
     return False
+
+
+def forward_backward(cfg, env, model, train_model, split, probs, stage, step, meter):
+    """This process's micro-batches of one step, forward and backward, the gradients accumulated over them.
+    -> the step's mean loss (a tensor: read once the step is done, so the device is not waited for here)"""
+    n_micro = cfg.grad_accum // env.world or 1
+    loss = torch.zeros((), device=env.device)
+    for m in range(n_micro):
+        t_data = time.perf_counter()
+        batch = get_batch(cfg, split, probs, model, stage, step, env.rank + m * env.world)
+        meter.count(batch, model.tokenizer.pad_id, time.perf_counter() - t_data)
+        # DDP: gradients averaged at the last micro-batch only (FSDP reduce-scatters at every one)
+        no_sync = env.distributed and not env.fsdp and m < n_micro - 1
+        with env.ctx, (train_model.no_sync() if no_sync else contextlib.nullcontext()):
+            # non_blocking: queued, not waited for (a batch is ~1 MB: pinning it would cost what it saves)
+            _, micro_loss = train_model(batch["input_ids"].to(env.device, non_blocking=True), batch["inputs"],
+                                        labels=batch["labels"].to(env.device, non_blocking=True))
+            (micro_loss / n_micro).backward()
+        loss += micro_loss.detach() / n_micro
+    return loss
 
 
 def skip_step(cfg, env, model, opt, stage, progress, loss, n_bad, bar):
