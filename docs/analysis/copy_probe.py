@@ -14,6 +14,8 @@ and the share of answers in which every one does.
     python -m docs.analysis.copy_probe --steps 600 --eval_every 100     # a few CPU minutes
     python -m docs.analysis.copy_probe --steps 600 --eval_every 100 --quote   # 'QRS: 98 ms is narrow'
     python -m docs.analysis.copy_probe --steps 2000 --skills 1000   # the skill texts too: does copying come sooner?
+    python -m docs.analysis.copy_probe --steps 1200 --then single-verify   # then membership: sooner after copying?
+    python -m docs.analysis.copy_probe --steps 0 --then single-verify      # (the same family from scratch)
 """
 import argparse
 import re
@@ -28,7 +30,7 @@ from docs.analysis.mitdb_numbers import consistency
 from docs.analysis.skills_probe import packed_stream, text_chat, train_step
 from model import Tokenizer, train_tokenizer
 from synthetic.generator import make_patient, synth_ecg
-from synthetic.skills import skill_rows
+from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
 from synthetic.tasks import GROUNDED_QUESTIONS, LEAD_SETS, grounded_answer
 
 REASONING = "Reasoning:"
@@ -83,6 +85,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=1000, help="the default run's tokenizer size")
     ap.add_argument("--skills", type=int, default=0, help="also the skill texts of this many people (8 each)")
+    ap.add_argument("--then", default="", help="then train this skill family alone (e.g. single-verify)")
+    ap.add_argument("--then_steps", type=int, default=400)
     ap.add_argument("--show", type=int, default=3, help="held-out answers printed at the end")
     ap.add_argument("--quote", action="store_true", help="the reasoning writes each figure as the measurement line "
                                                          "does ('QRS: 98 ms is narrow')")
@@ -95,8 +99,14 @@ def main(argv=None):
     if args.skills:   # other steps that look back (membership, set comparison...): do they bring copying sooner?
         rows += skill_rows(args.skills, seed=0)
         print(f"+ {len(rows) - n_grounded} skill texts (synthetic/skills.py) from {args.skills} people")
+    then = None
+    if args.then:   # the family's texts, as skills_probe.py --form written makes them
+        then = [[r for r in skill_rows(n, seed=seed, questions=q) if r["family"] == args.then]
+                for n, seed, q in [(2000, 0, 64), (SKILL_VAL_PATIENTS, 1, 8)]]
+        print(f"then: {len(then[0])} {args.then} texts, {len(then[1])} held out")
+    texts = rows + (then[0] if then else [])   # one tokenizer for both phases, with or without the first
     with tempfile.TemporaryDirectory() as d:
-        train_tokenizer((t for r in rows for t in (r["question"], r["answer"])), d, args.vocab, SPECIAL_TOKENS)
+        train_tokenizer((t for r in texts for t in (r["question"], r["answer"])), d, args.vocab, SPECIAL_TOKENS)
         tok = Tokenizer(d, SPECIAL_TOKENS)
     stream = packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(args.seed))
     print(f"{len(stream)} tokens, {len(stream) / len(rows):.0f} per text")
@@ -111,6 +121,24 @@ def main(argv=None):
             print(f"step {step:5d}  loss {loss.item():.3f}  texts seen {seen:7.0f} (grounded "
                   f"{seen * n_grounded / len(rows):6.0f})  {time.time() - t0:5.0f} s  "
                   f"figures repeated right {figures:.2f}  answers all right {answers:.2f}", flush=True)
+    if args.then:
+        then_family(chat, then, args)
+
+
+def then_family(chat, then, args):
+    """Go on with one skill family alone (a fresh optimizer and schedule of --then_steps), scored on held-out people
+    as skills_probe.py scores it: does a model that copies learn the family sooner than one that does not?"""
+    rows, held = then
+    stream = packed_stream(rows, chat.tokenizer, FORMATS["nanoecg"], np.random.default_rng(args.seed))
+    opt = torch.optim.AdamW(chat.llm.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    sched = argparse.Namespace(**{**vars(args), "steps": args.then_steps})
+    rng, t0 = np.random.default_rng(args.seed + 2), time.time()
+    for step in range(1, args.then_steps + 1):
+        loss = train_step(chat.llm, opt, stream, rng, step, sched)
+        if step % 100 == 0 or step == args.then_steps:
+            acc = skill_accuracy(chat, held, per_family=args.held)
+            print(f"then {args.then} step {step:4d}  loss {loss.item():.3f}  {time.time() - t0:5.0f} s  "
+                  + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
 
 
 if __name__ == "__main__":
