@@ -16,6 +16,7 @@ and the share of answers in which every one does.
     python -m docs.analysis.copy_probe --steps 2000 --skills 1000   # the skill texts too: does copying come sooner?
     python -m docs.analysis.copy_probe --steps 1200 --then single-verify   # then membership: sooner after copying?
     python -m docs.analysis.copy_probe --steps 0 --then single-verify      # (the same family from scratch)
+    python -m docs.analysis.copy_probe --steps 600 --no_figures --then single-verify   # (text with nothing to copy)
 """
 import argparse
 import re
@@ -36,18 +37,20 @@ from synthetic.tasks import GROUNDED_QUESTIONS, LEAD_SETS, grounded_answer
 REASONING = "Reasoning:"
 
 
-def grounded_texts(n, seed, quote=False):
+def grounded_texts(n, seed, quote=""):
     """n grounded rows from n simulated people, each in a lead set drawn as the dataset draws them. quote: the
-    reasoning writes each figure as the measurement line does ("QRS: 98 ms is narrow", not "QRS 98 ms ..."), so the
-    token after the name is the same in both places and copying is one induction step (name -> what followed it)."""
+    reasoning writes each figure as the measurement line does ("colon": "QRS: 98 ms is narrow", not "QRS 98 ms ..."),
+    or without its figure ("none": "QRS is narrow", nothing to copy)."""
     rng, rows = np.random.default_rng(seed), []
     for _ in range(n):
         leads = list(LEAD_SETS[rng.choice(len(LEAD_SETS), p=[s for _, s in LEAD_SETS])][0])
         truth = synth_ecg(make_patient(rng), 10.0, 100.0, leads, noise=0, seed=int(rng.integers(2**31)))[1]
         answer = grounded_answer(truth)
-        if quote:
-            head, sep, reasoning = answer.partition(REASONING)
+        head, sep, reasoning = answer.partition(REASONING)
+        if quote == "colon":
             answer = head + sep + re.sub(r"\b(PR|QRS|QTc|Axis) (-?\d+)", r"\1: \2", reasoning)
+        elif quote == "none":   # a control: the same text with nothing to copy
+            answer = head + sep + re.sub(r"\b(PR|QRS|QTc|Axis) -?\d+(?: ms|°)", r"\1", reasoning)
         rows.append({"question": str(rng.choice(GROUNDED_QUESTIONS)), "answer": answer})
     return rows
 
@@ -85,6 +88,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=1000, help="the default run's tokenizer size")
     ap.add_argument("--skills", type=int, default=0, help="also the skill texts of this many people (8 each)")
+    ap.add_argument("--no_figures", action="store_true", help="a control: the reasoning without its figures")
     ap.add_argument("--then", default="", help="then train this skill family alone (e.g. single-verify)")
     ap.add_argument("--then_steps", type=int, default=400)
     ap.add_argument("--show", type=int, default=3, help="held-out answers printed at the end")
@@ -93,7 +97,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     t0 = time.time()
-    rows, held = grounded_texts(args.patients, 0, args.quote), grounded_texts(args.held, 1, args.quote)
+    quote = "colon" if args.quote else "none" if args.no_figures else ""
+    rows, held = grounded_texts(args.patients, 0, quote), grounded_texts(args.held, 1, quote)
     print(f"{len(rows)} training texts in {time.time() - t0:.0f} s; one: {rows[0]['answer']}")
     n_grounded = len(rows)
     if args.skills:   # other steps that look back (membership, set comparison...): do they bring copying sooner?
