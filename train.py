@@ -508,7 +508,7 @@ class Meter:
         self.data_s += data_s
 
     def rates(self, env):
-        """Over all processes, since the last call; on a GPU also the peak memory so far."""
+        """Over all processes, since the last call; on a GPU also the peak memory so far in this phase."""
         dt = time.time() - self.t0
         out = {"tok_per_s": self.tokens * env.world / dt, "ecg_s_per_s": self.ecg_s * env.world / dt,
                "data_share": self.data_s / dt}

@@ -16,7 +16,8 @@ Rows, each measured here unless it says "estimated":
   encoder       one single-lead ECG from 10 s to 1 h: time and peak memory; a mixed batch windowed vs zero-padded
   FSDP          the same few steps by `train.py` plain and under `--parallel fsdp` in a process group of one
   data          records/s the reader gives (1 and 4 processes) against the rows/s the default run's steps take
-On a machine without CUDA the same code runs on the CPU (or Apple's MPS), and every row says which device gave it.
+On a machine without CUDA the same code runs on the CPU (or Apple's MPS) at toy sizes, and the table's header says
+which device gave it.
 The table is printed and written to --out as table.md (for docs/RESULTS.md) and table.json.
 """
 import argparse
@@ -34,7 +35,7 @@ from types import SimpleNamespace
 import torch
 
 import train
-from bench.speed import bench_encoder, bench_llm, bench_read, count_flops, peak_flops
+from bench.speed import bench_encoder, bench_llm, bench_read, count_flops, llm_args, peak_flops
 from config import parse_config
 from data import STANDARD_LEADS
 from model import choose_device
@@ -112,9 +113,8 @@ def default_run_rows(size, device, out, timeout):
 # --------------------------------------------------------------------------- the parts
 def llm_rows(size, device):
     """A training step and cached decode: ours against transformers (bench/speed.py), with MFU on a known GPU."""
-    args = SimpleNamespace(**{**dict(vocab=8000, dim=512, ffn=1376, layers=5, heads=8, kv_heads=4, train_batch=4,
-                                     train_len=256, prompt_len=32, new_tokens=64, decode_batches=[1, 8], reps=5),
-                              **size["llm"], "device": str(device)})
+    defaults = vars(llm_args(argparse.ArgumentParser()).parse_args([]))   # `python -m bench.speed llm`'s sizes
+    args = SimpleNamespace(**{**defaults, **size["llm"], "device": str(device)})
     if device.type != "cuda":
         args.dtype = "fp32"   # bf16 matmuls on a CPU are emulated: a figure of nothing a user runs
     rows = []
@@ -169,8 +169,8 @@ def data_rows(size, out):
 
 # --------------------------------------------------------------------------- a config's cost, counted on the CPU
 def run_flops(flags):
-    """FLOPs of a train.py run, counted by torch's FlopCounterMode on one batch of each phase (the CPU is enough:
-    a count does not depend on the device) and multiplied by its steps. The final evaluation (generation) is left
+    """FLOPs of a train.py run, counted by torch's FlopCounterMode on batches of each phase (the CPU is enough: a
+    count does not depend on the device) and multiplied by its steps. The final evaluation (generation) is left
     out. -> [(phase, steps, FLOPs a step)]"""
     cfg = parse_config([*flags, "--device", "cpu", "--out_dir", str(ROOT / "runs" / "flop_count"), "--overwrite"])
     # enough rows to draw batches of every task (a batch's FLOPs do not depend on how many people there are)

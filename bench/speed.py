@@ -79,6 +79,9 @@ def peak_bytes(fn, device):
         rest = torch.cuda.memory_allocated()
         fn()
         return torch.cuda.max_memory_allocated() - rest
+    if not os.path.exists("/proc/self/status"):   # macOS has no /proc: not measured there
+        fn()
+        return float("nan")
     rest = _rss_kib("VmRSS") * 1024
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (the peak) to the current RSS
@@ -96,6 +99,19 @@ def in_fresh_process(fn, *args, env=None):
     finally:
         os.environ.clear()
         os.environ.update(old)
+
+
+# dense bf16 peaks from the vendors' spec sheets (no sparsity), matched on the name torch reports, first match wins
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12}
+
+
+def peak_flops(device):
+    """A CUDA GPU's dense bf16 peak in FLOP/s, or None (not CUDA, or not in PEAK_BF16: MFU is then not given)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 # --------------------------------------------------------------------------- the encoder
@@ -218,10 +234,12 @@ def llm_workloads(args, ours, hf, device):
     def decode(batch):
         prompt = torch.randint(3, args.vocab, (batch, args.prompt_len), device=device)
         n = args.new_tokens
-        return (lambda: generate(ours.eval(), prompt, max_new_tokens=n),
-                lambda: hf is None or hf.eval().generate(prompt, attention_mask=torch.ones_like(prompt),
-                                                         max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                         pad_token_id=0))
+
+        def decode_hf():
+            if hf is not None:
+                hf.eval().generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0)
+        return lambda: generate(ours.eval(), prompt, max_new_tokens=n), decode_hf
     return [("train step fwd+bwd", B * T, step_ours, step_hf)] + [
         (f"decode batch {b}", b * args.new_tokens, *decode(b)) for b in args.decode_batches]
 
@@ -250,19 +268,6 @@ def bench_llm(args):
             print(f"{'':<22}MFU {mfu:.1%} (6·N·tokens/s over {peak / 1e12:.0f} TFLOP/s)")
         figures.append((name, a, b, mfu))
     return figures
-
-
-# dense bf16 peaks from the vendors' spec sheets (no sparsity), matched on the name torch reports, first match wins
-PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-             "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12}
-
-
-def peak_flops(device):
-    """A CUDA GPU's dense bf16 peak in FLOP/s, or None (not CUDA, or not in PEAK_BF16: MFU is then not given)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 # --------------------------------------------------------------------------- everything in one table
@@ -328,7 +333,7 @@ def bench_read(n_records=400, workers=(1, 2, 4)):
 
 
 # --------------------------------------------------------------------------- command line
-def _llm_args(b):
+def llm_args(b):
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     sizes = {"vocab": 8000, "dim": 512, "ffn": 1376, "layers": 5, "heads": 8, "kv-heads": 4, "train-batch": 4,
@@ -350,8 +355,8 @@ def main(argv=None):
     b.add_argument("--durations", default="10,60,600,3600", help="seconds, comma-separated")
     b.add_argument("--presets", default="tiny,base", help="EncoderConfig presets")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    _llm_args(sub.add_parser("llm", help="LLM train step and cached decode, ours vs transformers"))
-    b = _llm_args(sub.add_parser("speed", help="llm + encoder (tiny) in one table against the design's targets"))
+    llm_args(sub.add_parser("llm", help="LLM train step and cached decode, ours vs transformers"))
+    b = llm_args(sub.add_parser("speed", help="llm + encoder (tiny) in one table against the design's targets"))
     b.add_argument("--durations", default="10,60,600,3600", help="encoder: ECG seconds, comma-separated")
     b = sub.add_parser("read", help="records/s reading PTB-XL-sized records, in one process or several")
     b.add_argument("--records", type=int, default=400, help="records written and read")

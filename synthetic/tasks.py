@@ -333,19 +333,17 @@ class SyntheticDataset:
     def inputs(self, row):
         """The row's model inputs: its ECGs at model rate, or for rows of modality "image" /
         "both" the paper printout of its record (with "both": the ECG, then the image)."""
-        clip = (row["ecg_start"], row["ecg_end"]) if row["task"] in LOCATION_TASKS else None
         modality = row.get("modality", "signal")
-        signals = [self._made[p, clip] if (p, clip) in self._made else self._cache(p, clip)
-                   for p in row_paths(row)] if modality != "image" else []
+        signals = [self._made[key] if key in self._made else self._cache(*key)
+                   for key in signal_keys(row)] if modality != "image" else []
         return signals + ([self._images(p) for p in row_paths(row)] if modality != "signal" else [])
 
     def make_ahead(self, workers):
         """Every row's ECGs at model rate, made now by `workers` processes and kept. On a GPU the training loop would
         otherwise wait ~4 ms of synthesis for each record it meets first (about half a small model's step); the
         records are the ones made on demand, byte for byte (each RecordSpec holds its seed)."""
-        keys = sorted({(p, (r["ecg_start"], r["ecg_end"]) if r["task"] in LOCATION_TASKS else None)
-                       for r in self.rows if r.get("modality", "signal") != "image" for p in row_paths(r)},
-                      key=lambda k: (k[0], k[1] or ()))
+        keys = list(dict.fromkeys(key for r in self.rows if r.get("modality", "signal") != "image"
+                                  for key in signal_keys(r)))   # each once, in the rows' order
         jobs = [(self.specs[p], p, clip, self.fs) for p, clip in keys]
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             self._made.update(zip(keys, pool.map(_prepare_record, jobs, chunksize=64)))
@@ -357,6 +355,12 @@ class SyntheticDataset:
 
     def _prepared(self, path, clip):
         return _prepare_record((self.specs[path], path, clip, self.fs))
+
+
+def signal_keys(row):
+    """(path, clip or None) of each ECG a row reads: a localization row reads its clip [ecg_start, ecg_end)."""
+    clip = (row["ecg_start"], row["ecg_end"]) if row["task"] in LOCATION_TASKS else None
+    return [(p, clip) for p in row_paths(row)]
 
 
 def _prepare_record(job):

@@ -20,16 +20,15 @@ and the share of answers in which every one does.
 """
 import argparse
 import re
-import tempfile
 import time
 
 import numpy as np
 import torch
 
-from chat import FORMATS, SPECIAL_TOKENS
+from chat import FORMATS
 from docs.analysis.mitdb_numbers import consistency
-from docs.analysis.skills_probe import packed_stream, text_chat, train_step
-from model import Tokenizer, train_tokenizer
+from docs.analysis.skills_probe import (packed_stream, text_chat, text_optimizer, text_tokenizer, train_step,
+                                        training_args)
 from synthetic.generator import make_patient, synth_ecg
 from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
 from synthetic.tasks import GROUNDED_QUESTIONS, LEAD_SETS, grounded_answer
@@ -78,12 +77,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patients", type=int, default=3000, help="training texts, one per simulated person")
     ap.add_argument("--held", type=int, default=200, help="held-out texts scored")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=16, help="packed rows per step")
-    ap.add_argument("--seq", type=int, default=256, help="tokens per packed row")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--eval_every", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
+    training_args(ap)
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=1000, help="the default run's tokenizer size")
@@ -110,13 +104,11 @@ def main(argv=None):
                 for n, seed, q in [(2000, 0, 64), (SKILL_VAL_PATIENTS, 1, 8)]]
         print(f"then: {len(then[0])} {args.then} texts, {len(then[1])} held out")
     texts = rows + (then[0] if then else [])   # one tokenizer for both phases, with or without the first
-    with tempfile.TemporaryDirectory() as d:
-        train_tokenizer((t for r in texts for t in (r["question"], r["answer"])), d, args.vocab, SPECIAL_TOKENS)
-        tok = Tokenizer(d, SPECIAL_TOKENS)
+    tok = text_tokenizer(texts, args.vocab)
     stream = packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(args.seed))
     print(f"{len(stream)} tokens, {len(stream) / len(rows):.0f} per text")
     chat = text_chat(tok, args.dim, args.layers)
-    opt = torch.optim.AdamW(chat.llm.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = text_optimizer(chat.llm, args.lr)
     rng, t0 = np.random.default_rng(args.seed + 1), time.time()
     for step in range(1, args.steps + 1):
         loss = train_step(chat.llm, opt, stream, rng, step, args)
@@ -135,7 +127,7 @@ def then_family(chat, then, args):
     as skills_probe.py scores it: does a model that copies learn the family sooner than one that does not?"""
     rows, held = then
     stream = packed_stream(rows, chat.tokenizer, FORMATS["nanoecg"], np.random.default_rng(args.seed))
-    opt = torch.optim.AdamW(chat.llm.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = text_optimizer(chat.llm, args.lr)
     sched = argparse.Namespace(**{**vars(args), "steps": args.then_steps})
     rng, t0 = np.random.default_rng(args.seed + 2), time.time()
     for step in range(1, args.then_steps + 1):

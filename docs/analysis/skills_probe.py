@@ -47,6 +47,28 @@ def packed_stream(rows, tok, fmt, rng):
     return torch.tensor(stream)
 
 
+def training_args(ap):
+    """The options every text probe trains by (train_step reads them)."""
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=16, help="packed rows per step")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per packed row")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--eval_every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def text_tokenizer(rows, vocab):
+    """A sentencepiece tokenizer trained on the rows' questions and answers, with the chat's special tokens."""
+    with tempfile.TemporaryDirectory() as d:
+        train_tokenizer((t for r in rows for t in (r["question"], r["answer"])), d, vocab, SPECIAL_TOKENS)
+        return Tokenizer(d, SPECIAL_TOKENS)
+
+
+def text_optimizer(llm, lr):
+    """AdamW as the run's stage 0 has it (betas 0.9/0.99, decay 0.01)."""
+    return torch.optim.AdamW(llm.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+
+
 def text_chat(tok, dim, layers):
     """The default run's LLM shape at this width and depth (heads of the default's width, 48), from scratch, in an
     ECGChat that has no ECG to read (a one-layer stand-in encoder): a text-only model that prompts and scores as the
@@ -88,12 +110,7 @@ def main(argv=None):
     ap.add_argument("--patients", type=int, default=1000, help="simulated people of the training texts")
     ap.add_argument("--questions", type=int, default=16, help="questions per person")
     ap.add_argument("--families", default="", help="comma list: train on these families only (default: all)")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=16, help="packed rows per step")
-    ap.add_argument("--seq", type=int, default=256, help="tokens per packed row")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--eval_every", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
+    training_args(ap)
     ap.add_argument("--lower", action="store_true", help="the reading's statements in lower case, as questions and "
                                                          "answers name findings (the same tokens to match)")
     ap.add_argument("--form", choices=("written", "restated", "blind"), default="written",
@@ -128,15 +145,12 @@ def main(argv=None):
     for r in rows:
         counts[r["family"]] += 1
     print(f"{len(rows)} training texts in {time.time() - t0:.0f} s:", dict(sorted(counts.items())))
-    fmt = FORMATS["nanoecg"]
-    with tempfile.TemporaryDirectory() as d:
-        train_tokenizer((t for r in rows for t in (r["question"], r["answer"])), d, args.vocab, SPECIAL_TOKENS)
-        tok = Tokenizer(d, SPECIAL_TOKENS)
-    stream = packed_stream(rows, tok, fmt, np.random.default_rng(args.seed))
+    tok = text_tokenizer(rows, args.vocab)
+    stream = packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(args.seed))
     print(f"{len(stream)} tokens, {len(stream) / len(rows):.0f} per text; an epoch is "
           f"{len(stream) // (args.batch * args.seq)} steps")
     chat = text_chat(tok, args.dim, args.layers)
-    opt = torch.optim.AdamW(chat.llm.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = text_optimizer(chat.llm, args.lr)
     rng, t0 = np.random.default_rng(args.seed + 1), time.time()
     for step in range(1, args.steps + 1):
         loss = train_step(chat.llm, opt, stream, rng, step, args)
