@@ -43,12 +43,12 @@ class Config:
     train_patients: int = arg(1000, "synthetic patients for training (about 9 rows each)")
     val_patients: int = arg(40, "synthetic patients for validation loss and the in-training eval")
     test_patients: int = arg(640, "synthetic patients of the fixed held-out test split (about 60 long clips)")
-    skill_patients: int = arg(0, "synthetic patients whose truth makes stage 0's skill texts, 8 each (e.g. 1000; "
-                                 "with --text_batch 64)")
+    skill_patients: int = arg(3000, "synthetic patients whose truth makes stage 0's skill texts, 8 each (0: none; "
+                                    "synthetic/skills.py)")
     read_first: bool = arg(True, "synthetic ECG-QA and multi-ECG answers write the ECGs' reading first")
     question_after_reading: bool = arg(False, "with read_first: the answer repeats the question after the reading "
                                               "(and stage 0's skill texts leave it out of the user turn)")
-    worked_checks: bool = arg(False, "with read_first: a set comparison (two ECGs', new or resolved findings) or "
+    worked_checks: bool = arg(True, "with read_first: a set comparison (two ECGs', new or resolved findings) or "
                                      "rhythm change is worked one finding or ECG at a time before the answer ('Check: "
                                      "...')")
     # model
@@ -78,10 +78,12 @@ class Config:
     lora_alpha: float = arg(16.0, "LoRA scale numerator (scale = alpha / r)")
     lora_dropout: float = arg(0.1, "dropout on the LoRA input")
     # curriculum. tasks: comma list of task[:weight] or "all"; train: parts of encoder,projector,llm,lora
-    stage0_steps: int = arg(250, "language pretraining steps (skipped with --llm)")
+    stage0_steps: int = arg(800, "language pretraining steps, task text and skill texts (skipped with --llm)")
     stage0_lr: float = arg(2e-3, "stage 0 peak learning rate")
-    text_batch: int = arg(0, "stage 0: texts per step, laid end to end in rows of max_seq_len (0: batch_size rows)")
+    text_batch: int = arg(64, "stage 0: texts per step, laid end to end in rows of max_seq_len (0: batch_size rows)")
     stage0_tasks: str = arg("all,skills", "stage 0 text comes from these tasks (skills: synthetic/skills.py's)")
+    skills_from: float = arg(0.0, "share of stage 0's steps on the task text alone, before the skill texts join "
+                                  "(the language first, then the steps: docs/RESULTS.md)")
     stage0_train: str = arg("llm", "stage 0 trainable parts")
     stage1_steps: int = arg(250, "report stage steps")
     stage1_lr: float = arg(1e-3, "stage 1 peak learning rate")
@@ -274,7 +276,7 @@ def check_config(cfg):
                                                  "grad_accum", "eval_batches", "gen_eval_rows", "workers",
                                                  "token_cache", "skill_patients", "text_batch")),
              ("above 0", lambda v: v > 0, ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr", "encoder_warmup_lr")),
-             ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac"))]
+             ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac", "skills_from"))]
     bad = [f"--{k} {getattr(cfg, k)}: {rule}" for rule, ok, names in rules for k in names if not ok(getattr(cfg, k))]
     if cfg.resume and cfg.overwrite:
         bad.append("--resume and --overwrite: choose one (continue the run in out_dir, or replace it)")

@@ -48,7 +48,8 @@ SIZES = {
                 workers=(1, 4), fsdp=["--train_patients", "100", "--test_patients", "8"]),   # steps, not data
     "smoke": dict(run=["--dim", "32", "--n_layers", "1", "--n_heads", "2", "--n_kv_heads", "1", "--vocab_size", "400",
                        "--encoder_dim", "32", "--encoder_layers", "1", "--batch_size", "4", "--train_patients", "12",
-                       "--val_patients", "2", "--test_patients", "8", "--encoder_warmup_steps", "4",
+                       "--skill_patients", "10", "--val_patients", "2", "--test_patients", "8",
+                       "--encoder_warmup_steps", "4",
                        "--stage0_steps", "3", "--stage1_steps", "3", "--stage2_steps", "3", "--stage3_steps", "3",
                        "--test_rows", "2", "--test_rows_per_type", "1", "--max_new_tokens", "8",
                        "--gen_eval_rows", "0", "--log_interval", "1"],
@@ -141,6 +142,7 @@ def fsdp_rows(size, device, out):
     """A few stage-1 steps of the default model plain and sharded by FSDP2 in a process group of one."""
     steps = size["fsdp_steps"]
     flags = ["--device", device.type, *size["run"], *size["fsdp"], "--encoder_warmup_steps", "0", "--stage0_steps", "0",
+             "--skill_patients", "0",
              "--stage1_steps", str(steps), "--stage2_steps", "0", "--stage3_steps", "0", "--log_interval", "1",
              "--eval_batches", "0", "--gen_eval_rows", "0", "--test_rows", "1", "--test_rows_per_type", "1",
              "--max_new_tokens", "4", "--ckpt_interval", "100000"]

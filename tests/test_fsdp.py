@@ -26,7 +26,8 @@ from data import ECGRecord
 ROOT = Path(__file__).resolve().parent.parent
 # the smallest model with every part; stages 0-1 fine-tune whole, stages 2-3 train LoRA on a frozen base
 TINY = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=400, encoder_dim=32, encoder_layers=1,
-            batch_size=4, grad_accum=2, train_patients=10, val_patients=2, test_patients=2, eval_batches=1,
+            batch_size=4, grad_accum=2, train_patients=10, val_patients=2, test_patients=2, skill_patients=0,
+            eval_batches=1,
             gen_eval_rows=0, test_rows=1, max_new_tokens=4, log_interval=1, eval_interval=1000,
             ckpt_interval=1000, stage0_steps=2, stage1_steps=2, stage2_steps=2, stage3_steps=2, seed=7,
             encoder_warmup_steps=0, lora_dropout=0.0, stage1_train="encoder,projector,llm",

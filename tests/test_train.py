@@ -135,6 +135,23 @@ def test_each_stage_lowers_the_loss_and_leaves_frozen_parts_bit_identical(setup)
         assert bool(train.lora_layers(model.llm)) == expect_lora
 
 
+def test_skills_from_gives_stage_0_the_task_text_alone_first(setup):
+    """--skills_from 0.5: stage 0's first half draws no skill text, its second half the stage's whole mix; off, and
+    in the other stages, one mix throughout."""
+    cfg, data, _ = setup
+    ordered = replace(cfg, skills_from=0.5, stage0_steps=4)
+    s0, s1 = train.curriculum(ordered)[:2]
+    split = data["train"]
+    skill = torch.tensor([r["task"] == "skills" for r in split.rows])
+    assert skill.any() and (~skill).any()
+    (start, first), (then_start, then) = train.stage_mix(ordered, split, s0)
+    assert (start, then_start) == (0, 2)
+    assert first[skill.numpy()].sum() == 0 and first[~skill.numpy()].sum() == pytest.approx(1)
+    assert then[skill.numpy()].sum() > 0 and (then == split.weights(s0.tasks)).all()   # then the stage's whole mix
+    assert [start for start, _ in train.stage_mix(cfg, split, train.curriculum(cfg)[0])] == [0]
+    assert [start for start, _ in train.stage_mix(ordered, split, s1)] == [0]
+
+
 def test_stage0_is_text_only_and_stage1_sees_ecgs(setup):
     cfg, data, model = setup
     s0, s1 = train.curriculum(cfg)[:2]
@@ -222,9 +239,9 @@ def after_the_scoring_prompt(model, rows):
 
 def test_a_skill_is_scored_on_exactly_the_text_it_is_trained_on(setup):
     """The scoring prompt (question, answer turn, reading through "Answer:") is the trained text's own beginning, and
-    what follows it there is the final answer and the end of the turn."""
+    what follows it there is the final answer and the end of the turn (a worked check's rows: the next test)."""
     cfg, data, model = setup
-    rows = [r for r in data["val"].rows if r["task"] == "skills"]
+    rows = [r for r in data["val"].rows if r["task"] == "skills" and " Check: " not in r["answer"]]
     assert rows and {r["family"] for r in rows} > {"single-verify", "hr_trend"}
     for r, rest in after_the_scoring_prompt(model, rows):
         assert rest == (r["final"] if "Answer:" in r["answer"] else r["answer"]) + model.format.end, rest
@@ -423,7 +440,7 @@ def test_encoder_warmup_trains_the_encoder_saves_it_and_reuses_the_file(setup, t
 def test_the_question_after_the_reading_reaches_every_split_and_the_skill_texts(tmp_path):
     """--question_after_reading: each synthetic answer that writes a reading repeats its question after it, in every
     split (the test split's reference too), and stage 0's skill texts leave the question out of the user turn."""
-    cfg = tiny(tmp_path, question_after_reading=True)
+    cfg = tiny(tmp_path, question_after_reading=True, worked_checks=False)   # with the checks: the next test
     data = train.load_data(cfg, lambda record: None)
     for split in ("train", "test"):
         rows = [r for r in data[split].rows if r.get("reading") and r["task"] != "skills"]
