@@ -199,9 +199,13 @@ def ecgqa_single_row(path, t, rng):
     kind = str(rng.choice(["verify", "choose", "query"]))
     # QT as the report states it: Bazett's QTc of the measured rate can cross 470 ms where the patient's does not
     long_qt = "Prolonged QT interval" in have
+    check = None
     if kind == "verify":
         s = str(rng.choice(sorted(have))) if have and rng.random() < 0.5 else str(rng.choice(askable([t])))
         q, a, tid = f"Does this ECG show {s.lower()}?", "yes" if s in have else "no", 1
+        # the lookup written as the set comparisons' checks write theirs: it shares what they teach (0.90 against
+        # 0.52 as text after 1,500 steps among all families: docs/RESULTS.md, "The lookup written out")
+        check = f"{CHECKED} {s.lower()} {'in' if s in have else 'not in'} the reading."
     elif kind == "choose":
         options = [("Is the QRS complex of this ECG narrow or wide?", "wide" if t.qrs_ms >= WIDE_QRS_MS else "narrow",
                     20),
@@ -227,8 +231,9 @@ def ecgqa_single_row(path, t, rng):
             options.append(("Which abnormal findings does this ECG show?",
                             listing([s for s in findings_of(t) if s not in RHYTHMS]), 33))
         q, a, tid = options[rng.integers(len(options))]
-    return {"question": q + BRIEF, "answer": a, "reading": reading_of([t]), "ecg_path": [path], "task": "ecgqa",
-            "question_type": f"single-{kind}", "template_id": int(tid)}
+    row = {"question": q + BRIEF, "answer": a, "reading": reading_of([t]), "ecg_path": [path], "task": "ecgqa",
+           "question_type": f"single-{kind}", "template_id": int(tid)}
+    return row | ({"check": check} if check else {})
 
 
 def ecgqa_comparison_row(paths, truths, rng, consecutive):

@@ -490,7 +490,7 @@ def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_ans
         assert f[task]["faithful"] == f[task]["right"] == pytest.approx(1 - wrong[task] / n[task])
 
 
-WORKED_FAMILIES = {"comparison-query", "new_findings", "resolved_findings", "rhythm_change"}
+WORKED_FAMILIES = {"single-verify", "comparison-query", "new_findings", "resolved_findings", "rhythm_change"}
 
 
 def _answer_from_check(question, check):
@@ -498,14 +498,17 @@ def _answer_from_check(question, check):
     tags = check.removeprefix("Check: ").removesuffix(".").split("; ")
     if "rhythm change" in question:
         return "yes" if len({t.split(" ", 1)[1] for t in tags}) > 1 else "no"
+    if question.startswith("Does this ECG show"):   # one lookup: 'x in the reading' or 'x not in the reading'
+        return "no" if tags[0].endswith(" not in the reading") else "yes"
     wanted = " not in ECG" if "absent" in question or "not in" in question or "no longer" in question else " in ECG"
     kept = [t.split(wanted)[0] for t in tags if wanted in t and not (wanted == " in ECG" and " not in ECG" in t)]
     return ", ".join(kept) or "none"
 
 
 def test_a_worked_check_alone_gives_the_answer():
-    """Every check of a set comparison (both ways and shared, new and resolved findings) and of a rhythm change
-    gathers to the row's answer; each kind occurs, with lead sets that cannot be compared among them."""
+    """Every check of a set comparison (both ways and shared, new and resolved findings), of a rhythm change and of a
+    single ECG's yes/no lookup gathers to the row's answer; each kind occurs, with lead sets that cannot be compared
+    among them."""
     from synthetic.skills import skill_rows
     rows = [r for r in skill_rows(60, seed=4, worked=True) if r["family"] in WORKED_FAMILIES]
     assert {r["family"] for r in rows} == WORKED_FAMILIES
