@@ -242,7 +242,7 @@ def test_a_skill_is_scored_on_exactly_the_text_it_is_trained_on(setup):
     what follows it there is the final answer and the end of the turn (a worked check's rows: the next test)."""
     cfg, data, model = setup
     rows = [r for r in data["val"].rows if r["task"] == "skills" and " Check: " not in r["answer"]]
-    assert rows and {r["family"] for r in rows} > {"single-verify", "hr_trend"}
+    assert rows and {r["family"] for r in rows} > {"single-choose", "hr_trend"}
     for r, rest in after_the_scoring_prompt(model, rows):
         assert rest == (r["final"] if "Answer:" in r["answer"] else r["answer"]) + model.format.end, rest
 
