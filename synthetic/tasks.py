@@ -185,6 +185,14 @@ def membership_check(source, other, k_other, pool):
     return f"{CHECKED} {'; '.join(tags) or 'none'}."
 
 
+def lookups(finding, lists):
+    """One finding looked up in each ECG's findings, in the tags membership_check writes, so the steps that ask about
+    one finding share what the set comparisons teach. -> 'Check: atrial flutter in ECG1; atrial flutter not in
+    ECG2.' (tagging each ECG "ECG1 yes; ECG2 no" measured worse than answering: docs/RESULTS.md)"""
+    tags = [f"{finding.lower()} {'in' if finding in f else 'not in'} ECG{k + 1}" for k, f in enumerate(lists)]
+    return f"{CHECKED} {'; '.join(tags)}."
+
+
 def worked_check(row):
     """The row answered with its check (a set comparison or rhythm change worked step by step) after the reading (and
     after the repeated question, which the check depends on). Rows without one are returned as they are."""
@@ -244,7 +252,7 @@ def ecgqa_comparison_row(paths, truths, rng, consecutive):
     if kind == "verify":
         s = str(rng.choice(sorted(set(first) | set(second)) if rng.random() < 0.6 else sorted(pool)))
         q, a = f"Do both ECGs show {s.lower()}?", "yes" if s in first and s in second else "no"
-        check = None   # tagging each ECG ("ECG1 yes; ECG2 no") measured worse than answering (docs/RESULTS.md)
+        check = lookups(s, [first, second])
     else:
         j = int(rng.integers(3))
         q, a = [("Which findings are present in the first ECG but absent in the second ECG?",
@@ -266,8 +274,7 @@ def multi_row(paths, truths, days, rng):
     span = f"These {len(truths)} ECGs of one patient were recorded over {days[-1] - days[0]} days. "
     kind = str(rng.choice(["per_ecg_report", "new_findings", "resolved_findings", "first_appearance",
                            "hr_trend", "rhythm_change"]))
-    check = None   # the worked step of a set comparison or rhythm change (worked_check); a first appearance worked
-    # ECG by ECG ("ECG1 no; ECG2 yes") measured worse than answering it (docs/RESULTS.md)
+    check = None   # the worked step (worked_check)
     if kind == "per_ecg_report":
         q = "What are the key findings in each ECG report?"
         a = " ".join(f"ECG{k + 1}: {', '.join(t.statements)}." for k, t in enumerate(truths))
@@ -284,6 +291,7 @@ def multi_row(paths, truths, days, rng):
         s = str(rng.choice(present if present and rng.random() < 0.7 else sorted(pool)))
         first = next((k for k, f in enumerate(seen) if s in f), None)
         q, a = f"In which ECG does {s.lower()} first appear?", f"ECG{first + 1}" if first is not None else "none"
+        check = lookups(s, seen[:len(seen) if first is None else first + 1])   # up to the first that shows it
     elif kind == "hr_trend":
         d = round(truths[-1].hr_bpm) - round(truths[0].hr_bpm)   # the rates as a reading writes them
         q, a = "How does the heart rate change from the first to the last ECG?", (

@@ -490,7 +490,8 @@ def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_ans
         assert f[task]["faithful"] == f[task]["right"] == pytest.approx(1 - wrong[task] / n[task])
 
 
-WORKED_FAMILIES = {"single-verify", "comparison-query", "new_findings", "resolved_findings", "rhythm_change"}
+WORKED_FAMILIES = {"single-verify", "comparison-verify", "comparison-query", "new_findings", "resolved_findings",
+                   "first_appearance", "rhythm_change"}
 
 
 def _answer_from_check(question, check):
@@ -500,15 +501,20 @@ def _answer_from_check(question, check):
         return "yes" if len({t.split(" ", 1)[1] for t in tags}) > 1 else "no"
     if question.startswith("Does this ECG show"):   # one lookup: 'x in the reading' or 'x not in the reading'
         return "no" if tags[0].endswith(" not in the reading") else "yes"
+    found = [t.rsplit(" ", 1)[1] for t in tags if " not in ECG" not in t]   # one finding looked up ECG by ECG
+    if question.startswith("Do both ECGs show"):
+        return "yes" if len(found) == len(tags) else "no"
+    if "first appear" in question:
+        return found[0] if found else "none"
     wanted = " not in ECG" if "absent" in question or "not in" in question or "no longer" in question else " in ECG"
     kept = [t.split(wanted)[0] for t in tags if wanted in t and not (wanted == " in ECG" and " not in ECG" in t)]
     return ", ".join(kept) or "none"
 
 
 def test_a_worked_check_alone_gives_the_answer():
-    """Every check of a set comparison (both ways and shared, new and resolved findings), of a rhythm change and of a
-    single ECG's yes/no lookup gathers to the row's answer; each kind occurs, with lead sets that cannot be compared
-    among them."""
+    """Every check of a set comparison (both ways and shared, new and resolved findings), of a rhythm change and of one
+    finding looked up (in one ECG, in both, until its first appearance) gathers to the row's answer; each kind
+    occurs, with lead sets that cannot be compared among them."""
     from synthetic.skills import skill_rows
     rows = [r for r in skill_rows(60, seed=4, worked=True) if r["family"] in WORKED_FAMILIES]
     assert {r["family"] for r in rows} == WORKED_FAMILIES
