@@ -48,9 +48,9 @@ class Config:
     read_first: bool = arg(True, "synthetic ECG-QA and multi-ECG answers write the ECGs' reading first")
     question_after_reading: bool = arg(False, "with read_first: the answer repeats the question after the reading "
                                               "(and stage 0's skill texts leave it out of the user turn)")
-    worked_checks: bool = arg(True, "with read_first: a set comparison (two ECGs', new or resolved findings) or "
-                                     "rhythm change is worked one finding or ECG at a time before the answer ('Check: "
-                                     "...')")
+    worked_checks: bool = arg(True, "with read_first: the lookups an answer needs are written before it ('Check: "
+                                    "af not in ECG1; ...'): a set comparison one finding at a time, a rhythm change "
+                                    "one ECG at a time, a question about one finding in each ECG it asks about")
     # model
     llm: str = arg("", "Hugging Face LLM folder (Llama, Mistral, Qwen); empty: a tiny LLM from scratch (+ stage 0)")
     label_ecgs: bool = arg(True, "name each ECG of a multi-ECG prompt (ECG1:, ECG2:, ...) as questions and answers do")

@@ -17,8 +17,10 @@ the final answer stays the dataset's own ("yes").
 Families are the question types of synthetic/tasks.py's builders (verify, choose, query; two ECGs compared;
 serial ECGs: new and resolved findings, first appearance, heart-rate trend, rhythm change, each ECG's report),
 so the texts are the builders' own rows with the reading added, never a second copy of their rules. With
---worked_checks a set comparison's lookups stand between the reading and the answer ("Check: ...",
-tasks.worked_check); a family is then scored on the check and answer the model writes, never on a check it is given.
+--worked_checks (the default) the lookups an answer needs stand between the reading and the answer ("Check: atrial
+flutter not in the reading.", tasks.worked_check): a set comparison's one finding at a time, a question about one
+finding's in each ECG it names, all in one form, so that the families share the lookup they teach; a family is then
+scored on the check and answer the model writes, never on a check it is given.
 """
 from collections import defaultdict
 
@@ -60,8 +62,7 @@ def skill_rows(n_patients, seed=0, questions=8, after_reading=False, worked=Fals
     "family", "skill_of" (the task it comes from), "question_type", "n_ecgs"} from `n_patients` simulated people:
     each gets 1-6 visits and `questions` questions about one visit, a pair of visits or the series.
     after_reading: the answer repeats the question after the reading (tasks.question_after_reading) and the user
-    turn is BLIND_QUESTION. worked: set comparisons and rhythm changes are worked before the answer
-    (tasks.worked_check)."""
+    turn is BLIND_QUESTION. worked: the answer's lookups are written before it (tasks.worked_check)."""
     rows = []
     for i in range(n_patients):
         rng = np.random.default_rng([7, seed, i])

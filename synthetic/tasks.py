@@ -185,11 +185,13 @@ def membership_check(source, other, k_other, pool):
     return f"{CHECKED} {'; '.join(tags) or 'none'}."
 
 
-def lookups(finding, lists):
-    """One finding looked up in each ECG's findings, in the tags membership_check writes, so the steps that ask about
-    one finding share what the set comparisons teach. -> 'Check: atrial flutter in ECG1; atrial flutter not in
-    ECG2.' (tagging each ECG "ECG1 yes; ECG2 no" measured worse than answering: docs/RESULTS.md)"""
-    tags = [f"{finding.lower()} {'in' if finding in f else 'not in'} ECG{k + 1}" for k, f in enumerate(lists)]
+def lookups(finding, lists, names=None):
+    """One finding looked up in each ECG's findings (named ECG1, ECG2, ... or `names`), in the tags membership_check
+    writes, so the steps that ask about one finding share what the set comparisons teach. -> 'Check: atrial flutter
+    in ECG1; atrial flutter not in ECG2.' (tagging each ECG "ECG1 yes; ECG2 no" measured worse than answering, and
+    a yes/no question answered at once stays at chance: docs/RESULTS.md, "The lookup written out")"""
+    names = names or [f"ECG{k + 1}" for k in range(len(lists))]
+    tags = [f"{finding.lower()} {'in' if finding in f else 'not in'} {name}" for f, name in zip(lists, names)]
     return f"{CHECKED} {'; '.join(tags)}."
 
 
@@ -211,9 +213,7 @@ def ecgqa_single_row(path, t, rng):
     if kind == "verify":
         s = str(rng.choice(sorted(have))) if have and rng.random() < 0.5 else str(rng.choice(askable([t])))
         q, a, tid = f"Does this ECG show {s.lower()}?", "yes" if s in have else "no", 1
-        # the lookup written as the set comparisons' checks write theirs: it shares what they teach (0.90 against
-        # 0.52 as text after 1,500 steps among all families: docs/RESULTS.md, "The lookup written out")
-        check = f"{CHECKED} {s.lower()} {'in' if s in have else 'not in'} the reading."
+        check = lookups(s, [have], ["the reading"])
     elif kind == "choose":
         options = [("Is the QRS complex of this ECG narrow or wide?", "wide" if t.qrs_ms >= WIDE_QRS_MS else "narrow",
                     20),
