@@ -83,7 +83,7 @@ class Config:
     text_batch: int = arg(64, "stage 0: texts per step, laid end to end in rows of max_seq_len (0: batch_size rows)")
     stage0_tasks: str = arg("all,skills", "stage 0 text comes from these tasks (skills: synthetic/skills.py's)")
     skills_from: float = arg(0.0, "share of stage 0's steps on the task text alone, before the skill texts join "
-                                  "(the language first, then the steps: docs/RESULTS.md)")
+                                  "(measured no better: docs/RESULTS.md)")
     stage0_train: str = arg("llm", "stage 0 trainable parts")
     stage1_steps: int = arg(250, "report stage steps")
     stage1_lr: float = arg(1e-3, "stage 1 peak learning rate")

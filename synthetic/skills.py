@@ -18,9 +18,9 @@ Families are the question types of synthetic/tasks.py's builders (verify, choose
 serial ECGs: new and resolved findings, first appearance, heart-rate trend, rhythm change, each ECG's report),
 so the texts are the builders' own rows with the reading added, never a second copy of their rules. With
 --worked_checks (the default) the lookups an answer needs stand between the reading and the answer ("Check: atrial
-flutter not in the reading.", tasks.worked_check): a set comparison's one finding at a time, a question about one
-finding's in each ECG it names, all in one form, so that the families share the lookup they teach; a family is then
-scored on the check and answer the model writes, never on a check it is given.
+flutter not in the reading.", tasks.worked_check): a set comparison worked one finding at a time, an asked finding
+looked up in each ECG the question names, all in one form, so that the families share the lookup they teach; a
+family is then scored on the check and answer the model writes, never on a check it is given.
 """
 from collections import defaultdict
 

@@ -196,7 +196,7 @@ def lookups(finding, lists, names=None):
 
 
 def worked_check(row):
-    """The row answered with its check (a set comparison or rhythm change worked step by step) after the reading (and
+    """The row answered with its check (the lookups its answer needs, written one by one) after the reading (and
     after the repeated question, which the check depends on). Rows without one are returned as they are."""
     if not row.get("check") or not row.get("reading"):
         return row
