@@ -82,8 +82,6 @@ class Config:
     stage0_lr: float = arg(2e-3, "stage 0 peak learning rate")
     text_batch: int = arg(64, "stage 0: texts per step, laid end to end in rows of max_seq_len (0: batch_size rows)")
     stage0_tasks: str = arg("all,skills", "stage 0 text comes from these tasks (skills: synthetic/skills.py's)")
-    skills_from: float = arg(0.0, "share of stage 0's steps on the task text alone, before the skill texts join "
-                                  "(measured no better: docs/RESULTS.md)")
     stage0_train: str = arg("llm", "stage 0 trainable parts")
     stage1_steps: int = arg(250, "report stage steps")
     stage1_lr: float = arg(1e-3, "stage 1 peak learning rate")
@@ -276,7 +274,7 @@ def check_config(cfg):
                                                  "grad_accum", "eval_batches", "gen_eval_rows", "workers",
                                                  "token_cache", "skill_patients", "text_batch")),
              ("above 0", lambda v: v > 0, ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr", "encoder_warmup_lr")),
-             ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac", "skills_from"))]
+             ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac"))]
     bad = [f"--{k} {getattr(cfg, k)}: {rule}" for rule, ok, names in rules for k in names if not ok(getattr(cfg, k))]
     if cfg.resume and cfg.overwrite:
         bad.append("--resume and --overwrite: choose one (continue the run in out_dir, or replace it)")

@@ -386,18 +386,6 @@ def checkpoint_activations(llm):
         block.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(block.forward)
 
 
-def stage_mix(cfg, split, stage):
-    """The sampling probabilities of a stage's rows -> [(first step, probs)]. Stage 0 with --skills_from: the task
-    text alone first, then the skill texts join (as text one family learns several times sooner after the language;
-    in the run's 800 steps of eleven families the order measured no better: docs/RESULTS.md)."""
-    probs = split.weights(stage.tasks)
-    if stage.index == 0 and cfg.skills_from and "skills" in stage.tasks:
-        text = split.weights({t: w for t, w in stage.tasks.items() if t != "skills"}, required=False)
-        if text is not None:
-            return [(0, text), (int(cfg.skills_from * stage.steps), probs)]
-    return [(0, probs)]
-
-
 # --------------------------------------------------------------------------- the training loop
 def run_stage(cfg, env, model, data, stage, progress):
     """The steps of one stage, from progress.step on. -> True when --stop_after ends the run here."""
@@ -407,7 +395,7 @@ def run_stage(cfg, env, model, data, stage, progress):
         progress.step, progress.global_step = meta["step"], meta["global_step"]
     # DDP: a whole copy per process, gradients averaged in backward (FSDP: sharded before the stages)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if env.distributed and not env.fsdp else model
-    split, mix = data["train"], stage_mix(cfg, data["train"], stage)
+    split, probs = data["train"], data["train"].weights(stage.tasks)
     shares = env.rank == 0 or env.fsdp       # writes checkpoints and validates (FSDP: every process, in step)
     bar = tqdm(total=stage.steps, initial=progress.step, desc=f"stage {stage.index} {stage.name}",
                disable=env.rank > 0 or not sys.stderr.isatty())   # a log file gets plain lines, not \r frames
@@ -417,7 +405,6 @@ def run_stage(cfg, env, model, data, stage, progress):
             step, lr = progress.step, lr_at(progress.step, stage, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            probs = [p for start, p in mix if step >= start][-1]
             loss = forward_backward(cfg, env, model, train_model, split, probs, stage, step, meter)
             norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                   cfg.grad_clip or float("inf"))

@@ -174,24 +174,30 @@ def grounded_row(path, truth, rng):
 CHECKED = "Check:"   # with train.py --worked_checks: 'Reading: R. Check: ... Answer: a'
 
 
+def lookup(finding, found, name):
+    """One lookup as every check writes it: 'atrial flutter not in ECG1'."""
+    return f"{finding.lower()} {'in' if found else 'not in'} {name}"
+
+
 def membership_check(source, other, k_other, pool):
     """A set comparison worked one finding at a time: each of `source`'s findings, in its reading's order, tagged
     with whether ECG`k_other` (findings `other`) shows it; a finding the lead sets cannot compare says so. The answer
     then only gathers the tags; walked this way the comparisons are learned faster than answered at once
     (docs/RESULTS.md, "Working the comparison").
     -> 'Check: atrial fibrillation not in ECG1; left bundle branch block in ECG1.'"""
-    tags = [f"{s.lower()} {'not comparable' if s not in pool else 'in' if s in other else 'not in'}"
-            + ("" if s not in pool else f" ECG{k_other}") for s in findings_of(source)]
+    tags = [lookup(s, s in other, f"ECG{k_other}") if s in pool else f"{s.lower()} not comparable"
+            for s in findings_of(source)]
     return f"{CHECKED} {'; '.join(tags) or 'none'}."
 
 
 def lookups(finding, lists, names=None):
-    """One finding looked up in each ECG's findings (named ECG1, ECG2, ... or `names`), in the tags membership_check
-    writes, so the steps that ask about one finding share what the set comparisons teach. -> 'Check: atrial flutter
-    in ECG1; atrial flutter not in ECG2.' (tagging each ECG "ECG1 yes; ECG2 no" measured worse than answering, and
-    a yes/no question answered at once stays at chance: docs/RESULTS.md, "The lookup written out")"""
+    """One finding looked up in each ECG's findings (named ECG1, ECG2, ... or `names`), in the tags a set
+    comparison's check writes, so the steps that ask about one finding share what the set comparisons teach.
+    -> 'Check: atrial flutter in ECG1; atrial flutter not in ECG2.' (tagging each ECG "ECG1 yes; ECG2 no" measured
+    worse than answering, and a yes/no question answered at once stays at chance: docs/RESULTS.md, "The lookup
+    written out")"""
     names = names or [f"ECG{k + 1}" for k in range(len(lists))]
-    tags = [f"{finding.lower()} {'in' if finding in f else 'not in'} {name}" for f, name in zip(lists, names)]
+    tags = [lookup(finding, finding in f, name) for f, name in zip(lists, names)]
     return f"{CHECKED} {'; '.join(tags)}."
 
 

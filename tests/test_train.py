@@ -135,23 +135,6 @@ def test_each_stage_lowers_the_loss_and_leaves_frozen_parts_bit_identical(setup)
         assert bool(train.lora_layers(model.llm)) == expect_lora
 
 
-def test_skills_from_gives_stage_0_the_task_text_alone_first(setup):
-    """--skills_from 0.5: stage 0's first half draws no skill text, its second half the stage's whole mix; off, and
-    in the other stages, one mix throughout."""
-    cfg, data, _ = setup
-    ordered = replace(cfg, skills_from=0.5, stage0_steps=4)
-    s0, s1 = train.curriculum(ordered)[:2]
-    split = data["train"]
-    skill = torch.tensor([r["task"] == "skills" for r in split.rows])
-    assert skill.any() and (~skill).any()
-    (start, first), (then_start, then) = train.stage_mix(ordered, split, s0)
-    assert (start, then_start) == (0, 2)
-    assert first[skill.numpy()].sum() == 0 and first[~skill.numpy()].sum() == pytest.approx(1)
-    assert then[skill.numpy()].sum() > 0 and (then == split.weights(s0.tasks)).all()   # then the stage's whole mix
-    assert [start for start, _ in train.stage_mix(cfg, split, train.curriculum(cfg)[0])] == [0]
-    assert [start for start, _ in train.stage_mix(ordered, split, s1)] == [0]
-
-
 def test_stage0_is_text_only_and_stage1_sees_ecgs(setup):
     cfg, data, model = setup
     s0, s1 = train.curriculum(cfg)[:2]
