@@ -145,8 +145,12 @@ def turns_of(row, answered=True):
     def exchanges(pairs):
         return [turn for q, a in pairs for turn in (("user", q), ("assistant", a))]
     turns = exchanges(row.get("history", [])) + [("user", row["question"])]
-    answer = f"{row['reading']} {ANSWER} {row['answer']}" if row.get("reading") else row["answer"]
-    return turns + [("assistant", answer)] + exchanges(row.get("followups", [])) if answered else turns
+    return turns + [("assistant", answer_text(row))] + exchanges(row.get("followups", [])) if answered else turns
+
+
+def answer_text(row):
+    """The assistant's text answering a row: its "reading" (when it has one), then 'Answer: ' and its answer."""
+    return f"{row['reading']} {ANSWER} {row['answer']}" if row.get("reading") else row["answer"]
 
 
 def split_inputs(inputs):

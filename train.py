@@ -73,7 +73,7 @@ from model import (LLM, LLMConfig, Tokenizer, add_lora, checkpoint_files, choose
                    train_tokenizer)
 from parallel import fsdp
 from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
-from synthetic.tasks import TEST_SEED, add_image_rows, build_synthetic_dataset, question_after_reading, worked_check
+from synthetic.tasks import TEST_SEED, add_image_rows, build_synthetic_dataset
 from synthetic.warmup import WarmupConfig, warm_up
 
 
@@ -163,16 +163,11 @@ def load_data(cfg, log, make_ahead=0):
         return load_real_data(cfg, log)
     out = {}
     for split, n in [("train", cfg.train_patients), ("val", cfg.val_patients), ("test", cfg.test_patients)]:
-        ds = build_synthetic_dataset(n, seed=cfg.seed, split=split)
+        # the answers' form: 'Reading: R. [Question: Q] [Check: af not in ECG1; ...] Answer: a'
+        ds = build_synthetic_dataset(n, seed=cfg.seed, split=split, read_first=cfg.read_first,
+                                     after_reading=cfg.question_after_reading, worked=cfg.worked_checks)
         if cfg.images:  # printouts drawn at exactly the image encoder's input width
             add_image_rows(ds, image_config(cfg).width / WIDTH_MM)
-        if not cfg.read_first:   # answers without the reading written first
-            for row in ds.rows:
-                row.pop("reading", None)
-        if cfg.question_after_reading:   # 'Reading: R. Question: Q Answer: a'
-            ds.rows = [question_after_reading(row) for row in ds.rows]
-        if cfg.worked_checks:   # '... Check: af not in ECG1; ... Answer: a'
-            ds.rows = [worked_check(row) for row in ds.rows]
         out[split] = Split(ds.rows, ds.inputs)
         made = ds.make_ahead(make_ahead) if make_ahead > 1 and split == "train" else 0
         log({"event": "data", "split": split, "patients": n, "rows": len(ds.rows), "records_made_ahead": made})

@@ -27,7 +27,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from chat import ANSWER, turns_of
+from chat import ANSWER, answer_text
 from eval import one_part_per_ecg, row_score
 from synthetic.generator import make_patient, patient_history, synth_ecg
 from synthetic.tasks import (CHECKED, LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, multi_row,
@@ -82,7 +82,7 @@ def skill_rows(n_patients, seed=0, questions=8, after_reading=False, worked=Fals
                 row = question_after_reading(row) | {"question": BLIND_QUESTION}
             if worked:
                 row = worked_check(row)
-            rows.append({"question": row["question"], "asked": asked, "answer": turns_of(row)[-1][1],
+            rows.append({"question": row["question"], "asked": asked, "answer": answer_text(row),
                          "final": row["answer"],
                          "task": "skills", "family": family(row), "skill_of": row["task"],
                          "question_type": row["question_type"], "n_ecgs": len(row["ecg_path"])})

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from chat import answer_text
 from data import (BEAT_NAMES, LOCATION_TASKS, STANDARD_LEADS, STATEMENTS, TASKS, cut_ecg, localization_answer,
                   prepare_ecg, row_paths)
 from images.paper import render_ecg
@@ -393,8 +394,18 @@ def _prepare_record(job):
         return prepare_ecg(rec, fs, name=path)
 
 
+def in_answer_form(row, read_first=True, after_reading=False, worked=False):
+    """A row answered as train.py's flags say: without its reading (read_first False), with the question repeated
+    after the reading (after_reading), with its lookups written before the answer (worked). Unchanged by default."""
+    if not read_first:
+        return {k: v for k, v in row.items() if k != "reading"}
+    row = question_after_reading(row) if after_reading else row
+    return worked_check(row) if worked else row
+
+
 def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, max_visits=4,
-                            long_share=0.1, max_long_s=60.0, fs=100):
+                            long_share=0.1, max_long_s=60.0, fs=100, read_first=True, after_reading=False,
+                            worked=False):
     """The one call train.py needs: `n_patients` simulated people -> SyntheticDataset.
 
     Per patient: 1 visit (half of them) or 2..max_visits visits over time (max 6); each visit a 10 s record in a
@@ -402,7 +413,9 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
     follow-up of the report or the grounded chat in FOLLOWUP_SHARE of them: rows' "followups"), and (mostly for
     patients with ectopy or a block) a 10 s localization clip. Some patients add a long clip (20 s .. max_long_s);
     patients with several visits add multi-ECG and comparison questions. split: "train", "val" or "test"; the test
-    split always uses TEST_SEED, so it is fixed across runs, and the splits draw their patients from disjoint seeds."""
+    split always uses TEST_SEED, so it is fixed across runs, and the splits draw their patients from disjoint seeds.
+    read_first, after_reading, worked: the answers' form (in_answer_form), the follow-ups' answers in it too: a
+    follow-up answered without its reading and check taught the model to skip them when asked second (issue 29)."""
     if split not in SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
     tasks = set(tasks or TASKS)
@@ -422,8 +435,8 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
             visit_rows = [report_row(path, truth, rng), grounded_row(path, truth, rng)]
             visit_rows += [ecgqa_single_row(path, truth, rng) for _ in range(int(rng.integers(1, 3)))]
             if rng.random() < FOLLOWUP_SHARE:   # a second question about the same ECG, in the same chat
-                then = ecgqa_single_row(path, truth, rng)
-                visit_rows[int(rng.integers(2))]["followups"] = [[then["question"], then["answer"]]]
+                then = in_answer_form(ecgqa_single_row(path, truth, rng), read_first, after_reading, worked)
+                visit_rows[int(rng.integers(2))]["followups"] = [[then["question"], answer_text(then)]]
             rows += [r for r in visit_rows if r["task"] in tasks]
             # clips mostly from people with ectopic beats; blocks (whole-clip answers) and beat-free records (the
             # "No ... Found" answers) less often
@@ -443,8 +456,7 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
             rows.append(ecgqa_comparison_row([previous[0], visit_paths[0]], [previous[1], visit_truths[0]], rng,
                                              consecutive=False))
         previous = (visit_paths[0], visit_truths[0])
-    for row in rows:
-        row["dataset"] = "synthetic"
+    rows = [in_answer_form(row, read_first, after_reading, worked) | {"dataset": "synthetic"} for row in rows]
     return SyntheticDataset(rows, specs, fs)
 
 

@@ -524,6 +524,29 @@ def test_a_worked_check_alone_gives_the_answer():
         assert _answer_from_check(r["asked"], "Check: " + check) == r["final"], r
 
 
+@pytest.mark.parametrize("read_first,after_reading,worked", [(True, False, True), (True, True, False),
+                                                             (False, False, True)])
+def test_a_followup_is_answered_in_the_form_of_the_rows(read_first, after_reading, worked):
+    """A question asked second in a chat is answered as its rows are (reading, repeated question, check, answer):
+    answered directly, the follow-ups taught the model to skip the reading when asked second (issue 29). Its
+    check, where it has one, gathers to its answer."""
+    rows = build_synthetic_dataset(40, seed=3, read_first=read_first, after_reading=after_reading,
+                                   worked=worked).rows
+    first = [r for r in rows if r["task"] == "ecgqa" and len(r["ecg_path"]) == 1]
+    follow = [pair for r in rows for pair in r.get("followups", [])]
+    assert len(follow) > 5 and all(r.get("reading", "").startswith("Reading:") == read_first for r in first)
+    verified = 0
+    for question, answer in follow:
+        assert answer.startswith("Reading: ") == read_first, answer
+        assert (" Question: " in answer) == after_reading, answer
+        assert (" Check: " in answer) == (worked and read_first and question.startswith("Does this ECG show")), answer
+        if " Check: " in answer:
+            check = "Check: " + answer.split(" Check: ")[1].split(" Answer: ")[0]
+            assert _answer_from_check(question, check) == answer.rsplit("Answer: ", 1)[1]
+            verified += 1
+    assert verified > 0 or not (worked and read_first)   # checks are written after a reading only
+
+
 def test_dataset_written_to_disk_reads_back(tmp_path):
     ds = build_synthetic_dataset(4, seed=5, tasks=["report", "location"])
     json_path = write_dataset(ds, tmp_path, "train")
