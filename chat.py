@@ -124,21 +124,13 @@ def encode_chat(tokenizer, turns, blocks="", add_generation_prompt=False, fmt=FO
     return ids, labels
 
 
-def ecg_blocks(counts, fmt=FORMATS["nanoecg"], named=False, mark_s=0.0, tokens_per_s=2.0):
+def ecg_blocks(counts, fmt=FORMATS["nanoecg"], named=False):
     """The placeholder blocks of ECGs of `counts` tokens each: '<ecg><ecg_token> x n</ecg>', in order. named: 'ECG1:',
     'ECG2:' ... before each block when there are several, as questions and answers name them: without a name nothing
-    tells the model which block a question means (their time codes all start at 0). mark_s: a time mark every mark_s
-    seconds of tokens ('<ecg>0s<ecg_token><ecg_token>1s<ecg_token>...'; tokens_per_s: the encoder's rate), text that
-    a span's times can be copied from instead of read out of a token's position (0: none, anyECG's blocks)."""
+    tells the model which block a question means (their time codes all start at 0)."""
     start, end, token = fmt.marks[:3]
     named = named and len(counts) > 1
-    every = max(1, round(mark_s * tokens_per_s))
-
-    def body(n):
-        if not mark_s:
-            return token * n
-        return "".join(f"{i / tokens_per_s:g}s" + token * min(every, n - i) for i in range(0, n, every))
-    return "".join((f"ECG{k + 1}:" if named else "") + start + body(int(n)) + end for k, n in enumerate(counts))
+    return "".join((f"ECG{k + 1}:" if named else "") + start + token * int(n) + end for k, n in enumerate(counts))
 
 
 ANSWER = "Answer:"   # ends a row's "reading": the dataset's own answer follows it (eval.final_answer)
@@ -174,7 +166,7 @@ class ECGChat(nn.Module):
     projects its own tokens (anyecg/) comes with nn.Identity()."""
 
     def __init__(self, llm, encoder, tokenizer, max_seq_len=None, chat_format="auto", label_ecgs=False,
-                 projector=None, time_marks=0.0):
+                 projector=None):
         super().__init__()
         self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
         w = llm.embed_tokens.weight
@@ -183,7 +175,6 @@ class ECGChat(nn.Module):
         check_widths(encoder, self.projector, llm)   # before the tokenizer and the LLM grow rows
         self.format = choose_format(tokenizer, chat_format)   # adds the tokens the vocabulary lacks
         self.label_ecgs = label_ecgs                           # "ECG1:" before each block of a multi-ECG prompt
-        self.time_marks = time_marks                           # "3s" every time_marks seconds of a block (ecg_blocks)
         if tokenizer.vocab_size > llm.config.vocab_size:
             llm.resize_vocab(tokenizer.vocab_size)  # room for the added special tokens
         self.ecg_token_id = tokenizer.added[self.format.marks[2]]
@@ -219,8 +210,7 @@ class ECGChat(nn.Module):
         if short:
             raise ValueError(f"an ECG of {short[0]} samples is shorter than one encoder patch "
                              f"({self.encoder.cfg.patch_size} samples)")
-        return ecg_blocks([self.encoder.num_tokens(e.signal.shape[1]) for e in ecgs], self.format, self.label_ecgs,
-                          self.time_marks, getattr(self.encoder.cfg, "tokens_per_second", 0) if self.time_marks else 0)
+        return ecg_blocks([self.encoder.num_tokens(e.signal.shape[1]) for e in ecgs], self.format, self.label_ecgs)
 
     def check_fits(self, ecg_samples, n_text_tokens=0):
         """The ECG tokens of ECGs of these lengths (samples), or a clear error if they and n_text_tokens do not fit
@@ -275,17 +265,14 @@ class ECGChat(nn.Module):
         for sample in inputs:
             self.check_inputs(sample)
         ecgs = [split_inputs(sample)[0] for sample in inputs]
-        return self.splice(x, input_ids, ecgs, self.encode_ecgs, "ECG", self.format.marks[0], self.format.marks[2])
+        return self.splice(x, input_ids == self.ecg_token_id, ecgs, self.encode_ecgs, "ECG", self.format.marks[2])
 
-    def splice(self, x, input_ids, inputs, encode, kind, start, placeholder):
-        """Overwrite the `placeholder` slots of x (B, T, C) with the encoded inputs (per prompt a list, each input's
-        block opened by a `start` mark), prompt by prompt."""
-        slots = input_ids == self.tokenizer.added[placeholder]                      # (B, T)
+    def splice(self, x, slots, inputs, encode, kind, placeholder):
+        """Overwrite the `slots` (B, T) of x with the encoded inputs (per prompt a list), prompt by prompt."""
         tokens = encode([e for sample in inputs for e in sample])                   # [(n_i, C)]
         counts = iter(len(t) for t in tokens)
         for b, sample in enumerate(inputs):
-            blocks = _block_counts(input_ids[b].tolist(), self.tokenizer.added[start], self.tokenizer.added[placeholder])
-            want = [next(counts) for _ in sample]
+            blocks, want = _run_lengths(slots[b].tolist()), [next(counts) for _ in sample]
             if blocks != want:
                 raise ValueError(f"prompt {b}: placeholder blocks of {blocks} {placeholder}s but its "
                                  f"{len(sample)} {kind}(s) give {want} tokens; build the prompt with "
@@ -344,7 +331,7 @@ class ECGChat(nn.Module):
     def settings(self):
         """What load() needs beside the weights to build this model again."""
         return {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len,
-                "chat_format": self.format.name, "label_ecgs": self.label_ecgs, "time_marks": self.time_marks}
+                "chat_format": self.format.name, "label_ecgs": self.label_ecgs}
 
     SECTIONS = {"encoder": EncoderConfig}   # the settings sections that are a part's config (check_settings)
 
@@ -352,8 +339,7 @@ class ECGChat(nn.Module):
     def from_settings(cls, llm, tokenizer, settings, **parts):
         """The model a folder's "nanoecg" settings describe, with untrained parts beside the LLM (load fills them)."""
         return cls(llm, ECGEncoder(EncoderConfig(**settings["encoder"])), tokenizer, settings.get("max_seq_len"),
-                   settings.get("chat_format", "auto"), settings.get("label_ecgs", False),
-                   time_marks=settings.get("time_marks", 0.0), **parts)
+                   settings.get("chat_format", "auto"), settings.get("label_ecgs", False), **parts)
 
     @classmethod
     def load(cls, ckpt_dir, dtype=None, device=None):
@@ -426,15 +412,3 @@ def check_widths(encoder, projector, llm):
 def _run_lengths(flags):
     """[F, T, T, F, T] -> [2, 1]: lengths of the runs of True values."""
     return [len(list(run)) for flag, run in itertools.groupby(flags) if flag]
-
-
-def _block_counts(ids, start_id, slot_id):
-    """The placeholders of each block, a block opened by each start mark (time marks may stand between them):
-    [start, slot, slot, '1s', slot, end, start, slot] -> [3, 1]; slots before any start count as a block."""
-    counts = []
-    for i in ids:
-        if i == start_id or (i == slot_id and not counts):
-            counts.append(0)
-        if i == slot_id:
-            counts[-1] += 1
-    return counts

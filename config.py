@@ -54,8 +54,6 @@ class Config:
     # model
     llm: str = arg("", "Hugging Face LLM folder (Llama, Mistral, Qwen); empty: a tiny LLM from scratch (+ stage 0)")
     label_ecgs: bool = arg(True, "name each ECG of a multi-ECG prompt (ECG1:, ECG2:, ...) as questions and answers do")
-    time_marks: float = arg(1.0, "a time mark ('3s') every this many seconds of an ECG's tokens, text a span's "
-                                 "times are copied from (0: none, anyECG's prompt; --llm: 0)")
     chat_format: str = arg("auto", "prompt layout: auto (the checkpoint's own: llama3, chatml) | nanoecg | llama3 | "
                                    "chatml")
     vocab_size: int = arg(1000, "sentencepiece vocabulary trained on the task text (from scratch)")
@@ -128,8 +126,7 @@ class Config:
 
 
 # anyECG's recipe, applied when --llm is given (explicit flags still win)
-ANYECG = dict(time_marks=0.0, stage1_lr=1e-4, stage2_lr=1e-4, stage3_lr=1e-4, weight_decay=1e-4, beta2=0.999,
-              encoder="base",
+ANYECG = dict(stage1_lr=1e-4, stage2_lr=1e-4, stage3_lr=1e-4, weight_decay=1e-4, beta2=0.999, encoder="base",
               stage1_train="encoder,projector", stage2_train="encoder,projector,lora",
               stage3_train="encoder,projector,lora")
 # What --resume lets a flag change: how the run logs, evaluates, checkpoints and where it runs, never what it learns.

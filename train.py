@@ -347,12 +347,10 @@ def build_model(cfg, tok, device, dtype):
     else:
         encoder = ECGEncoder(encoder_config(cfg))
     if not cfg.images:
-        return ECGChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, cfg.chat_format, cfg.label_ecgs,
-                       time_marks=cfg.time_marks)
+        return ECGChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, cfg.chat_format, cfg.label_ecgs)
     image_encoder = load_clip_vision(cfg.image_init) if cfg.image_init else ImageEncoder(image_config(cfg))
     return ImageChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, cfg.chat_format, cfg.label_ecgs,
-                     image_encoder.to(device, dtype), train_image_encoder=not cfg.image_init,  # GEM: CLIP frozen
-                     time_marks=cfg.time_marks)
+                     image_encoder.to(device, dtype), train_image_encoder=not cfg.image_init)  # GEM: CLIP frozen
 
 
 def image_config(cfg):

@@ -20,8 +20,8 @@ class ImageChat(ECGChat):
     does."""
 
     def __init__(self, llm, encoder, tokenizer, max_seq_len=None, chat_format="auto", label_ecgs=False,
-                 image_encoder=None, train_image_encoder=True, time_marks=0.0):
-        super().__init__(llm, encoder, tokenizer, max_seq_len, chat_format, label_ecgs, time_marks=time_marks)
+                 image_encoder=None, train_image_encoder=True):
+        super().__init__(llm, encoder, tokenizer, max_seq_len, chat_format, label_ecgs)
         w = llm.embed_tokens.weight
         self.image_encoder = image_encoder
         self.image_projector = Projector(image_encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)
@@ -44,7 +44,7 @@ class ImageChat(ECGChat):
     def embed(self, input_ids, inputs):
         x = super().embed(input_ids, inputs)                                         # the ECG blocks filled
         images = [split_inputs(sample)[1] for sample in inputs]
-        return self.splice(x, input_ids, images, self.encode_images, "image", self.format.marks[3],
+        return self.splice(x, input_ids == self.img_token_id, images, self.encode_images, "image",
                            self.format.marks[5])
 
     def set_trainable(self, encoder=True, projector=True, llm=False, lora=True):
