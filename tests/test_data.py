@@ -449,6 +449,27 @@ def test_the_rule_on_readings_analysis_answers_every_question_as_the_generator_d
             assert row_score(row, analysis.answer(row, analysis.parse_reading(row["reading"]))) == 1.0, row
 
 
+def test_the_span_probes_worked_check_gathers_to_anyecgs_span():
+    """docs/analysis/span_probe.py's texts: each asked beat's span from its neighbours in the listing (the clip's
+    edges where it has none), merged, is the localization rule's answer (which reads the record's own beats, those
+    outside the clip too), or the probe would teach a step that does not give the answer."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "docs" / "analysis" / "span_probe.py"
+    spec = importlib.util.spec_from_file_location("span_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rows = probe.span_texts(40, seed=2, worked=True)
+    assert sum(r["final"].startswith("Duration") for r in rows) >= 10
+    for r in rows:
+        check = r["answer"].split(" Check: ")[1].split(" Answer: ")[0].rstrip(".")
+        spans = [] if check.startswith("no ") else [
+            tuple(float(t.rstrip("s")) for t in part.split(" from ")[1].split(" to ")) for part in check.split("; ")]
+        merged = data.merge_intervals(spans)
+        gathered = "Duration: " + ", ".join(f"{a:.1f}s-{b:.1f}s" for a, b in merged) if merged else \
+            f"No {data.BEAT_NAMES[r['symbol']]} Found"
+        assert gathered == r["final"], r
+
+
 @pytest.mark.parametrize("after_reading, worked", [(False, False), (True, False), (False, True), (True, True)])
 def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_answer(after_reading, worked):
     """synthetic/skills.py's texts: every family there, each answer the rule on its own written reading, and the
