@@ -12,6 +12,7 @@ and the reading are given, the model writes the answer (greedy), scored as eval.
   python -m docs.analysis.skills_probe --families single-verify --steps 400   # one family alone
   python -m docs.analysis.skills_probe --families single-verify --form blind     # the question after the reading
   python -m docs.analysis.skills_probe --families new_findings,resolved_findings --form blind --worked
+  python -m docs.analysis.skills_probe --families hr_trend --patients 32000 --worked --rates   # the rates' difference
 
 --form: where the question stands. "written" (the task rows' form): the question, then 'Reading: R. Answer: a'.
 "restated": the question, then 'Reading: R. Question: Q. Answer: a' (the answer repeats the question after the
@@ -23,6 +24,7 @@ layout, where the user asks first).
 """
 
 import argparse
+import re
 import tempfile
 import time
 from collections import defaultdict
@@ -37,6 +39,7 @@ from data import STATEMENTS
 from ecg_encoder import ECGEncoder, EncoderConfig
 from model import LLM, LLMConfig, Tokenizer, train_tokenizer
 from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
+from synthetic.tasks import CHECKED
 
 
 def packed_stream(rows, tok, fmt, rng):
@@ -99,6 +102,19 @@ def train_step(llm, opt, stream, rng, step, args):
     return loss
 
 
+def with_rates(row):
+    """--rates: an hr_trend text answered after the first and last ECG's rates and their difference are written
+    (its step is arithmetic, which no lookup writes): '... Check: ECG1 72 bpm, ECG4 95 bpm; 95 - 72 = 23. Answer:
+    increased'. Other texts are returned as they are."""
+    if row["family"] != "hr_trend":
+        return row
+    head, sep, tail = row["answer"].rpartition(" " + ANSWER)
+    rates = [int(x) for x in re.findall(r"(\d+) bpm", head)]
+    first, last = rates[0], rates[-1]
+    check = f"{CHECKED} ECG1 {first} bpm, ECG{len(rates)} {last} bpm; {last} - {first} = {last - first}."
+    return dict(row, answer=f"{head} {check}{sep}{tail}")
+
+
 def in_form(rows, form):
     """Skill rows (made with after_reading for "restated" and "blind") in one of the --form layouts."""
     return [dict(r, question=r["asked"]) for r in rows] if form == "restated" else rows
@@ -117,6 +133,8 @@ def main(argv=None):
                     help="where the question stands (see above)")
     ap.add_argument("--worked", action="store_true", help="set comparisons and rhythm changes worked before the "
                                                           "answer ('Check: ...', tasks.worked_check)")
+    ap.add_argument("--rates", action="store_true", help="hr_trend answered after the rates' difference is written "
+                                                         "(with_rates)")
     ap.add_argument("--dim", type=int, default=cfg.dim, help="the LLM's width (heads of 48: dim / 48 of them)")
     ap.add_argument("--layers", type=int, default=cfg.n_layers, help="the LLM's depth")
     ap.add_argument("--held", type=int, default=40, help="held-out texts scored per family")
@@ -133,6 +151,8 @@ def main(argv=None):
             for s in sorted(STATEMENTS, key=len, reverse=True):
                 head = head.replace(s, s.lower())
             r["answer"] = head + sep + tail if sep else r["answer"]
+    if args.rates:
+        rows, held = [with_rates(r) for r in rows], [with_rates(r) for r in held]
     if args.families:
         keep = set(args.families.split(","))
         rows, held = [r for r in rows if r["family"] in keep], [r for r in held if r["family"] in keep]
