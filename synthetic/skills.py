@@ -30,8 +30,7 @@ import torch
 from chat import ANSWER, answer_text
 from eval import one_part_per_ecg, row_score
 from synthetic.generator import make_patient, patient_history, synth_ecg
-from synthetic.tasks import (CHECKED, LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, multi_row,
-                             question_after_reading, worked_check)
+from synthetic.tasks import CHECKED, LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, in_answer_form, multi_row
 
 SKILL_VAL_PATIENTS = 150    # held-out people whose texts score each family (about 1,200 texts, fixed across runs)
 # With the question after the reading, a skill text's user turn does not say it: the question's words in the answer
@@ -78,10 +77,8 @@ def skill_rows(n_patients, seed=0, questions=8, after_reading=False, worked=Fals
             else:
                 row = multi_row([""] * n_visits, truths, days, rng)
             asked = row["question"]
-            if after_reading and row.get("reading"):
-                row = question_after_reading(row) | {"question": BLIND_QUESTION}
-            if worked:
-                row = worked_check(row)
+            blind = {"question": BLIND_QUESTION} if after_reading and row.get("reading") else {}
+            row = in_answer_form(row, after_reading=after_reading, worked=worked) | blind
             rows.append({"question": row["question"], "asked": asked, "answer": answer_text(row),
                          "final": row["answer"],
                          "task": "skills", "family": family(row), "skill_of": row["task"],

@@ -438,14 +438,11 @@ def build_synthetic_dataset(n_patients=200, seed=0, split="train", tasks=None, m
                 then = in_answer_form(ecgqa_single_row(path, truth, rng), read_first, after_reading, worked)
                 visit_rows[int(rng.integers(2))]["followups"] = [[then["question"], answer_text(then)]]
             rows += [r for r in visit_rows if r["task"] in tasks]
-            # clips mostly from people with ectopic beats; blocks (whole-clip answers) and beat-free records (the
-            # "No ... Found" answers) less often
-            chance = 1.0 if p.pac_per_min > 0 or p.pvc_per_min > 0 else 0.4 if p.conduction != "normal" else 0.25
-            if "location" in tasks and rng.random() < chance:
-                rows.append(_location_clip(specs, f"{path}_loc", p, 10.0, rng, "location"))
+            if "location" in tasks and rng.random() < clip_chance(p):
+                rows.append(location_clip(specs, f"{path}_loc", p, 10.0, rng, "location"))
         if "location_long" in tasks and rng.random() < long_share:
             length = float(rng.uniform(20, max_long_s)) if max_long_s > 20 else max_long_s
-            rows.append(_location_clip(specs, f"synth/{split}/{patient.pid}/long", visits[-1][1], length, rng,
+            rows.append(location_clip(specs, f"synth/{split}/{patient.pid}/long", visits[-1][1], length, rng,
                                        "location_long", holter=True))
         if n_visits >= 2 and "multi" in tasks:
             rows.append(multi_row(visit_paths, visit_truths, [d for d, _, _ in visits], rng))
@@ -482,7 +479,14 @@ def _add_spec(specs, path, patient, duration, rng, holter=False):
     return spec.generate()[1]
 
 
-def _location_clip(specs, path, patient, length, rng, task, holter=False):
+def clip_chance(patient):
+    """How likely a visit gets a 10 s localization clip: always for people with ectopic beats; blocks (whole-clip
+    answers) and beat-free records (the "No ... Found" answers) less often."""
+    return 1.0 if patient.pac_per_min > 0 or patient.pvc_per_min > 0 else 0.4 if patient.conduction != "normal" \
+        else 0.25
+
+
+def location_clip(specs, path, patient, length, rng, task, holter=False):
     """A clip [start, end) inside a slightly longer record, so the beats just outside it decide its edge spans as in
     anyECG; asks for a beat type present in the clip (70 %; PACs/PVCs before L/R beats) or an absent one."""
     before, after = rng.uniform(0, 3, 2)

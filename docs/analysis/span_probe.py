@@ -25,23 +25,25 @@ from docs.analysis.skills_probe import (packed_stream, text_chat, text_optimizer
                                         training_args)
 from eval import localization_iou
 from synthetic.generator import make_patient
-from synthetic.tasks import _location_clip
+from synthetic.tasks import clip_chance, location_clip
 
 
-def beat_listing(truth, start, end):
-    """'Beats: N 0.4s, V 1.2s, ...': the clip's beats with their times from its start."""
-    inside = [(x, s) for x, s in zip(truth.beat_samples, truth.beat_symbols) if start <= x < end]
-    return "Beats: " + ", ".join(f"{s} {(x - start) / truth.fs:.1f}s" for x, s in inside) + "."
+def clip_beats(truth, start, end):
+    """The clip's beats as (seconds from its start, symbol), in order."""
+    return [((x - start) / truth.fs, s) for x, s in zip(truth.beat_samples, truth.beat_symbols) if start <= x < end]
 
 
-def span_check(truth, start, end, symbol):
+def beat_listing(beats):
+    """'Beats: N 0.4s, V 1.2s, ...'"""
+    return "Beats: " + ", ".join(f"{s} {t:.1f}s" for t, s in beats) + "."
+
+
+def span_check(beats, length, symbol):
     """The worked step (--worked): each asked beat with the beats before and after it, the clip's edges where it has
     none: 'Check: V 2.0s from 1.2s to 2.9s; V 5.1s from 4.4s to 5.9s.' or 'Check: no V.'"""
-    inside = [(x - start) / truth.fs for x, s in zip(truth.beat_samples, truth.beat_symbols) if start <= x < end]
-    kinds = [s for x, s in zip(truth.beat_samples, truth.beat_symbols) if start <= x < end]
-    length = (end - start) / truth.fs
-    spans = [f"{symbol} {t:.1f}s from {inside[k - 1] if k else 0.0:.1f}s to "
-             f"{inside[k + 1] if k + 1 < len(inside) else length:.1f}s" for k, t in enumerate(inside) if kinds[k] == symbol]
+    times = [t for t, _ in beats]
+    spans = [f"{symbol} {t:.1f}s from {times[k - 1] if k else 0.0:.1f}s to "
+             f"{times[k + 1] if k + 1 < len(times) else length:.1f}s" for k, (t, s) in enumerate(beats) if s == symbol]
     return "Check: " + ("; ".join(spans) if spans else f"no {symbol}") + "."
 
 
@@ -53,15 +55,15 @@ def span_texts(n, seed, worked=False):
         rng = np.random.default_rng([9, seed, i])
         i += 1
         p = make_patient(rng, pid=f"span{i}")
-        chance = 1.0 if p.pac_per_min > 0 or p.pvc_per_min > 0 else 0.4 if p.conduction != "normal" else 0.25
-        if rng.random() >= chance:
+        if rng.random() >= clip_chance(p):
             continue
         specs = {}
-        row = _location_clip(specs, "clip", p, 10.0, rng, "location")
+        row = location_clip(specs, "clip", p, 10.0, rng, "location")
         truth = specs["clip"].generate()[1]
-        listing = beat_listing(truth, row["ecg_start"], row["ecg_end"])
+        beats = clip_beats(truth, row["ecg_start"], row["ecg_end"])
+        listing = beat_listing(beats)
         if worked:
-            listing += " " + span_check(truth, row["ecg_start"], row["ecg_end"], row["abnormal_type"])
+            listing += " " + span_check(beats, (row["ecg_end"] - row["ecg_start"]) / truth.fs, row["abnormal_type"])
         rows.append({"question": row["question"], "answer": f"{listing} {ANSWER} {row['answer']}",
                      "final": row["answer"], "symbol": row["abnormal_type"]})
     return rows
