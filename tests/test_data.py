@@ -8,6 +8,7 @@ tests that need them skip with a reason when that folder is absent.
 """
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -468,6 +469,43 @@ def test_the_span_probes_worked_check_gathers_to_anyecgs_span():
         gathered = "Duration: " + ", ".join(f"{a:.1f}s-{b:.1f}s" for a, b in merged) if merged else \
             f"No {data.BEAT_NAMES[r['symbol']]} Found"
         assert gathered == r["final"], r
+
+
+def test_the_skills_probes_rewritten_checks_keep_their_verdicts():
+    """docs/analysis/skills_probe.py's other written steps: an hr_trend band's place ("above", "within", "below")
+    is the row's answer, and a check with each lookup named first ('ECG3 af: no') holds the same verdicts as the
+    check it rewrites ('af not in ECG3'), or the probe would compare forms that teach different answers."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "docs" / "analysis" / "skills_probe.py"
+    spec = importlib.util.spec_from_file_location("skills_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    from synthetic.skills import skill_rows
+    rows = skill_rows(80, seed=6, worked=True)
+    trends = [probe.with_rates(r, "band") for r in rows if r["family"] == "hr_trend"]
+    place = {"above": "increased", "within": "unchanged", "below": "decreased"}
+    assert len({r["final"] for r in trends}) == 3
+    for first, last, final in [(72, 82, "increased"), (72, 81, "unchanged"), (72, 62, "decreased"),
+                               (72, 63, "unchanged")]:   # the edges of tasks.multi_row's rule, met rarely by chance
+        text = f"Reading: ECG1: lead I, {first} bpm, Sinus rhythm. ECG2: lead I, {last} bpm, Sinus rhythm."
+        trends.append(probe.with_rates({"family": "hr_trend", "answer": f"{text} Answer: {final}", "final": final},
+                                       "band"))
+    for r in trends:
+        assert place[r["answer"].split(" bpm, ")[-1].split(".")[0]] == r["final"], r
+    named = 0
+    for r in rows:
+        if " ECG" not in r["answer"].partition(" Check: ")[2]:
+            continue
+        before, after = (r["answer"].split(" Check: ")[1].split(" Answer: ")[0]
+                         for r in (r, probe.index_first(r)))
+        for old, new in zip(before.rstrip(".").split("; "), after.rstrip(".").split("; ")):
+            if " in ECG" in old:
+                finding, verdict, name = re.fullmatch(r"(.+?) (not in|in) (ECG\d)", old).groups()
+                assert new == f"{name} {finding}: {'no' if verdict == 'not in' else 'yes'}", (old, new)
+                named += 1
+            else:
+                assert new == old
+    assert named > 50
 
 
 @pytest.mark.parametrize("after_reading, worked", [(False, False), (True, False), (False, True), (True, True)])

@@ -13,6 +13,8 @@ and the reading are given, the model writes the answer (greedy), scored as eval.
   python -m docs.analysis.skills_probe --families single-verify --form blind     # the question after the reading
   python -m docs.analysis.skills_probe --families new_findings,resolved_findings --form blind --worked
   python -m docs.analysis.skills_probe --families hr_trend --patients 32000 --worked --rates   # the rates' difference
+  python -m docs.analysis.skills_probe --families hr_trend --patients 32000 --worked --band    # a band, no subtraction
+  python -m docs.analysis.skills_probe --patients 8000 --worked --index_first   # lookups named first: 'ECG3 af: no'
 
 --form: where the question stands. "written" (the task rows' form): the question, then 'Reading: R. Answer: a'.
 "restated": the question, then 'Reading: R. Question: Q. Answer: a' (the answer repeats the question after the
@@ -102,17 +104,38 @@ def train_step(llm, opt, stream, rng, step, args):
     return loss
 
 
-def with_rates(row):
-    """--rates: an hr_trend text answered after the first and last ECG's rates and their difference are written
-    (its step is arithmetic, which no lookup writes): '... Check: ECG1 72 bpm, ECG4 95 bpm; 95 - 72 = 23. Answer:
-    increased'. Other texts are returned as they are."""
+def with_rates(row, form="rates"):
+    """--rates / --band: an hr_trend text answered after the first and last ECG's rates are written with the step
+    between them (which no lookup writes). "rates": their difference, '... Check: ECG1 72 bpm, ECG4 95 bpm; 95 - 72 =
+    23. Answer: increased'. "band": the first rate's band of no change, then where the last one falls, so the only
+    arithmetic is a ten added and taken away: '... Check: ECG1 72 bpm, 62-82; ECG4 95 bpm, above. Answer: increased'
+    (the rule: a change of 10 bpm or more, so 82 itself is above). Other texts are returned as they are."""
     if row["family"] != "hr_trend":
         return row
     head, sep, tail = row["answer"].rpartition(" " + ANSWER)
     rates = [int(x) for x in re.findall(r"(\d+) bpm", head)]
     first, last = rates[0], rates[-1]
-    check = f"{CHECKED} ECG1 {first} bpm, ECG{len(rates)} {last} bpm; {last} - {first} = {last - first}."
-    return dict(row, answer=f"{head} {check}{sep}{tail}")
+    if form == "rates":
+        step = f"ECG1 {first} bpm, ECG{len(rates)} {last} bpm; {last} - {first} = {last - first}"
+    else:
+        where = "above" if last >= first + 10 else "below" if last <= first - 10 else "within"
+        step = f"ECG1 {first} bpm, {first - 10}-{first + 10}; ECG{len(rates)} {last} bpm, {where}"
+    return dict(row, answer=f"{head} {CHECKED} {step}.{sep}{tail}")
+
+
+def index_first(row):
+    """--index_first: each lookup in an ECG of several written with the ECG's name first, then the finding, then the
+    verdict: 'ECG3 atrial flutter: no' for 'atrial flutter not in ECG3'. Written finding-first, the verdict comes
+    before the name, so in a walk over up to six ECGs the model must know which ECG's line it is reading before it
+    has written which one (first appearance's misses name an ECG one early). Lookups in "the reading" of one ECG
+    and "not comparable" tags stay as they are."""
+    head, sep, tail = row["answer"].rpartition(" " + CHECKED + " ")
+    if not sep:
+        return row
+    check, dot, rest = tail.partition(". " + ANSWER)
+    tags = [re.sub(r"^(.+?) (not in|in) (ECG\d+)$", lambda m: f"{m[3]} {m[1]}: {'no' if m[2] == 'not in' else 'yes'}",
+                   tag) for tag in check.split("; ")]
+    return dict(row, answer=f"{head}{sep}{'; '.join(tags)}{dot}{rest}")
 
 
 def in_form(rows, form):
@@ -135,6 +158,10 @@ def main(argv=None):
                                                           "answer ('Check: ...', tasks.worked_check)")
     ap.add_argument("--rates", action="store_true", help="hr_trend answered after the rates' difference is written "
                                                          "(with_rates)")
+    ap.add_argument("--band", action="store_true", help="hr_trend answered after the first rate's band of no change "
+                                                        "and where the last rate falls are written (with_rates)")
+    ap.add_argument("--index_first", action="store_true", help="lookups in one of several ECGs written name first "
+                                                               "('ECG3 atrial flutter: no', index_first)")
     ap.add_argument("--dim", type=int, default=cfg.dim, help="the LLM's width (heads of 48: dim / 48 of them)")
     ap.add_argument("--layers", type=int, default=cfg.n_layers, help="the LLM's depth")
     ap.add_argument("--held", type=int, default=40, help="held-out texts scored per family")
@@ -151,8 +178,11 @@ def main(argv=None):
             for s in sorted(STATEMENTS, key=len, reverse=True):
                 head = head.replace(s, s.lower())
             r["answer"] = head + sep + tail if sep else r["answer"]
-    if args.rates:
-        rows, held = [with_rates(r) for r in rows], [with_rates(r) for r in held]
+    if args.rates or args.band:
+        form = "band" if args.band else "rates"
+        rows, held = [with_rates(r, form) for r in rows], [with_rates(r, form) for r in held]
+    if args.index_first:
+        rows, held = [index_first(r) for r in rows], [index_first(r) for r in held]
     if args.families:
         keep = set(args.families.split(","))
         rows, held = [r for r in rows if r["family"] in keep], [r for r in held if r["family"] in keep]
