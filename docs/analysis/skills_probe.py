@@ -6,7 +6,9 @@ The LLM of the default run (this project's `LLM` and sentencepiece tokenizer; --
 trains from scratch on synthetic/skills.py's texts alone: the question, then 'Reading: <each ECG's reading>.
 Answer: <the dataset's answer>', laid out as a chat, the loss on every token, the texts packed end to end into
 rows of --seq tokens (no padding). Every --eval_every steps each family is scored on held-out people: the question
-and the reading are given, the model writes the answer (greedy), scored as eval.py scores the task.
+and the reading are given, the model writes the answer (greedy), scored as eval.py scores the task. hr_trend is
+also scored on its changed series alone, "hr_trend (changed)": two thirds of its texts keep their rate, so its plain
+score is mostly that prior.
 
   python -m docs.analysis.skills_probe --steps 600 --batch 16          # a few CPU minutes
   python -m docs.analysis.skills_probe --families single-verify --steps 400   # one family alone
@@ -15,6 +17,7 @@ and the reading are given, the model writes the answer (greedy), scored as eval.
   python -m docs.analysis.skills_probe --families hr_trend --patients 32000 --worked --rates   # the rates' difference
   python -m docs.analysis.skills_probe --families hr_trend --patients 32000 --worked --band    # a band, no subtraction
   python -m docs.analysis.skills_probe --patients 8000 --worked --index_first   # lookups named first: 'ECG3 af: no'
+  python -m docs.analysis.skills_probe --families hr_trend --patients 64000 --held_people 1500 --balance   # 1/3 each
 
 --form: where the question stands. "written" (the task rows' form): the question, then 'Reading: R. Answer: a'.
 "restated": the question, then 'Reading: R. Question: Q. Answer: a' (the answer repeats the question after the
@@ -138,12 +141,32 @@ def index_first(row):
     return dict(row, answer=f"{head}{sep}{'; '.join(tags)}{dot}{rest}")
 
 
+def balanced(rows, rng):
+    """--balance: each family's texts cut to the same number for each of its answers (hr_trend: a third each
+    "increased", "decreased", "unchanged", where two thirds of the series keep their rate), so that the commonest
+    answer is no longer right most of the time. Families with more than three answers are left as they are."""
+    by = defaultdict(list)
+    for r in rows:
+        by[r["family"]].append(r)
+    out = []
+    for group in by.values():
+        answers = defaultdict(list)
+        for r in group:
+            answers[r["final"]].append(r)
+        if len(answers) > 3:
+            out += group
+            continue
+        n = min(len(a) for a in answers.values())
+        out += [a[i] for a in answers.values() for i in rng.permutation(len(a))[:n]]
+    return out
+
+
 def in_form(rows, form):
     """Skill rows (made with after_reading for "restated" and "blind") in one of the --form layouts."""
     return [dict(r, question=r["asked"]) for r in rows] if form == "restated" else rows
 
 
-def main(argv=None):
+def parse_args(argv=None):
     cfg = Config()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patients", type=int, default=1000, help="simulated people of the training texts")
@@ -162,16 +185,22 @@ def main(argv=None):
                                                         "and where the last rate falls are written (with_rates)")
     ap.add_argument("--index_first", action="store_true", help="lookups in one of several ECGs written name first "
                                                                "('ECG3 atrial flutter: no', index_first)")
+    ap.add_argument("--balance", action="store_true", help="each family's answers equally often in training "
+                                                           "(balanced)")
     ap.add_argument("--dim", type=int, default=cfg.dim, help="the LLM's width (heads of 48: dim / 48 of them)")
     ap.add_argument("--layers", type=int, default=cfg.n_layers, help="the LLM's depth")
     ap.add_argument("--held", type=int, default=40, help="held-out texts scored per family")
+    ap.add_argument("--held_people", type=int, default=SKILL_VAL_PATIENTS, help="simulated people of the held-out "
+                                                                                "texts (the run's by default)")
     ap.add_argument("--vocab", type=int, default=cfg.vocab_size, help="tokenizer size (one family's texts: 400)")
-    args = ap.parse_args(argv)
-    torch.manual_seed(args.seed)
-    t0 = time.time()
+    return ap.parse_args(argv)
+
+
+def probe_texts(args):
+    """The training texts and, by layout, the held-out ones the options ask for -> (rows, {form: held rows})."""
     after = args.form != "written"   # the answer repeats the question after the reading
     rows = skill_rows(args.patients, seed=0, questions=args.questions, after_reading=after, worked=args.worked)
-    held = skill_rows(SKILL_VAL_PATIENTS, seed=1, after_reading=after, worked=args.worked)
+    held = skill_rows(args.held_people, seed=1, after_reading=after, worked=args.worked)
     if args.lower:
         for r in rows + held:
             head, sep, tail = r["answer"].rpartition(ANSWER)
@@ -183,13 +212,26 @@ def main(argv=None):
         rows, held = [with_rates(r, form) for r in rows], [with_rates(r, form) for r in held]
     if args.index_first:
         rows, held = [index_first(r) for r in rows], [index_first(r) for r in held]
+    if args.balance:
+        rows = balanced(rows, np.random.default_rng(args.seed))
+    # hr_trend scored on its held-out texts as they come (two thirds "unchanged") and on the changed series apart
+    held += [dict(r, family="hr_trend (changed)") for r in held
+             if r["family"] == "hr_trend" and r["final"] != "unchanged"]
     if args.families:
         keep = set(args.families.split(","))
-        rows, held = [r for r in rows if r["family"] in keep], [r for r in held if r["family"] in keep]
+        rows = [r for r in rows if r["family"] in keep]
+        held = [r for r in held if r["family"] in keep or r["family"].removesuffix(" (changed)") in keep]
     scored = {args.form: in_form(held, args.form)}
     if args.form == "blind":   # does the step transfer to the layout where the user asks first?
         scored["restated"] = in_form(held, "restated")
-    rows = in_form(rows, args.form)
+    return in_form(rows, args.form), scored
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    rows, scored = probe_texts(args)
     print("a training text:", rows[0]["question"], "|", rows[0]["answer"])
     counts = defaultdict(int)
     for r in rows:
