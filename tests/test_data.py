@@ -6,6 +6,7 @@ and the chat template and its loss mask.
 Real records are read in place from ../shared/data/physionet (never copied here); the
 tests that need them skip with a reason when that folder is absent.
 """
+import importlib
 import json
 import math
 import re
@@ -434,12 +435,8 @@ def test_dataset_is_deterministic_and_test_split_is_held_out(dataset):
 def test_the_rule_on_readings_analysis_answers_every_question_as_the_generator_does():
     """docs/analysis/rule_on_readings.py writes the question rules again from the question text: on the generator's
     truth it must give every ECG-QA and multi-ECG answer of the test split, or its figures in RESULTS mean nothing."""
-    import importlib.util
     from eval import row_score
-    path = Path(__file__).resolve().parents[1] / "docs" / "analysis" / "rule_on_readings.py"
-    spec = importlib.util.spec_from_file_location("rule_on_readings", path)
-    analysis = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(analysis)
+    analysis = importlib.import_module("docs.analysis.rule_on_readings")
     ds = build_synthetic_dataset(60, split="test")
     rows = [r for r in ds.rows if r["task"] in ("ecgqa", "multi")]
     assert len({r["question_type"] for r in rows}) >= 10
@@ -454,11 +451,7 @@ def test_the_span_probes_worked_check_gathers_to_anyecgs_span():
     """docs/analysis/span_probe.py's texts: each asked beat's span from its neighbours in the listing (the clip's
     edges where it has none), merged, is the localization rule's answer (which reads the record's own beats, those
     outside the clip too), or the probe would teach a step that does not give the answer."""
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "docs" / "analysis" / "span_probe.py"
-    spec = importlib.util.spec_from_file_location("span_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = importlib.import_module("docs.analysis.span_probe")
     rows = probe.span_texts(40, seed=2, worked=True)
     assert sum(r["final"].startswith("Duration") for r in rows) >= 10
     for r in rows:
@@ -475,11 +468,7 @@ def test_the_skills_probes_rewritten_checks_keep_their_verdicts():
     """docs/analysis/skills_probe.py's other written steps: an hr_trend band's place ("above", "within", "below")
     is the row's answer, and a check with each lookup named first ('ECG3 af: no') holds the same verdicts as the
     check it rewrites ('af not in ECG3'), or the probe would compare forms that teach different answers."""
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "docs" / "analysis" / "skills_probe.py"
-    spec = importlib.util.spec_from_file_location("skills_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = importlib.import_module("docs.analysis.skills_probe")
     from synthetic.skills import skill_rows
     rows = skill_rows(80, seed=6, worked=True)
     trends = [probe.with_rates(r, "band") for r in rows if r["family"] == "hr_trend"]
@@ -514,13 +503,9 @@ def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_ans
     scorer reads the final answer after the reading (the whole text scores 1, the reading with a wrong answer 0).
     after_reading: the question stands after the reading, not in the user turn, and is not read as a finding.
     worked: a check stands between the reading and the answer, and is not read as findings either."""
-    import importlib.util
     from eval import row_score
     from synthetic.skills import BLIND_QUESTION, score, skill_rows
-    path = Path(__file__).resolve().parents[1] / "docs" / "analysis" / "rule_on_readings.py"
-    spec = importlib.util.spec_from_file_location("rule_on_readings", path)
-    analysis = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(analysis)
+    analysis = importlib.import_module("docs.analysis.rule_on_readings")
     rows = skill_rows(40, seed=3, after_reading=after_reading, worked=worked)
     assert len({r["family"] for r in rows}) == 11
     for r in rows:

@@ -25,7 +25,8 @@ from docs.analysis.skills_probe import (packed_stream, text_chat, text_optimizer
                                         training_args)
 from eval import localization_iou
 from synthetic.generator import make_patient
-from synthetic.tasks import clip_chance, location_clip
+from synthetic.skills import answer_prompt
+from synthetic.tasks import CHECKED, clip_chance, location_clip
 
 
 def clip_beats(truth, start, end):
@@ -44,7 +45,7 @@ def span_check(beats, length, symbol):
     times = [t for t, _ in beats]
     spans = [f"{symbol} {t:.1f}s from {times[k - 1] if k else 0.0:.1f}s to "
              f"{times[k + 1] if k + 1 < len(times) else length:.1f}s" for k, (t, s) in enumerate(beats) if s == symbol]
-    return "Check: " + ("; ".join(spans) if spans else f"no {symbol}") + "."
+    return f"{CHECKED} " + ("; ".join(spans) if spans else f"no {symbol}") + "."
 
 
 def span_texts(n, seed, worked=False):
@@ -74,12 +75,7 @@ def span_scores(chat, rows, budget):
     """(mean IoU, share exact, mean IoU of the clips that have the asked beat): the model writes the answer after
     the given listing."""
     chat.eval()
-    prompts = []
-    for r in rows:
-        ids = chat.prompt([("user", r["question"])], [], add_generation_prompt=True)[0]
-        cut = r["answer"].find(" Check: ")   # the worked step is the model's to write
-        head = r["answer"][:cut] if cut >= 0 else r["answer"][:r["answer"].rfind(ANSWER) + len(ANSWER)]
-        prompts.append(ids + chat.tokenizer.encode(head))
+    prompts = [answer_prompt(chat, r) for r in rows]   # up to the worked step, which is the model's to write
     written = []
     for k in range(0, len(prompts), 32):
         written += chat.generate(prompts[k:k + 32], [[] for _ in prompts[k:k + 32]], max_new_tokens=budget)
