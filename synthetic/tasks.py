@@ -300,9 +300,11 @@ def multi_row(paths, truths, days, rng):
         q, a = f"In which ECG does {s.lower()} first appear?", f"ECG{first + 1}" if first is not None else "none"
         check = lookups(s, seen[:len(seen) if first is None else first + 1])   # up to the first that shows it
     elif kind == "hr_trend":
-        d = round(truths[-1].hr_bpm) - round(truths[0].hr_bpm)   # the rates as a reading writes them
+        first, last = round(truths[0].hr_bpm), round(truths[-1].hr_bpm)   # the rates as a reading writes them
         q, a = "How does the heart rate change from the first to the last ECG?", (
-            "increased" if d >= 10 else "decreased" if d <= -10 else "unchanged")
+            "increased" if last - first >= 10 else "decreased" if last - first <= -10 else "unchanged")
+        # the two rates copied side by side: the comparison then needs no search through up to six readings
+        check = f"{CHECKED} ECG1 {first} bpm; ECG{len(truths)} {last} bpm."
     else:
         q, a = "Does the rhythm change across these ECGs?", "yes" if len({t.statements[0] for t in truths}) > 1 else "no"
         check = f"{CHECKED} " + "; ".join(f"ECG{k + 1} {t.statements[0].lower()}" for k, t in enumerate(truths)) + "."

@@ -535,7 +535,7 @@ def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_ans
 
 
 WORKED_FAMILIES = {"single-verify", "comparison-verify", "comparison-query", "new_findings", "resolved_findings",
-                   "first_appearance", "rhythm_change"}
+                   "first_appearance", "rhythm_change", "hr_trend"}
 
 
 def _answer_from_check(question, check):
@@ -543,6 +543,9 @@ def _answer_from_check(question, check):
     tags = check.removeprefix("Check: ").removesuffix(".").split("; ")
     if "rhythm change" in question:
         return "yes" if len({t.split(" ", 1)[1] for t in tags}) > 1 else "no"
+    if "heart rate change" in question:   # 'ECG1 72 bpm; ECG4 95 bpm': a change of 10 bpm or more
+        first, last = (int(t.split()[1]) for t in tags)
+        return "increased" if last - first >= 10 else "decreased" if last - first <= -10 else "unchanged"
     if question.startswith("Does this ECG show"):   # one lookup: 'x in the reading' or 'x not in the reading'
         return "no" if tags[0].endswith(" not in the reading") else "yes"
     found = [t.rsplit(" ", 1)[1] for t in tags if " not in ECG" not in t]   # one finding looked up ECG by ECG

@@ -27,8 +27,8 @@ import torch
 
 from chat import FORMATS
 from docs.analysis.mitdb_numbers import consistency
-from docs.analysis.skills_probe import (packed_stream, text_chat, text_optimizer, text_tokenizer, train_step,
-                                        training_args)
+from docs.analysis.skills_probe import (packed_stream, stream_summary, text_chat, text_optimizer, text_tokenizer,
+                                        texts_seen, train_step, training_args)
 from synthetic.generator import make_patient, synth_ecg
 from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
 from synthetic.tasks import GROUNDED_QUESTIONS, LEAD_SETS, grounded_answer
@@ -105,8 +105,8 @@ def main(argv=None):
         print(f"then: {len(then[0])} {args.then} texts, {len(then[1])} held out")
     texts = rows + (then[0] if then else [])   # one tokenizer for both phases, with or without the first
     tok = text_tokenizer(texts, args.vocab)
-    stream = packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(args.seed))
-    print(f"{len(stream)} tokens, {len(stream) / len(rows):.0f} per text")
+    stream = packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(args.seed), args.seq * args.whole)
+    print(stream_summary(stream, len(rows), args))
     chat = text_chat(tok, args.dim, args.layers)
     opt = text_optimizer(chat.llm, args.lr)
     rng, t0 = np.random.default_rng(args.seed + 1), time.time()
@@ -114,7 +114,7 @@ def main(argv=None):
         loss = train_step(chat.llm, opt, stream, rng, step, args)
         if step % args.eval_every == 0 or step == args.steps:
             figures, answers = copy_score(chat, held, args.show if step == args.steps else 0)
-            seen = step * args.batch * args.seq / (len(stream) / len(rows))
+            seen = texts_seen(step, args, stream, len(rows))
             print(f"step {step:5d}  loss {loss.item():.3f}  texts seen {seen:7.0f} (grounded "
                   f"{seen * n_grounded / len(rows):6.0f})  {time.time() - t0:5.0f} s  "
                   f"figures repeated right {figures:.2f}  answers all right {answers:.2f}", flush=True)
@@ -126,7 +126,8 @@ def then_family(chat, then, args):
     """Go on with one skill family alone (a fresh optimizer and schedule of --then_steps), scored on held-out people
     as skills_probe.py scores it: does a model that copies learn the family sooner than one that does not?"""
     rows, held = then
-    stream = packed_stream(rows, chat.tokenizer, FORMATS["nanoecg"], np.random.default_rng(args.seed))
+    stream = packed_stream(rows, chat.tokenizer, FORMATS["nanoecg"], np.random.default_rng(args.seed),
+                           args.seq * args.whole)
     opt = text_optimizer(chat.llm, args.lr)
     sched = argparse.Namespace(**{**vars(args), "steps": args.then_steps})
     rng, t0 = np.random.default_rng(args.seed + 2), time.time()

@@ -4,8 +4,10 @@ docs/RESULTS.md (issue 29), not part of the library.
 
 The LLM of the default run (this project's `LLM` and sentencepiece tokenizer; --dim, --n_layers ... as in config.py)
 trains from scratch on synthetic/skills.py's texts alone: the question, then 'Reading: <each ECG's reading>.
-Answer: <the dataset's answer>', laid out as a chat, the loss on every token, the texts packed end to end into
-rows of --seq tokens (no padding). Every --eval_every steps each family is scored on held-out people: the question
+Answer: <the dataset's answer>', laid out as a chat, the loss on every token, the texts laid end to end in one
+stream of which each step takes random windows of --seq tokens (no padding), or with --whole packed whole into rows
+of --seq tokens as the run's stage 0 packs them (a window cuts texts longer than itself: with --seq 256 half the
+hr_trend texts lose their question, and the series' families learn slower than in the run). Every --eval_every steps each family is scored on held-out people: the question
 and the reading are given, the model writes the answer (greedy), scored as eval.py scores the task. hr_trend is
 also scored on its changed series alone, "hr_trend (changed)": two thirds of its texts keep their rate, so its plain
 score is mostly that prior.
@@ -18,6 +20,7 @@ score is mostly that prior.
   python -m docs.analysis.skills_probe --families hr_trend --patients 32000 --worked --band    # a band, no subtraction
   python -m docs.analysis.skills_probe --patients 8000 --worked --index_first   # lookups named first: 'ECG3 af: no'
   python -m docs.analysis.skills_probe --families hr_trend --patients 64000 --held_people 1500 --balance   # 1/3 each
+  python -m docs.analysis.skills_probe --patients 8000 --worked --whole --seq 512 --batch 8   # packed as the run packs
 
 --form: where the question stands. "written" (the task rows' form): the question, then 'Reading: R. Answer: a'.
 "restated": the question, then 'Reading: R. Question: Q. Answer: a' (the answer repeats the question after the
@@ -47,12 +50,35 @@ from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
 from synthetic.tasks import CHECKED
 
 
-def packed_stream(rows, tok, fmt, rng):
-    """Every row as a chat, shuffled and concatenated into one token stream (each chat starts with <bos>)."""
-    stream = []
-    for i in rng.permutation(len(rows)):
-        stream += encode_chat(tok, [("user", rows[i]["question"]), ("assistant", rows[i]["answer"])], fmt=fmt)[0]
-    return torch.tensor(stream)
+def packed_stream(rows, tok, fmt, rng, whole=0):
+    """Every row as a chat, shuffled and concatenated into one token stream (each chat starts with <bos>) -> (N,).
+    whole: the chats laid end to end whole into rows of at most `whole` + 1 tokens, as the run's stage 0 packs its
+    texts (train.pack), the rest of a row -100 -> (rows, whole + 1)."""
+    chats = [encode_chat(tok, [("user", rows[i]["question"]), ("assistant", rows[i]["answer"])], fmt=fmt)[0]
+             for i in rng.permutation(len(rows))]
+    if not whole:
+        return torch.tensor([t for ids in chats for t in ids])
+    packed = [[]]
+    for ids in chats:
+        if packed[-1] and len(packed[-1]) + len(ids) > whole + 1:
+            packed.append([])
+        packed[-1] += ids[:whole + 1]
+    out = torch.full((len(packed), whole + 1), -100)
+    for k, ids in enumerate(packed):
+        out[k, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+def stream_summary(stream, n_texts, args):
+    tokens = int((stream >= 0).sum())
+    return (f"{tokens} tokens, {tokens / n_texts:.0f} per text; an epoch is "
+            f"{n_texts / texts_seen(1, args, stream, n_texts):.0f} steps")
+
+
+def texts_seen(step, args, stream, n_texts):
+    """How many training texts `step` steps of args.batch rows (or windows) of the stream hold."""
+    rows = len(stream) if stream.dim() == 2 else len(stream) / args.seq
+    return step * args.batch * n_texts / rows
 
 
 def training_args(ap):
@@ -63,6 +89,9 @@ def training_args(ap):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval_every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--whole", action="store_true", help="texts packed whole into rows of --seq tokens, as the run's "
+                    "stage 0 packs them, instead of random --seq windows of one stream (which cut a text longer than "
+                    "--seq, so its answer is learned without its question: half the hr_trend texts are over 256)")
 
 
 def text_tokenizer(rows, vocab):
@@ -91,15 +120,19 @@ def text_chat(tok, dim, layers):
 
 
 def train_step(llm, opt, stream, rng, step, args):
-    """One step on args.batch random windows of args.seq tokens of the packed stream, the loss on every token; lr
-    warmed up over the first 10 % of args.steps, then cosine to a tenth. -> the loss"""
+    """One step on args.batch random windows of args.seq tokens of the packed stream (or random rows of a packing
+    by whole texts), the loss on every token; lr warmed up over the first 10 % of args.steps, then cosine to a
+    tenth. -> the loss"""
     lr = args.lr * min(1.0, step / (0.1 * args.steps)) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
     for g in opt.param_groups:
         g["lr"] = lr
-    starts = rng.integers(0, len(stream) - args.seq - 1, args.batch)
-    x = torch.stack([stream[s:s + args.seq + 1] for s in starts])            # (B, seq + 1)
-    logits = llm(x[:, :-1])                                                  # (B, seq, V)
-    loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+    if stream.dim() == 2:
+        x = stream[torch.from_numpy(rng.integers(0, len(stream), args.batch))]  # (B, seq + 1), -100 past the texts
+    else:
+        starts = rng.integers(0, len(stream) - args.seq - 1, args.batch)
+        x = torch.stack([stream[s:s + args.seq + 1] for s in starts])        # (B, seq + 1)
+    logits = llm(x[:, :-1].clamp(min=0))                                     # (B, seq, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), ignore_index=-100)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
     opt.step()
@@ -109,13 +142,14 @@ def train_step(llm, opt, stream, rng, step, args):
 
 def with_rates(row, form="rates"):
     """--rates / --band: an hr_trend text answered after the first and last ECG's rates are written with the step
-    between them (which no lookup writes). "rates": their difference, '... Check: ECG1 72 bpm, ECG4 95 bpm; 95 - 72 =
+    between them, in place of the two rates alone (tasks.multi_row's check). "rates": their difference, '... Check: ECG1 72 bpm, ECG4 95 bpm; 95 - 72 =
     23. Answer: increased'. "band": the first rate's band of no change, then where the last one falls, so the only
     arithmetic is a ten added and taken away: '... Check: ECG1 72 bpm, 62-82; ECG4 95 bpm, above. Answer: increased'
     (the rule: a change of 10 bpm or more, so 82 itself is above). Other texts are returned as they are."""
     if row["family"] != "hr_trend":
         return row
     head, sep, tail = row["answer"].rpartition(" " + ANSWER)
+    head = head.split(" " + CHECKED)[0]   # in place of the rates copied side by side (tasks.multi_row's check)
     rates = [int(x) for x in re.findall(r"(\d+) bpm", head)]
     first, last = rates[0], rates[-1]
     if form == "rates":
@@ -238,16 +272,15 @@ def main(argv=None):
         counts[r["family"]] += 1
     print(f"{len(rows)} training texts in {time.time() - t0:.0f} s:", dict(sorted(counts.items())))
     tok = text_tokenizer(rows, args.vocab)
-    stream = packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(args.seed))
-    print(f"{len(stream)} tokens, {len(stream) / len(rows):.0f} per text; an epoch is "
-          f"{len(stream) // (args.batch * args.seq)} steps")
+    stream = packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(args.seed), args.seq * args.whole)
+    print(stream_summary(stream, len(rows), args))
     chat = text_chat(tok, args.dim, args.layers)
     opt = text_optimizer(chat.llm, args.lr)
     rng, t0 = np.random.default_rng(args.seed + 1), time.time()
     for step in range(1, args.steps + 1):
         loss = train_step(chat.llm, opt, stream, rng, step, args)
         if step % args.eval_every == 0 or step == args.steps:
-            seen = step * args.batch * args.seq / (len(stream) / len(rows))
+            seen = texts_seen(step, args, stream, len(rows))
             for form, texts in scored.items():
                 acc = skill_accuracy(chat, texts, per_family=args.held)
                 print(f"step {step:5d}  loss {loss.item():.3f}  texts seen {seen:7.0f}  {time.time() - t0:5.0f} s  "

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from chat import ANSWER, FORMATS
-from docs.analysis.skills_probe import (packed_stream, text_chat, text_optimizer, text_tokenizer, train_step,
-                                        training_args)
+from docs.analysis.skills_probe import (packed_stream, stream_summary, text_chat, text_optimizer, text_tokenizer,
+                                        texts_seen, train_step, training_args)
 from eval import localization_iou
 from synthetic.generator import make_patient
 from synthetic.skills import answer_prompt
@@ -103,9 +103,8 @@ def main(argv=None):
     print(f"{len(rows)} training texts in {time.time() - t0:.0f} s; asked beat present in "
           f"{np.mean([r['final'].startswith('Duration') for r in rows]):.2f}")
     tok = text_tokenizer(rows, args.vocab)
-    stream = packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(args.seed))
-    print(f"{len(stream)} tokens, {len(stream) / len(rows):.0f} per text; an epoch is "
-          f"{len(stream) // (args.batch * args.seq)} steps")
+    stream = packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(args.seed), args.seq * args.whole)
+    print(stream_summary(stream, len(rows), args))
     chat = text_chat(tok, 192, 4)
     opt = text_optimizer(chat.llm, args.lr)
     rng, t0 = np.random.default_rng(args.seed + 1), time.time()
@@ -114,7 +113,7 @@ def main(argv=None):
         if step % args.eval_every == 0 or step == args.steps:
             iou, exact, found = span_scores(chat, held, 256 if args.worked else 48)   # a block's check: every beat
             print(f"step {step:5d}  loss {loss.item():.3f}  texts seen "
-                  f"{step * args.batch * args.seq / (len(stream) / len(rows)):7.0f}  {time.time() - t0:5.0f} s  "
+                  f"{texts_seen(step, args, stream, len(rows)):7.0f}  {time.time() - t0:5.0f} s  "
                   f"IoU {iou:.3f}  exact {exact:.2f}  IoU where the beat is {found:.3f}", flush=True)
 
 
