@@ -6,6 +6,7 @@ and the chat template and its loss mask.
 Real records are read in place from ../shared/data/physionet (never copied here); the
 tests that need them skip with a reason when that folder is absent.
 """
+import argparse
 import importlib
 import json
 import math
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import data
-from chat import ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, SPECIAL_TOKENS, USER, _run_lengths, ecg_blocks, encode_chat
+from chat import (ASSISTANT, ECG_END, ECG_START, ECG_TOKEN, END_TURN, FORMATS, SPECIAL_TOKENS, USER, _run_lengths,
+                  ecg_blocks, encode_chat)
 from data import (BEAT_NAMES, STANDARD_LEADS, ECGRecord, RowECGReader, load_ecg, load_rows, localization_answer,
                   parse_localization, prepare_ecg, resample)
 from helpers import write_dataset
@@ -495,6 +498,30 @@ def test_the_skills_probes_rewritten_checks_keep_their_verdicts():
             else:
                 assert new == old
     assert named > 50
+
+
+def test_the_probe_packed_whole_keeps_every_text_whole_in_its_row():
+    """skills_probe --whole, as the run's stage 0 packs (train.pack): each text lies whole in one row, in order, the
+    rest of the row -100, which the loss passes over (a window of one stream would cut the long series' texts)."""
+    probe = importlib.import_module("docs.analysis.skills_probe")
+    from synthetic.skills import skill_rows
+    rows = skill_rows(6, seed=2, worked=True)   # one ECG's short questions and six ECGs' long ones
+    tok = probe.text_tokenizer(rows, 400)
+    chats = [encode_chat(tok, [("user", r["question"]), ("assistant", r["answer"])], fmt=FORMATS["nanoecg"])[0]
+             for r in rows]
+    seq = max(map(len, chats)) + 4
+    packed = probe.packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(0), whole=seq)
+    assert packed.shape[1] == seq + 1 and len(packed) < len(rows)   # several short texts share a row
+    laid = [t for row in packed.tolist() for t in row if t != -100]
+    order = np.random.default_rng(0).permutation(len(rows))
+    assert laid == [t for i in order for t in chats[i]]   # every text once, whole, in the shuffled order
+    for row in packed.tolist():   # padding only after the last text of a row
+        assert all(t == -100 for t in row[row.index(-100) if -100 in row else len(row):])
+    llm = probe.text_chat(tok, 48, 1).llm
+    args = argparse.Namespace(steps=10, batch=2, seq=seq, lr=1e-3)
+    loss = probe.train_step(llm, probe.text_optimizer(llm, 1e-3), packed, np.random.default_rng(1), 1, args)
+    assert torch.isfinite(loss)
+    assert probe.texts_seen(len(packed), argparse.Namespace(batch=1, seq=seq), packed, len(rows)) == len(rows)
 
 
 @pytest.mark.parametrize("after_reading, worked", [(False, False), (True, False), (False, True), (True, True)])

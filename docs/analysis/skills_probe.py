@@ -7,10 +7,10 @@ trains from scratch on synthetic/skills.py's texts alone: the question, then 'Re
 Answer: <the dataset's answer>', laid out as a chat, the loss on every token, the texts laid end to end in one
 stream of which each step takes random windows of --seq tokens (no padding), or with --whole packed whole into rows
 of --seq tokens as the run's stage 0 packs them (a window cuts texts longer than itself: with --seq 256 half the
-hr_trend texts lose their question, and the series' families learn slower than in the run). Every --eval_every steps each family is scored on held-out people: the question
-and the reading are given, the model writes the answer (greedy), scored as eval.py scores the task. hr_trend is
-also scored on its changed series alone, "hr_trend (changed)": two thirds of its texts keep their rate, so its plain
-score is mostly that prior.
+hr_trend texts lose their question, and the series' families learn slower than in the run). Every --eval_every
+steps each family is scored on held-out people: the question and the reading are given, the model writes the
+answer (greedy), scored as eval.py scores the task. hr_trend is also scored on its changed series alone, "hr_trend
+(changed)": two thirds of its texts keep their rate, so its plain score is mostly that prior.
 
   python -m docs.analysis.skills_probe --steps 600 --batch 16          # a few CPU minutes
   python -m docs.analysis.skills_probe --families single-verify --steps 400   # one family alone
@@ -142,10 +142,11 @@ def train_step(llm, opt, stream, rng, step, args):
 
 def with_rates(row, form="rates"):
     """--rates / --band: an hr_trend text answered after the first and last ECG's rates are written with the step
-    between them, in place of the two rates alone (tasks.multi_row's check). "rates": their difference, '... Check: ECG1 72 bpm, ECG4 95 bpm; 95 - 72 =
-    23. Answer: increased'. "band": the first rate's band of no change, then where the last one falls, so the only
-    arithmetic is a ten added and taken away: '... Check: ECG1 72 bpm, 62-82; ECG4 95 bpm, above. Answer: increased'
-    (the rule: a change of 10 bpm or more, so 82 itself is above). Other texts are returned as they are."""
+    between them, in place of the two rates alone (tasks.multi_row's check). "rates": their difference, '... Check:
+    ECG1 72 bpm, ECG4 95 bpm; 95 - 72 = 23. Answer: increased'. "band": the first rate's band of no change, then
+    where the last one falls, so the only arithmetic is a ten added and taken away: '... Check: ECG1 72 bpm, 62-82;
+    ECG4 95 bpm, above. Answer: increased' (the rule: a change of 10 bpm or more, so 82 itself is above). Other
+    texts are returned as they are."""
     if row["family"] != "hr_trend":
         return row
     head, sep, tail = row["answer"].rpartition(" " + ANSWER)
