@@ -86,13 +86,14 @@ def skill_rows(n_patients, seed=0, questions=8, after_reading=False, worked=Fals
     return rows
 
 
-def answer_prompt(model, row):
+def answer_prompt(model, row, check_given=False):
     """The chat up to the step: the question, then the answer turn's reading (given, so the score is of the step
-    from the reading to the answer alone) through "Answer:", or up to a worked check, which the model writes."""
+    from the reading to the answer alone) through "Answer:", or up to a worked check, which the model writes.
+    check_given: through "Check:" too, so the model need not know where the reading ends (the step alone)."""
     ids = model.prompt([("user", row["question"])], [], add_generation_prompt=True)[0]
     text = row["answer"]
     if (cut := text.rfind(" " + CHECKED)) >= 0:
-        return ids + model.tokenizer.encode(text[:cut])
+        return ids + model.tokenizer.encode(text[:cut + (1 + len(CHECKED) if check_given else 0)])
     cut = text.rfind(ANSWER)
     return ids + (model.tokenizer.encode(text[:cut + len(ANSWER)]) if cut >= 0 else [])
 
@@ -106,9 +107,9 @@ def score(row, text):
 
 
 @torch.no_grad()
-def skill_accuracy(model, rows, per_family=40, batch_size=32):
+def skill_accuracy(model, rows, per_family=40, batch_size=32, check_given=False):
     """{family: share right} over up to per_family held-out rows each (those that fit the context), the model writing
-    the answer after the given reading (greedy), each scored by `score`."""
+    the answer after the given reading (greedy; with check_given after "Check:" too), each scored by `score`."""
     by = defaultdict(list)
     for r in rows:
         if r.get("task") == "skills" and len(by[r["family"]]) < per_family:
@@ -121,7 +122,8 @@ def skill_accuracy(model, rows, per_family=40, batch_size=32):
         # tokens the model may write: a per-ECG report, a worked check (up to ~10 findings tagged) and its answer,
         # or a short answer
         budget = 80 if fam == "per_ecg_report" else 112 if any(CHECKED in r["answer"] for r in group) else 16
-        prompts = [(r, ids) for r in group if len(ids := answer_prompt(model, r)) + budget <= model.max_seq_len]
+        prompts = [(r, ids) for r in group
+                   if len(ids := answer_prompt(model, r, check_given)) + budget <= model.max_seq_len]
         for k in range(0, len(prompts), batch_size):
             chunk, asked = zip(*prompts[k:k + batch_size])
             written = model.generate(list(asked), [[] for _ in chunk], max_new_tokens=budget)

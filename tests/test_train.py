@@ -203,7 +203,7 @@ def test_resume_mid_stage_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     assert all(0 <= v <= 1 for v in skills[0]["accuracy"].values())
 
 
-def after_the_scoring_prompt(model, rows):
+def after_the_scoring_prompt(model, rows, check_given=False):
     """[(row, the trained text after its scoring prompt)] for the rows that fit the tiny model's context (at least 80
     %), each prompt checked to be the trained text's own beginning."""
     from synthetic.skills import answer_prompt
@@ -213,7 +213,7 @@ def after_the_scoring_prompt(model, rows):
             full = model.prompt([("user", r["question"]), ("assistant", r["answer"])], [])[0]
         except ValueError:   # longer than the tiny test model's context (its 400-piece vocabulary)
             continue
-        asked = answer_prompt(model, r)
+        asked = answer_prompt(model, r, check_given)
         assert full[:len(asked)] == asked
         out.append((r, model.tokenizer.decode(full[len(asked):]).strip()))
     assert len(out) >= len(rows) * 0.8
@@ -240,6 +240,8 @@ def test_a_worked_skill_is_scored_on_the_check_the_model_writes_not_one_it_is_gi
                                            "hr_trend"}
     for r, rest in after_the_scoring_prompt(model, rows):
         assert rest.startswith("Check:") and rest.endswith(f"Answer: {r['final']}{model.format.end}"), rest
+    for r, rest in after_the_scoring_prompt(model, rows, check_given=True):   # skills_probe --check_given
+        assert rest == r["answer"].rpartition("Check: ")[2] + model.format.end, rest
 
 
 @pytest.fixture

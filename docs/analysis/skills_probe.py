@@ -21,6 +21,8 @@ answer (greedy), scored as eval.py scores the task. hr_trend is also scored on i
   python -m docs.analysis.skills_probe --patients 8000 --worked --index_first   # lookups named first: 'ECG3 af: no'
   python -m docs.analysis.skills_probe --families hr_trend --patients 64000 --held_people 1500 --balance   # 1/3 each
   python -m docs.analysis.skills_probe --patients 8000 --worked --whole --seq 512 --batch 8   # packed as the run packs
+  python -m docs.analysis.skills_probe --families hr_trend --patients 32000 --worked --whole --seq 512 --batch 8 \
+      --vocab 400 --check_given   # one family alone, scored with "Check:" given (the step, not where the reading ends)
 
 --form: where the question stands. "written" (the task rows' form): the question, then 'Reading: R. Answer: a'.
 "restated": the question, then 'Reading: R. Question: Q. Answer: a' (the answer repeats the question after the
@@ -228,6 +230,8 @@ def parse_args(argv=None):
     ap.add_argument("--held_people", type=int, default=SKILL_VAL_PATIENTS, help="simulated people of the held-out "
                                                                                 "texts (the run's by default)")
     ap.add_argument("--vocab", type=int, default=cfg.vocab_size, help="tokenizer size (one family's texts: 400)")
+    ap.add_argument("--check_given", action="store_true", help="held-out texts scored with 'Check:' given after the "
+                    "reading: the step alone, without knowing where the reading ends (a family alone learns that late)")
     return ap.parse_args(argv)
 
 
@@ -283,7 +287,7 @@ def main(argv=None):
         if step % args.eval_every == 0 or step == args.steps:
             seen = texts_seen(step, args, stream, len(rows))
             for form, texts in scored.items():
-                acc = skill_accuracy(chat, texts, per_family=args.held)
+                acc = skill_accuracy(chat, texts, per_family=args.held, check_given=args.check_given)
                 print(f"step {step:5d}  loss {loss.item():.3f}  texts seen {seen:7.0f}  {time.time() - t0:5.0f} s  "
                       f"[{form}] " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
 
