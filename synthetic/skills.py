@@ -93,7 +93,8 @@ def answer_prompt(model, row, check_given=False):
     ids = model.prompt([("user", row["question"])], [], add_generation_prompt=True)[0]
     text = row["answer"]
     if (cut := text.rfind(" " + CHECKED)) >= 0:
-        return ids + model.tokenizer.encode(text[:cut + (1 + len(CHECKED) if check_given else 0)])
+        end = cut + len(" " + CHECKED) if check_given else cut
+        return ids + model.tokenizer.encode(text[:end])
     cut = text.rfind(ANSWER)
     return ids + (model.tokenizer.encode(text[:cut + len(ANSWER)]) if cut >= 0 else [])
 

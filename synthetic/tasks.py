@@ -301,8 +301,9 @@ def multi_row(paths, truths, days, rng):
         check = lookups(s, seen[:len(seen) if first is None else first + 1])   # up to the first that shows it
     elif kind == "hr_trend":
         first, last = round(truths[0].hr_bpm), round(truths[-1].hr_bpm)   # the rates as a reading writes them
+        d = last - first
         q, a = "How does the heart rate change from the first to the last ECG?", (
-            "increased" if last - first >= 10 else "decreased" if last - first <= -10 else "unchanged")
+            "increased" if d >= 10 else "decreased" if d <= -10 else "unchanged")
         # the two rates copied side by side: the comparison then needs no search through up to six readings
         check = f"{CHECKED} ECG1 {first} bpm; ECG{len(truths)} {last} bpm."
     else:
