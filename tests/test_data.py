@@ -559,6 +559,13 @@ def test_every_skill_text_is_answered_by_its_reading_and_scored_on_its_final_ans
     for task in ("ecgqa", "multi"):
         assert f[task]["n"] == n[task] and f[task]["rule_right"] == 1.0
         assert f[task]["faithful"] == f[task]["right"] == pytest.approx(1 - wrong[task] / n[task])
+    # the reading by the ECG's place: the true reading itself is all right; each rate written 5 bpm off is off by 5
+    same = [dict(r, reading=r["prediction"]) for r in rows]
+    assert set(analysis.reading_by_place(same)) == {"one ECG", "ECG1", "ECG2", "ECG3+"}
+    assert all(f1 == 1.0 and mae == 0.0 for f1, mae, _ in analysis.reading_by_place(same).values())
+    off = [dict(r, prediction=re.sub(r"(\d+) bpm", lambda m: f"{int(m.group(1)) + 5} bpm", r["prediction"]))
+           for r in same]
+    assert {mae for _, mae, _ in analysis.reading_by_place(off).values()} == {5.0}
 
 
 WORKED_FAMILIES = {"single-verify", "comparison-verify", "comparison-query", "new_findings", "resolved_findings",

@@ -7,9 +7,12 @@ question from those readings, and the answers are scored as eval.py scores the m
 generator's truth must score 1.0 (a check of this script). If the rule on the model's readings scores far above the
 model's own answers, what the model lacks is the step from reading to answer, not the reading.
 
-  python -m docs.analysis.rule_on_readings out/model    # after `python train.py`; about 2 minutes on 2 cores
+  python -m docs.analysis.rule_on_readings out/model    # after `python train.py`; about 4 minutes on 2 cores;
+                                                        # also each ECG read alone, by its place in the prompt,
+                                                        # and the answers given those readings
   python -m docs.analysis.rule_on_readings out/test_predictions.jsonl   # answers that write their reading first:
-                                                                        # does the conclusion follow from it?
+                                                                        # does the conclusion follow from it? and is
+                                                                        # an ECG among several read as well as alone?
 
 The rules are written again here from the question text, since the task builders draw each question and its answer
 together (synthetic/tasks.py); synthetic/tasks.py is the reference for them.
@@ -22,14 +25,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
-from chat import ECGChat
+from chat import ECGChat, turns_of
 from config import Config
 from data import STANDARD_LEADS, STATEMENTS
 from eval import (bootstrap, evaluate, find_statements, parse_measurements, per_ecg_parts, row_score,
                   rows_per_task, set_match)
 from synthetic.tasks import (ASKED, CHECKED, GROUNDED_QUESTIONS, REPORT_QUESTIONS, RHYTHMS, askable,
-                             build_synthetic_dataset, findings_of, listing)
+                             build_synthetic_dataset, findings_of, listing, reading_of)
 
 BY_LOWER = {s.lower(): s for s in STATEMENTS}
 
@@ -149,6 +153,32 @@ def main(model_dir):
                    for t in sorted({r["question_type"] for r in rr})}
             print(f"{name}, {task}: {metric} {v:.3f} [{lo:.3f}, {hi:.3f}]; " +
                   ", ".join(f"{t} {s:.3f}" for t, s in per.items()))
+    # the same ECGs as the answers' readings (test_predictions.jsonl's by_place), each read alone
+    print_places("each ECG read alone, by its place in the prompt", by_place(
+        ([ds.record(p)[1] for p in r["ecg_path"]], [readings[p] for p in r["ecg_path"]]) for r in rows if r.get("reading")))
+    # would the answers be right if the model read each ECG of a prompt as well as alone? given those readings:
+    with torch.no_grad():
+        after = answered_after_alone(model, ds, rows, readings)
+    for task, f in faithfulness(after).items():
+        print(f"{task}, the rows of several ECGs answered after their readings made alone: {f['n']} rows, "
+              f"right {f['right']:.3f}; the rule on the given reading right {f['rule_right']:.3f}; the conclusion "
+              f"follows it {f['faithful']:.3f}")
+
+
+def answered_after_alone(model, ds, rows, readings, batch_size=16):
+    """The rows of several ECGs answered by the model after a reading it is given: each ECG's reading made alone
+    (read_every_ecg), written as a row's reading is ('Reading: ECG1: 12 leads, 72 bpm, ... ECG2: ...'); the model
+    writes the check and the answer. -> prediction records as test_predictions.jsonl holds them."""
+    rows = [r for r in rows if len(r["ecg_path"]) > 1 and r.get("reading")]
+    given = [reading_of([readings[p] for p in r["ecg_path"]]) for r in rows]
+    prompts = [model.prompt(turns_of(r, answered=False), ds.inputs(r), add_generation_prompt=True)[0] +
+               model.tokenizer.encode(g) for r, g in zip(rows, given)]
+    written = []
+    for k in range(0, len(rows), batch_size):
+        ids = model.generate(prompts[k:k + batch_size], [ds.inputs(r) for r in rows[k:k + batch_size]], 160)
+        written += [model.tokenizer.decode(w) for w in ids]
+    return [{k: r[k] for k in ("task", "question_type", "ecg_path", "question", "answer")} | {"prediction": g + w}
+            for r, g, w in zip(rows, given, written)]
 
 
 def faithfulness(preds):
@@ -169,6 +199,32 @@ def faithfulness(preds):
     return out
 
 
+def by_place(readings):
+    """[(the true readings of a prompt's ECGs, the ones written), ...] -> {place ("one ECG", "ECG1", "ECG2", "ECG3+"):
+    (statement F1, heart-rate MAE, ECGs)}, each ECG scored by its place in its prompt."""
+    counts = {}   # place -> [statements right, written, true, [rate errors]]
+    for true, said in readings:
+        for k, (t, s) in enumerate(zip(true, said)):
+            c = counts.setdefault("one ECG" if len(true) == 1 else f"ECG{min(k + 1, 3)}" + "+" * (k >= 2),
+                                  [0, 0, 0, []])
+            c[0] += len(set(t.statements) & set(s.statements))
+            c[1], c[2] = c[1] + len(s.statements), c[2] + len(t.statements)
+            c[3].append(abs(round(t.hr_bpm) - s.hr_bpm))   # a reading writes the rate rounded
+    return {place: (2 * c[0] / (c[1] + c[2]), float(np.mean(c[3])), len(c[3])) for place, c in sorted(counts.items())}
+
+
+def reading_by_place(preds):
+    """Test answers (test_predictions.jsonl records) that write a reading, against the row's true one, by the ECG's
+    place in its prompt (by_place): is an ECG among several read as well as one alone?"""
+    return by_place((parse_reading(p["reading"]), parse_reading(p["prediction"])) for p in preds
+                    if p["task"] in ("ecgqa", "multi") and p.get("reading") and "Reading:" in p["prediction"])
+
+
+def print_places(what, places):
+    print(f"{what} (statement F1, heart-rate MAE, ECGs): " +
+          "; ".join(f"{k} {f1:.3f}, {mae:.1f} bpm, {n}" for k, (f1, mae, n) in places.items()))
+
+
 if __name__ == "__main__":
     arg = sys.argv[1] if len(sys.argv) > 1 else "out/model"
     if arg.endswith(".jsonl"):
@@ -176,5 +232,7 @@ if __name__ == "__main__":
             print(f"{task}: {f['n']} answers with a reading; the conclusion follows the own reading "
                   f"{f['faithful']:.3f}; "
                   f"the rule on the own reading right {f['rule_right']:.3f}; the answer right {f['right']:.3f}")
+        print_places("the reading in the answer, by the ECG's place",
+                     reading_by_place([json.loads(line) for line in Path(arg).read_text().splitlines()]))
     else:
         main(arg)
