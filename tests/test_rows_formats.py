@@ -253,6 +253,7 @@ def printout_rows():
     return [both, alone, dict(both, id="40689241")]
 
 
+@needs_physionet   # anyecg_rows reads MIT-BIH 100's annotations
 def test_a_model_that_reads_printouts_gets_rows_of_both_modalities_and_others_refuse_them(tmp_path):
     path = write_rows(tmp_path, "p", printout_rows() + [dict(anyecg_rows()[1], modality="image")])
     both, alone, _, marked = load_rows(path, images=True)
