@@ -6,7 +6,7 @@ A trained model writes each ECG's reading worse when the ECG is one of several i
 alone (rule_on_readings.py). Here the model goes on training on the training rows of several ECGs only (ECG-QA
 comparisons and multi-ECG questions; stage 3's loss, on the answers; the encoder frozen, the projector and the LLM
 trained, AdamW at a constant --lr), and every --every steps its readings of the test rows of several ECGs are scored
-by the ECG's place (rule_on_readings.by_place), beside the answers' accuracy. Step 0 is the model as it is.
+by the ECG's place (rule_on_readings.reading_by_place), beside the answers' accuracy. Step 0 is the model as it is.
 
   python -m docs.analysis.reading_probe runs/hrcheck/model --steps 600 --every 200   # ~15 min on one thread
 """
@@ -18,7 +18,7 @@ import torch
 
 from chat import ECGChat, turns_of
 from config import Config
-from docs.analysis.rule_on_readings import by_place, parse_reading
+from docs.analysis.rule_on_readings import reading_by_place
 from eval import evaluate, rows_per_task
 from synthetic.tasks import build_synthetic_dataset
 from train import collate
@@ -32,8 +32,7 @@ def several(rows):
 def scores(model, rows, ds):
     """-> ({place: (statement F1, heart-rate MAE)}, {task: accuracy}) of the model's answers to `rows`."""
     _, preds = evaluate(model, rows, ds.inputs, 16, 256, progress=False)
-    places = by_place((parse_reading(p["reading"]), parse_reading(p["prediction"])) for p in preds
-                      if "Reading:" in p["prediction"])
+    places = reading_by_place(preds)
     right = {t: float(np.mean([float(p["score"]) for p in preds if p["task"] == t])) for t in ("ecgqa", "multi")}
     return {k: (round(f1, 3), round(mae, 1)) for k, (f1, mae, _) in places.items()}, \
         {t: round(v, 3) for t, v in right.items()}

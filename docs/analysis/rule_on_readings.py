@@ -171,11 +171,12 @@ def answered_after_alone(model, ds, rows, readings, batch_size=16):
     writes the check and the answer. -> prediction records as test_predictions.jsonl holds them."""
     rows = [r for r in rows if len(r["ecg_path"]) > 1 and r.get("reading")]
     given = [reading_of([readings[p] for p in r["ecg_path"]]) for r in rows]
-    prompts = [model.prompt(turns_of(r, answered=False), ds.inputs(r), add_generation_prompt=True)[0] +
-               model.tokenizer.encode(g) for r, g in zip(rows, given)]
+    inputs = [ds.inputs(r) for r in rows]
+    prompts = [model.prompt(turns_of(r, answered=False), x, add_generation_prompt=True)[0] + model.tokenizer.encode(g)
+               for r, x, g in zip(rows, inputs, given)]
     written = []
     for k in range(0, len(rows), batch_size):
-        ids = model.generate(prompts[k:k + batch_size], [ds.inputs(r) for r in rows[k:k + batch_size]], 160)
+        ids = model.generate(prompts[k:k + batch_size], inputs[k:k + batch_size], 160)
         written += [model.tokenizer.decode(w) for w in ids]
     return [{k: r[k] for k in ("task", "question_type", "ecg_path", "question", "answer")} | {"prediction": g + w}
             for r, g, w in zip(rows, given, written)]
