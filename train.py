@@ -347,10 +347,12 @@ def build_model(cfg, tok, device, dtype):
     else:
         encoder = ECGEncoder(encoder_config(cfg))
     if not cfg.images:
-        return ECGChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, cfg.chat_format, cfg.label_ecgs)
+        return ECGChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, cfg.chat_format, cfg.label_ecgs,
+                       ecg_seconds=cfg.ecg_seconds)
     image_encoder = load_clip_vision(cfg.image_init) if cfg.image_init else ImageEncoder(image_config(cfg))
     return ImageChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, cfg.chat_format, cfg.label_ecgs,
-                     image_encoder.to(device, dtype), train_image_encoder=not cfg.image_init)  # GEM: CLIP frozen
+                     image_encoder.to(device, dtype), train_image_encoder=not cfg.image_init,  # GEM: CLIP frozen
+                     ecg_seconds=cfg.ecg_seconds)
 
 
 def image_config(cfg):

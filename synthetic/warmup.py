@@ -290,11 +290,13 @@ def main(argv=None):
             p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     p.add_argument("--d-model", type=int, default=128, help="encoder width")
     p.add_argument("--layers", type=int, default=4, help="encoder depth")
+    p.add_argument("--template", action=argparse.BooleanOptionalAction, default=True,
+                   help="add each lead's average beat per window to its patches (ecg_encoder.beat_templates)")
     p.add_argument("--save", help="write the trained encoder (safetensors) for train.py --encoder_init")
     args = p.parse_args(argv)
     cfg = WarmupConfig(**{k: getattr(args, k) for k in vars(WarmupConfig()) if k != "held_out"})
     torch.manual_seed(cfg.seed)
-    encoder = ECGEncoder(EncoderConfig(d_model=args.d_model, n_layers=args.layers))
+    encoder = ECGEncoder(EncoderConfig(d_model=args.d_model, n_layers=args.layers, template=args.template))
     result = fit_encoder_to_truth(encoder, cfg)
     if args.save:
         save_encoder_weights(encoder, args.save, encoder.cfg)

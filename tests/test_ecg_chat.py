@@ -379,6 +379,25 @@ def test_several_ecgs_are_named_as_the_answers_name_them_and_one_is_not(tok, tmp
     assert ECGChat.load(tmp_path / "m").label_ecgs is True
 
 
+def test_each_ecgs_length_is_stated_before_its_block_as_answers_write_times(tok, tmp_path):
+    model = make_chat(tok)
+    ecgs = [ecg(45.92, seed=1), ecg(10, seed=2)]
+    turn = [("user", "Where is the Left bundle branch block beat?")]
+    assert "s)" not in tok.decode(model.prompt(turn, ecgs[:1], add_generation_prompt=True)[0])   # off by default
+    model.ecg_seconds = True
+    one = tok.decode(model.prompt(turn, ecgs[:1], add_generation_prompt=True)[0])
+    assert f"(45.9s){ECG_START}" in one.replace(" ", "")
+    model.label_ecgs = True
+    two = tok.decode(model.prompt(turn, ecgs, add_generation_prompt=True)[0]).replace(" ", "")
+    assert two.index("ECG1(45.9s):") < two.index(ECG_START) < two.index("ECG2(10.0s):") < two.rindex(ECG_START)
+    model.save(tmp_path / "m")
+    assert ECGChat.load(tmp_path / "m").ecg_seconds is True
+    settings = json.loads((tmp_path / "m" / "config.json").read_text())
+    del settings["nanoecg"]["ecg_seconds"]   # a folder saved before the setting existed reads as it was trained
+    (tmp_path / "m" / "config.json").write_text(json.dumps(settings))
+    assert ECGChat.load(tmp_path / "m").ecg_seconds is False
+
+
 def test_a_rows_history_and_followups_are_turns_of_one_chat_and_every_answer_is_learnt(tok):
     from chat import turns_of
     row = {"question": "Report?", "answer": "Report: Sinus rhythm", "history": [["Is it readable?", "yes"]],

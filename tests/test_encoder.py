@@ -1,17 +1,20 @@
 """Tests for ecg_encoder.py: batch invariance, lead handling, lengths, absolute time,
 window independence, gradients, bad input, weights I/O. Tiny preset, CPU, fp32."""
 
+import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from bench.speed import count_flops, internal_tokens
 from data import STANDARD_LEADS, load_ecg, prepare_ecg
-from ecg_encoder import (ECGEncoder, EncoderConfig, Projector, beat_times, load_encoder_config,
-                         load_encoder_weights, rhythm_features, save_encoder_weights)
+from ecg_encoder import (ECGEncoder, EncoderConfig, Projector, beat_templates, beat_times, load_encoder_config,
+                         load_encoder_weights, rhythm_features, save_encoder_weights, template_span)
 
 PHYSIONET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "physionet"
 FS = 100  # the tiny preset's rate; the tests state expectations in seconds and samples
@@ -185,7 +188,7 @@ def test_a_short_last_token_is_the_mean_of_its_own_patches(tps, seconds):
 
 
 def test_windows_are_independent():
-    enc = make_encoder(rhythm=False)  # the attention; the rhythm features measure across borders (tested below)
+    enc = make_encoder(rhythm=False, template=False)  # the attention; the beat features measure across borders
     x = ecg(2, 45, seed=9)
     y = x.clone()
     y[:, 2000:3000] += 1.0  # change samples of window 3 only (20-30 s)
@@ -226,6 +229,36 @@ def test_rhythm_features_change_the_tokens_and_can_be_left_out():
     a, b = encode(make_encoder(), [x, y], [["I", "II"]] * 2)
     assert maxdiff(a[9:11], b[9:11]) > 1e-2  # the early beat's tokens
     assert ECGEncoder(EncoderConfig(rhythm=False)).rhythm_proj is None
+
+
+def test_beat_templates_average_each_windows_beats_over_its_baseline():
+    onsets = [0.5 + 0.8 * k for k in range(12)]  # 12 beats in the first 10 s window, none in the second
+    x = pulse_train(onsets, 15)
+    x[1] += 0.3  # lead 2 sits 0.3 mV up: the baseline is taken off
+    for t in onsets:  # an ST shift of +0.2 mV, 100-200 ms after each QRS, in lead 1 only
+        x[0, round((t + 0.1) * FS):round((t + 0.2) * FS)] += 0.2
+    beats = beat_times(x, FS)
+    tpl = beat_templates(x, beats, FS, window=10 * FS)  # (2 leads, 2 windows, samples)
+    a, b = template_span(FS)
+    assert tpl.shape == (2, 2, a + b)
+    assert (tpl[:, 1] == 0).all()  # no beat in the second window
+    peak = tpl[1, 0].argmax().item()
+    assert abs(peak - a) <= 2 and tpl[1, 0, peak] == pytest.approx(1.0, abs=1e-5)  # the QRS at its place, its height
+    st = slice(peak + 10, peak + 18)  # inside each beat's 100-200 ms after its onset
+    assert torch.allclose(tpl[0, 0, st], torch.full((8,), 0.2)) and (tpl[1, 0, st].abs() < 1e-6).all()
+    assert tpl[:, 0, :peak - 3].abs().max() < 1e-6  # flat before the QRS: the baseline is 0 in both leads
+
+
+def test_beat_templates_change_the_tokens_and_can_be_left_out():
+    onsets = [0.5 + 0.8 * k for k in range(12)]
+    x, y = pulse_train(onsets, 10), pulse_train(onsets, 10)
+    for t in onsets:  # the same beats with an ST shift: the same beat timing, another average beat
+        y[:, round((t + 0.1) * FS):round((t + 0.2) * FS)] += 0.2
+    with_t = make_encoder()
+    a, b = encode(with_t, [x, y], [["I", "II"]] * 2)
+    assert maxdiff(a, b) > 1e-2
+    without = make_encoder(template=False)
+    assert without.template_proj is None and set(without.state_dict()) < set(with_t.state_dict())
 
 
 def test_beat_times_find_the_synthetic_beats():
@@ -315,6 +348,15 @@ def test_weights_round_trip(tmp_path):
     load_encoder_weights(other, path)
     assert maxdiff(encode(enc, x, names)[0], encode(other, x, names)[0]) == 0.0
     assert load_encoder_config(path) == enc.cfg
+
+
+def test_a_file_from_before_the_beat_templates_loads_as_it_was_written(tmp_path):
+    old = make_encoder(template=False)
+    cfg = {k: v for k, v in asdict(old.cfg).items() if k != "template"}  # as such files hold it
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(path), {"config": json.dumps(cfg)})
+    assert load_encoder_config(path).template is False
+    load_encoder_weights(ECGEncoder(load_encoder_config(path)), path)
 
 
 def test_mismatched_weights_name_the_keys(tmp_path):

@@ -1,0 +1,42 @@
+"""
+report_statements.py — which statements a model's reports get right: statement F1 one statement at a time, over the
+report rows of one or more runs' test_predictions.jsonl (the same test rows), side by side. An analysis behind
+docs/RESULTS.md (issue 29), not part of the library: the run's table gives the micro F1 over all statements only, and
+a few statements read at F1 0 hide behind the common ones.
+
+    python -m docs.analysis.report_statements runs/a/test_predictions.jsonl [runs/b/test_predictions.jsonl ...]
+"""
+import argparse
+import json
+
+from data import STATEMENTS, find_statements
+
+
+def per_statement(path, task="report"):
+    """{statement: (reference count, F1)} over the `task` rows of one predictions file."""
+    counts = {s: [0, 0, 0] for s in STATEMENTS}  # true pos, false pos, false neg
+    with open(path) as f:
+        rows = [r for r in map(json.loads, f) if r["task"] == task]
+    for r in rows:
+        said, true = find_statements(r["prediction"]), find_statements(r["answer"])
+        for s in said | true:
+            counts[s][0 if s in said and s in true else 1 if s in said else 2] += 1
+    return {s: (tp + fn, 2 * tp / max(1, 2 * tp + fp + fn)) for s, (tp, fp, fn) in counts.items()}, len(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("predictions", nargs="+", help="test_predictions.jsonl files of runs on the same test split")
+    p.add_argument("--task", default="report")
+    args = p.parse_args(argv)
+    runs = [per_statement(path, args.task) for path in args.predictions]
+    print(f"{args.task} rows: {', '.join(str(n) for _, n in runs)}; F1 per statement, one column per file")
+    print(f"| statement | in the references | {' | '.join(args.predictions)} |")
+    print("|---|---|" + "---|" * len(runs))
+    for s in sorted(STATEMENTS, key=lambda s: -runs[0][0][s][0]):
+        if runs[0][0][s][0]:
+            print(f"| {s} | {runs[0][0][s][0]} | {' | '.join(f'{table[s][1]:.2f}' for table, _ in runs)} |")
+
+
+if __name__ == "__main__":
+    main()
