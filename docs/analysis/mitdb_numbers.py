@@ -7,11 +7,13 @@ interpretation of this ECG." (greedy). Per window: the heart rate from the recor
 answer's measurement line states, the rate the encoder's own QRS detector gives (ecg_encoder.beat_times: what the
 encoder is handed as rhythm features), and whether the answer's reasoning repeats its measurement line's figures
 (PR, QRS, QTc, axis) or writes new ones. Then the whole 38.4 s PTB record s0010_re asked for a report in each of
-the task's phrasings: is the answer a whole report ("Report: " and a list of known statements)? The same consistency is counted on the grounded answers of the synthetic test split
-(out/test_predictions.jsonl) when that file is given.
+the task's phrasings: is the answer a whole report ("Report: " and a list of known statements)? With --samples N,
+the README's generate command (the PAC at 876-886 s) is sampled N times as generate.py samples (seeds 0..N-1):
+how many answers name a span overlapping the reference 6.1-7.7 s. The same consistency is counted on the grounded
+answers of the synthetic test split (out/test_predictions.jsonl) when that file is given.
 
     python -m docs.analysis.mitdb_numbers --ckpt out/model [--root ../shared/data/physionet] \
-        [--predictions out/test_predictions.jsonl]
+        [--predictions out/test_predictions.jsonl] [--samples 60]
 """
 import argparse
 import json
@@ -21,13 +23,14 @@ import numpy as np
 import torch
 import wfdb
 
-from data import STATEMENTS, load_ecg, prepare_ecg
+from data import STATEMENTS, load_ecg, parse_localization, prepare_ecg
 from ecg_encoder import beat_times
 from images.chat import load_chat
 from synthetic.tasks import REPORT_QUESTIONS
 
 WINDOWS = [180 * k for k in range(10)]   # seconds: 0, 180, ..., 1620 of the 30-minute record
 GROUNDED = "Give a grounded interpretation of this ECG."
+PAC_QUESTION = "Locate the Atrial premature beat on this ECG."
 # a figure in the measurement line, and the same figure where the reasoning repeats it
 # (the reasoning may write the figure with a colon, as copy_probe.py --quote does)
 MEASURED = {"pr": r"PR: (\d+) ms", "qrs": r"QRS: (\d+) ms", "qtc": r"QT/QTc: \d+/(\d+) ms", "axis": r"Axis: (-?\d+)°"}
@@ -73,11 +76,25 @@ def ask(model, question, ecg, max_new_tokens=256):
     return model.tokenizer.decode(model.generate([ids], [[ecg]], max_new_tokens=max_new_tokens)[0])
 
 
+def pac_samples(model, record, n):
+    """The README's generate command (MIT-BIH 100, 876-886 s, T 0.6, top-p 0.9) with seeds 0..n-1: the answers that
+    name a span overlapping the reference PAC span 6.1-7.7 s."""
+    ecg = prepare_ecg(load_ecg(record, start=876 * 360, end=886 * 360), 100, name="100 876-886 s")
+    ids = model.prompt([("user", PAC_QUESTION)], [ecg], add_generation_prompt=True)[0]
+    answers = [model.tokenizer.decode(model.generate([ids], [[ecg]], max_new_tokens=64, temperature=0.6, top_p=0.9,
+                                                     generator=torch.Generator().manual_seed(s))[0])
+               for s in range(n)]
+    hits = [any(a < 7.7 and b > 6.1 for a, b in parse_localization(x) or []) for x in answers]
+    print(f"\nthe README's PAC command, {n} samples: a span overlapping 6.1-7.7 s in {sum(hits)}; seed 0 answers "
+          f"{answers[0]!r}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out/model")
     p.add_argument("--root", default="../shared/data/physionet")
     p.add_argument("--predictions", help="test_predictions.jsonl of the same run: consistency on synthetic answers")
+    p.add_argument("--samples", type=int, default=0, help="sample the README's PAC command this many times")
     args = p.parse_args(argv)
     model = load_chat(args.ckpt).eval()
     record = f"{args.root}/100"
@@ -103,6 +120,8 @@ def main(argv=None):
         print(f"\nPTB s0010_re ({ptb.signal.shape[1] / 100:.1f} s): whole reports {sum(whole)} of {len(reports)}")
         for q, r in zip(REPORT_QUESTIONS, reports):
             print(f"  {q!r}: {r!r}")
+        if args.samples:
+            pac_samples(model, record, args.samples)
     if args.predictions:
         rows = [json.loads(line) for line in open(args.predictions)]
         grounded = [r for r in rows if r.get("task") == "grounded"]
