@@ -147,8 +147,8 @@ def beat_templates(x, t, fs, window):
     window of `window` samples, the average of the beats whose QRS falls in it, from TEMPLATE_S[0] before each QRS to
     TEMPLATE_S[1] after, less the lead's median in the window (its baseline); zeros in a window without a beat.
     Why: on an averaged beat PR, QRS width, QT, the ST level and the T wave's sign sit at fixed offsets from the QRS,
-    with the noise averaged out, while on the patches they fall anywhere across patch borders (the warm-up's
-    statement F1 0.71 -> 0.83 with it; 1st degree A-V block 0.00 -> 0.79, ST elevation 0.06 -> 0.85)."""
+    with the noise averaged out, while on the patches they fall anywhere across patch borders (docs/RESULTS.md, "The
+    encoder reads each lead's average beat": without it the encoder never learns PR, ST or the T wave)."""
     x = x.float()
     L, N = x.shape
     a, b = template_span(fs)

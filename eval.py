@@ -144,14 +144,20 @@ def rouge_l(hyp, ref):
 
 
 # --- statements (ECG-Bench style): which known statements a text names
-def statement_prf(preds, refs, vocabulary=STATEMENTS):
-    """Each text -> a binary vector over the vocabulary. Micro precision / recall / F1 over all (text, statement)
-    pairs, and macro F1 over the statements that occur in a reference or a prediction (one nobody names has no F1)."""
-    counts = {s: [0, 0, 0] for s in vocabulary}  # true pos, false pos, false neg
+def statement_counts(preds, refs, vocabulary=STATEMENTS):
+    """{statement: [true pos, false pos, false neg]} over (prediction, reference) text pairs."""
+    counts = {s: [0, 0, 0] for s in vocabulary}
     for p, r in zip(preds, refs):
         p, r = find_statements(p, vocabulary), find_statements(r, vocabulary)
         for s in p | r:
             counts[s][0 if s in p and s in r else 1 if s in p else 2] += 1
+    return counts
+
+
+def statement_prf(preds, refs, vocabulary=STATEMENTS):
+    """Each text -> a binary vector over the vocabulary. Micro precision / recall / F1 over all (text, statement)
+    pairs, and macro F1 over the statements that occur in a reference or a prediction (one nobody names has no F1)."""
+    counts = statement_counts(preds, refs, vocabulary)
     tp, fp, fn = (sum(c[k] for c in counts.values()) for k in range(3))
     used = [c for c in counts.values() if sum(c)]
     return {"precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,

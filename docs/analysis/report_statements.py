@@ -9,18 +9,15 @@ a few statements read at F1 0 hide behind the common ones.
 import argparse
 import json
 
-from data import STATEMENTS, find_statements
+from data import STATEMENTS
+from eval import statement_counts
 
 
 def per_statement(path, task="report"):
-    """{statement: (reference count, F1)} over the `task` rows of one predictions file."""
-    counts = {s: [0, 0, 0] for s in STATEMENTS}  # true pos, false pos, false neg
+    """{statement: (reference count, F1)} over the `task` rows of one predictions file, and the row count."""
     with open(path) as f:
         rows = [r for r in map(json.loads, f) if r["task"] == task]
-    for r in rows:
-        said, true = find_statements(r["prediction"]), find_statements(r["answer"])
-        for s in said | true:
-            counts[s][0 if s in said and s in true else 1 if s in said else 2] += 1
+    counts = statement_counts([r["prediction"] for r in rows], [r["answer"] for r in rows])
     return {s: (tp + fn, 2 * tp / max(1, 2 * tp + fp + fn)) for s, (tp, fp, fn) in counts.items()}, len(rows)
 
 
