@@ -59,6 +59,8 @@ class Config:
     chat_format: str = arg("auto", "prompt layout: auto (the checkpoint's own: llama3, chatml) | nanoecg | llama3 | "
                                    "chatml")
     vocab_size: int = arg(1000, "sentencepiece vocabulary trained on the task text (from scratch)")
+    phrases: bool = arg(True, "from scratch: tokenizer pieces may span spaces, so a finding's name ('Left bundle "
+                              "branch block') is one piece and the texts a third shorter (model.train_tokenizer)")
     dim: int = arg(192, "tiny LLM width")
     n_layers: int = arg(4, "tiny LLM depth")
     n_heads: int = arg(4, "tiny LLM attention heads")
@@ -80,7 +82,7 @@ class Config:
     lora_alpha: float = arg(16.0, "LoRA scale numerator (scale = alpha / r)")
     lora_dropout: float = arg(0.1, "dropout on the LoRA input")
     # curriculum. tasks: comma list of task[:weight] or "all"; train: parts of encoder,projector,llm,lora
-    stage0_steps: int = arg(800, "language pretraining steps, task text and skill texts (skipped with --llm)")
+    stage0_steps: int = arg(1150, "language pretraining steps, task text and skill texts (skipped with --llm)")
     stage0_lr: float = arg(2e-3, "stage 0 peak learning rate")
     text_batch: int = arg(64, "stage 0: texts per step, laid end to end in rows of max_seq_len (0: batch_size rows)")
     stage0_tasks: str = arg("all,skills", "stage 0 text comes from these tasks (skills: synthetic/skills.py's)")

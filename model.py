@@ -149,9 +149,12 @@ class Tokenizer:
         atomic_write(out_dir / "added_tokens.json", json.dumps(self.added, indent=1))
 
 
-def train_tokenizer(texts, out_dir, vocab_size=2000, special_tokens=()):
+def train_tokenizer(texts, out_dir, vocab_size=2000, special_tokens=(), phrases=False):
     """Train a Llama-style BPE sentencepiece model on an iterable of strings, with Llama's choices: byte fallback (no
-    unknown characters), digits split one by one, no normalisation (so decode(encode(x)) == x), a dummy-prefix space."""
+    unknown characters), digits split one by one, no normalisation (so decode(encode(x)) == x), a dummy-prefix space.
+    phrases: pieces may span spaces, so a set phrase of the text ("Left bundle branch block") can become one piece;
+    letters never join digits or punctuation (sentencepiece's script split), so a text cut after "Answer:" or a
+    "." is still encoded as the whole text is."""
     import sentencepiece as spm
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +163,7 @@ def train_tokenizer(texts, out_dir, vocab_size=2000, special_tokens=()):
         model_type="bpe", character_coverage=1.0, byte_fallback=True, split_digits=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
         allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=1 << 16,
-        num_threads=2, minloglevel=2)
+        split_by_whitespace=not phrases, max_sentencepiece_length=64 if phrases else 16, num_threads=2, minloglevel=2)
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
     (out_dir / "added_tokens.json").unlink(missing_ok=True)
     tok = Tokenizer(out_dir / "tokenizer.model", special_tokens)

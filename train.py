@@ -297,12 +297,13 @@ def build_tokenizer(cfg, data, rank):
         return Tokenizer(cfg.llm)   # ECGChat adds the tokens its chat format needs and the vocabulary lacks
     tok_dir = Path(cfg.out_dir) / "tokenizer"
     texts = [t for r in data["train"].rows for t in (r["question"], r["answer"])]
-    made_by = {"vocab_size": cfg.vocab_size, "text_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
+    made_by = {"vocab_size": cfg.vocab_size, "phrases": cfg.phrases,
+               "text_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
     if rank == 0 and made_by != read_made_by(tok_dir):
         if (tok_dir / "tokenizer.model").is_file():
-            warnings.warn(f"{tok_dir} was made by another --vocab_size or from other training rows: not reused, "
-                          "training it again")
-        train_run_tokenizer(texts, tok_dir, cfg.vocab_size, len(data["train"].rows))
+            warnings.warn(f"{tok_dir} was made by another --vocab_size or --phrases, or from other training rows: not "
+                          "reused, training it again")
+        train_run_tokenizer(texts, tok_dir, cfg.vocab_size, len(data["train"].rows), cfg.phrases)
         atomic_write(tok_dir / "made_by.json", json.dumps(made_by))
     if dist.is_initialized():
         dist.barrier()  # the other ranks read the file rank 0 wrote
@@ -317,10 +318,10 @@ def read_made_by(tok_dir):
         return {}
 
 
-def train_run_tokenizer(texts, tok_dir, vocab_size, n_rows):
+def train_run_tokenizer(texts, tok_dir, vocab_size, n_rows, phrases=False):
     """train_tokenizer on the training rows' text; a --vocab_size the text cannot fill is lowered, with a warning."""
     try:
-        train_tokenizer(texts, tok_dir, vocab_size, SPECIAL_TOKENS)
+        train_tokenizer(texts, tok_dir, vocab_size, SPECIAL_TOKENS, phrases)
     except RuntimeError as e:   # sentencepiece's own message, without its source location
         why = str(e).split("] ")[-1].strip()
         most = re.search(r"too high.*<= (\d+)", why)
@@ -329,7 +330,7 @@ def train_run_tokenizer(texts, tok_dir, vocab_size, n_rows):
                              f"{n_rows} training rows: {why}") from None
         warnings.warn(f"--vocab_size {vocab_size}: the text of the {n_rows} training rows holds {most[1]} "
                       f"pieces at most; the tokenizer has {most[1]}")   # few rows (one record's): still a run
-        train_tokenizer(texts, tok_dir, int(most[1]), SPECIAL_TOKENS)
+        train_tokenizer(texts, tok_dir, int(most[1]), SPECIAL_TOKENS, phrases)
 
 
 def build_model(cfg, tok, device, dtype):

@@ -197,6 +197,24 @@ def test_tokenizer_reloads_with_same_ids(tok, tmp_path):
         tok.encode("Report: Sinus rhythm" + END_TURN)
 
 
+def test_phrase_pieces_span_spaces_and_cut_cleanly(tmp_path):
+    # phrases=True: a set phrase of the text becomes one piece; without it every word is its own
+    texts = [f"Reading: {s}, Abnormal ECG. Check: {s.lower()} in ECG{k}. Answer: {a}"
+             for s in ("Left bundle branch block", "Right bundle branch block", "Atrial flutter") for k in (1, 2)
+             for a in ("yes", "no")] * 30
+    phrases = train_tokenizer(texts, tmp_path / "phrases", vocab_size=400, phrases=True)
+    words = train_tokenizer(texts, tmp_path / "words", vocab_size=400)
+    assert len(phrases.encode("Left bundle branch block")) == 1 < len(words.encode("Left bundle branch block")) == 4
+    assert len(phrases.encode(texts[0])) < len(words.encode(texts[0]))
+    for text in texts[:12] + ["  two  spaces, Left bundle branch blocks\tand a tab\n", "QTc 452 ms"]:
+        assert phrases.decode(phrases.encode(text)) == text
+        # a prompt cut after punctuation ("Answer:", a reading's ".") is encoded as the start of the whole text, so
+        # the model continues it from the tokens it was trained on (letters never join ':' or '.' in one piece)
+        for cut in (text.find("Answer:") + len("Answer:"), text.find(".") + 1):
+            if cut > 0:
+                assert phrases.encode(text)[:len(phrases.encode(text[:cut]))] == phrases.encode(text[:cut])
+
+
 def test_tokenizer_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         Tokenizer(tmp_path)

@@ -356,7 +356,7 @@ def test_anyecg_file_with_malformed_rows_and_missing_records_trains_and_counts_t
         r["split"] = "val"
     missing = [dict(r, ecg_path=[f"gone/rec{k}"], split="train") for k, r in enumerate(rows[3:9])]
     missing += [dict(rows[3], ecg_path=["../outside_the_root"], split="train")]   # never read, whatever is there
-    too_long = [dict(r, question="why " * 600) for r in rows[9:13]]
+    too_long = [dict(r, question="why? " * 600) for r in rows[9:13]]   # 1,200 pieces: "?" joins no word
     rows += missing + too_long + [{"question": "no answer", "ecg_path": "x", "task": "report", "dataset": "d"}, "not a row"]
     Path(path).write_text(json.dumps(rows))
     with pytest.warns(UserWarning, match="skipped 2"):
@@ -620,9 +620,15 @@ def test_a_tokenizer_another_run_left_in_out_dir_is_trained_again(setup, tmp_pat
         warnings.simplefilter("error")
         assert train.build_tokenizer(cfg, data, 0).base_vocab_size == first.base_vocab_size
     assert (tmp_path / "tokenizer" / "tokenizer.model").stat().st_mtime_ns == made
-    with pytest.warns(UserWarning, match=r"tokenizer was made by another --vocab_size or from other training rows"):
+    with pytest.warns(UserWarning, match=r"tokenizer was made by another --vocab_size or --phrases, or from other "
+                                         r"training rows"):
         other = train.build_tokenizer(replace(cfg, vocab_size=cfg.vocab_size + 50), data, 0)
     assert other.base_vocab_size == first.base_vocab_size + 50
+    with pytest.warns(UserWarning, match="another --vocab_size or --phrases"):   # pieces within words, or across
+        words = train.build_tokenizer(replace(cfg, vocab_size=cfg.vocab_size + 50, phrases=not cfg.phrases), data, 0)
+    phrase_tok, word_tok = (other, words) if cfg.phrases else (words, other)
+    answers = [r["answer"] for r in data["train"].rows]
+    assert sum(map(len, map(phrase_tok.encode, answers))) < sum(map(len, map(word_tok.encode, answers)))
     fewer = {**data, "train": train.Split(data["train"].rows[:-1], None)}
     with pytest.warns(UserWarning, match="from other training rows"):
         train.build_tokenizer(replace(cfg, vocab_size=cfg.vocab_size + 50), fewer, 0)

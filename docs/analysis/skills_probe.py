@@ -96,10 +96,10 @@ def training_args(ap):
                     "--seq, so its answer is learned without its question: half the hr_trend texts are over 256)")
 
 
-def text_tokenizer(rows, vocab):
+def text_tokenizer(rows, vocab, phrases=False):
     """A sentencepiece tokenizer trained on the rows' questions and answers, with the chat's special tokens."""
     with tempfile.TemporaryDirectory() as d:
-        train_tokenizer((t for r in rows for t in (r["question"], r["answer"])), d, vocab, SPECIAL_TOKENS)
+        train_tokenizer((t for r in rows for t in (r["question"], r["answer"])), d, vocab, SPECIAL_TOKENS, phrases)
         return Tokenizer(d, SPECIAL_TOKENS)
 
 
@@ -229,6 +229,8 @@ def parse_args(argv=None):
     ap.add_argument("--held", type=int, default=40, help="held-out texts scored per family")
     ap.add_argument("--held_people", type=int, default=SKILL_VAL_PATIENTS, help="simulated people of the held-out "
                                                                                 "texts (the run's by default)")
+    ap.add_argument("--phrases", action="store_true", help="a tokenizer whose pieces may span spaces (model."
+                    "train_tokenizer(phrases=True)): a finding's name one piece, the texts a third shorter")
     ap.add_argument("--vocab", type=int, default=cfg.vocab_size, help="tokenizer size (one family's texts: 400)")
     ap.add_argument("--check_given", action="store_true", help="held-out texts scored with 'Check:' given after the "
                     "reading: the step alone, without knowing where the reading ends (a family alone learns that late)")
@@ -276,7 +278,7 @@ def main(argv=None):
     for r in rows:
         counts[r["family"]] += 1
     print(f"{len(rows)} training texts in {time.time() - t0:.0f} s:", dict(sorted(counts.items())))
-    tok = text_tokenizer(rows, args.vocab)
+    tok = text_tokenizer(rows, args.vocab, args.phrases)
     stream = packed_stream(rows, tok, FORMATS["nanoecg"], np.random.default_rng(args.seed), args.seq * args.whole)
     print(stream_summary(stream, len(rows), args))
     chat = text_chat(tok, args.dim, args.layers)
