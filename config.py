@@ -225,12 +225,17 @@ def checkpoint_problem(path):
     return None
 
 
+# A checkpoint saved before one of these fields existed ran without what it turns on, and resumes so.
+BEFORE_THE_FIELD = dict(phrases=False, ecg_seconds=False)
+
+
 def saved_config(checkpoint):
     """The config fields a checkpoint's state.json holds ({} without a checkpoint: setup says so)."""
     if checkpoint is None:
         return {}
     names = {f.name for f in fields(Config)}
-    return {k: v for k, v in json.loads((checkpoint / "state.json").read_text())["config"].items() if k in names}
+    saved = json.loads((checkpoint / "state.json").read_text())["config"]
+    return {**BEFORE_THE_FIELD, **{k: v for k, v in saved.items() if k in names}}
 
 
 def check_resume(cfg, checkpoint, log):

@@ -299,7 +299,7 @@ def build_tokenizer(cfg, data, rank):
     texts = [t for r in data["train"].rows for t in (r["question"], r["answer"])]
     made_by = {"vocab_size": cfg.vocab_size, "phrases": cfg.phrases,
                "text_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
-    if rank == 0 and made_by != read_made_by(tok_dir):
+    if rank == 0 and made_by != {"phrases": False, **read_made_by(tok_dir)}:   # older files: made without phrases
         if (tok_dir / "tokenizer.model").is_file():
             warnings.warn(f"{tok_dir} was made by another --vocab_size or --phrases, or from other training rows: not "
                           "reused, training it again")

@@ -634,6 +634,18 @@ def test_a_tokenizer_another_run_left_in_out_dir_is_trained_again(setup, tmp_pat
         train.build_tokenizer(replace(cfg, vocab_size=cfg.vocab_size + 50), fewer, 0)
 
 
+def test_a_checkpoint_saved_before_a_field_existed_resumes_without_it(tmp_path):
+    # a run started before --phrases / --ecg_seconds existed trained without them: resuming it must not switch
+    # them on (a tokenizer trained again with phrase pieces would give the checkpoint's ids other meanings)
+    ckpt = tmp_path / "checkpoints" / "step_0000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"config": {"seed": 3, "vocab_size": 500}}))
+    assert config.saved_config(ckpt) == {**config.BEFORE_THE_FIELD, "seed": 3, "vocab_size": 500}
+    assert config.saved_config(ckpt)["phrases"] is False and config.Config().phrases is True
+    (ckpt / "state.json").write_text(json.dumps({"config": {"phrases": True, "ecg_seconds": True}}))
+    assert config.saved_config(ckpt) == {"phrases": True, "ecg_seconds": True}
+
+
 def test_a_log_file_gets_plain_progress_lines_not_bar_frames(tmp_path, capfd):
     train.train(tiny(tmp_path, stage0_steps=0, stage2_steps=0, stage3_steps=0, encoder_warmup_steps=20))
     out, err = capfd.readouterr()
