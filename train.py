@@ -61,7 +61,8 @@ from tqdm import tqdm
 
 from anyecg.peft import save_peft_adapter
 from chat import SPECIAL_TOKENS, ECGChat, turns_of
-from config import check_config, check_resume, encoder_config, latest_checkpoint, parse_config, warms_up_encoder
+from config import (BEFORE_THE_FIELD, check_config, check_resume, encoder_config, latest_checkpoint, parse_config,
+                    warms_up_encoder)
 from data import TASKS, ECGRecord, RowECGReader, atomic_write, load_rows, read_json
 from ecg_encoder import ECGEncoder, load_encoder_config, load_encoder_weights
 from eval import evaluate, evaluate_held_out, print_table, rows_per_task
@@ -299,7 +300,7 @@ def build_tokenizer(cfg, data, rank):
     texts = [t for r in data["train"].rows for t in (r["question"], r["answer"])]
     made_by = {"vocab_size": cfg.vocab_size, "phrases": cfg.phrases,
                "text_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
-    if rank == 0 and made_by != {"phrases": False, **read_made_by(tok_dir)}:   # older files: made without phrases
+    if rank == 0 and made_by != read_made_by(tok_dir):
         if (tok_dir / "tokenizer.model").is_file():
             warnings.warn(f"{tok_dir} was made by another --vocab_size or --phrases, or from other training rows: not "
                           "reused, training it again")
@@ -311,9 +312,11 @@ def build_tokenizer(cfg, data, rank):
 
 
 def read_made_by(tok_dir):
-    """What made the tokenizer in tok_dir ({} if nothing there says: none, or an unreadable record)."""
+    """What made the tokenizer in tok_dir ({} if nothing there says: none, or an unreadable record). A record from
+    before --phrases existed is of word pieces (config.BEFORE_THE_FIELD)."""
     try:
-        return read_json(tok_dir / "made_by.json") if (tok_dir / "tokenizer.model").is_file() else {}
+        old = {"phrases": BEFORE_THE_FIELD["phrases"]}
+        return {**old, **read_json(tok_dir / "made_by.json")} if (tok_dir / "tokenizer.model").is_file() else {}
     except (ValueError, FileNotFoundError):
         return {}
 

@@ -632,6 +632,17 @@ def test_a_tokenizer_another_run_left_in_out_dir_is_trained_again(setup, tmp_pat
     fewer = {**data, "train": train.Split(data["train"].rows[:-1], None)}
     with pytest.warns(UserWarning, match="from other training rows"):
         train.build_tokenizer(replace(cfg, vocab_size=cfg.vocab_size + 50), fewer, 0)
+    # a folder from before --phrases existed (its record does not say) is of word pieces: reused by such a run
+    words_cfg = replace(cfg, vocab_size=cfg.vocab_size + 51, phrases=False)
+    with pytest.warns(UserWarning, match="another --vocab_size"):
+        train.build_tokenizer(words_cfg, data, 0)
+    record = tmp_path / "tokenizer" / "made_by.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "phrases"}))
+    made = (tmp_path / "tokenizer" / "tokenizer.model").stat().st_mtime_ns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.build_tokenizer(words_cfg, data, 0)
+    assert (tmp_path / "tokenizer" / "tokenizer.model").stat().st_mtime_ns == made
 
 
 def test_a_checkpoint_saved_before_a_field_existed_resumes_without_it(tmp_path):
