@@ -98,7 +98,8 @@ class Config:
     stage3_steps: int = arg(700, "all-task stage steps")
     stage3_lr: float = arg(1e-3, "stage 3 peak learning rate")
     stage3_tasks: str = arg("report,grounded,ecgqa,location,location_long:4,multi:4",
-                            "stage 3 task mix (weights per row: the few long clips and multi-ECG rows 4x)")
+                            "stage 3 task mix (weights per row: the few long clips and multi-ECG rows 4x; "
+                            "skills:0.12 adds stage 0's skill texts as a fifth of the rows)")
     stage3_train: str = arg("projector,llm", "stage 3 trainable parts (as stage 1)")
     # optimization
     batch_size: int = arg(16, "examples per micro-batch (per process)")
@@ -117,6 +118,8 @@ class Config:
     log_interval: int = arg(10, "steps between log lines")
     eval_interval: int = arg(200, "steps between validation losses")
     eval_batches: int = arg(4, "micro-batches per validation loss")
+    skill_eval_interval: int = arg(0, "steps between each skill's held-out accuracy, in a stage with skill texts "
+                                      "(0: at the stage's end only)")
     gen_eval_rows: int = arg(4, "val rows per task generated at each stage's end (0: off)")
     test_rows: int = arg(150, "held-out rows per task evaluated at the end (0: all)")
     test_rows_per_type: int = arg(40, "ECG-QA and multi: held-out rows per question type instead (0: test_rows)")
@@ -135,7 +138,8 @@ ANYECG = dict(stage1_lr=1e-4, stage2_lr=1e-4, stage3_lr=1e-4, weight_decay=1e-4,
               stage3_train="encoder,projector,lora")
 # What --resume lets a flag change: how the run logs, evaluates, checkpoints and where it runs, never what it learns.
 RESUME_SAFE = ("out_dir", "resume", "overwrite", "stop_after", "device", "workers", "ecg_cache", "compile",
-               "grad_checkpoint", "log_interval", "eval_interval", "eval_batches", "gen_eval_rows", "test_rows",
+               "grad_checkpoint", "log_interval", "eval_interval", "eval_batches",
+               "skill_eval_interval", "gen_eval_rows", "test_rows",
                "max_new_tokens", "ckpt_interval", "keep_ckpts", "max_nan_steps", "test_data")
 # An encoder that nothing trained before the curriculum learns in the stages (see encoder_pretrained)
 UNTRAINED_ENCODER = dict.fromkeys(("stage1_train", "stage2_train", "stage3_train"), "encoder,projector,llm")

@@ -434,6 +434,8 @@ def run_stage(cfg, env, model, data, stage, progress):
             n_skipped = report_skipped(split, n_skipped, env, bar)
             if shares and (step % cfg.eval_interval == 0 or step == stage.steps):
                 validate(cfg, env, model, data["val"], stage, progress, bar)
+            if cfg.skill_eval_interval and step % cfg.skill_eval_interval == 0 and step < stage.steps:
+                log_skills(env, model, data["val"], stage, step, bar.write)   # (the stage's end: after it)
             stop = bool(cfg.stop_after) and progress.steps_this_run >= cfg.stop_after
             if shares and (step % cfg.ckpt_interval == 0 or step == stage.steps or stop):
                 save_checkpoint(cfg, model, opt, progress.position(stage), env.fsdp)
@@ -494,6 +496,19 @@ def validate(cfg, env, model, split, stage, progress, bar):
     env.log({**progress.position(stage), "val_loss": float(np.mean(losses))})
     if env.rank == 0:
         bar.write(f"stage {stage.index} step {progress.step}: val loss {np.mean(losses):.4f}")
+
+
+def log_skills(env, model, split, stage, step, write=print):
+    """Each answering step's accuracy on held-out people, the reading given (synthetic/skills.py), logged and written:
+    in a stage with skill texts, at its end and every --skill_eval_interval steps (none without --skill_patients;
+    under FSDP a rank cannot generate alone)."""
+    if env.rank > 0 or env.fsdp or "skills" not in stage.tasks:
+        return
+    accuracy = skill_accuracy(model, split.rows)
+    if accuracy:
+        env.log({"event": "skills", "stage": stage.index, "step": step, "accuracy": accuracy})
+        write(f"stage {stage.index} step {step} skills (held-out, reading given): " +
+              ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
 
 
 class Meter:
@@ -573,12 +588,7 @@ def run_stage_and_check(cfg, env, model, data, stage, progress):
     if run_stage(cfg, env, model, data, stage, progress):
         return True
     progress.resume_stage = None
-    accuracy = skill_accuracy(model, data["val"].rows) if env.rank == 0 and "skills" in stage.tasks and \
-        not env.fsdp else {}   # each answering step, on held-out people (none without --skill_patients)
-    if accuracy:
-        env.log({"event": "skills", "stage": stage.index, "accuracy": accuracy})
-        print(f"stage {stage.index} skills (held-out, reading given): " +
-              ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
+    log_skills(env, model, data["val"], stage, stage.steps)
     # under FSDP a rank cannot generate alone; the final evaluation, on the gathered model, still runs
     if env.rank == 0 and cfg.gen_eval_rows and stage.index > 0 and not env.fsdp:
         rows = rows_per_task([r for r in data["val"].rows if r["task"] in stage.tasks], cfg.gen_eval_rows)

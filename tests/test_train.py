@@ -1,6 +1,7 @@
 """Tests for train.py: the curriculum's stages learn and freeze what they should, resume is exact,
 DDP equals gradient accumulation, checkpoints survive a crash, and bad input gets a clear error."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -152,6 +153,18 @@ def test_stage0_is_text_only_and_stage1_sees_ecgs(setup):
         assert all(x == -100 for x in labels[:opens + 1]) and any(x != -100 for x in labels[opens + 1:])
 
 
+def test_skill_texts_can_be_drawn_beside_the_ecg_rows_of_an_ecg_stage(setup):
+    """--stage3_tasks ...,skills:0.12 (docs/RESULTS.md, "Skill texts in stage 3"): text rows among the ECG rows."""
+    cfg, data, model = setup
+    s3 = train.curriculum(dataclasses.replace(cfg, stage3_tasks=cfg.stage3_tasks + ",skills:0.12"))[3]
+    probs = data["train"].weights(s3.tasks)
+    share = sum(p for p, r in zip(probs, data["train"].rows) if r["task"] == "skills")
+    assert 0.02 < share < 0.5   # a small share, drawn beside the ECG rows
+    drawn = [e for step in range(16) for e in train.get_batch(cfg, data["train"], probs, model, s3, step, 0)["inputs"]]
+    texts = sum(e == [] for e in drawn)   # a skill text has no ECG; every task row has one
+    assert 0 < texts < len(drawn) / 2, (texts, len(drawn), share)
+
+
 def test_collate_right_pads_and_keeps_each_examples_inputs(setup):
     cfg, data, model = setup
     rows = data["train"].rows[:3]
@@ -172,7 +185,7 @@ def test_collate_right_pads_and_keeps_each_examples_inputs(setup):
 # ----------------------------------------------------------------------------- the loop
 
 def test_resume_mid_stage_gives_the_losses_of_an_uninterrupted_run(tmp_path):
-    full = train.train(tiny(tmp_path / "a"))
+    full = train.train(tiny(tmp_path / "a", skill_eval_interval=2))   # scoring the skills mid-stage changes nothing
     # stop in stage 2 (steps 3 + 3 + 2), where LoRA dropout draws from the torch RNG
     first = train.train(tiny(tmp_path / "b", stop_after=8))
     assert config.latest_checkpoint(tmp_path / "b").name == "step_0000008"
@@ -196,10 +209,11 @@ def test_resume_mid_stage_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     back = ECGChat.load(tmp_path / "b" / "model")  # the folder generate.py / eval.py take
     assert back.tokenizer.vocab_size == back.llm.config.vocab_size
     assert (tmp_path / "a" / "test_predictions.jsonl").is_file()
-    # stage 0's skills: scored at its end on held-out people, each family apart
+    # stage 0's skills: scored on held-out people, each family apart, every --skill_eval_interval steps and at its end
     skills = [r for r in map(json.loads, (tmp_path / "a" / "log.jsonl").read_text().splitlines())
               if r.get("event") == "skills"]
-    assert [r["stage"] for r in skills] == [0] and len(skills[0]["accuracy"]) >= 8
+    assert [(r["stage"], r["step"]) for r in skills] == [(0, 2), (0, 3)]
+    assert len(skills[0]["accuracy"]) >= 8
     assert all(0 <= v <= 1 for v in skills[0]["accuracy"].values())
 
 

@@ -1,0 +1,43 @@
+"""
+model_skills.py — what a trained model still knows of stage 0's answering steps. An analysis behind docs/RESULTS.md
+(issue 29), not part of the library.
+
+train.py scores each skill family while stage 0's texts train it (at its end, and every --skill_eval_interval
+steps); the ECG stages after it train on ECG rows alone, so the model saved at the end of a run may have forgotten
+some of it. This scores a saved model on exactly the held-out texts the run scored (synthetic/skills.py: the
+SKILL_VAL_PATIENTS people of the test seed, 40 texts a family, the reading given, the model writing check and
+answer, greedy) and prints them beside the run's own last stage-0 figures from its log.
+
+  python -m docs.analysis.model_skills out/model [runs/other/model ...]   # ~10 s a model on 2 cores
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from images.chat import load_chat
+from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
+from synthetic.tasks import TEST_SEED
+
+
+def stage0_skills(model_dir):
+    """The last "skills" record of stage 0 in the run's log.jsonl (the folder above the model's), or None."""
+    log = Path(model_dir).parent / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    found = [r["accuracy"] for r in records if r.get("event") == "skills" and r.get("stage") == 0]
+    return found[-1] if found else None
+
+
+def main(model_dirs):
+    rows = skill_rows(SKILL_VAL_PATIENTS, TEST_SEED, worked=True)   # train.load_data's val skill texts
+    for model_dir in model_dirs:
+        now = skill_accuracy(load_chat(model_dir).eval(), rows)
+        then = stage0_skills(model_dir) or {}
+        print(f"{model_dir}: mean {sum(now.values()) / len(now):.3f} at the end of the run" +
+              (f", {sum(then.values()) / len(then):.3f} at the end of stage 0" if then else ""))
+        for family, score in now.items():
+            print(f"  {family:20s} {score:.2f}" + (f"  (stage 0: {then[family]:.2f})" if family in then else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["out/model"])
