@@ -124,17 +124,23 @@ def encode_chat(tokenizer, turns, blocks="", add_generation_prompt=False, fmt=FO
     return ids, labels
 
 
-def ecg_blocks(counts, fmt=FORMATS["nanoecg"], named=False, seconds=None):
+def ecg_blocks(counts, fmt=FORMATS["nanoecg"], named=False, seconds=None, last=False):
     """The placeholder blocks of ECGs of `counts` tokens each: '<ecg><ecg_token> x n</ecg>', in order. named: 'ECG1:',
     'ECG2:' ... before each block when there are several, as questions and answers name them: without a name nothing
     tells the model which block a question means (their time codes all start at 0). seconds: each ECG's length,
     stated before its block as the answers write times ('(45.9s)', 'ECG1 (10.0s):'): a token's time code says where
-    it is, not where the record ends, and a finding that lasts the whole record ends there ('Duration: 0.0s-45.9s')."""
+    it is, not where the record ends, and a finding that lasts the whole record ends there ('Duration: 0.0s-45.9s').
+    last: with names, the last block is named as the last ('ECG4 (10.0s, last):'), so an answer written ECG by ECG
+    can stop after it by looking up the name it just wrote, not by counting the blocks."""
     start, end, token = fmt.marks[:3]
-    names = [f"ECG{k + 1}" for k in range(len(counts))] if named and len(counts) > 1 else [""] * len(counts)
-    lengths = [f"({s:.1f}s)" for s in seconds] if seconds is not None else [""] * len(counts)
-    heads = [f"{a} {b}:" if a and b else f"{a}:" if a else b for a, b in zip(names, lengths)]
-    return "".join(h + start + token * int(n) + end for h, n in zip(heads, counts))
+    n = len(counts)
+    names = [f"ECG{k + 1}" for k in range(n)] if named and n > 1 else [""] * n
+    notes = [[f"{s:.1f}s"] for s in seconds] if seconds is not None else [[] for _ in range(n)]
+    if last and names[-1]:
+        notes[-1].append("last")
+    heads = [(f"{a} " if a and b else a) + (f"({', '.join(b)})" if b else "") + (":" if a else "")
+             for a, b in zip(names, notes)]
+    return "".join(h + start + token * int(c) + end for h, c in zip(heads, counts))
 
 
 ANSWER = "Answer:"   # ends a row's "reading": the dataset's own answer follows it (eval.final_answer)
@@ -170,7 +176,7 @@ class ECGChat(nn.Module):
     projects its own tokens (anyecg/) comes with nn.Identity()."""
 
     def __init__(self, llm, encoder, tokenizer, max_seq_len=None, chat_format="auto", label_ecgs=False,
-                 projector=None, ecg_seconds=False):
+                 projector=None, ecg_seconds=False, name_last_ecg=False):
         super().__init__()
         self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
         w = llm.embed_tokens.weight
@@ -180,6 +186,7 @@ class ECGChat(nn.Module):
         self.format = choose_format(tokenizer, chat_format)   # adds the tokens the vocabulary lacks
         self.label_ecgs = label_ecgs                           # "ECG1:" before each block of a multi-ECG prompt
         self.ecg_seconds = ecg_seconds                         # "(45.9s)" before each block: the ECG's length
+        self.name_last_ecg = name_last_ecg                     # "ECG4 (last):": where a per-ECG answer stops
         if tokenizer.vocab_size > llm.config.vocab_size:
             llm.resize_vocab(tokenizer.vocab_size)  # room for the added special tokens
         self.ecg_token_id = tokenizer.added[self.format.marks[2]]
@@ -217,7 +224,7 @@ class ECGChat(nn.Module):
                              f"({self.encoder.cfg.patch_size} samples)")
         seconds = [e.signal.shape[1] / self.encoder.cfg.fs for e in ecgs] if self.ecg_seconds else None
         return ecg_blocks([self.encoder.num_tokens(e.signal.shape[1]) for e in ecgs], self.format, self.label_ecgs,
-                          seconds)
+                          seconds, self.name_last_ecg)
 
     def check_fits(self, ecg_samples, n_text_tokens=0):
         """The ECG tokens of ECGs of these lengths (samples), or a clear error if they and n_text_tokens do not fit
@@ -338,7 +345,8 @@ class ECGChat(nn.Module):
     def settings(self):
         """What load() needs beside the weights to build this model again."""
         return {"encoder": asdict(self.encoder.cfg), "max_seq_len": self.max_seq_len,
-                "chat_format": self.format.name, "label_ecgs": self.label_ecgs, "ecg_seconds": self.ecg_seconds}
+                "chat_format": self.format.name, "label_ecgs": self.label_ecgs, "ecg_seconds": self.ecg_seconds,
+                "name_last_ecg": self.name_last_ecg}
 
     SECTIONS = {"encoder": EncoderConfig}   # the settings sections that are a part's config (check_settings)
 
@@ -347,7 +355,8 @@ class ECGChat(nn.Module):
         """The model a folder's "nanoecg" settings describe, with untrained parts beside the LLM (load fills them)."""
         return cls(llm, ECGEncoder(saved_encoder_config(settings["encoder"])), tokenizer, settings.get("max_seq_len"),
                    settings.get("chat_format", "auto"), settings.get("label_ecgs", False),
-                   ecg_seconds=settings.get("ecg_seconds", False), **parts)
+                   ecg_seconds=settings.get("ecg_seconds", False),
+                   name_last_ecg=settings.get("name_last_ecg", False), **parts)
 
     @classmethod
     def load(cls, ckpt_dir, dtype=None, device=None):

@@ -56,6 +56,8 @@ class Config:
     label_ecgs: bool = arg(True, "name each ECG of a multi-ECG prompt (ECG1:, ECG2:, ...) as questions and answers do")
     ecg_seconds: bool = arg(True, "state each ECG's length before its block, as answers write times ('(45.9s)'), so "
                                   "a span that lasts the whole record can end where it does")
+    name_last_ecg: bool = arg(True, "with label_ecgs: the last block of several is named as the last ('ECG4 "
+                                    "(10.0s, last):'), so a per-ECG answer stops after it")
     chat_format: str = arg("auto", "prompt layout: auto (the checkpoint's own: llama3, chatml) | nanoecg | llama3 | "
                                    "chatml")
     vocab_size: int = arg(1000, "sentencepiece vocabulary trained on the task text (from scratch)")
@@ -230,7 +232,7 @@ def checkpoint_problem(path):
 
 
 # A checkpoint saved before one of these fields existed ran without what it turns on, and resumes so.
-BEFORE_THE_FIELD = dict(phrases=False, ecg_seconds=False)
+BEFORE_THE_FIELD = dict(phrases=False, ecg_seconds=False, name_last_ecg=False)
 
 
 def saved_config(checkpoint):

@@ -352,11 +352,11 @@ def build_model(cfg, tok, device, dtype):
         encoder = ECGEncoder(encoder_config(cfg))
     if not cfg.images:
         return ECGChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, cfg.chat_format, cfg.label_ecgs,
-                       ecg_seconds=cfg.ecg_seconds)
+                       ecg_seconds=cfg.ecg_seconds, name_last_ecg=cfg.name_last_ecg)
     image_encoder = load_clip_vision(cfg.image_init) if cfg.image_init else ImageEncoder(image_config(cfg))
     return ImageChat(llm, encoder.to(device, dtype), tok, cfg.max_seq_len, cfg.chat_format, cfg.label_ecgs,
                      image_encoder.to(device, dtype), train_image_encoder=not cfg.image_init,  # GEM: CLIP frozen
-                     ecg_seconds=cfg.ecg_seconds)
+                     ecg_seconds=cfg.ecg_seconds, name_last_ecg=cfg.name_last_ecg)
 
 
 def image_config(cfg):

@@ -20,8 +20,9 @@ class ImageChat(ECGChat):
     does."""
 
     def __init__(self, llm, encoder, tokenizer, max_seq_len=None, chat_format="auto", label_ecgs=False,
-                 image_encoder=None, train_image_encoder=True, ecg_seconds=False):
-        super().__init__(llm, encoder, tokenizer, max_seq_len, chat_format, label_ecgs, ecg_seconds=ecg_seconds)
+                 image_encoder=None, train_image_encoder=True, ecg_seconds=False, name_last_ecg=False):
+        super().__init__(llm, encoder, tokenizer, max_seq_len, chat_format, label_ecgs, ecg_seconds=ecg_seconds,
+                         name_last_ecg=name_last_ecg)
         w = llm.embed_tokens.weight
         self.image_encoder = image_encoder
         self.image_projector = Projector(image_encoder.cfg.d_model, llm.config.hidden_size).to(w.device, w.dtype)

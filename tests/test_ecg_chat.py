@@ -398,6 +398,27 @@ def test_each_ecgs_length_is_stated_before_its_block_as_answers_write_times(tok,
     assert ECGChat.load(tmp_path / "m").ecg_seconds is False
 
 
+def test_the_last_of_several_named_ecgs_is_named_as_the_last(tok, tmp_path):
+    # a per-ECG answer stops after the part whose name the prompt marks as the last: a lookup, not a count
+    assert ecg_blocks([2, 3, 1], named=True, seconds=[10, 12.5, 10], last=True).count(":") == 3
+    three = ecg_blocks([2, 3, 1], named=True, seconds=[10, 12.5, 10], last=True)
+    assert three.startswith("ECG1 (10.0s):") and "ECG2 (12.5s):" in three and "ECG3 (10.0s, last):" in three
+    assert "ECG2 (last):" in ecg_blocks([1, 1], named=True, last=True)
+    assert ecg_blocks([3], named=True, seconds=[10], last=True) == ecg_blocks([3], seconds=[10])   # one ECG: no name
+    assert ecg_blocks([1, 1], last=True) == ecg_blocks([1, 1])   # unnamed blocks have no last one to name
+    model = make_chat(tok)
+    model.label_ecgs = model.name_last_ecg = True
+    turn = [("user", "Which findings are new in the second ECG?")]
+    text = tok.decode(model.prompt(turn, [ecg(10, seed=1), ecg(10, seed=2)], add_generation_prompt=True)[0])
+    assert "ECG2(last):" in text.replace(" ", "") and "ECG1(last)" not in text.replace(" ", "")
+    model.save(tmp_path / "m")
+    assert ECGChat.load(tmp_path / "m").name_last_ecg is True
+    settings = json.loads((tmp_path / "m" / "config.json").read_text())
+    del settings["nanoecg"]["name_last_ecg"]   # a folder saved before the setting existed reads as it was trained
+    (tmp_path / "m" / "config.json").write_text(json.dumps(settings))
+    assert ECGChat.load(tmp_path / "m").name_last_ecg is False
+
+
 def test_a_rows_history_and_followups_are_turns_of_one_chat_and_every_answer_is_learnt(tok):
     from chat import turns_of
     row = {"question": "Report?", "answer": "Report: Sinus rhythm", "history": [["Is it readable?", "yes"]],

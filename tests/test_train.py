@@ -660,15 +660,16 @@ def test_a_tokenizer_another_run_left_in_out_dir_is_trained_again(setup, tmp_pat
 
 
 def test_a_checkpoint_saved_before_a_field_existed_resumes_without_it(tmp_path):
-    # a run started before --phrases / --ecg_seconds existed trained without them: resuming it must not switch
+    # a run started before --phrases / --ecg_seconds / --name_last_ecg existed trained without them: resuming it must not switch
     # them on (a tokenizer trained again with phrase pieces would give the checkpoint's ids other meanings)
     ckpt = tmp_path / "checkpoints" / "step_0000003"
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text(json.dumps({"config": {"seed": 3, "vocab_size": 500}}))
     assert config.saved_config(ckpt) == {**config.BEFORE_THE_FIELD, "seed": 3, "vocab_size": 500}
     assert config.saved_config(ckpt)["phrases"] is False and config.Config().phrases is True
-    (ckpt / "state.json").write_text(json.dumps({"config": {"phrases": True, "ecg_seconds": True}}))
-    assert config.saved_config(ckpt) == {"phrases": True, "ecg_seconds": True}
+    now = {"phrases": True, "ecg_seconds": True, "name_last_ecg": True}
+    (ckpt / "state.json").write_text(json.dumps({"config": now}))
+    assert config.saved_config(ckpt) == now
 
 
 def test_a_log_file_gets_plain_progress_lines_not_bar_frames(tmp_path, capfd):
