@@ -136,7 +136,7 @@ def ecg_blocks(counts, fmt=FORMATS["nanoecg"], named=False, seconds=None, last=F
     n = len(counts)
     names = [f"ECG{k + 1}" for k in range(n)] if named and n > 1 else [""] * n
     notes = [[f"{s:.1f}s"] for s in seconds] if seconds is not None else [[] for _ in range(n)]
-    if last and names[-1]:
+    if last and n > 1 and named:
         notes[-1].append("last")
     heads = [(f"{a} " if a and b else a) + (f"({', '.join(b)})" if b else "") + (":" if a else "")
              for a, b in zip(names, notes)]

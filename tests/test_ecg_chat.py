@@ -406,6 +406,7 @@ def test_the_last_of_several_named_ecgs_is_named_as_the_last(tok, tmp_path):
     assert "ECG2 (last):" in ecg_blocks([1, 1], named=True, last=True)
     assert ecg_blocks([3], named=True, seconds=[10], last=True) == ecg_blocks([3], seconds=[10])   # one ECG: no name
     assert ecg_blocks([1, 1], last=True) == ecg_blocks([1, 1])   # unnamed blocks have no last one to name
+    assert ecg_blocks([], named=True, seconds=[], last=True) == ""   # a text-only prompt (stage 0, a skill text)
     model = make_chat(tok)
     model.label_ecgs = model.name_last_ecg = True
     turn = [("user", "Which findings are new in the second ECG?")]
