@@ -390,12 +390,18 @@ def test_each_ecgs_length_is_stated_before_its_block_as_answers_write_times(tok,
     model.label_ecgs = True
     two = tok.decode(model.prompt(turn, ecgs, add_generation_prompt=True)[0]).replace(" ", "")
     assert two.index("ECG1(45.9s):") < two.index(ECG_START) < two.index("ECG2(10.0s):") < two.rindex(ECG_START)
+    assert saved_and_read_without(model, "ecg_seconds", tmp_path) == (True, False)
+
+
+def saved_and_read_without(model, setting, tmp_path):
+    """(the setting as a saved folder reads it, as the same folder reads without it): a folder saved before the
+    setting existed must read as it was trained, with it off."""
     model.save(tmp_path / "m")
-    assert ECGChat.load(tmp_path / "m").ecg_seconds is True
+    saved = getattr(ECGChat.load(tmp_path / "m"), setting)
     settings = json.loads((tmp_path / "m" / "config.json").read_text())
-    del settings["nanoecg"]["ecg_seconds"]   # a folder saved before the setting existed reads as it was trained
+    del settings["nanoecg"][setting]
     (tmp_path / "m" / "config.json").write_text(json.dumps(settings))
-    assert ECGChat.load(tmp_path / "m").ecg_seconds is False
+    return saved, getattr(ECGChat.load(tmp_path / "m"), setting)
 
 
 def test_the_last_of_several_named_ecgs_is_named_as_the_last(tok, tmp_path):
@@ -412,12 +418,7 @@ def test_the_last_of_several_named_ecgs_is_named_as_the_last(tok, tmp_path):
     turn = [("user", "Which findings are new in the second ECG?")]
     text = tok.decode(model.prompt(turn, [ecg(10, seed=1), ecg(10, seed=2)], add_generation_prompt=True)[0])
     assert "ECG2(last):" in text.replace(" ", "") and "ECG1(last)" not in text.replace(" ", "")
-    model.save(tmp_path / "m")
-    assert ECGChat.load(tmp_path / "m").name_last_ecg is True
-    settings = json.loads((tmp_path / "m" / "config.json").read_text())
-    del settings["nanoecg"]["name_last_ecg"]   # a folder saved before the setting existed reads as it was trained
-    (tmp_path / "m" / "config.json").write_text(json.dumps(settings))
-    assert ECGChat.load(tmp_path / "m").name_last_ecg is False
+    assert saved_and_read_without(model, "name_last_ecg", tmp_path) == (True, False)
 
 
 def test_a_rows_history_and_followups_are_turns_of_one_chat_and_every_answer_is_learnt(tok):
