@@ -154,7 +154,8 @@ def test_stage0_is_text_only_and_stage1_sees_ecgs(setup):
 
 
 def test_skill_texts_can_be_drawn_beside_the_ecg_rows_of_an_ecg_stage(setup):
-    """--stage3_tasks ...,skills:0.12 (docs/RESULTS.md, "Skill texts in stage 3"): text rows among the ECG rows."""
+    """--stage3_tasks ...,skills:0.12 (docs/RESULTS.md, "Stage 3 forgets the answering steps"): text rows among the
+    ECG rows."""
     cfg, data, model = setup
     s3 = train.curriculum(dataclasses.replace(cfg, stage3_tasks=cfg.stage3_tasks + ",skills:0.12"))[3]
     probs = data["train"].weights(s3.tasks)
@@ -660,8 +661,8 @@ def test_a_tokenizer_another_run_left_in_out_dir_is_trained_again(setup, tmp_pat
 
 
 def test_a_checkpoint_saved_before_a_field_existed_resumes_without_it(tmp_path):
-    # a run started before --phrases / --ecg_seconds / --name_last_ecg existed trained without them: resuming it must not switch
-    # them on (a tokenizer trained again with phrase pieces would give the checkpoint's ids other meanings)
+    # a run started before --phrases / --ecg_seconds / --name_last_ecg existed trained without them: resuming it must
+    # not switch them on (a tokenizer trained again with phrase pieces would give the checkpoint's ids other meanings)
     ckpt = tmp_path / "checkpoints" / "step_0000003"
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text(json.dumps({"config": {"seed": 3, "vocab_size": 500}}))

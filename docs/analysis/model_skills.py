@@ -4,35 +4,42 @@ model_skills.py — what a trained model still knows of stage 0's answering step
 
 train.py scores each skill family while stage 0's texts train it (at its end, and every --skill_eval_interval
 steps); the ECG stages after it train on ECG rows alone, so the model saved at the end of a run may have forgotten
-some of it. This scores a saved model on exactly the held-out texts the run scored (synthetic/skills.py: the
-SKILL_VAL_PATIENTS people of the test seed, 40 texts a family, the reading given, the model writing check and
-answer, greedy) and prints them beside the run's own last stage-0 figures from its log.
+some of it. This scores a saved model on exactly the held-out texts the run scored (synthetic/skills.py's texts of
+the test seed's people, made with the run's own answer flags as its log's config records them; 40 texts a family,
+the reading given, the model writing check and answer, greedy) and prints them beside the run's own last stage-0
+figures from that log.
 
   python -m docs.analysis.model_skills out/model [runs/other/model ...]   # ~10 s a model on 2 cores
 """
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from config import Config
 from images.chat import load_chat
 from synthetic.skills import SKILL_VAL_PATIENTS, skill_accuracy, skill_rows
 from synthetic.tasks import TEST_SEED
 
 
-def stage0_skills(model_dir):
-    """The last "skills" record of stage 0 in the run's log.jsonl (the folder above the model's), or None."""
+def run_log(model_dir):
+    """(the run's config, its last stage-0 "skills" accuracy or {}) from the log.jsonl beside the model folder (the
+    default config's values where there is none)."""
     log = Path(model_dir).parent / "log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    config = next((r for r in records if r.get("event") == "config"), {})
     found = [r["accuracy"] for r in records if r.get("event") == "skills" and r.get("stage") == 0]
-    return found[-1] if found else None
+    return {**asdict(Config()), **config}, (found[-1] if found else {})
 
 
 def main(model_dirs):
-    rows = skill_rows(SKILL_VAL_PATIENTS, TEST_SEED, worked=True)   # train.load_data's val skill texts
     for model_dir in model_dirs:
+        cfg, then = run_log(model_dir)
+        # train.load_data's val skill texts
+        rows = skill_rows(min(SKILL_VAL_PATIENTS, cfg["skill_patients"] or SKILL_VAL_PATIENTS), TEST_SEED,
+                          after_reading=cfg["question_after_reading"], worked=cfg["worked_checks"])
         now = skill_accuracy(load_chat(model_dir).eval(), rows)
-        then = stage0_skills(model_dir) or {}
         print(f"{model_dir}: mean {sum(now.values()) / len(now):.3f} at the end of the run" +
               (f", {sum(then.values()) / len(then):.3f} at the end of stage 0" if then else ""))
         for family, score in now.items():
