@@ -297,12 +297,14 @@ class ECGChat(nn.Module):
         # a prompt block by block, which is exactly the order of the flattened input list.
         return x.masked_scatter(slots[..., None], torch.cat(tokens).to(x.dtype))
 
-    def forward(self, input_ids, inputs, labels=None, attention_mask=None):
+    def forward(self, input_ids, inputs, labels=None, attention_mask=None, document_ids=None):
         """-> logits (B, T, V), and with labels (-100 = no loss) the mean next-token loss. Right-padded training
-        batches need no attention_mask (causal attention never lets a real token see the padding after it)."""
+        batches need no attention_mask (causal attention never lets a real token see the padding after it).
+        document_ids (B, T): texts packed in a row, each attending to itself alone (LLM.forward)."""
         if input_ids.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len={self.max_seq_len}")
-        logits = self.llm(inputs_embeds=self.embed(input_ids, inputs), attention_mask=attention_mask)
+        logits = self.llm(inputs_embeds=self.embed(input_ids, inputs), attention_mask=attention_mask,
+                          document_ids=document_ids)
         if labels is None:
             return logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

@@ -326,9 +326,16 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask_for(attention_mask, T, start_pos):
-    """The one boolean mask (B, 1, T, S) SDPA gets when padding or a cache needs it, else None. attention_mask: (B, S),
-    1 for real tokens and 0 for padding, over every key so far (cached and new). Query t sits at slot start_pos + t."""
+def attention_mask_for(attention_mask, T, start_pos, document_ids=None):
+    """The one boolean mask (B, 1, T, S) SDPA gets when padding, a cache or packed texts need it, else None.
+    attention_mask: (B, S), 1 for real tokens and 0 for padding, over every key so far (cached and new). Query t sits
+    at slot start_pos + t. document_ids (B, T), no cache: texts packed in one row, each attending to itself alone."""
+    if document_ids is not None:
+        if start_pos not in (None, 0) or attention_mask is not None:
+            raise ValueError("document_ids are for packed training rows: no KV cache, no attention_mask")
+        same = document_ids[:, :, None] == document_ids[:, None, :]                    # (B, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=same.device).tril()
+        return (same & causal)[:, None]                                               # (B, 1, T, T)
     if attention_mask is None or bool(attention_mask.all()):
         if start_pos in (None, 0) or T == 1:
             return None  # is_causal (T > 1) or attend to everything cached (T == 1)
@@ -381,11 +388,13 @@ class LLM(nn.Module):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
     def forward(self, idx=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
-                start_pos=None, last_only=False):
+                start_pos=None, last_only=False, document_ids=None):
         """Token ids (B, T) or embeddings (B, T, C) -> logits (B, T, V) (or (B, 1, V) if last_only). attention_mask
         (B, S): 1 = real token, 0 = padding, over all keys (cache + new). start_pos: with a KV cache set up, the cache
         slot of the first new token; None = no cache. position_ids (B, T): RoPE positions; by default counted over
-        real tokens, so a left-padded prompt gets the same positions it would get alone."""
+        real tokens, so a left-padded prompt gets the same positions it would get alone. document_ids (B, T): texts
+        packed end to end in a row (training, no cache), a token attending only to those of its own text; padding
+        after the last text may form a text of its own, as its labels are -100."""
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds        # (B, T, C)
         B, T, _ = x.shape
         if position_ids is None:
@@ -394,7 +403,7 @@ class LLM(nn.Module):
             else:
                 position_ids = (start_pos or 0) + torch.arange(T, device=x.device)[None].expand(B, T)
         cos, sin = self.rope(position_ids, x.dtype)
-        mask = attention_mask_for(attention_mask, T, start_pos)
+        mask = attention_mask_for(attention_mask, T, start_pos, document_ids)
         if mask is not None:
             mask = mask.to(x.device)
         for layer in self.layers:

@@ -263,27 +263,43 @@ def get_batch(cfg, split, probs, model, stage, step, micro):
 
 def pack(examples, length):
     """Text-only examples laid end to end, in order, into rows of at most `length` tokens. Each keeps its own labels
-    (no loss on predicting the next text's <bos>); a text may attend to the ones before it in its row, which it
-    learns to ignore, as in GPT pretraining."""
+    (no loss on predicting the next text's <bos>). A text may attend to the ones before it in its row, which it
+    learns to ignore, as in GPT pretraining; "document_ids" numbers the texts of a row, so that with --pack_alone
+    each attends to itself alone (tried, not the default: docs/RESULTS.md, "Each packed text attended to itself")."""
     rows = []
     for e in examples:
         if rows and len(rows[-1]["input_ids"]) + len(e["input_ids"]) <= length:
-            rows[-1]["input_ids"] += e["input_ids"]
-            rows[-1]["labels"] += e["labels"]
+            row = rows[-1]
+            row["document_ids"] += [row["document_ids"][-1] + 1] * len(e["input_ids"])
+            row["input_ids"] += e["input_ids"]
+            row["labels"] += e["labels"]
         else:
-            rows.append({"input_ids": list(e["input_ids"]), "labels": list(e["labels"]), "inputs": []})
+            rows.append({"input_ids": list(e["input_ids"]), "labels": list(e["labels"]), "inputs": [],
+                         "document_ids": [0] * len(e["input_ids"])})
     return rows
 
 
 def collate(examples, pad_id):
-    """Right-pad -> {"input_ids" (B, T), "labels" (B, T) with -100 on padding, "inputs": per example its inputs}."""
+    """Right-pad -> {"input_ids" (B, T), "labels" (B, T) with -100 on padding, "inputs": per example its inputs}, and
+    for packed rows "document_ids" (B, T), the padding a text of its own (-1)."""
     T = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)                      # (B, T)
     labels = torch.full((len(examples), T), -100, dtype=torch.long)                     # (B, T)
     for b, e in enumerate(examples):
         ids[b, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
         labels[b, :len(e["labels"])] = torch.tensor(e["labels"])
-    return {"input_ids": ids, "labels": labels, "inputs": [e["inputs"] for e in examples]}
+    batch = {"input_ids": ids, "labels": labels, "inputs": [e["inputs"] for e in examples]}
+    if "document_ids" in examples[0]:
+        batch["document_ids"] = torch.full((len(examples), T), -1, dtype=torch.long)   # (B, T)
+        for b, e in enumerate(examples):
+            batch["document_ids"][b, :len(e["document_ids"])] = torch.tensor(e["document_ids"])
+    return batch
+
+
+def texts_apart(cfg, batch, device):
+    """--pack_alone: a packed batch's "document_ids" for the LLM, each text attending to itself alone; else None."""
+    ids = batch.get("document_ids") if cfg.pack_alone else None
+    return None if ids is None else ids.to(device)
 
 
 def ecg_seconds(batch):
@@ -460,7 +476,8 @@ def forward_backward(cfg, env, model, train_model, split, probs, stage, step, me
         with env.ctx, (train_model.no_sync() if no_sync else contextlib.nullcontext()):
             # non_blocking: queued, not waited for (a batch is ~1 MB: pinning it would cost what it saves)
             _, micro_loss = train_model(batch["input_ids"].to(env.device, non_blocking=True), batch["inputs"],
-                                        labels=batch["labels"].to(env.device, non_blocking=True))
+                                        labels=batch["labels"].to(env.device, non_blocking=True),
+                                        document_ids=texts_apart(cfg, batch, env.device))
             (micro_loss / n_micro).backward()
         loss += micro_loss.detach() / n_micro
     return loss
@@ -491,7 +508,8 @@ def validate(cfg, env, model, split, stage, progress, bar):
         batch = get_batch(cfg, split, probs, model, stage, 10**9 + j, 0)
         with env.ctx:
             losses.append(model(batch["input_ids"].to(env.device), batch["inputs"],
-                                labels=batch["labels"].to(env.device))[1].item())
+                                labels=batch["labels"].to(env.device),
+                                document_ids=texts_apart(cfg, batch, env.device))[1].item())
     model.train()
     env.log({**progress.position(stage), "val_loss": float(np.mean(losses))})
     if env.rank == 0:

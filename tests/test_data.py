@@ -518,7 +518,7 @@ def test_the_probe_packed_whole_keeps_every_text_whole_in_its_row():
     for row in packed.tolist():   # padding only after the last text of a row
         assert all(t == -100 for t in row[row.index(-100) if -100 in row else len(row):])
     llm = probe.text_chat(tok, 48, 1).llm
-    args = argparse.Namespace(steps=10, batch=2, seq=seq, lr=1e-3)
+    args = argparse.Namespace(steps=10, batch=2, seq=seq, lr=1e-3, doc_mask=True)
     loss = probe.train_step(llm, probe.text_optimizer(llm, 1e-3), packed, np.random.default_rng(1), 1, args)
     assert torch.isfinite(loss)
     assert probe.texts_seen(len(packed), argparse.Namespace(batch=1, seq=seq), packed, len(rows)) == len(rows)

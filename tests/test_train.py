@@ -153,6 +153,34 @@ def test_stage0_is_text_only_and_stage1_sees_ecgs(setup):
         assert all(x == -100 for x in labels[:opens + 1]) and any(x != -100 for x in labels[opens + 1:])
 
 
+def test_with_pack_alone_each_packed_text_is_read_as_if_it_were_alone_in_its_row(setup):
+    # stage 0 packs texts end to end; with --pack_alone each attends to itself alone, so packing changes no logits
+    cfg, data, model = setup
+    s0 = train.curriculum(cfg)[0]
+    b0 = train.get_batch(cfg, data["train"], data["train"].weights(s0.tasks), model, s0, 0, 0)
+    ids, texts = b0["input_ids"][:1], b0["document_ids"][:1]                    # (1, T): the first row
+    starts = (ids[0] == model.tokenizer.bos_id).nonzero().flatten().tolist()
+    assert len(starts) >= 2 and texts[0, starts].tolist() == list(range(len(starts)))
+    a, b = starts[1], starts[2] if len(starts) > 2 else int((texts[0] >= 0).sum())   # the row's second text
+    assert train.texts_apart(cfg, b0, "cpu") is None                                  # the default: GPT's packing
+    assert torch.equal(train.texts_apart(dataclasses.replace(cfg, pack_alone=True), b0, "cpu"), b0["document_ids"])
+    was_training = model.training
+    model.eval()   # earlier tests may have added LoRA, whose dropout would make each pass differ
+    with torch.no_grad():
+        packed, alone, unmasked = model(ids, [[]], document_ids=texts), model(ids[:, a:b], [[]]), model(ids, [[]])
+    model.train(was_training)
+    assert torch.allclose(packed[0, a:b], alone[0], atol=1e-4)
+    assert not torch.allclose(unmasked[0, a:b], alone[0], atol=1e-3)   # without the ids it sees the text before
+
+
+def test_a_run_with_pack_alone_trains_and_validates_stage0_with_its_texts_apart(tmp_path):
+    losses = train.train(tiny(tmp_path / "a", pack_alone=True, stage0_steps=4, eval_interval=2, stage1_steps=1,
+                              stage2_steps=1, stage3_steps=1))
+    assert len(losses) == 7 and all(math.isfinite(x) for x in losses)
+    logged = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert any("val_loss" in e and e.get("stage") == 0 for e in logged)
+
+
 def test_skill_texts_can_be_drawn_beside_the_ecg_rows_of_an_ecg_stage(setup):
     """--stage3_tasks ...,skills:0.12 (docs/RESULTS.md, "Stage 3 forgets the answering steps"): text rows among the
     ECG rows."""

@@ -94,6 +94,8 @@ def training_args(ap):
     ap.add_argument("--whole", action="store_true", help="texts packed whole into rows of --seq tokens, as the run's "
                     "stage 0 packs them, instead of random --seq windows of one stream (which cut a text longer than "
                     "--seq, so its answer is learned without its question: half the hr_trend texts are over 256)")
+    ap.add_argument("--doc_mask", action="store_true", help="with --whole: each text attends to itself alone, not to "
+                    "the texts before it in its row")
 
 
 def text_tokenizer(rows, vocab, phrases=False):
@@ -133,7 +135,9 @@ def train_step(llm, opt, stream, rng, step, args):
     else:
         starts = rng.integers(0, len(stream) - args.seq - 1, args.batch)
         x = torch.stack([stream[s:s + args.seq + 1] for s in starts])        # (B, seq + 1)
-    logits = llm(x[:, :-1].clamp(min=0))                                     # (B, seq, V)
+    ids = x[:, :-1].clamp(min=0)                                             # (B, seq)
+    texts = (ids == llm.config.bos_token_id).cumsum(1) if args.doc_mask else None  # (B, seq): each text its own
+    logits = llm(ids, document_ids=texts)                                    # (B, seq, V)
     loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), ignore_index=-100)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
