@@ -88,7 +88,7 @@ class Config:
     stage0_lr: float = arg(2e-3, "stage 0 peak learning rate")
     text_batch: int = arg(64, "stage 0: texts per step, laid end to end in rows of max_seq_len (0: batch_size rows)")
     pack_alone: bool = arg(False, "stage 0: each packed text attends to itself alone, not to those before it in its "
-                                  "row (tried: the skills learn in fewer steps, the multi-ECG answers came out worse)")
+                                  "row (not the default: docs/RESULTS.md, 'Each packed text attended to itself')")
     stage0_tasks: str = arg("all,skills", "stage 0 text comes from these tasks (skills: synthetic/skills.py's)")
     stage0_train: str = arg("llm", "stage 0 trainable parts")
     stage1_steps: int = arg(250, "report stage steps")

@@ -263,43 +263,37 @@ def get_batch(cfg, split, probs, model, stage, step, micro):
 
 def pack(examples, length):
     """Text-only examples laid end to end, in order, into rows of at most `length` tokens. Each keeps its own labels
-    (no loss on predicting the next text's <bos>). A text may attend to the ones before it in its row, which it
-    learns to ignore, as in GPT pretraining; "document_ids" numbers the texts of a row, so that with --pack_alone
-    each attends to itself alone (tried, not the default: docs/RESULTS.md, "Each packed text attended to itself")."""
+    (no loss on predicting the next text's <bos>); a text may attend to the ones before it in its row, which it
+    learns to ignore, as in GPT pretraining (--pack_alone: each to itself alone, texts_apart)."""
     rows = []
     for e in examples:
         if rows and len(rows[-1]["input_ids"]) + len(e["input_ids"]) <= length:
-            row = rows[-1]
-            row["document_ids"] += [row["document_ids"][-1] + 1] * len(e["input_ids"])
-            row["input_ids"] += e["input_ids"]
-            row["labels"] += e["labels"]
+            rows[-1]["input_ids"] += e["input_ids"]
+            rows[-1]["labels"] += e["labels"]
         else:
-            rows.append({"input_ids": list(e["input_ids"]), "labels": list(e["labels"]), "inputs": [],
-                         "document_ids": [0] * len(e["input_ids"])})
+            rows.append({"input_ids": list(e["input_ids"]), "labels": list(e["labels"]), "inputs": []})
     return rows
 
 
 def collate(examples, pad_id):
-    """Right-pad -> {"input_ids" (B, T), "labels" (B, T) with -100 on padding, "inputs": per example its inputs}, and
-    for packed rows "document_ids" (B, T), the padding a text of its own (-1)."""
+    """Right-pad -> {"input_ids" (B, T), "labels" (B, T) with -100 on padding, "inputs": per example its inputs}."""
     T = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)                      # (B, T)
     labels = torch.full((len(examples), T), -100, dtype=torch.long)                     # (B, T)
     for b, e in enumerate(examples):
         ids[b, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
         labels[b, :len(e["labels"])] = torch.tensor(e["labels"])
-    batch = {"input_ids": ids, "labels": labels, "inputs": [e["inputs"] for e in examples]}
-    if "document_ids" in examples[0]:
-        batch["document_ids"] = torch.full((len(examples), T), -1, dtype=torch.long)   # (B, T)
-        for b, e in enumerate(examples):
-            batch["document_ids"][b, :len(e["document_ids"])] = torch.tensor(e["document_ids"])
-    return batch
+    return {"input_ids": ids, "labels": labels, "inputs": [e["inputs"] for e in examples]}
 
 
-def texts_apart(cfg, batch, device):
-    """--pack_alone: a packed batch's "document_ids" for the LLM, each text attending to itself alone; else None."""
-    ids = batch.get("document_ids") if cfg.pack_alone else None
-    return None if ids is None else ids.to(device)
+def texts_apart(cfg, stage, batch, bos_id):
+    """--pack_alone, stage 0's packed rows: which text each token belongs to, (B, T), counted from the <bos> that
+    starts each text, for LLM.forward(document_ids=...): each text attends to itself alone (docs/RESULTS.md, "Each
+    packed text attended to itself"; not the default). Else None. The padding after a row's last text counts with
+    it: its labels are -100, and no real token sees it."""
+    if not (cfg.pack_alone and stage.index == 0 and cfg.text_batch):
+        return None
+    return (batch["input_ids"] == bos_id).cumsum(1)                                     # (B, T)
 
 
 def ecg_seconds(batch):
@@ -477,7 +471,7 @@ def forward_backward(cfg, env, model, train_model, split, probs, stage, step, me
             # non_blocking: queued, not waited for (a batch is ~1 MB: pinning it would cost what it saves)
             _, micro_loss = train_model(batch["input_ids"].to(env.device, non_blocking=True), batch["inputs"],
                                         labels=batch["labels"].to(env.device, non_blocking=True),
-                                        document_ids=texts_apart(cfg, batch, env.device))
+                                        document_ids=texts_apart(cfg, stage, batch, model.tokenizer.bos_id))
             (micro_loss / n_micro).backward()
         loss += micro_loss.detach() / n_micro
     return loss
@@ -509,7 +503,7 @@ def validate(cfg, env, model, split, stage, progress, bar):
         with env.ctx:
             losses.append(model(batch["input_ids"].to(env.device), batch["inputs"],
                                 labels=batch["labels"].to(env.device),
-                                document_ids=texts_apart(cfg, batch, env.device))[1].item())
+                                document_ids=texts_apart(cfg, stage, batch, model.tokenizer.bos_id))[1].item())
     model.train()
     env.log({**progress.position(stage), "val_loss": float(np.mean(losses))})
     if env.rank == 0:

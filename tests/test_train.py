@@ -156,14 +156,16 @@ def test_stage0_is_text_only_and_stage1_sees_ecgs(setup):
 def test_with_pack_alone_each_packed_text_is_read_as_if_it_were_alone_in_its_row(setup):
     # stage 0 packs texts end to end; with --pack_alone each attends to itself alone, so packing changes no logits
     cfg, data, model = setup
-    s0 = train.curriculum(cfg)[0]
+    s0, s1 = train.curriculum(cfg)[:2]
     b0 = train.get_batch(cfg, data["train"], data["train"].weights(s0.tasks), model, s0, 0, 0)
-    ids, texts = b0["input_ids"][:1], b0["document_ids"][:1]                    # (1, T): the first row
-    starts = (ids[0] == model.tokenizer.bos_id).nonzero().flatten().tolist()
-    assert len(starts) >= 2 and texts[0, starts].tolist() == list(range(len(starts)))
-    a, b = starts[1], starts[2] if len(starts) > 2 else int((texts[0] >= 0).sum())   # the row's second text
-    assert train.texts_apart(cfg, b0, "cpu") is None                                  # the default: GPT's packing
-    assert torch.equal(train.texts_apart(dataclasses.replace(cfg, pack_alone=True), b0, "cpu"), b0["document_ids"])
+    bos = model.tokenizer.bos_id
+    assert train.texts_apart(cfg, s0, b0, bos) is None                                # the default: GPT's packing
+    apart = dataclasses.replace(cfg, pack_alone=True)
+    assert train.texts_apart(apart, s1, b0, bos) is None                              # the ECG stages never pack
+    ids, texts = b0["input_ids"][:1], train.texts_apart(apart, s0, b0, bos)[:1]      # (1, T): the first row
+    starts = (ids[0] == bos).nonzero().flatten().tolist()
+    assert len(starts) >= 2 and texts[0, starts].tolist() == list(range(1, len(starts) + 1))
+    a, b = starts[1], starts[2] if len(starts) > 2 else int((ids[0] != model.tokenizer.pad_id).sum())   # text 2
     was_training = model.training
     model.eval()   # earlier tests may have added LoRA, whose dropout would make each pass differ
     with torch.no_grad():
