@@ -86,7 +86,10 @@ class Config:
     # curriculum. tasks: comma list of task[:weight] or "all"; train: parts of encoder,projector,llm,lora
     stage0_steps: int = arg(1150, "language pretraining steps, task text and skill texts (skipped with --llm)")
     stage0_lr: float = arg(2e-3, "stage 0 peak learning rate")
-    text_batch: int = arg(64, "stage 0: texts per step, laid end to end in rows of max_seq_len (0: batch_size rows)")
+    text_batch: int = arg(64, "stage 0: texts per step, packed end to end in rows of text_row_len (0: batch_size rows)")
+    text_row_len: int = arg(256, "stage 0: the length of the rows texts are packed into, at most max_seq_len (0: "
+                                 "max_seq_len); the default holds the longest synthetic text, and half the length "
+                                 "halves the attention each text pays for those packed before it")
     pack_alone: bool = arg(False, "stage 0: each packed text attends to itself alone, not to those before it in its "
                                   "row (not the default: docs/RESULTS.md, 'Each packed text attended to itself')")
     stage0_tasks: str = arg("all,skills", "stage 0 text comes from these tasks (skills: synthetic/skills.py's)")
@@ -234,7 +237,7 @@ def checkpoint_problem(path):
 
 
 # A checkpoint saved before one of these fields existed ran without what it turns on, and resumes so.
-BEFORE_THE_FIELD = dict(phrases=False, ecg_seconds=False, name_last_ecg=False)
+BEFORE_THE_FIELD = dict(phrases=False, ecg_seconds=False, name_last_ecg=False, text_row_len=0)
 
 
 def saved_config(checkpoint):
@@ -289,7 +292,8 @@ def check_config(cfg):
              ("not negative", lambda v: v >= 0, ("encoder_warmup_steps", "stage0_steps", "stage1_steps", "stage2_steps",
                                                  "stage3_steps", "test_rows", "test_rows_per_type", "stop_after",
                                                  "grad_accum", "eval_batches", "gen_eval_rows", "workers",
-                                                 "token_cache", "skill_patients", "text_batch")),
+                                                 "token_cache", "skill_patients", "text_batch",
+                                                 "text_row_len")),
              ("above 0", lambda v: v > 0, ("stage0_lr", "stage1_lr", "stage2_lr", "stage3_lr", "encoder_warmup_lr")),
              ("in [0, 1)", lambda v: 0 <= v < 1, ("warmup_frac", "min_lr_frac"))]
     bad = [f"--{k} {getattr(cfg, k)}: {rule}" for rule, ok, names in rules for k in names if not ok(getattr(cfg, k))]

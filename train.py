@@ -241,10 +241,11 @@ def get_batch(cfg, split, probs, model, stage, step, micro):
         # real data: start reading the next candidates' records now, so they load while these train
         split.prefetch(np.random.default_rng([cfg.seed, stage.index, step // k + 1, micro]).choice(
             len(split.rows), k * B, p=probs))
-    if text_only and cfg.text_batch:   # many short texts laid end to end in rows of max_seq_len: no padding
+    if text_only and cfg.text_batch:   # many short texts packed end to end in rows: little padding
         rng = np.random.default_rng([cfg.seed, stage.index, step, micro])
         drawn = [example(split, int(i), model, True) for i in rng.choice(len(split.rows), cfg.text_batch, p=probs)]
-        return collate(pack([e for e in drawn if e is not None], model.max_seq_len), model.tokenizer.pad_id)
+        row_len = min(cfg.text_row_len or model.max_seq_len, model.max_seq_len)
+        return collate(pack([e for e in drawn if e is not None], row_len), model.tokenizer.pad_id)
     rng = np.random.default_rng([cfg.seed, stage.index, step // k, micro])
     candidates = []
     while len(candidates) < k * B:   # unusable rows: draw others (the same rows always fail, so resume is exact)
@@ -262,17 +263,23 @@ def get_batch(cfg, split, probs, model, stage, step, micro):
 
 
 def pack(examples, length):
-    """Text-only examples laid end to end, in order, into rows of at most `length` tokens. Each keeps its own labels
-    (no loss on predicting the next text's <bos>); a text may attend to the ones before it in its row, which it
-    learns to ignore, as in GPT pretraining (--pack_alone: each to itself alone, texts_apart)."""
-    rows = []
-    for e in examples:
-        if rows and len(rows[-1]["input_ids"]) + len(e["input_ids"]) <= length:
-            rows[-1]["input_ids"] += e["input_ids"]
-            rows[-1]["labels"] += e["labels"]
-        else:
-            rows.append({"input_ids": list(e["input_ids"]), "labels": list(e["labels"]), "inputs": []})
-    return rows
+    """Text-only examples packed into rows of at most `length` tokens, the fewest rows a simple rule finds: the longest
+    text first, each into the fullest row it fits (best-fit decreasing; a text longer than `length` gets a row of its
+    own). In a row the texts stand in the order they were drawn, each with its own labels (no loss on predicting the
+    next text's <bos>); a text may attend to the ones before it in its row, which it learns to ignore, as in GPT
+    pretraining (--pack_alone: each to itself alone, texts_apart)."""
+    rows = []   # [tokens used, indices of the row's texts]
+    for k in sorted(range(len(examples)), key=lambda k: -len(examples[k]["input_ids"])):   # stable: ties keep order
+        n = len(examples[k]["input_ids"])
+        fits = [r for r in rows if r[0] + n <= length]
+        row = max(fits, key=lambda r: r[0]) if fits else None
+        if row is None:
+            rows.append(row := [0, []])
+        row[0] += n
+        row[1].append(k)
+    in_order = [sorted(texts) for _, texts in sorted(rows, key=lambda r: min(r[1]))]
+    return [{"input_ids": [t for k in texts for t in examples[k]["input_ids"]],
+             "labels": [t for k in texts for t in examples[k]["labels"]], "inputs": []} for texts in in_order]
 
 
 def collate(examples, pad_id):

@@ -243,8 +243,9 @@ def beat_waves(p, qt_s):
     turn = _turn_frontal(math.radians(p.axis_deg - frontal_axis(qrs)))   # measured axis = the patient's
     qrs = [w._replace(vector=turn @ w.vector) for w in qrs]
     # voltage: make "low voltage" unmistakable either way (< 0.5 mV vs > 0.8 mV in limb leads)
-    target = rng.uniform(0.28, 0.42) if p.low_voltage else max(limb_qrs_p2p(qrs), rng.uniform(0.8, 1.6))
-    qrs = [w._replace(vector=w.vector * target / limb_qrs_p2p(qrs)) for w in qrs]
+    p2p = limb_qrs_p2p(qrs)
+    target = rng.uniform(0.28, 0.42) if p.low_voltage else max(p2p, rng.uniform(0.8, 1.6))
+    qrs = [w._replace(vector=w.vector * target / p2p) for w in qrs]
     # ST segment and T wave fill [q, qt]: an isoelectric ST segment, then an asymmetric T
     t_start = q + 0.18 * (qt_s - q)
     t_wave = Wave("T", t_start, qt_s, _t_vector(p, rng) * (0.5 if p.low_voltage else 1.0), 0.66, 2.0)
@@ -488,46 +489,74 @@ def synth_ecg(patient, duration_s=10.0, fs=500.0, leads=None, noise=1.0, seed=0,
     identical bytes. leads: any subset of STANDARD_LEADS (default all 12), in the order wanted. noise: 0 for a
     clean record, a float to scale DEFAULT_NOISE, or a dict in mV. Each recorded channel draws its noise from
     its own stream, so lead II of a 12-lead record equals a lead-II-only one."""
-    leads = list(STANDARD_LEADS if leads is None else leads)
-    bad = [x for x in leads if x not in LEAD_VECTORS]
-    if bad or not leads:
-        raise ValueError(f"synth_ecg: unknown leads {bad}; choose from {STANDARD_LEADS}")
-    if duration_s <= 0 or fs <= 0:
-        raise ValueError(f"synth_ecg: duration_s and fs must be positive, got {duration_s}, {fs}")
-    n = int(round(duration_s * fs))
+    leads, n = _checked(leads, duration_s, fs)
     rhythm_rng, beat_rng, atrial_rng = (np.random.default_rng([seed, k]) for k in range(3))
-    qt_s = qt_seconds(patient)
-    waves = beat_waves(patient, qt_s)
+    waves, qt_s, onsets, kinds, hidden_p, flutter_phase = beat_times(patient, duration_s, rhythm_rng)
     main = next(k for k in waves if k in "NLR")
-    # when: QRS onsets and beat kinds
-    hidden_p, atrial = np.zeros(0), np.zeros((3, n))
-    if patient.rhythm == "sinus":
-        onsets, kinds, hidden_p = place_ectopics(patient, sinus_times(patient, duration_s, rhythm_rng), rhythm_rng)
-    else:   # AF or flutter: no P waves; the atria have their own continuous signal
-        if patient.rhythm == "af":
-            onsets, atrial = af_times(patient, duration_s, rhythm_rng), fibrillation_waves(n, fs, atrial_rng)
-        else:
-            onsets, phase0 = flutter_times(patient, duration_s, rhythm_rng)
-            atrial = flutter_waves(patient, phase0, n, fs)
-        onsets, kinds = early_pvcs(patient, onsets, rhythm_rng)
-        waves[main] = [w for w in waves[main] if w.kind != "P"]
-    keep = (onsets > -1.5) & (onsets < duration_s + 0.5)
-    onsets, kinds = onsets[keep], kinds[keep]
+    # the atria's own continuous signal in AF or flutter (their beats have no P waves)
+    atrial = {"sinus": lambda: np.zeros((3, n)), "af": lambda: fibrillation_waves(n, fs, atrial_rng),
+              "flutter": lambda: flutter_waves(patient, flutter_phase, n, fs)}[patient.rhythm]()
     # what: render every beat type, with a small respiratory modulation of beat size
     breath = 1 + 0.06 * np.sin(2 * np.pi * beat_rng.uniform(0.2, 0.33) * onsets + beat_rng.uniform(0, 6.3))
     dipole = atrial.copy()                                                  # (3, samples)
     for kind, symbol in [("main", main), ("A", "A"), ("V", "V")]:
         dipole += render_beats(onsets[kinds == kind], waves[symbol], fs, n, breath[kinds == kind])
     dipole += render_beats(hidden_p, waves["p"], fs, n)
-    # annotate every beat whose R peak falls inside the record
+    beat_samples, beat_symbols = annotated_beats(waves, onsets, kinds, fs, n)
+    signal = _project(dipole, leads, noise_levels(noise), fs, seed, mains_hz)
+    truth = _measure(patient, waves, qt_s, beat_samples, beat_symbols, leads, fs, duration_s)
+    return ECGRecord(signal, float(fs), leads), truth
+
+
+def synth_truth(patient, duration_s=10.0, fs=500.0, leads=None, seed=0):
+    """synth_ecg's Truth alone, without drawing the record (about half its time): building rows needs only the
+    truth, and the signal is made again when a step reads it. Equal to synth_ecg(...)[1] for any noise."""
+    leads, n = _checked(leads, duration_s, fs)
+    waves, qt_s, onsets, kinds, _, _ = beat_times(patient, duration_s, np.random.default_rng([seed, 0]))
+    beat_samples, beat_symbols = annotated_beats(waves, onsets, kinds, fs, n)
+    return _measure(patient, waves, qt_s, beat_samples, beat_symbols, leads, fs, duration_s)
+
+
+def _checked(leads, duration_s, fs):
+    """-> (the leads as a list, the record's samples), or a ValueError naming what a record cannot have."""
+    leads = list(STANDARD_LEADS if leads is None else leads)
+    bad = [x for x in leads if x not in LEAD_VECTORS]
+    if bad or not leads:
+        raise ValueError(f"synth_ecg: unknown leads {bad}; choose from {STANDARD_LEADS}")
+    if duration_s <= 0 or fs <= 0:
+        raise ValueError(f"synth_ecg: duration_s and fs must be positive, got {duration_s}, {fs}")
+    return leads, int(round(duration_s * fs))
+
+
+def beat_times(patient, duration_s, rng):
+    """When: each beat's QRS onset (s) and kind ("main", "A", "V") in and just around the record, drawn from the
+    rhythm's stream `rng`, with the waves that draw each beat type -> (waves, qt_s, onsets, kinds, hidden_p: the
+    blocked P waves' onsets, flutter_phase: where the flutter waves start, None in other rhythms)."""
+    qt_s = qt_seconds(patient)
+    waves = beat_waves(patient, qt_s)
+    hidden_p, flutter_phase = np.zeros(0), None
+    if patient.rhythm == "sinus":
+        onsets, kinds, hidden_p = place_ectopics(patient, sinus_times(patient, duration_s, rng), rng)
+    else:   # AF or flutter: no P waves
+        if patient.rhythm == "af":
+            onsets = af_times(patient, duration_s, rng)
+        else:
+            onsets, flutter_phase = flutter_times(patient, duration_s, rng)
+        onsets, kinds = early_pvcs(patient, onsets, rng)
+        main = next(k for k in waves if k in "NLR")
+        waves[main] = [w for w in waves[main] if w.kind != "P"]
+    keep = (onsets > -1.5) & (onsets < duration_s + 0.5)
+    return waves, qt_s, onsets[keep], kinds[keep], hidden_p, flutter_phase
+
+
+def annotated_beats(waves, onsets, kinds, fs, n):
+    """The annotation: every beat whose R peak falls inside the n samples -> (R-peak samples, MIT-BIH symbols)."""
+    main = next(k for k in waves if k in "NLR")
     symbols_all = np.array([{"main": main, "A": "A", "V": "V"}[k] for k in kinds])
     r_time = onsets + np.array([r_peak_offset(waves[s]) for s in symbols_all]) if len(onsets) else onsets
     r_sample = np.round(r_time * fs).astype(np.int64)
     inside = (r_sample >= 0) & (r_sample < n)
-    beat_samples, beat_symbols = r_sample[inside], [str(s) for s in symbols_all[inside]]
-    signal = _project(dipole, leads, noise_levels(noise), fs, seed, mains_hz)
-    truth = _measure(patient, waves, qt_s, beat_samples, beat_symbols, leads, fs, duration_s)
-    return ECGRecord(signal, float(fs), leads), truth
+    return r_sample[inside], [str(s) for s in symbols_all[inside]]
 
 
 def _project(dipole, leads, levels, fs, seed, mains_hz):

@@ -29,7 +29,7 @@ import torch
 
 from chat import ANSWER, answer_text
 from eval import one_part_per_ecg, row_score
-from synthetic.generator import make_patient, patient_history, synth_ecg
+from synthetic.generator import make_patient, patient_history, synth_truth
 from synthetic.tasks import CHECKED, LEAD_SETS, ecgqa_comparison_row, ecgqa_single_row, in_answer_form, multi_row
 
 SKILL_VAL_PATIENTS = 150    # held-out people whose texts score each family (about 1,200 texts, fixed across runs)
@@ -45,13 +45,13 @@ def family(row):
 
 
 def _truths(patient, n_visits, rng):
-    """Serial 10 s records of one simulated person at 100 Hz, each visit in its own lead set as in the dataset,
-    noise-free (only the truth is used) -> (days, truths)."""
+    """The truths of serial 10 s records of one simulated person at 100 Hz, each visit in its own lead set as in the
+    dataset (no signal is drawn: only the truth is used) -> (days, truths)."""
     visits = patient_history(patient, n_visits, rng)
     truths = []
     for _, p, _ in visits:
         leads = list(LEAD_SETS[rng.choice(len(LEAD_SETS), p=[s for _, s in LEAD_SETS])][0])
-        truths.append(synth_ecg(p, 10.0, 100.0, leads, noise=0, seed=int(rng.integers(2**31)))[1])
+        truths.append(synth_truth(p, 10.0, 100.0, leads, seed=int(rng.integers(2**31))))
     return [d for d, _, _ in visits], truths
 
 

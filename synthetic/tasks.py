@@ -24,7 +24,7 @@ from data import (BEAT_NAMES, LOCATION_TASKS, STANDARD_LEADS, STATEMENTS, TASKS,
 from images.paper import render_ecg
 from synthetic.generator import (FAST_BPM, LEFT_AXIS, LONG_PR_MS, LONG_QTC_MS, LOW_VOLTAGE_MV, RIGHT_AXIS, SLOW_BPM,
                                  ST_SHIFT_MV, T_INVERTED_MV, T_UPRIGHT_LEADS, WIDE_QRS_MS, Patient, make_patient,
-                                 patient_history, sees_frontal_plane, synth_ecg)
+                                 patient_history, sees_frontal_plane, synth_ecg, synth_truth)
 
 # --------------------------------------------------------------------------- 1. task builders
 # Question paraphrases per task (the location ones are anyECG's own wording).
@@ -337,6 +337,9 @@ class RecordSpec(NamedTuple):
     def generate(self):
         return synth_ecg(self.patient, self.duration_s, self.fs, list(self.leads), self.noise, self.seed)
 
+    def truth(self):   # generate()'s Truth without the signal: a row's answer needs only this
+        return synth_truth(self.patient, self.duration_s, self.fs, list(self.leads), self.seed)
+
 
 class SyntheticDataset:
     """Rows in anyECG format plus the ECGs they name. `specs` maps each synthetic path
@@ -479,7 +482,7 @@ def _add_spec(specs, path, patient, duration, rng, holter=False):
     spec = RecordSpec(patient, duration, float(rng.choice(NATIVE_FS)), tuple(leads),
                       float(rng.uniform(0.2, 1.5)), int(rng.integers(2**31)))
     specs[path] = spec
-    return spec.generate()[1]
+    return spec.truth()
 
 
 def clip_chance(patient):

@@ -70,8 +70,8 @@ def make_items(split, n_patients, seed, encoder, image_encoder=None):
     token_s = 1 / encoder.cfg.tokens_per_second
     out = []
     for row in ds.rows:
-        rec, truth = ds.record(row["ecg_path"][0])
-        ecg = ds.inputs(row)[0]
+        path = row["ecg_path"][0]
+        truth, ecg = ds.specs[path].truth(), ds.inputs(row)[0]   # the record drawn once, at model rate
         y = torch.zeros(len(STATEMENTS))
         y[[STATEMENTS.index(s) for s in truth.statements]] = 1
         beats = torch.zeros(encoder.num_tokens(ecg.signal.shape[1]), len(BEAT_CHANNELS))
@@ -80,7 +80,8 @@ def make_items(split, n_patients, seed, encoder, image_encoder=None):
             if k < len(beats):
                 beats[k, [0] + ([BEAT_CHANNELS.index(sym)] if sym in BEAT_CHANNELS else [])] = 1
         image = None
-        if image_encoder is not None and len(rec.leads) == 12:
+        if image_encoder is not None and len(truth.leads) == 12:   # the printout: from the record at its own rate
+            rec, _ = ds.record(path)
             image = render_ecg(rec.signal, rec.fs, list(rec.leads), px_per_mm=image_encoder.cfg.width / WIDTH_MM)
         measures = torch.tensor([truth.hr_bpm, truth.pr_ms or float("nan"), truth.qrs_ms, truth.qt_ms])
         out.append(Item(torch.from_numpy(np.ascontiguousarray(ecg.signal, dtype=np.float32)), list(ecg.leads), y,

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from synthetic.generator import STANDARD_LEADS, make_patient, patient_history, synth_ecg
+from synthetic.generator import STANDARD_LEADS, make_patient, patient_history, synth_ecg, synth_truth
 
 FS = 1000.0
 
@@ -234,6 +234,23 @@ def test_same_seed_same_bytes_different_seed_differs():
     assert a.signal.tobytes() == b.signal.tobytes() and ta.beat_samples.tobytes() == tb.beat_samples.tobytes()
     assert a.signal.tobytes() != c.signal.tobytes()
     assert make_patient(21) == p and make_patient(22) != p
+
+
+@pytest.mark.parametrize("findings", [set(), {"af", "pvc"}, {"flutter"}, {"pac", "lbbb"}, {"low_voltage", "rad"}])
+def test_the_truth_alone_is_the_truth_of_the_record(findings):
+    # building rows asks synth_truth, training reads synth_ecg's record: the two must tell the same beats and numbers
+    for seed in range(3):
+        p = make_patient(seed, findings=findings)
+        leads = [["II"], ["I", "II", "V1"], list(STANDARD_LEADS)][seed]
+        _, truth = synth_ecg(p, 23.5, [100, 257.3, 500][seed], leads=leads, noise=1.3, seed=seed + 40)
+        alone = synth_truth(p, 23.5, [100, 257.3, 500][seed], leads=leads, seed=seed + 40)
+        for f in dataclasses.fields(truth):
+            a, b = getattr(truth, f.name), getattr(alone, f.name)
+            assert (a.dtype == b.dtype and np.array_equal(a, b)) if isinstance(a, np.ndarray) else a == b, f.name
+        ectopics = {sym for finding, sym in [("pac", "A"), ("pvc", "V")] if finding in findings}
+        assert len(truth.beat_samples) > 10 and set(truth.beat_symbols) >= ectopics
+    with pytest.raises(ValueError, match="unknown leads"):
+        synth_truth(make_patient(0), 10, 500, leads=["V7"])
 
 
 def test_lead_subsets_match_the_12_lead_record():

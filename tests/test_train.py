@@ -145,9 +145,10 @@ def test_stage0_is_text_only_and_stage1_sees_ecgs(setup):
     real = b0["input_ids"] != model.tokenizer.pad_id
     bos = b0["input_ids"] == model.tokenizer.bos_id
     assert torch.equal(b0["labels"] != -100, real & ~bos)   # stage 0: loss on every token but each text's <bos>
-    # packed: text_batch texts laid end to end in fewer rows, each row as long as it can be
+    # packed: text_batch texts end to end in fewer rows, of at most text_row_len where a row holds several
+    row_len = min(cfg.text_row_len or model.max_seq_len, model.max_seq_len)
     assert int(bos.sum()) == cfg.text_batch and bos[:, 0].all() and len(b0["input_ids"]) < cfg.text_batch
-    assert int(real.sum()) > (len(b0["input_ids"]) - 1) * model.max_seq_len * 0.7
+    assert all(n <= row_len for n, k in zip(real.sum(1).tolist(), bos.sum(1).tolist()) if k > 1)
     for ids, labels in zip(b1["input_ids"].tolist(), b1["labels"].tolist()):   # stage 1: the answer's tokens only
         opens = ids.index(model.tokenizer.added[model.format.assistant])
         assert all(x == -100 for x in labels[:opens + 1]) and any(x != -100 for x in labels[opens + 1:])
@@ -162,7 +163,8 @@ def test_with_pack_alone_each_packed_text_is_read_as_if_it_were_alone_in_its_row
     assert train.texts_apart(cfg, s0, b0, bos) is None                                # the default: GPT's packing
     apart = dataclasses.replace(cfg, pack_alone=True)
     assert train.texts_apart(apart, s1, b0, bos) is None                              # the ECG stages never pack
-    ids, texts = b0["input_ids"][:1], train.texts_apart(apart, s0, b0, bos)[:1]      # (1, T): the first row
+    r = int((b0["input_ids"] == bos).sum(1).argmax())                                # the row of most texts
+    ids, texts = b0["input_ids"][r:r + 1], train.texts_apart(apart, s0, b0, bos)[r:r + 1]   # (1, T)
     starts = (ids[0] == bos).nonzero().flatten().tolist()
     assert len(starts) >= 2 and texts[0, starts].tolist() == list(range(1, len(starts) + 1))
     a, b = starts[1], starts[2] if len(starts) > 2 else int((ids[0] != model.tokenizer.pad_id).sum())   # text 2
@@ -194,6 +196,19 @@ def test_skill_texts_can_be_drawn_beside_the_ecg_rows_of_an_ecg_stage(setup):
     drawn = [e for step in range(16) for e in train.get_batch(cfg, data["train"], probs, model, s3, step, 0)["inputs"]]
     texts = sum(e == [] for e in drawn)   # a skill text has no ECG; every task row has one
     assert 0 < texts < len(drawn) / 2, (texts, len(drawn), share)
+
+
+def test_pack_fills_few_rows_longest_text_first_and_keeps_the_drawn_order_in_each():
+    lengths = [5, 3, 6, 2, 4, 7, 9, 12]
+    texts = [{"input_ids": [k] * n, "labels": [-100] + [k] * (n - 1)} for k, n in enumerate(lengths)]
+    rows = train.pack(texts, 10)
+    # laid end to end in the drawn order (the rule before) they need 6 rows; best-fit decreasing finds 5: 4 full
+    assert [r["input_ids"] for r in rows] == [[0] * 5 + [3] * 2, [1] * 3 + [5] * 7, [2] * 6 + [4] * 4, [6] * 9,
+                                              [7] * 12]   # a text longer than a row gets one of its own
+    for r in rows:   # each text whole, with its own labels, and the row's texts in the order drawn
+        firsts = [k for i, k in enumerate(r["input_ids"]) if i == 0 or r["input_ids"][i - 1] != k]
+        assert firsts == sorted(firsts) and r["inputs"] == []
+        assert r["labels"] == [x for k in firsts for x in texts[k]["labels"]]
 
 
 def test_collate_right_pads_and_keeps_each_examples_inputs(setup):

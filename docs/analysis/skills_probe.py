@@ -54,8 +54,9 @@ from synthetic.tasks import CHECKED
 
 def packed_stream(rows, tok, fmt, rng, whole=0):
     """Every row as a chat, shuffled and concatenated into one token stream (each chat starts with <bos>) -> (N,).
-    whole: the chats laid end to end whole into rows of at most `whole` + 1 tokens, as the run's stage 0 packs its
-    texts (train.pack), the rest of a row -100 -> (rows, whole + 1); a chat longer than a row is cut to it."""
+    whole: the chats laid end to end whole, in order, into rows of at most `whole` + 1 tokens, as the run's stage 0
+    packed its texts when these probes were run (train.pack now fills fewer, shorter rows, longest text first), the
+    rest of a row -100 -> (rows, whole + 1); a chat longer than a row is cut to it."""
     chats = [encode_chat(tok, [("user", rows[i]["question"]), ("assistant", rows[i]["answer"])], fmt=fmt)[0]
              for i in rng.permutation(len(rows))]
     if not whole:
