@@ -706,14 +706,16 @@ def test_a_tokenizer_another_run_left_in_out_dir_is_trained_again(setup, tmp_pat
 
 
 def test_a_checkpoint_saved_before_a_field_existed_resumes_without_it(tmp_path):
-    # a run started before --phrases / --ecg_seconds / --name_last_ecg existed trained without them: resuming it must
-    # not switch them on (a tokenizer trained again with phrase pieces would give the checkpoint's ids other meanings)
+    # a run started before --phrases / --ecg_seconds / --name_last_ecg / --text_row_len existed trained without them:
+    # resuming it must not switch them on (a tokenizer trained again with phrase pieces would give the checkpoint's
+    # ids other meanings; its stage 0 packed rows of max_seq_len)
     ckpt = tmp_path / "checkpoints" / "step_0000003"
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text(json.dumps({"config": {"seed": 3, "vocab_size": 500}}))
     assert config.saved_config(ckpt) == {**config.BEFORE_THE_FIELD, "seed": 3, "vocab_size": 500}
     assert config.saved_config(ckpt)["phrases"] is False and config.Config().phrases is True
-    now = {"phrases": True, "ecg_seconds": True, "name_last_ecg": True}
+    assert config.saved_config(ckpt)["text_row_len"] == 0 and config.Config().text_row_len == 256
+    now = {"phrases": True, "ecg_seconds": True, "name_last_ecg": True, "text_row_len": 256}
     (ckpt / "state.json").write_text(json.dumps({"config": now}))
     assert config.saved_config(ckpt) == now
 
