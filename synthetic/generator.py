@@ -258,6 +258,11 @@ def beat_waves(p, qt_s):
             "V": _pvc_waves(rng, qt_s), "p": [sinus_p]}
 
 
+def main_beat(waves):
+    """The symbol of the dominant supraventricular beat among beat_waves' kinds: 'N', 'L' or 'R'."""
+    return next(k for k in waves if k in "NLR")
+
+
 def _pvc_waves(rng, qt_s):
     """A ventricular beat: wide (140-180 ms), large, with a T opposite to its QRS."""
     q = rng.uniform(0.14, 0.18)
@@ -456,7 +461,7 @@ def report_statements(p, waves, hr, symbols, leads):
     """Statements a machine reader would print for this record, given the leads it has, ending with an overall
     verdict. Limb-lead findings (axis, low voltage) need two limb leads; ST/T findings need a lead that shows
     them. Rhythm, rate, ectopy, blocks and QT are visible in any lead."""
-    main = waves[next(k for k in waves if k in "NLR")]
+    main = waves[main_beat(waves)]
     qrs = waves_of(main, "QRS")
     s = [{"af": "Atrial fibrillation", "flutter": "Atrial flutter"}.get(p.rhythm)
          or ("Sinus bradycardia" if hr < SLOW_BPM else "Sinus tachycardia" if hr > FAST_BPM else "Sinus rhythm")]
@@ -492,14 +497,16 @@ def synth_ecg(patient, duration_s=10.0, fs=500.0, leads=None, noise=1.0, seed=0,
     leads, n = _checked(leads, duration_s, fs)
     rhythm_rng, beat_rng, atrial_rng = (np.random.default_rng([seed, k]) for k in range(3))
     waves, qt_s, onsets, kinds, hidden_p, flutter_phase = beat_times(patient, duration_s, rhythm_rng)
-    main = next(k for k in waves if k in "NLR")
-    # the atria's own continuous signal in AF or flutter (their beats have no P waves)
-    atrial = {"sinus": lambda: np.zeros((3, n)), "af": lambda: fibrillation_waves(n, fs, atrial_rng),
-              "flutter": lambda: flutter_waves(patient, flutter_phase, n, fs)}[patient.rhythm]()
-    # what: render every beat type, with a small respiratory modulation of beat size
+    # what: the atria's own continuous signal in AF or flutter (whose beats have no P waves), then every beat type,
+    # with a small respiratory modulation of beat size
+    if patient.rhythm == "af":
+        dipole = fibrillation_waves(n, fs, atrial_rng)                       # (3, samples)
+    elif patient.rhythm == "flutter":
+        dipole = flutter_waves(patient, flutter_phase, n, fs)
+    else:
+        dipole = np.zeros((3, n))
     breath = 1 + 0.06 * np.sin(2 * np.pi * beat_rng.uniform(0.2, 0.33) * onsets + beat_rng.uniform(0, 6.3))
-    dipole = atrial.copy()                                                  # (3, samples)
-    for kind, symbol in [("main", main), ("A", "A"), ("V", "V")]:
+    for kind, symbol in [("main", main_beat(waves)), ("A", "A"), ("V", "V")]:
         dipole += render_beats(onsets[kinds == kind], waves[symbol], fs, n, breath[kinds == kind])
     dipole += render_beats(hidden_p, waves["p"], fs, n)
     beat_samples, beat_symbols = annotated_beats(waves, onsets, kinds, fs, n)
@@ -512,7 +519,8 @@ def synth_truth(patient, duration_s=10.0, fs=500.0, leads=None, seed=0):
     """synth_ecg's Truth alone, without drawing the record (about half its time): building rows needs only the
     truth, and the signal is made again when a step reads it. Equal to synth_ecg(...)[1] for any noise."""
     leads, n = _checked(leads, duration_s, fs)
-    waves, qt_s, onsets, kinds, _, _ = beat_times(patient, duration_s, np.random.default_rng([seed, 0]))
+    rhythm_rng = np.random.default_rng([seed, 0])   # synth_ecg's first stream: the same beats
+    waves, qt_s, onsets, kinds, _, _ = beat_times(patient, duration_s, rhythm_rng)
     beat_samples, beat_symbols = annotated_beats(waves, onsets, kinds, fs, n)
     return _measure(patient, waves, qt_s, beat_samples, beat_symbols, leads, fs, duration_s)
 
@@ -543,7 +551,7 @@ def beat_times(patient, duration_s, rng):
         else:
             onsets, flutter_phase = flutter_times(patient, duration_s, rng)
         onsets, kinds = early_pvcs(patient, onsets, rng)
-        main = next(k for k in waves if k in "NLR")
+        main = main_beat(waves)
         waves[main] = [w for w in waves[main] if w.kind != "P"]
     keep = (onsets > -1.5) & (onsets < duration_s + 0.5)
     return waves, qt_s, onsets[keep], kinds[keep], hidden_p, flutter_phase
@@ -551,7 +559,7 @@ def beat_times(patient, duration_s, rng):
 
 def annotated_beats(waves, onsets, kinds, fs, n):
     """The annotation: every beat whose R peak falls inside the n samples -> (R-peak samples, MIT-BIH symbols)."""
-    main = next(k for k in waves if k in "NLR")
+    main = main_beat(waves)
     symbols_all = np.array([{"main": main, "A": "A", "V": "V"}[k] for k in kinds])
     r_time = onsets + np.array([r_peak_offset(waves[s]) for s in symbols_all]) if len(onsets) else onsets
     r_sample = np.round(r_time * fs).astype(np.int64)
@@ -576,7 +584,7 @@ def _project(dipole, leads, levels, fs, seed, mains_hz):
 def _measure(p, waves, qt_s, beat_samples, beat_symbols, leads, fs, duration_s):
     """Ground truth: intervals are the construction's own (exact by compact support);
     HR comes from the annotated beats; QTc by Bazett from the mean RR."""
-    main = waves[next(k for k in waves if k in "NLR")]
+    main = waves[main_beat(waves)]
     n = len(beat_samples)
     hr = 60 * fs * (n - 1) / (beat_samples[-1] - beat_samples[0]) if n >= 2 else p.hr_bpm
     qt_ms, st = qt_s * 1000, next((w.vector for w in main if w.kind == "ST"), np.zeros(3))

@@ -25,7 +25,8 @@ def in_drawn_order(examples, length):
     rows = []
     for e in examples:
         if rows and len(rows[-1]["input_ids"]) + len(e["input_ids"]) <= length:
-            rows[-1] = {k: rows[-1][k] + e[k] for k in ("input_ids", "labels")} | {"inputs": []}
+            rows[-1]["input_ids"] += e["input_ids"]
+            rows[-1]["labels"] += e["labels"]
         else:
             rows.append({"input_ids": list(e["input_ids"]), "labels": list(e["labels"]), "inputs": []})
     return rows
