@@ -19,6 +19,8 @@ answer (greedy), scored as eval.py scores the task. hr_trend is also scored on i
   python -m docs.analysis.skills_probe --families hr_trend --patients 32000 --worked --rates   # the rates' difference
   python -m docs.analysis.skills_probe --families hr_trend --patients 32000 --worked --band    # a band, no subtraction
   python -m docs.analysis.skills_probe --patients 8000 --worked --index_first   # lookups named first: 'ECG3 af: no'
+  python -m docs.analysis.skills_probe --patients 3000 --families new_findings,resolved_findings,comparison-query \
+      --worked --phrases --whole --steps 900 --eval_every 300 --copy_set   # the compared ECG's findings copied first
   python -m docs.analysis.skills_probe --families hr_trend --patients 64000 --held_people 1500 --balance   # 1/3 each
   python -m docs.analysis.skills_probe --patients 8000 --worked --whole --seq 512 --batch 8   # packed as the run packs
   python -m docs.analysis.skills_probe --families hr_trend --patients 32000 --worked --whole --seq 512 --batch 8 \
@@ -183,6 +185,28 @@ def index_first(row):
     return dict(row, answer=f"{head}{sep}{'; '.join(tags)}{dot}{rest}")
 
 
+def copy_set(row):
+    """--copy_set: a set comparison's check starts by copying the findings of the ECG it looks them up in, in lower
+    case as the lookups name them, so each lookup is a match against a short list just before it instead of a search
+    for one ECG's part of a long reading: '... Check: ECG1 has sinus rhythm, right bundle branch block; sinus
+    bradycardia not in ECG1; right bundle branch block in ECG1. Answer: ...'. The families whose check compares
+    with one ECG's set only (membership_check); other texts are returned as they are."""
+    if row["family"] not in ("comparison-query", "new_findings", "resolved_findings"):
+        return row
+    head, sep, tail = row["answer"].rpartition(" " + CHECKED + " ")
+    names = set(re.findall(r"\bin (ECG\d+)\b", tail.partition(ANSWER)[0]))
+    if not sep or len(names) != 1:
+        return row
+    name = names.pop()
+    part = re.search(rf"\b{name}: (.*?)\.(?= ECG\d+:|$)", head)
+    items = part.group(1).split(", ") if part else []
+    rate = next((i for i, x in enumerate(items) if x.endswith(" bpm")), None)
+    if rate is None:
+        return row
+    found = [x.lower() for x in items[rate + 1:] if not x.startswith(("Normal ECG", "Abnormal ECG"))]
+    return dict(row, answer=f"{head}{sep}{name} has {', '.join(found) or 'none'}; {tail}")
+
+
 def balanced(rows, rng):
     """--balance: each family's texts cut to the same number for each of its answers (hr_trend: a third each
     "increased", "decreased", "unchanged", where two thirds of the series keep their rate), so that the commonest
@@ -227,6 +251,8 @@ def parse_args(argv=None):
                                                         "and where the last rate falls are written (with_rates)")
     ap.add_argument("--index_first", action="store_true", help="lookups in one of several ECGs written name first "
                                                                "('ECG3 atrial flutter: no', index_first)")
+    ap.add_argument("--copy_set", action="store_true", help="a set comparison's check copies the findings of the ECG "
+                                                            "it looks them up in first ('ECG1 has ...; ', copy_set)")
     ap.add_argument("--balance", action="store_true", help="each family's answers equally often in training "
                                                            "(balanced)")
     ap.add_argument("--dim", type=int, default=cfg.dim, help="the LLM's width (heads of 48: dim / 48 of them)")
@@ -258,6 +284,8 @@ def probe_texts(args):
         rows, held = [with_rates(r, form) for r in rows], [with_rates(r, form) for r in held]
     if args.index_first:
         rows, held = [index_first(r) for r in rows], [index_first(r) for r in held]
+    if args.copy_set:
+        rows, held = [copy_set(r) for r in rows], [copy_set(r) for r in held]
     if args.balance:
         rows = balanced(rows, np.random.default_rng(args.seed))
     # hr_trend scored on its held-out texts as they come (two thirds "unchanged") and on the changed series apart
