@@ -500,6 +500,32 @@ def test_the_skills_probes_rewritten_checks_keep_their_verdicts():
     assert named > 50
 
 
+def test_the_skills_probes_copied_set_is_the_compared_ecgs_and_agrees_with_every_lookup():
+    """skills_probe --copy_set: a set comparison's check starts with the findings of the ECG it looks them up in
+    ('ECG1 has a, b; x not in ECG1; ...'), and every lookup after it agrees with that list, the rest of the text as it
+    was; texts of other families are left alone. A copy of the wrong ECG's findings would fail here."""
+    probe = importlib.import_module("docs.analysis.skills_probe")
+    from synthetic.skills import skill_rows
+    rows = skill_rows(80, seed=6, worked=True)
+    copied = 0
+    for r in rows:
+        new = probe.copy_set(r)
+        if r["family"] not in ("comparison-query", "new_findings", "resolved_findings"):
+            assert new is r
+            continue
+        head, tail = r["answer"].split(" Check: ")
+        new_head, new_tail = new["answer"].split(" Check: ")
+        name, has = re.match(r"(ECG\d) has (.*?); ", new_tail).groups()
+        assert new_head == head and new_tail.endswith(tail)
+        listed = set(has.split(", "))
+        for tag in tail.split(" Answer: ")[0].rstrip(".").split("; "):
+            found = re.fullmatch(r"(.+?) (not in|in) (ECG\d)", tag)
+            if found:
+                assert found[3] == name and (found[1] in listed) == (found[2] == "in"), (tag, has)
+        copied += 1
+    assert copied > 50
+
+
 def test_the_probe_packed_whole_keeps_every_text_whole_in_its_row():
     """skills_probe --whole, as the run's stage 0 packs (train.pack): each text lies whole in one row, in order, the
     rest of the row -100, which the loss passes over (a window of one stream would cut the long series' texts)."""
