@@ -8,9 +8,9 @@ answer's measurement line states, the rate the encoder's own QRS detector gives 
 encoder is handed as rhythm features), and whether the answer's reasoning repeats its measurement line's figures
 (PR, QRS, QTc, axis) or writes new ones. Then the whole 38.4 s PTB record s0010_re asked for a report in each of
 the task's phrasings: is the answer a whole report ("Report: " and a list of known statements)? With --samples N,
-the README's generate command (the PAC at 876-886 s) is answered greedily, as it is written, and sampled N times as
-generate.py samples by default (seeds 0..N-1): does the answer, and how many samples, name a span overlapping the
-reference 6.1-7.7 s. The same consistency is counted on the grounded
+the README's generate command (the PAC at 876-886 s) is sampled N times as generate.py samples (seeds 0..N-1; the
+README's own is seed 0), and its question answered greedily, as eval.py answers: how many samples, and does the
+greedy answer, name a span overlapping the reference 6.1-7.7 s. The same consistency is counted on the grounded
 answers of the synthetic test split (out/test_predictions.jsonl) when that file is given.
 
     python -m docs.analysis.mitdb_numbers --ckpt out/model [--root ../shared/data/physionet] \
@@ -83,17 +83,17 @@ def overlaps_pac(answer):
 
 
 def pac_samples(model, record, n):
-    """The README's generate command (MIT-BIH 100, 876-886 s; greedy) and the same sampled as generate.py samples by
-    default (T 0.6, top-p 0.9) with seeds 0..n-1: the answers that name a span overlapping the reference 6.1-7.7 s."""
+    """The README's generate command (MIT-BIH 100, 876-886 s, T 0.6, top-p 0.9) with seeds 0..n-1 (the README's is
+    seed 0), and its question answered greedily: the answers that name a span overlapping the reference 6.1-7.7 s."""
     ecg = prepare_ecg(load_ecg(record, start=876 * 360, end=886 * 360), 100, name="100 876-886 s")
     ids = model.prompt([("user", PAC_QUESTION)], [ecg], add_generation_prompt=True)[0]
     answers = [model.tokenizer.decode(model.generate([ids], [[ecg]], max_new_tokens=64, temperature=0.6, top_p=0.9,
                                                      generator=torch.Generator().manual_seed(s))[0])
                for s in range(n)]
-    greedy = model.tokenizer.decode(model.generate([ids], [[ecg]], max_new_tokens=64)[0])   # the README's command
+    greedy = model.tokenizer.decode(model.generate([ids], [[ecg]], max_new_tokens=64)[0])   # as eval.py answers
     hits = [overlaps_pac(x) for x in answers]
-    print(f"\nthe README's PAC command, greedy: {greedy!r} ({'' if overlaps_pac(greedy) else 'not '}overlapping "
-          f"6.1-7.7 s); sampled {n} times: a span overlapping in {sum(hits)}, seed 0 answering {answers[0]!r}")
+    print(f"\nthe README's PAC command, {n} samples: a span overlapping 6.1-7.7 s in {sum(hits)}; seed 0 (the "
+          f"README's) answers {answers[0]!r}; greedy: {greedy!r} ({'' if overlaps_pac(greedy) else 'not '}overlapping)")
 
 
 def main(argv=None):
