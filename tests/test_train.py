@@ -88,6 +88,16 @@ def test_unknown_config_key_lists_close_matches(tmp_path):
         train.curriculum(replace(cfg, stage2_tasks="locaton"))
 
 
+def test_every_preset_in_configs_reads_and_passes_the_checks():
+    presets = sorted((Path(__file__).parent.parent / "configs").glob("*.json"))
+    assert len(presets) >= 2   # gpu24.json and cpu_long.json, which the README and RESULTS name
+    for path in presets:
+        cfg = config.parse_config(["--config", str(path)])
+        config.check_config(cfg)
+        train.curriculum(cfg)   # every stage's task list names tasks that exist
+        assert cfg.out_dir == f"runs/{path.stem}", path   # a preset's run goes to a folder of its own name
+
+
 def test_llm_folder_that_is_not_llama_names_the_file(tmp_path):
     folder = tmp_path / "gpt2"
     folder.mkdir()
