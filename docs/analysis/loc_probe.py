@@ -41,8 +41,8 @@ def location_rows(n_rows, seed):
 
 def test_rows():
     """The 150 test localization rows the run scores (train.finish's rows_per_task of the test split)."""
-    ds = build_synthetic_dataset(Config().test_patients, split="test", worked=True)
     cfg = Config()
+    ds = build_synthetic_dataset(cfg.test_patients, split="test", worked=True)
     chosen = rows_per_task(ds.rows, cfg.test_rows, cfg.test_rows_per_type)
     return [r for r in chosen if r["task"] == "location"], ds
 
