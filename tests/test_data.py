@@ -467,6 +467,32 @@ def test_the_span_probes_worked_check_gathers_to_anyecgs_span():
         assert gathered == r["final"], r
 
 
+def test_the_localization_probes_oracle_marks_the_asked_beats_tokens():
+    """docs/analysis/loc_probe.py --oracle: every token the marks call a PVC (or PAC) holds that beat's R peak, so it
+    lies inside the row's answer span, and a clip without the asked beat has no such mark; mark_tokens adds the
+    strength on those channels alone. Otherwise the probe's "marked beats do not help" would test wrong marks."""
+    from types import SimpleNamespace
+    from ecg_encoder import ECGEncoder, EncoderConfig
+    probe = importlib.import_module("docs.analysis.loc_probe")
+    ds = probe.location_rows(40, seed=3)
+    model = SimpleNamespace(encoder=ECGEncoder(EncoderConfig()))
+    marks = probe.beat_marks(model, [(ds, ds.rows)])
+    channel = {s: probe.BEAT_CHANNELS.index(s) for s in "AV"}
+    asked = [r for r in ds.rows if r["abnormal_type"] in channel]
+    assert sum(r["answer"].startswith("Duration") for r in asked) >= 5
+    for row in asked:
+        m = marks[probe.signal_key(ds.inputs(row)[0])][:, channel[row["abnormal_type"]]]
+        spans = data.parse_localization(row["answer"])
+        assert bool(spans) == bool(m.any()), row
+        for k in torch.nonzero(m)[:, 0].tolist():   # the token's half second overlaps a span
+            assert any(a < (k + 1) * 0.5 and k * 0.5 < b for a, b in spans), (row, k)
+    ecg = ds.inputs(asked[0])[0]
+    model.cached_tokens = lambda e: torch.zeros(len(marks[probe.signal_key(e)]), 128)
+    probe.mark_tokens(model, marks, 5.0)
+    marked = model.cached_tokens(ecg)
+    assert torch.equal(marked[:, :5], 5.0 * marks[probe.signal_key(ecg)]) and not marked[:, 5:].any()
+
+
 def test_the_skills_probes_rewritten_checks_keep_their_verdicts():
     """docs/analysis/skills_probe.py's other written steps: an hr_trend band's place ("above", "within", "below")
     is the row's answer, and a check with each lookup named first ('ECG3 af: no') holds the same verdicts as the

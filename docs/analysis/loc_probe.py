@@ -13,11 +13,23 @@ if neither does, the step from the ECG tokens to a time is what is missing.
 
   python -m docs.analysis.loc_probe runs/x/model --pool 1100 --steps 800 --eval_every 200
   python -m docs.analysis.loc_probe runs/x/model --pool 0 --steps 800 --eval_every 200
+  python -m docs.analysis.loc_probe runs/x/model --pool 1100 --oracle 5   # each token told its beats' kinds
+  python -m docs.analysis.loc_probe runs/x/model --pool 1100 --oracle 5 --second_digits --save answers.jsonl
+
+--oracle S: which of the two steps fails, finding the asked beat's token or writing the span from it? Each ECG token
+gets S added to one of its first five channels per kind of beat whose R peak falls in it (any, A, V, L, R: the
+warm-up's beat targets, from the generator's truth), before the projector; a token then says its beats' kinds
+plainly. If the PVC rows rise to the others' level, the encoder's beat classes are what localization lacks; if not,
+the LLM's step from a marked token to its time is. --second_digits adds, after the projector, the LLM's own
+embedding of the digit each token's whole second ends in.
 """
 
 import argparse
+import hashlib
+import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +38,7 @@ from config import Config
 from eval import evaluate, rows_per_task
 from images.chat import load_chat
 from synthetic.tasks import build_synthetic_dataset
+from synthetic.warmup import BEAT_CHANNELS
 from train import Split, collate, example, make_optimizer
 
 
@@ -47,9 +60,58 @@ def test_rows():
     return [r for r in chosen if r["task"] == "location"], ds
 
 
-def scored(model, rows, inputs_of):
-    """{"all", "present", "V+", "A+", "absent"}: mean IoU of the model's answers on rows."""
+def signal_key(ecg):
+    return hashlib.blake2b(np.ascontiguousarray(ecg.signal).tobytes(), digest_size=16).digest()
+
+
+def beat_marks(model, datasets_rows):
+    """{signal key: (n_tokens, 5)} 0/1 per token and beat kind, for the ECG of every (dataset, rows) given."""
+    token_s = 1 / model.encoder.cfg.tokens_per_second
+    marks = {}
+    for ds, rows in datasets_rows:
+        for row in rows:
+            ecg, truth = ds.inputs(row)[0], ds.specs[row["ecg_path"][0]].truth()
+            m = torch.zeros(model.encoder.num_tokens(ecg.signal.shape[1]), len(BEAT_CHANNELS))
+            start, end = row.get("ecg_start", 0), row.get("ecg_end", float("inf"))   # the clip, in the record
+            for at, sym in zip(truth.beat_samples, truth.beat_symbols):
+                k = int((at - start) / truth.fs / token_s)
+                if start <= at < end and k < len(m):
+                    m[k, [0] + ([BEAT_CHANNELS.index(sym)] if sym in BEAT_CHANNELS else [])] = 1
+            marks[signal_key(ecg)] = m
+    return marks
+
+
+def mark_tokens(model, marks, strength):
+    """model's frozen encoder tokens, each told its beats' kinds: strength added to its first five channels."""
+    plain = model.cached_tokens
+
+    def marked(ecg):
+        tokens = plain(ecg)
+        return torch.cat([tokens[:, :5] + strength * marks[signal_key(ecg)].to(tokens), tokens[:, 5:]], 1)
+    model.cached_tokens = marked
+
+
+def add_second_digits(model):
+    """Each projected ECG token gets the LLM's own embedding of the digit its whole second ends in ('2' on the tokens
+    of 2.0-2.9 s and 12.0-12.9 s), so writing a time could be a copy from the beat's token."""
+    encode, tok = model.encode_ecgs, model.tokenizer
+    digit_ids = torch.tensor([tok.encode(str(d))[-1] for d in range(10)])
+    token_s = 1 / model.encoder.cfg.tokens_per_second
+
+    def with_digits(ecgs):                                 # [(n_tokens_i, C_llm)]
+        out = []
+        for x in encode(ecgs):
+            seconds = (torch.arange(len(x)) * token_s).long() % 10
+            out.append(x + model.llm.embed_tokens(digit_ids[seconds].to(x.device)))
+        return out
+    model.encode_ecgs = with_digits
+
+
+def scored(model, rows, inputs_of, save=""):
+    """{"all", "present", "V+", "A+", "absent"}: mean IoU of the model's answers on rows (save: their JSONL too)."""
     _, preds = evaluate(model, rows, inputs_of, batch_size=16, max_new_tokens=32, progress=False)
+    if save:
+        Path(save).write_text("".join(json.dumps(p) + "\n" for p in preds))
     by = defaultdict(list)
     for p in preds:
         present = p["answer"].startswith("Duration")
@@ -69,6 +131,11 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--save", default="", help="the last scoring's answers, as JSONL")
+    ap.add_argument("--second_digits", action="store_true", help="each token gets the LLM's embedding of its "
+                                                                     "second's last digit (add_second_digits)")
+    ap.add_argument("--oracle", type=float, default=0, help="add this to each token's channel of each beat kind in "
+                                                            "it, from the truth (0: off)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     model = load_chat(args.model)
@@ -78,6 +145,10 @@ def main():
     n_rows = args.pool or args.steps * args.batch
     ds = location_rows(n_rows, seed=args.seed)
     split = Split(ds.rows, ds.inputs)
+    if args.second_digits:
+        add_second_digits(model)
+    if args.oracle:
+        mark_tokens(model, beat_marks(model, [(ds, ds.rows), (test_ds, test)]), args.oracle)
     opt = make_optimizer(model, Config(), args.lr)
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
@@ -94,7 +165,7 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.eval_every == 0:
-            s = scored(model, test, test_ds.inputs)
+            s = scored(model, test, test_ds.inputs, args.save if step == args.steps else "")
             print(f"step {step} ({step * args.batch} clips seen, {time.time() - t0:.0f} s) loss {loss.item():.3f} "
                   + "  ".join(f"{k} {v:.3f} (n={n})" for k, (v, n) in sorted(s.items())), flush=True)
 
