@@ -163,6 +163,12 @@ def answer_text(row):
     return f"{row['reading']} {ANSWER} {row['answer']}" if row.get("reading") else row["answer"]
 
 
+def ecg_key(ecg):
+    """An ECGRecord's identity by content (its samples, their shape and type, its leads): the token cache's key."""
+    signal = np.ascontiguousarray(ecg.signal)
+    return hashlib.blake2b(signal.tobytes(), digest_size=16).digest(), signal.shape, str(signal.dtype), tuple(ecg.leads)
+
+
 def split_inputs(inputs):
     """A prompt's inputs -> (its ECGRecords, the others), each in order."""
     return [x for x in inputs if isinstance(x, ECGRecord)], [x for x in inputs if not isinstance(x, ECGRecord)]
@@ -260,9 +266,7 @@ class ECGChat(nn.Module):
     @torch.no_grad()
     def cached_tokens(self, ecg):
         """The frozen encoder's tokens of one ECGRecord, (n_tokens, C_enc), looked up by the signal's content."""
-        signal = np.ascontiguousarray(ecg.signal)
-        key = (hashlib.blake2b(signal.tobytes(), digest_size=16).digest(), signal.shape, str(signal.dtype),
-               tuple(ecg.leads))
+        signal, key = np.ascontiguousarray(ecg.signal), ecg_key(ecg)
         tokens = self.token_cache.get(key)
         if tokens is None:
             tokens = self.encoder([signal], [list(ecg.leads)])[0]

@@ -64,6 +64,17 @@ class Item(NamedTuple):
     image: np.ndarray | None  # the printout (12-lead records, when images are trained)
 
 
+def token_beats(truth, n_tokens, token_s, start=0, end=None):
+    """The per-token beat targets of the clip [start, end) of a record (samples at truth.fs; end None: to its end)
+    -> (n_tokens, 5) 0/1: does the token's span hold the R peak of a beat, of an A, V, L, R beat (BEAT_CHANNELS)?"""
+    beats = torch.zeros(n_tokens, len(BEAT_CHANNELS))
+    for at, sym in zip(truth.beat_samples, truth.beat_symbols):
+        k = int((at - start) / truth.fs / token_s)
+        if start <= at and (end is None or at < end) and k < n_tokens:
+            beats[k, [0] + ([BEAT_CHANNELS.index(sym)] if sym in BEAT_CHANNELS else [])] = 1
+    return beats
+
+
 def make_items(split, n_patients, seed, encoder, image_encoder=None):
     """One Item per 10 s record of n_patients synthetic patients (their report rows)."""
     ds = build_synthetic_dataset(n_patients, seed=seed, split=split, tasks=["report"])
@@ -74,11 +85,7 @@ def make_items(split, n_patients, seed, encoder, image_encoder=None):
         truth, ecg = ds.specs[path].truth(), ds.inputs(row)[0]   # the record drawn once, at model rate
         y = torch.zeros(len(STATEMENTS))
         y[[STATEMENTS.index(s) for s in truth.statements]] = 1
-        beats = torch.zeros(encoder.num_tokens(ecg.signal.shape[1]), len(BEAT_CHANNELS))
-        for at, sym in zip(truth.beat_samples, truth.beat_symbols):
-            k = int(at / truth.fs / token_s)
-            if k < len(beats):
-                beats[k, [0] + ([BEAT_CHANNELS.index(sym)] if sym in BEAT_CHANNELS else [])] = 1
+        beats = token_beats(truth, encoder.num_tokens(ecg.signal.shape[1]), token_s)
         image = None
         if image_encoder is not None and len(truth.leads) == 12:   # the printout: from the record at its own rate
             rec, _ = ds.record(path)

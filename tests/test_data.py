@@ -472,25 +472,28 @@ def test_the_localization_probes_oracle_marks_the_asked_beats_tokens():
     lies inside the row's answer span, and a clip without the asked beat has no such mark; mark_tokens adds the
     strength on those channels alone. Otherwise the probe's "marked beats do not help" would test wrong marks."""
     from types import SimpleNamespace
+    from chat import ecg_key
     from ecg_encoder import ECGEncoder, EncoderConfig
+    from synthetic.warmup import BEAT_CHANNELS
     probe = importlib.import_module("docs.analysis.loc_probe")
     ds = probe.location_rows(40, seed=3)
     model = SimpleNamespace(encoder=ECGEncoder(EncoderConfig()))
+    token_s, width = 1 / model.encoder.cfg.tokens_per_second, model.encoder.cfg.d_model
     marks = probe.beat_marks(model, [(ds, ds.rows)])
-    channel = {s: probe.BEAT_CHANNELS.index(s) for s in "AV"}
+    channel = {s: BEAT_CHANNELS.index(s) for s in "AV"}
     asked = [r for r in ds.rows if r["abnormal_type"] in channel]
     assert sum(r["answer"].startswith("Duration") for r in asked) >= 5
     for row in asked:
-        m = marks[probe.signal_key(ds.inputs(row)[0])][:, channel[row["abnormal_type"]]]
+        m = marks[ecg_key(ds.inputs(row)[0])][:, channel[row["abnormal_type"]]]
         spans = data.parse_localization(row["answer"])
         assert bool(spans) == bool(m.any()), row
-        for k in torch.nonzero(m)[:, 0].tolist():   # the token's half second overlaps a span
-            assert any(a < (k + 1) * 0.5 and k * 0.5 < b for a, b in spans), (row, k)
+        for k in torch.nonzero(m)[:, 0].tolist():   # the token's span of the clip overlaps an answer span
+            assert any(a < (k + 1) * token_s and k * token_s < b for a, b in spans), (row, k)
     ecg = ds.inputs(asked[0])[0]
-    model.cached_tokens = lambda e: torch.zeros(len(marks[probe.signal_key(e)]), 128)
+    model.cached_tokens = lambda e: torch.zeros(len(marks[ecg_key(e)]), width)
     probe.mark_tokens(model, marks, 5.0)
     marked = model.cached_tokens(ecg)
-    assert torch.equal(marked[:, :5], 5.0 * marks[probe.signal_key(ecg)]) and not marked[:, 5:].any()
+    assert torch.equal(marked[:, :5], 5.0 * marks[ecg_key(ecg)]) and not marked[:, 5:].any()
 
 
 def test_the_skills_probes_rewritten_checks_keep_their_verdicts():

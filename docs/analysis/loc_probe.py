@@ -25,7 +25,6 @@ embedding of the digit each token's whole second ends in.
 """
 
 import argparse
-import hashlib
 import json
 import time
 from collections import defaultdict
@@ -34,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chat import ecg_key
 from config import Config
 from eval import evaluate, rows_per_task
 from images.chat import load_chat
 from synthetic.tasks import build_synthetic_dataset
-from synthetic.warmup import BEAT_CHANNELS
+from synthetic.warmup import token_beats
 from train import Split, collate, example, make_optimizer
 
 
@@ -60,24 +60,14 @@ def test_rows():
     return [r for r in chosen if r["task"] == "location"], ds
 
 
-def signal_key(ecg):
-    return hashlib.blake2b(np.ascontiguousarray(ecg.signal).tobytes(), digest_size=16).digest()
-
-
 def beat_marks(model, datasets_rows):
-    """{signal key: (n_tokens, 5)} 0/1 per token and beat kind, for the ECG of every (dataset, rows) given."""
-    token_s = 1 / model.encoder.cfg.tokens_per_second
+    """{ecg_key: (n_tokens, 5)} the warm-up's beat targets of each row's clip, for every (dataset, rows) given."""
     marks = {}
     for ds, rows in datasets_rows:
         for row in rows:
             ecg, truth = ds.inputs(row)[0], ds.specs[row["ecg_path"][0]].truth()
-            m = torch.zeros(model.encoder.num_tokens(ecg.signal.shape[1]), len(BEAT_CHANNELS))
-            start, end = row.get("ecg_start", 0), row.get("ecg_end", float("inf"))   # the clip, in the record
-            for at, sym in zip(truth.beat_samples, truth.beat_symbols):
-                k = int((at - start) / truth.fs / token_s)
-                if start <= at < end and k < len(m):
-                    m[k, [0] + ([BEAT_CHANNELS.index(sym)] if sym in BEAT_CHANNELS else [])] = 1
-            marks[signal_key(ecg)] = m
+            marks[ecg_key(ecg)] = token_beats(truth, model.encoder.num_tokens(ecg.signal.shape[1]),
+                                              1 / model.encoder.cfg.tokens_per_second, row["ecg_start"], row["ecg_end"])
     return marks
 
 
@@ -87,7 +77,7 @@ def mark_tokens(model, marks, strength):
 
     def marked(ecg):
         tokens = plain(ecg)
-        return torch.cat([tokens[:, :5] + strength * marks[signal_key(ecg)].to(tokens), tokens[:, 5:]], 1)
+        return torch.cat([tokens[:, :5] + strength * marks[ecg_key(ecg)].to(tokens), tokens[:, 5:]], 1)
     model.cached_tokens = marked
 
 
